@@ -1,0 +1,147 @@
+//! The API's one error type. Every failure a client can see is a variant here, and
+//! [`IntoResponse`] turns it into the documented shape:
+//! `{"error": {"code": "snake_case_code", "message": "human text"}}` with the right status.
+
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: malformed or invalid input.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 404: absent, or somebody else's (the two are indistinguishable on purpose).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: well-formed but not acceptable.
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    #[error("too many requests; retry in {} s", .retry_after.as_secs().max(1))]
+    RateLimited { retry_after: Duration },
+    /// 503: a dependency (store, queue) is unavailable; safe to retry.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            ApiError::Internal(detail) => {
+                // The detail is for operators, not clients.
+                tracing::error!(%detail, "internal error");
+                "internal error".to_string()
+            }
+            ApiError::Unavailable(detail) => {
+                tracing::warn!(%detail, "dependency unavailable");
+                "the service is temporarily unavailable; retry shortly".to_string()
+            }
+            other => other.to_string(),
+        };
+        let body = Json(serde_json::json!({ "error": { "code": code, "message": message } }));
+        let mut response = (status, body).into_response();
+        if let ApiError::RateLimited { retry_after } = self {
+            if let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<shared::Error> for ApiError {
+    fn from(e: shared::Error) -> Self {
+        use shared::Error as E;
+        match e {
+            E::NotFound => ApiError::NotFound("resource"),
+            E::Conflict(message) => ApiError::Conflict {
+                code: "conflict",
+                message,
+            },
+            E::Invalid(message) => ApiError::BadRequest {
+                code: "invalid_request",
+                message,
+            },
+            E::Unauthorized(message) => ApiError::Unauthorized(message),
+            E::Storage(m) | E::Queue(m) => ApiError::Unavailable(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::JsonSyntaxError(e) => {
+                ApiError::bad_request("malformed_json", format!("request body is not valid JSON: {}", e.body_text()))
+            }
+            JsonRejection::JsonDataError(e) => {
+                ApiError::bad_request("invalid_body", e.body_text())
+            }
+            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+                "send the body as JSON with `Content-Type: application/json`".into(),
+            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge("request body is too large".into())
+            }
+            other => ApiError::bad_request("invalid_body", other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::bad_request("invalid_query", r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::bad_request("invalid_path", r.body_text())
+    }
+}

@@ -1,0 +1,44 @@
+//! `GET /v1/events`: the user's server-sent event stream. Every change of one of the user's
+//! requests arrives as `request.updated` (data: the request record), and text fragments of a
+//! reply being written as `message.delta` (data: `{request_id, text}`). Each event has an id;
+//! a client reconnecting with `Last-Event-ID` is sent what it missed.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::{Stream, StreamExt};
+
+use crate::error::ApiError;
+use crate::extract::Caller;
+use crate::AppState;
+
+#[utoipa::path(get, path = "/v1/events", tag = "requests",
+    params(("access_token" = Option<String>, Query, description = "For EventSource, which cannot send headers"),
+           ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")),
+    responses((status = 200, content_type = "text/event-stream", description = "request.updated and message.delta events")),
+    security(("bearer" = [])))]
+pub async fn stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let events = state.events.subscribe(caller.id(), after).await?;
+    let shutdown = state.shutdown.clone().cancelled_owned();
+    let stream = events
+        .map(|e| {
+            Ok(Event::default()
+                .id(e.id.to_string())
+                .event(e.name)
+                .data(e.data.to_string()))
+        })
+        .take_until(shutdown);
+    // A first comment flushes the headers at once, so clients know they are subscribed.
+    let hello = futures::stream::once(async { Ok(Event::default().comment("subscribed")) });
+    Ok(Sse::new(hello.chain(stream)).keep_alive(KeepAlive::default()))
+}

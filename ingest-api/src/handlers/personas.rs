@@ -1,0 +1,167 @@
+//! Personas: created asynchronously from a prompt (one or a batch), then listed, read, deleted.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use shared::domain::{new_id, Batch, Persona, RequestInput, RequestKind, RequestRecord, RequestStatus};
+use utoipa::ToSchema;
+
+use super::{check_text, enqueue, Accepted, ListResponse, PageQuery};
+use crate::error::ApiError;
+use crate::extract::{AppJson, AppPath, AppQuery, Caller};
+use crate::AppState;
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreatePersona {
+    /// A famous character ("Sherlock Holmes") or a description ("a grumpy pirate who loves cats").
+    pub prompt: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateBatch {
+    /// 1 to `CHARACTERBOT_MAX_BATCH` prompts.
+    pub prompts: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchAccepted {
+    pub batch_id: String,
+    /// One per prompt, in the order given.
+    pub request_ids: Vec<String>,
+}
+
+fn check_prompt(state: &AppState, prompt: &str) -> Result<String, ApiError> {
+    check_text(prompt, "prompt", state.settings.max_prompt_chars, "empty_prompt", "prompt_too_long")
+}
+
+#[utoipa::path(post, path = "/v1/personas", tag = "personas", request_body = CreatePersona,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses((status = 202, body = Accepted), (status = 400), (status = 401), (status = 413)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreatePersona>,
+) -> Result<(StatusCode, AppJson<Accepted>), ApiError> {
+    let prompt = check_prompt(&state, &body.prompt)?;
+    let request = RequestRecord::new(RequestKind::Persona, RequestInput::Persona { prompt }, None);
+    state.store.create_requests(caller.id(), std::slice::from_ref(&request), None).await?;
+    enqueue(&state, caller.id(), RequestKind::Persona, std::slice::from_ref(&request)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        AppJson(Accepted {
+            request_id: request.request_id,
+            status: RequestStatus::Queued,
+        }),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/personas/batch", tag = "personas", request_body = CreateBatch,
+    responses((status = 202, body = BatchAccepted), (status = 400), (status = 401), (status = 413)),
+    security(("bearer" = [])))]
+pub async fn create_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreateBatch>,
+) -> Result<(StatusCode, AppJson<BatchAccepted>), ApiError> {
+    let max = state.settings.max_batch;
+    if body.prompts.is_empty() {
+        return Err(ApiError::bad_request("empty_batch", "`prompts` must hold at least one prompt"));
+    }
+    if body.prompts.len() > max {
+        return Err(ApiError::bad_request(
+            "too_many_prompts",
+            format!("a batch holds at most {max} prompts; got {}", body.prompts.len()),
+        ));
+    }
+    let prompts = body
+        .prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            check_prompt(&state, p).map_err(|e| match e {
+                ApiError::BadRequest { code, message } => ApiError::BadRequest {
+                    code,
+                    message: format!("prompts[{i}]: {message}"),
+                },
+                other => other,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let batch_id = new_id("bat");
+    let requests: Vec<RequestRecord> = prompts
+        .into_iter()
+        .map(|prompt| {
+            RequestRecord::new(RequestKind::Persona, RequestInput::Persona { prompt }, Some(batch_id.clone()))
+        })
+        .collect();
+    let request_ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+    let batch = Batch {
+        batch_id: batch_id.clone(),
+        total: requests.len() as u32,
+        succeeded: 0,
+        failed: 0,
+        pending: requests.len() as u32,
+        request_ids: request_ids.clone(),
+        created_at: shared::time::now_rfc3339(),
+    };
+    state.store.create_requests(caller.id(), &requests, Some(&batch)).await?;
+    enqueue(&state, caller.id(), RequestKind::Persona, &requests).await?;
+    tracing::info!(%batch_id, total = requests.len(), "batch queued");
+    Ok((StatusCode::ACCEPTED, AppJson(BatchAccepted { batch_id, request_ids })))
+}
+
+#[utoipa::path(get, path = "/v1/personas", tag = "personas", params(PageQuery),
+    responses((status = 200, body = ListResponse<Persona>), (status = 401)), security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppQuery(q): AppQuery<PageQuery>,
+) -> Result<AppJson<ListResponse<Persona>>, ApiError> {
+    let page = state.store.list_personas(caller.id(), q.limit()?, q.next_token.as_deref()).await?;
+    Ok(AppJson(ListResponse { items: page.items, next_token: page.next_token }))
+}
+
+#[utoipa::path(get, path = "/v1/personas/{id}", tag = "personas", params(("id" = String, Path)),
+    responses((status = 200, body = Persona), (status = 404)), security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<String>,
+) -> Result<AppJson<Persona>, ApiError> {
+    state
+        .store
+        .get_persona(caller.id(), &id)
+        .await?
+        .map(AppJson)
+        .ok_or(ApiError::NotFound("persona"))
+}
+
+#[utoipa::path(delete, path = "/v1/personas/{id}", tag = "personas", params(("id" = String, Path)),
+    responses((status = 204), (status = 404)), security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.store.delete_persona(caller.id(), &id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("persona"))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/batches/{id}", tag = "personas", params(("id" = String, Path)),
+    responses((status = 200, body = Batch), (status = 404)), security(("bearer" = [])))]
+pub async fn get_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<String>,
+) -> Result<AppJson<Batch>, ApiError> {
+    state
+        .store
+        .get_batch(caller.id(), &id)
+        .await?
+        .map(AppJson)
+        .ok_or(ApiError::NotFound("batch"))
+}

@@ -1,0 +1,67 @@
+//! The poll endpoint of asynchronous jobs, with optional long polling.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use futures::StreamExt;
+use serde::Deserialize;
+use shared::domain::RequestRecord;
+use utoipa::IntoParams;
+
+use crate::error::ApiError;
+use crate::extract::{AppJson, AppPath, AppQuery, Caller};
+use crate::AppState;
+
+/// A long poll re-reads the record at least this often, in case an event went astray.
+const RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct WaitQuery {
+    /// Seconds to wait for the request to finish before answering (0 to 20).
+    pub wait: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/requests/{id}", tag = "requests", params(("id" = String, Path), WaitQuery),
+    responses((status = 200, body = RequestRecord), (status = 404)), security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<String>,
+    AppQuery(q): AppQuery<WaitQuery>,
+) -> Result<AppJson<RequestRecord>, ApiError> {
+    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(state.settings.max_wait_secs));
+    let read = || async {
+        state
+            .store
+            .get_request(caller.id(), &id)
+            .await?
+            .ok_or(ApiError::NotFound("request"))
+    };
+    let record = read().await?;
+    if wait.is_zero() || record.status.is_final() {
+        return Ok(AppJson(record));
+    }
+    // Subscribe first, then read again, so a change between the two is not missed.
+    let mut events = state.events.subscribe(caller.id(), None).await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut record = read().await?;
+    while !record.status.is_final() {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let nap = RECHECK.min(deadline - now);
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(nap) => {}
+            event = events.next() => {
+                let Some(event) = event else { break };
+                if event.data.get("request_id").and_then(|v| v.as_str()) != Some(id.as_str()) {
+                    continue;
+                }
+            }
+        }
+        record = read().await?;
+    }
+    Ok(AppJson(record))
+}

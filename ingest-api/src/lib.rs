@@ -1,0 +1,134 @@
+//! # ingest-api — the HTTP front door
+//!
+//! Validates who is calling and what they sent, records the request, puts a job on the right
+//! queue and answers `202` at once; later serves the results by poll, long poll and server-sent
+//! events. It never calls a model: that is the workers' job, on the other side of the queue.
+//!
+//! Layout:
+//! - [`router`]      every route and the layers around them (the API map is in this file).
+//! - [`handlers`]    one module per resource; short functions of extractors.
+//! - [`extract`]     JSON/path/query extractors with our errors, and the `Caller` extractor.
+//! - [`middleware`]  authentication and rate limit, idempotency keys, request metrics.
+//! - [`error`]       `ApiError`, the one error type, and its JSON shape.
+//! - [`openapi`]     the OpenAPI 3.1 document served at `/openapi.json`.
+
+pub mod error;
+pub mod extract;
+pub mod handlers;
+pub mod middleware;
+pub mod openapi;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::Request;
+use axum::middleware::{from_fn_with_state};
+use axum::routing::{get, post};
+use axum::Router;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use shared::auth::{IdentityProvider, TokenVerifier};
+use shared::config::ApiSettings;
+use shared::domain::RequestKind;
+use shared::events::EventBus;
+use shared::metrics::Metrics;
+use shared::queue::Queue;
+use shared::store::Store;
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::handlers::{auth, conversations, events, ops, personas, requests};
+
+/// Everything a handler may reach. Cheap to clone: all shared handles.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub persona_queue: Arc<dyn Queue>,
+    pub chat_queue: Arc<dyn Queue>,
+    pub events: Arc<dyn EventBus>,
+    pub verifier: Arc<dyn TokenVerifier>,
+    pub identity: Arc<dyn IdentityProvider>,
+    /// The embedded issuer's public keys, served at `/.well-known/jwks.json`; `None` when
+    /// tokens come from elsewhere.
+    pub jwks: Option<serde_json::Value>,
+    pub metrics: Arc<Metrics>,
+    pub settings: ApiSettings,
+    pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    /// Cancelled on shutdown: ends event streams and long polls so the server can drain.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn queue(&self, kind: RequestKind) -> &Arc<dyn Queue> {
+        match kind {
+            RequestKind::Persona => &self.persona_queue,
+            RequestKind::Chat => &self.chat_queue,
+        }
+    }
+
+    /// The per-user limiter for the configured rate, if any.
+    pub fn limiter_for(settings: &ApiSettings) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
+        let per_minute = NonZeroU32::new(settings.rate_limit_per_minute)?;
+        // Bursts up to a tenth of the minute's allowance (at least 10) are allowed.
+        let burst = NonZeroU32::new((settings.rate_limit_per_minute / 10).max(10)).unwrap_or(per_minute);
+        Some(Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst))))
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let authenticated = Router::new()
+        .route("/v1/personas", post(personas::create).get(personas::list))
+        .route("/v1/personas/batch", post(personas::create_batch))
+        .route("/v1/personas/{id}", get(personas::get).delete(personas::delete))
+        .route("/v1/batches/{id}", get(personas::get_batch))
+        .route("/v1/conversations", post(conversations::create).get(conversations::list))
+        .route("/v1/conversations/{id}", get(conversations::get))
+        .route(
+            "/v1/conversations/{id}/messages",
+            post(conversations::post_message).get(conversations::list_messages),
+        )
+        .route("/v1/requests/{id}", get(requests::get))
+        .route("/v1/events", get(events::stream))
+        // Layers run outside-in: authenticate (added last) runs before idempotency.
+        .layer(from_fn_with_state(state.clone(), middleware::idempotency))
+        .layer(from_fn_with_state(state.clone(), middleware::authenticate));
+    let public = Router::new()
+        .route("/v1/auth/signup", post(auth::sign_up))
+        .route("/v1/auth/signin", post(auth::sign_in))
+        .route("/v1/auth/refresh", post(auth::refresh))
+        .route("/.well-known/jwks.json", get(ops::jwks))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi));
+    public
+        .merge(authenticated)
+        .fallback(|| async { ApiError::NotFound("route") })
+        .route_layer(from_fn_with_state(state.clone(), middleware::track))
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            // The path only: the query may hold an access token.
+            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), http_request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `state.shutdown` is cancelled, then drains.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    middleware::spawn_limiter_housekeeping(&state);
+    let shutdown = state.shutdown.clone();
+    tracing::info!(addr = %listener.local_addr()?, "api listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,201 @@
+//! Middleware of the `/v1` routes, applied in this order:
+//!
+//! 1. [`authenticate`]: verifies the bearer token (or `?access_token=` for browsers'
+//!    `EventSource`, which cannot set headers), applies the per-user rate limit, and puts the
+//!    caller into the request for the [`Caller`](crate::extract::Caller) extractor.
+//! 2. [`idempotency`]: replays the stored answer of a repeated `Idempotency-Key`.
+//!
+//! And on every route, [`track`] counts requests and latency for `/metrics`.
+
+use std::time::{Duration, Instant};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use sha2::{Digest, Sha256};
+use shared::auth::AuthUser;
+use shared::metrics::{HttpLabels, KindLabels};
+use shared::store::IdempotencyBegin;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// A claim on an idempotency key older than this is considered abandoned.
+const IDEMPOTENCY_LOCK_MS: i64 = 60_000;
+const MAX_KEY_LEN: usize = 255;
+
+fn bearer(req: &Request) -> Option<String> {
+    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
+    }
+    if req.uri().path() == "/v1/events" {
+        let query = req.uri().query()?;
+        return query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == "access_token").then(|| v.to_owned())
+        });
+    }
+    None
+}
+
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let token = bearer(&req).ok_or_else(|| {
+        ApiError::Unauthorized("missing `Authorization: Bearer <access token>` header".into())
+    })?;
+    let user: AuthUser = state.verifier.verify(&token).await.map_err(|e| match e {
+        shared::Error::Unauthorized(reason) => ApiError::Unauthorized(reason),
+        other => ApiError::from(other),
+    })?;
+    if let Some(limiter) = &state.limiter {
+        if let Err(not_until) = limiter.check_key(&user.user_id) {
+            let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(ApiError::RateLimited { retry_after });
+        }
+    }
+    req.extensions_mut().insert(user);
+    Ok(next.run(req).await)
+}
+
+fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Idempotency keys, as Stripe and the IETF draft define them: scoped to the user; the first
+/// answer (2xx or 4xx) is stored and replayed for a repeat with the same body; the same key
+/// with another method, path or body is a 422; a repeat while the first is still being handled
+/// is a 409. A 5xx answer is not stored, so the client may retry with the same key.
+pub async fn idempotency(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if req.method() != Method::POST {
+        return Ok(next.run(req).await);
+    }
+    let Some(key) = req.headers().get("idempotency-key") else {
+        return Ok(next.run(req).await);
+    };
+    let key = key
+        .to_str()
+        .ok()
+        .filter(|k| valid_key(k))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+            )
+        })?
+        .to_owned();
+    let user = req
+        .extensions()
+        .get::<AuthUser>()
+        .cloned()
+        .ok_or_else(|| ApiError::Unauthorized("authentication required".into()))?;
+    let (parts, body) = req.into_parts();
+    let bytes = to_bytes(body, state.settings.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge("request body is too large".into()))?;
+    let mut hasher = Sha256::new();
+    hasher.update(parts.method.as_str());
+    hasher.update(b" ");
+    hasher.update(parts.uri.path());
+    hasher.update(b"\n");
+    hasher.update(&bytes);
+    let fingerprint = format!("{:x}", hasher.finalize());
+    let ttl_ms = state.settings.idempotency_ttl_hours as i64 * 3_600_000;
+
+    match state
+        .store
+        .idempotency_begin(&user.user_id, &key, &fingerprint, IDEMPOTENCY_LOCK_MS, ttl_ms)
+        .await?
+    {
+        IdempotencyBegin::Replay { status, body } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            let mut response = (status, body).into_response();
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Ok(response)
+        }
+        IdempotencyBegin::InFlight => Err(ApiError::Conflict {
+            code: "idempotency_key_in_use",
+            message: "a request with this Idempotency-Key is still being handled".into(),
+        }),
+        IdempotencyBegin::Mismatch => Err(ApiError::Unprocessable {
+            code: "idempotency_key_reused",
+            message: "this Idempotency-Key was used for a different request".into(),
+        }),
+        IdempotencyBegin::Started => {
+            let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+            let status = response.status();
+            if status.is_server_error() {
+                state.store.idempotency_release(&user.user_id, &key).await?;
+                return Ok(response);
+            }
+            let (parts, body) = response.into_parts();
+            let bytes = to_bytes(body, usize::MAX)
+                .await
+                .map_err(|e| ApiError::Internal(format!("buffering a response: {e}")))?;
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            state
+                .store
+                .idempotency_complete(&user.user_id, &key, status.as_u16(), &text)
+                .await?;
+            Ok(Response::from_parts(parts, Body::from(bytes)))
+        }
+    }
+}
+
+/// Counts every response by method, route template and status, and times it.
+pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(req).await;
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            route: route.clone(),
+            status: response.status().as_u16(),
+        })
+        .inc();
+    // Streams (SSE) and long polls would skew the latency histogram.
+    if route != "/v1/events" && route != "/v1/requests/{id}" {
+        state
+            .metrics
+            .http_duration
+            .get_or_create(&KindLabels { kind: route })
+            .observe(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// Keeps a keyed rate limiter from growing without bound.
+pub fn spawn_limiter_housekeeping(state: &AppState) {
+    if let Some(limiter) = state.limiter.clone() {
+        let shutdown = state.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => limiter.retain_recent(),
+                }
+            }
+        });
+    }
+}

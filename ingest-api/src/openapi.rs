@@ -1,0 +1,71 @@
+//! The OpenAPI 3.1 document, generated from the handlers' annotations and the domain types, so
+//! it cannot drift from the code. Served at `GET /openapi.json`.
+
+use serde::Serialize;
+use shared::domain::{
+    Batch, Conversation, ErrorBody, Message, Persona, PersonaSource, RequestInput, RequestKind,
+    RequestRecord, RequestResult, RequestStatus, Role, Usage,
+};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::handlers::{self, auth, conversations, personas, Accepted};
+
+/// The shape of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "CharacterBot API",
+        description = "Asynchronous persona chat. POSTs answer 202 with a request id; results \
+            arrive by polling GET /v1/requests/{id} (long poll with ?wait=) or on the \
+            GET /v1/events stream. Errors: {\"error\": {\"code\", \"message\"}}."
+    ),
+    paths(
+        handlers::auth::sign_up, handlers::auth::sign_in, handlers::auth::refresh,
+        handlers::personas::create, handlers::personas::create_batch, handlers::personas::list,
+        handlers::personas::get, handlers::personas::delete, handlers::personas::get_batch,
+        handlers::conversations::create, handlers::conversations::list, handlers::conversations::get,
+        handlers::conversations::post_message, handlers::conversations::list_messages,
+        handlers::requests::get, handlers::events::stream,
+        handlers::ops::healthz, handlers::ops::readyz, handlers::ops::metrics,
+        handlers::ops::openapi, handlers::ops::jwks,
+    ),
+    components(schemas(
+        ErrorResponse, ErrorBody, Accepted, Persona, PersonaSource, Conversation, Message, Role,
+        RequestRecord, RequestKind, RequestStatus, RequestInput, RequestResult, Usage, Batch,
+        auth::Credentials, auth::SignedUp, auth::RefreshRequest, shared::auth::Tokens,
+        personas::CreatePersona, personas::CreateBatch, personas::BatchAccepted,
+        conversations::CreateConversation, conversations::PostMessage, conversations::MessageAccepted,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "auth", description = "Sign-up, sign-in, tokens"),
+        (name = "personas", description = "Personas and batches"),
+        (name = "conversations", description = "Conversations and messages"),
+        (name = "requests", description = "Polling and push of asynchronous results"),
+        (name = "ops", description = "Health, readiness, metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}

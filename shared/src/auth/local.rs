@@ -1,0 +1,318 @@
+//! The embedded identity provider: what Cognito does on AWS, on one machine.
+//!
+//! - An RS256 key pair lives in `<data dir>/keys/jwt-signing.pem` (created on first start,
+//!   mode 0600). Its public half is served as a JWKS, and tokens are checked by the same
+//!   [`JwksVerifier`](super::JwksVerifier) that checks Cognito tokens.
+//! - Users and their argon2 password hashes live in the embedded database.
+//! - Tokens carry Cognito's claims (`iss`, `sub`, `token_use`, `client_id`/`aud`, `exp`, `iat`,
+//!   header `kid`); refresh tokens are opaque random strings stored as SHA-256 hashes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use async_trait::async_trait;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use deadpool_sqlite::rusqlite::{params, OptionalExtension};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use rsa::traits::PublicKeyParts;
+use rsa::RsaPrivateKey;
+use sha2::{Digest, Sha256};
+
+use super::{Claims, IdentityProvider, JwksSource, Tokens};
+use crate::config::AuthSettings;
+use crate::sqlite::Db;
+use crate::time::{now_ms, now_rfc3339, now_secs};
+use crate::{Error, Result};
+
+const KEY_FILE: &str = "jwt-signing.pem";
+pub const MIN_PASSWORD_CHARS: usize = 8;
+pub const MAX_PASSWORD_CHARS: usize = 256;
+
+/// The signing key and its public JWKS.
+pub struct SigningKey {
+    encoding: EncodingKey,
+    kid: String,
+    jwks: serde_json::Value,
+}
+
+impl SigningKey {
+    /// Loads the key from `dir`, creating it first if there is none. Two processes starting
+    /// together agree on one key: the file is published with a hard link, which fails if
+    /// another process got there first, and then that key is read.
+    pub fn load_or_create(dir: &Path) -> Result<SigningKey> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(KEY_FILE);
+        if !path.exists() {
+            let key = RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+                .map_err(|e| Error::Internal(format!("generating the signing key: {e}")))?;
+            let pem = key
+                .to_pkcs8_pem(LineEnding::LF)
+                .map_err(|e| Error::Internal(format!("encoding the signing key: {e}")))?;
+            let tmp = dir.join(format!("{KEY_FILE}.{}", uuid::Uuid::new_v4().simple()));
+            write_private(&tmp, pem.as_bytes())?;
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Self::from_pem(&std::fs::read_to_string(&path)?)
+    }
+
+    fn from_pem(pem: &str) -> Result<SigningKey> {
+        let key = RsaPrivateKey::from_pkcs8_pem(pem)
+            .map_err(|e| Error::Config(format!("signing key is not a PKCS#8 RSA key: {e}")))?;
+        let n = URL_SAFE_NO_PAD.encode(key.n().to_bytes_be());
+        let e = URL_SAFE_NO_PAD.encode(key.e().to_bytes_be());
+        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(n.as_bytes()))[..16].to_string();
+        let encoding = EncodingKey::from_rsa_pem(pem.as_bytes())
+            .map_err(|e| Error::Config(format!("signing key: {e}")))?;
+        let jwks = serde_json::json!({
+            "keys": [{ "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid, "n": n, "e": e }]
+        });
+        Ok(SigningKey {
+            encoding,
+            kid,
+            jwks,
+        })
+    }
+
+    /// The public keys as a JSON Web Key Set document.
+    pub fn jwks(&self) -> &serde_json::Value {
+        &self.jwks
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn sign(&self, claims: &Claims) -> Result<String> {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding)
+            .map_err(|e| Error::Internal(format!("signing a token: {e}")))
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)?.write_all(bytes)?;
+    Ok(())
+}
+
+/// Serves the key set of the key file in a directory; rereads it on every fetch so that a key
+/// replaced on disk is picked up on the next unknown `kid`.
+pub struct KeyDirJwks {
+    pub dir: PathBuf,
+}
+
+#[async_trait]
+impl JwksSource for KeyDirJwks {
+    async fn fetch(&self) -> Result<JwkSet> {
+        let dir = self.dir.clone();
+        let key = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&dir))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(serde_json::from_value(key.jwks.clone())?)
+    }
+}
+
+/// Sign-up, sign-in and refresh against the embedded database.
+pub struct LocalIssuer {
+    db: Db,
+    key: Arc<SigningKey>,
+    settings: AuthSettings,
+    /// Verified against when the e-mail is unknown, so that a wrong e-mail takes as long as a
+    /// wrong password and sign-in does not reveal who has an account.
+    dummy_hash: String,
+}
+
+fn hash_password(password: &str) -> Result<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| Error::Internal(format!("hashing a password: {e}")))
+}
+
+fn refresh_hash(token: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A minimal shape check; the address is not verified (no mail is sent on the embedded side).
+pub fn validate_email(email: &str) -> Result<()> {
+    let ok = email.len() <= 254
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+        })
+        && !email.chars().any(char::is_whitespace);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid("email is not a valid address".into()))
+    }
+}
+
+pub fn validate_password(password: &str) -> Result<()> {
+    let n = password.chars().count();
+    if !(MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&n) {
+        return Err(Error::Invalid(format!(
+            "password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters"
+        )));
+    }
+    Ok(())
+}
+
+impl LocalIssuer {
+    pub fn new(db: Db, key: Arc<SigningKey>, settings: AuthSettings) -> Result<Self> {
+        Ok(LocalIssuer {
+            db,
+            key,
+            settings,
+            dummy_hash: hash_password("not-a-real-password")?,
+        })
+    }
+
+    fn tokens_for(&self, user_id: &str, email: &str, refresh_token: String) -> Result<Tokens> {
+        let now = now_secs();
+        let ttl = self.settings.access_token_ttl_secs;
+        let base = Claims {
+            sub: user_id.to_owned(),
+            iss: self.settings.issuer.clone(),
+            token_use: "access".into(),
+            exp: now + ttl as i64,
+            iat: now,
+            client_id: Some(self.settings.client_id.clone()),
+            aud: None,
+            email: None,
+            jti: Some(uuid::Uuid::new_v4().to_string()),
+        };
+        let id_claims = Claims {
+            token_use: "id".into(),
+            client_id: None,
+            aud: Some(self.settings.client_id.clone()),
+            email: Some(email.to_owned()),
+            jti: Some(uuid::Uuid::new_v4().to_string()),
+            ..base.clone()
+        };
+        Ok(Tokens {
+            access_token: self.key.sign(&base)?,
+            id_token: self.key.sign(&id_claims)?,
+            refresh_token,
+            expires_in: ttl,
+            token_type: "Bearer".into(),
+        })
+    }
+
+    async fn verify_password(hash: String, password: String) -> Result<bool> {
+        tokio::task::spawn_blocking(move || {
+            let parsed = PasswordHash::new(&hash)
+                .map_err(|e| Error::Storage(format!("stored password hash: {e}")))?;
+            Ok(Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok())
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl IdentityProvider for LocalIssuer {
+    async fn sign_up(&self, email: &str, password: &str) -> Result<String> {
+        validate_email(email)?;
+        validate_password(password)?;
+        let password = password.to_owned();
+        // Argon2 is deliberately slow; keep it off the async threads.
+        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        let user_id = uuid::Uuid::new_v4().to_string();
+        let (id, email) = (user_id.clone(), email.to_lowercase());
+        self.db
+            .write(move |tx| {
+                let inserted = tx.execute(
+                    "INSERT OR IGNORE INTO users (user_id, email, password_hash, created_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![id, email, hash, now_rfc3339()],
+                )?;
+                if inserted == 0 {
+                    return Err(Error::Conflict("an account with this email already exists".into()));
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(user_id)
+    }
+
+    async fn sign_in(&self, email: &str, password: &str) -> Result<Tokens> {
+        let email = email.to_lowercase();
+        let lookup = email.clone();
+        let row = self
+            .db
+            .call(move |c| {
+                Ok(c.query_row(
+                    "SELECT user_id, password_hash FROM users WHERE email = ?1",
+                    [lookup],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?)
+            })
+            .await?;
+        let (user_id, hash) = match row {
+            Some((id, hash)) => (Some(id), hash),
+            None => (None, self.dummy_hash.clone()),
+        };
+        let ok = Self::verify_password(hash, password.to_owned()).await?;
+        let Some(user_id) = user_id.filter(|_| ok) else {
+            return Err(Error::Unauthorized("incorrect email or password".into()));
+        };
+        let refresh = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let (hash, uid) = (refresh_hash(&refresh), user_id.clone());
+        let expires = now_ms() + self.settings.refresh_token_ttl_days as i64 * 86_400_000;
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO refresh_tokens (token_hash, user_id, expires_ms) VALUES (?1, ?2, ?3)",
+                    params![hash, uid, expires],
+                )?;
+                tx.execute("DELETE FROM refresh_tokens WHERE expires_ms < ?1", [now_ms()])?;
+                Ok(())
+            })
+            .await?;
+        self.tokens_for(&user_id, &email, refresh)
+    }
+
+    async fn refresh(&self, refresh_token: &str) -> Result<Tokens> {
+        let hash = refresh_hash(refresh_token);
+        let row = self
+            .db
+            .call(move |c| {
+                Ok(c.query_row(
+                    "SELECT u.user_id, u.email FROM refresh_tokens t JOIN users u ON u.user_id = t.user_id
+                     WHERE t.token_hash = ?1 AND t.expires_ms > ?2",
+                    params![hash, now_ms()],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?)
+            })
+            .await?;
+        let (user_id, email) =
+            row.ok_or_else(|| Error::Unauthorized("refresh token is invalid or expired".into()))?;
+        // Like Cognito without rotation: new access and ID tokens, the same refresh token.
+        self.tokens_for(&user_id, &email, refresh_token.to_owned())
+    }
+}
+

@@ -1,0 +1,302 @@
+//! What CharacterBot is about. These are the records clients see (they derive `ToSchema`, so
+//! the OpenAPI document is generated from them) and the job message that travels on the queue.
+//!
+//! Ownership is not a field: every store call takes the owner's user id, so a record can never
+//! be fetched without naming whose it is.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A new, sortable, unguessable id with a readable prefix (`per_…`, `req_…`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct User {
+    pub user_id: String,
+    pub email: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PersonaSource {
+    /// A well-known character whose real traits were used.
+    Famous,
+    /// A persona invented from the prompt.
+    Original,
+}
+
+/// What a persona model produces from a prompt, before it gets an id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct PersonaDraft {
+    pub name: String,
+    pub description: String,
+    pub personality: String,
+    pub speaking_style: String,
+    pub greeting: String,
+    pub source: PersonaSource,
+}
+
+/// Longest accepted field of a persona, in characters; longer model output is rejected.
+pub const PERSONA_FIELD_MAX_CHARS: usize = 2_000;
+
+impl PersonaDraft {
+    /// Checks what a model returned before it is stored: no empty field, no runaway length.
+    pub fn validate(&self) -> Result<(), String> {
+        let fields = [
+            ("name", &self.name, 120),
+            ("description", &self.description, PERSONA_FIELD_MAX_CHARS),
+            ("personality", &self.personality, PERSONA_FIELD_MAX_CHARS),
+            ("speaking_style", &self.speaking_style, PERSONA_FIELD_MAX_CHARS),
+            ("greeting", &self.greeting, PERSONA_FIELD_MAX_CHARS),
+        ];
+        for (field, value, max) in fields {
+            let len = value.trim().chars().count();
+            if len == 0 {
+                return Err(format!("persona field `{field}` is empty"));
+            }
+            if len > max {
+                return Err(format!("persona field `{field}` is longer than {max} characters"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Persona {
+    pub persona_id: String,
+    pub name: String,
+    pub description: String,
+    pub personality: String,
+    pub speaking_style: String,
+    pub greeting: String,
+    pub source: PersonaSource,
+    /// Which engine wrote it: `offline`, or the provider's model id.
+    pub model: String,
+    /// The prompt the persona was made from.
+    pub prompt: String,
+    pub created_at: String,
+}
+
+impl Persona {
+    pub fn from_draft(
+        persona_id: String,
+        draft: PersonaDraft,
+        model: String,
+        prompt: String,
+    ) -> Self {
+        Persona {
+            persona_id,
+            name: draft.name,
+            description: draft.description,
+            personality: draft.personality,
+            speaking_style: draft.speaking_style,
+            greeting: draft.greeting,
+            source: draft.source,
+            model,
+            prompt,
+            created_at: crate::time::now_rfc3339(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Conversation {
+    pub conversation_id: String,
+    pub persona_id: String,
+    pub persona_name: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Message {
+    pub message_id: String,
+    pub role: Role,
+    pub text: String,
+    /// The engine that wrote an assistant message (`offline` or the provider's model id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    Persona,
+    Chat,
+}
+
+impl RequestKind {
+    pub const ALL: [RequestKind; 2] = [RequestKind::Persona, RequestKind::Chat];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Persona => "persona",
+            RequestKind::Chat => "chat",
+        }
+    }
+}
+
+impl std::fmt::Display for RequestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Queued => "queued",
+            RequestStatus::Running => "running",
+            RequestStatus::Succeeded => "succeeded",
+            RequestStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => RequestStatus::Queued,
+            "running" => RequestStatus::Running,
+            "succeeded" => RequestStatus::Succeeded,
+            "failed" => RequestStatus::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, RequestStatus::Succeeded | RequestStatus::Failed)
+    }
+}
+
+/// What the client asked for; kept with the request so the queue message can stay tiny.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestInput {
+    Persona {
+        prompt: String,
+    },
+    Chat {
+        conversation_id: String,
+        /// The user message this request answers.
+        message_id: String,
+        text: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestResult {
+    Persona(Persona),
+    Message(Message),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// The life of one asynchronous job, as the client polls it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub kind: RequestKind,
+    pub status: RequestStatus,
+    /// How many times a worker has started this job.
+    pub attempts: u32,
+    pub input: RequestInput,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<RequestResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl RequestRecord {
+    pub fn new(kind: RequestKind, input: RequestInput, batch_id: Option<String>) -> Self {
+        let now = crate::time::now_rfc3339();
+        RequestRecord {
+            request_id: new_id("req"),
+            kind,
+            status: RequestStatus::Queued,
+            attempts: 0,
+            input,
+            batch_id,
+            result: None,
+            error: None,
+            usage: None,
+            model: None,
+            created_at: now.clone(),
+            updated_at: now,
+        }
+    }
+}
+
+/// Progress of a batch of persona requests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Batch {
+    pub batch_id: String,
+    pub total: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub pending: u32,
+    pub request_ids: Vec<String>,
+    pub created_at: String,
+}
+
+/// The body of a queue message: ids only. Payloads live in the store, so a message is tiny and
+/// a redelivered one reads the current state instead of a stale copy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobMessage {
+    pub request_id: String,
+    pub user_id: String,
+    pub kind: RequestKind,
+}
+
+/// One page of a listing; `next_token` is opaque to clients.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_token: Option<String>,
+}

@@ -1,0 +1,221 @@
+//! The `EventBus` port: how a worker's news reaches the API instance that holds a client's
+//! event stream (`GET /v1/events`) or long poll, even when the two run in different processes.
+//!
+//! The embedded bus appends events to a SQLite table and one tailer task per process reads new
+//! rows and fans them out in memory. Events get increasing ids, so a client that reconnects with
+//! `Last-Event-ID` is replayed what it missed (events are kept for [`RETENTION_MS`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_sqlite::rusqlite::params;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Notify};
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::sqlite::Db;
+use crate::time::now_ms;
+use crate::Result;
+
+/// How long events stay replayable.
+pub const RETENTION_MS: i64 = 60 * 60 * 1000;
+/// How often the tailer looks for events written by another process.
+const TAIL_POLL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Increasing id; the SSE `id:` field.
+    pub id: u64,
+    pub user_id: String,
+    /// `request.updated`, `message.delta`, …
+    pub name: String,
+    pub data: serde_json::Value,
+}
+
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()>;
+
+    /// The user's events from now on, preceded by those after `after` when given.
+    async fn subscribe(
+        &self,
+        user_id: &str,
+        after: Option<u64>,
+    ) -> Result<BoxStream<'static, Event>>;
+}
+
+pub struct SqliteEventBus {
+    db: Db,
+    fanout: broadcast::Sender<Arc<Event>>,
+    wake: Arc<Notify>,
+}
+
+impl SqliteEventBus {
+    /// Starts the tailer task; it ends when the last handle to the bus is dropped.
+    pub async fn start(db: Db) -> Result<Arc<Self>> {
+        let (fanout, _) = broadcast::channel(4096);
+        let bus = Arc::new(SqliteEventBus {
+            db,
+            fanout,
+            wake: Arc::new(Notify::new()),
+        });
+        let mut last = bus
+            .db
+            .call(|c| Ok(c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, i64>(0))?))
+            .await? as u64;
+        let weak = Arc::downgrade(&bus);
+        tokio::spawn(async move {
+            let mut last_prune = 0i64;
+            loop {
+                let Some(bus) = weak.upgrade() else { return };
+                let wake = bus.wake.clone();
+                let notified = wake.notified();
+                // Read even when nobody listens, so `last` keeps up and a new subscriber is
+                // never sent old news.
+                match bus.read_after(None, last).await {
+                    Ok(events) => {
+                        for e in events {
+                            last = e.id;
+                            let _ = bus.fanout.send(Arc::new(e));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "event tailer could not read events"),
+                }
+                if now_ms() - last_prune > 60_000 {
+                    last_prune = now_ms();
+                    let _ = bus.prune().await;
+                }
+                drop(bus);
+                let _ = tokio::time::timeout(TAIL_POLL, notified).await;
+            }
+        });
+        Ok(bus)
+    }
+
+    async fn max_seq(&self) -> Result<u64> {
+        self.db
+            .call(|c| Ok(c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, i64>(0))? as u64))
+            .await
+    }
+
+    async fn read_after(&self, user_id: Option<String>, after: u64) -> Result<Vec<Event>> {
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, user_id, name, data FROM events
+                     WHERE seq > ?1 AND (?2 IS NULL OR user_id = ?2) ORDER BY seq LIMIT 1000",
+                )?;
+                let rows = stmt
+                    .query_map(params![after as i64, user_id], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(seq, user_id, name, data)| Event {
+                        id: seq as u64,
+                        user_id,
+                        name,
+                        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                    })
+                    .collect())
+            })
+            .await
+    }
+
+    async fn prune(&self) -> Result<()> {
+        self.db
+            .write(|tx| {
+                tx.execute("DELETE FROM events WHERE created_ms < ?1", [now_ms() - RETENTION_MS])?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl EventBus for SqliteEventBus {
+    async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()> {
+        let (user_id, name, data) = (user_id.to_owned(), name.to_owned(), data.to_string());
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO events (user_id, name, data, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![user_id, name, data, now_ms()],
+                )?;
+                Ok(())
+            })
+            .await?;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        user_id: &str,
+        after: Option<u64>,
+    ) -> Result<BoxStream<'static, Event>> {
+        // Subscribe before reading the backlog so nothing falls between the two; duplicates
+        // from the overlap are dropped by id below.
+        let live = BroadcastStream::new(self.fanout.subscribe());
+        let (backlog, mut seen) = match after {
+            Some(after) => {
+                let backlog = self.read_after(Some(user_id.to_owned()), after).await?;
+                let seen = backlog.last().map_or(after, |e| e.id);
+                (backlog, seen)
+            }
+            // "From now on": anything already written counts as the past.
+            None => (Vec::new(), self.max_seq().await?),
+        };
+        let user = user_id.to_owned();
+        let live = live.filter_map(move |item| {
+            let out = match item {
+                Ok(e) if e.user_id == user && e.id > seen => {
+                    seen = e.id;
+                    Some((*e).clone())
+                }
+                Ok(_) => None,
+                Err(lagged) => {
+                    tracing::warn!(%lagged, "event subscriber fell behind; events were skipped");
+                    None
+                }
+            };
+            futures::future::ready(out)
+        });
+        Ok(futures::stream::iter(backlog).chain(live).boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn subscribers_get_their_own_events_and_replay_after_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).await.unwrap();
+        let bus = SqliteEventBus::start(db.clone()).await.unwrap();
+        let mut mine = bus.subscribe("alice", None).await.unwrap();
+        bus.publish("bob", "x", serde_json::json!(1)).await.unwrap();
+        bus.publish("alice", "x", serde_json::json!(2)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), mine.next()).await.unwrap().unwrap();
+        assert_eq!(got.data, serde_json::json!(2));
+
+        // A second process (another bus on the same file) sees it too, and replays by id.
+        let other = SqliteEventBus::start(db).await.unwrap();
+        let mut replay = other.subscribe("alice", Some(0)).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), replay.next()).await.unwrap().unwrap();
+        assert_eq!(first.id, got.id);
+        bus.publish("alice", "y", serde_json::json!(3)).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), replay.next()).await.unwrap().unwrap();
+        assert_eq!((next.name.as_str(), next.data.clone()), ("y", serde_json::json!(3)));
+    }
+}

@@ -1,0 +1,36 @@
+//! # shared — the domain of CharacterBot and the ports both halves plug into
+//!
+//! The ingest API and the workers never depend on each other; everything they agree on lives
+//! here: what a persona, a conversation or a request *is*, and the small traits through which
+//! they reach the outside world. Each trait has its adapters as sibling modules, so a reader
+//! finds the SQLite queue next to the queue trait and (later) the SQS one beside it.
+//!
+//! Layout:
+//! - [`domain`]   records the product is about (users, personas, conversations, messages,
+//!   requests, batches) and the job message that travels on the queue.
+//! - [`error`]    the one error type of this crate, with the transient/permanent split that
+//!   drives retries.
+//! - [`config`]   every setting, as `clap` arguments with environment fallbacks.
+//! - [`queue`]    the `Queue` port (SQS semantics) and `queue::sqlite`, the embedded queue.
+//! - [`store`]    the `Store` port and `store::sqlite`, the embedded store.
+//! - [`events`]   the `EventBus` port: request changes and stream deltas pushed to clients.
+//! - [`auth`]     the `TokenVerifier` port, the JWKS verifier and `auth::local`, the embedded
+//!   token issuer (sign-up, sign-in, refresh, RS256 keys).
+//! - [`models`]   the `PersonaModel` and `ChatModel` ports and `models::offline`.
+//! - [`metrics`]  the Prometheus registry shared by API and workers.
+//! - [`sqlite`]   the connection pool and schema behind every embedded adapter.
+//! - [`time`]     timestamps, one format everywhere.
+
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod models;
+pub mod queue;
+pub mod sqlite;
+pub mod store;
+pub mod time;
+
+pub use error::{Error, Result};

@@ -1,0 +1,83 @@
+//! The `Queue` port: a work queue with Amazon SQS semantics, so the consume loop is written once
+//! and runs unchanged on either backend.
+//!
+//! - `receive` hides each message it returns for a visibility timeout and counts the delivery;
+//!   a consumer that dies without deleting lets the message reappear when the timeout ends.
+//! - `delete` (by receipt) acknowledges; a stale receipt — the message was meanwhile delivered
+//!   again — deletes nothing, so a slow consumer cannot remove someone else's delivery.
+//! - `dead_letter` moves a message out of the way for good; the consume loop decides when.
+//!
+//! Delivery is at least once: consumers must make their effects idempotent.
+
+pub mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::Result;
+
+/// One delivery of a message.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message_id: String,
+    /// Names this delivery; acknowledgements with an older receipt are ignored.
+    pub receipt: String,
+    pub body: String,
+    /// How many times the message has been delivered, this delivery included.
+    pub receive_count: u32,
+}
+
+/// Depths of a queue, for metrics and readiness.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Ready to be received.
+    pub visible: u64,
+    /// Received and not yet deleted or reappeared.
+    pub in_flight: u64,
+    /// Dead-lettered.
+    pub dead: u64,
+}
+
+/// A dead-lettered message, kept for inspection and redrive.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub body: String,
+    pub receive_count: u32,
+    pub reason: String,
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// The queue's name (`persona`, `chat`), for logs and metrics.
+    fn name(&self) -> &str;
+
+    /// Enqueues each body as its own message, all or none.
+    async fn send(&self, bodies: &[String]) -> Result<()>;
+
+    /// Receives up to `max` messages, waiting up to `wait` for the first one, and hides each for
+    /// `visibility`.
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>>;
+
+    /// Acknowledges a delivery. A stale receipt is not an error: it deletes nothing.
+    async fn delete(&self, receipt: &str) -> Result<()>;
+
+    /// Hides a delivered message for `timeout` from now (0 makes it visible at once). Used to
+    /// keep a long job's message hidden (heartbeat), to back off before a retry, and to hand a
+    /// message back on shutdown.
+    async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<()>;
+
+    /// Moves a delivered message to the dead-letter queue, with the reason.
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()>;
+
+    /// Lists dead-lettered messages, oldest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>>;
+
+    async fn stats(&self) -> Result<QueueStats>;
+}

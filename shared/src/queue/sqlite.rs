@@ -1,0 +1,340 @@
+//! The embedded queue: one SQLite table shared by all queues, rows keyed by message id.
+//!
+//! A receive claims rows inside one `BEGIN IMMEDIATE` transaction, so two consumers — threads
+//! or processes — never get the same delivery. Long polling is a loop: in-process senders wake
+//! waiting receivers through a `Notify`; senders in another process are seen by a short poll.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_sqlite::rusqlite::{params, OptionalExtension};
+use tokio::sync::Notify;
+
+use super::{DeadLetter, Delivery, Queue, QueueStats};
+use crate::sqlite::Db;
+use crate::time::now_ms;
+use crate::{Error, Result};
+
+/// How often an idle long poll looks for messages sent by another process.
+const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
+
+pub struct SqliteQueue {
+    db: Db,
+    name: String,
+    wake: Arc<Notify>,
+}
+
+impl SqliteQueue {
+    pub fn new(db: Db, name: impl Into<String>) -> Self {
+        SqliteQueue {
+            db,
+            name: name.into(),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    async fn try_receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>> {
+        let queue = self.name.clone();
+        let hide_ms = visibility.as_millis() as i64;
+        self.db
+            .write(move |tx| {
+                let now = now_ms();
+                let mut select = tx.prepare_cached(
+                    "SELECT id, body, receive_count FROM queue_messages
+                     WHERE queue = ?1 AND visible_ms <= ?2
+                     ORDER BY visible_ms, sent_ms LIMIT ?3",
+                )?;
+                let rows = select
+                    .query_map(params![queue, now, max as i64], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, u32>(2)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut claim = tx.prepare_cached(
+                    "UPDATE queue_messages
+                     SET receive_count = receive_count + 1, visible_ms = ?2, receipt = ?3
+                     WHERE id = ?1",
+                )?;
+                let mut out = Vec::with_capacity(rows.len());
+                for (id, body, count) in rows {
+                    let receipt = uuid::Uuid::new_v4().simple().to_string();
+                    claim.execute(params![id, now + hide_ms, receipt])?;
+                    out.push(Delivery {
+                        message_id: id,
+                        receipt,
+                        body,
+                        receive_count: count + 1,
+                    });
+                }
+                Ok(out)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Queue for SqliteQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, bodies: &[String]) -> Result<()> {
+        let queue = self.name.clone();
+        let bodies = bodies.to_vec();
+        self.db
+            .write(move |tx| {
+                let now = now_ms();
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO queue_messages (id, queue, body, visible_ms, sent_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?4)",
+                )?;
+                for body in bodies {
+                    let id = uuid::Uuid::now_v7().simple().to_string();
+                    insert.execute(params![id, queue, body, now])?;
+                }
+                Ok(())
+            })
+            .await?;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register for wake-ups before looking, so a send between the look and the wait
+            // is not missed.
+            let notified = self.wake.notified();
+            let got = self.try_receive(max.max(1), visibility).await?;
+            let now = tokio::time::Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            let nap = CROSS_PROCESS_POLL.min(deadline - now);
+            let _ = tokio::time::timeout(nap, notified).await;
+        }
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<()> {
+        let receipt = receipt.to_owned();
+        self.db
+            .write(move |tx| {
+                tx.execute("DELETE FROM queue_messages WHERE receipt = ?1", [receipt])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<()> {
+        let receipt = receipt.to_owned();
+        let changed = self
+            .db
+            .write(move |tx| {
+                let visible = now_ms() + timeout.as_millis() as i64;
+                Ok(tx.execute(
+                    "UPDATE queue_messages SET visible_ms = ?2 WHERE receipt = ?1",
+                    params![receipt, visible],
+                )?)
+            })
+            .await?;
+        if timeout.is_zero() {
+            self.wake.notify_waiters();
+        }
+        if changed == 0 {
+            return Err(Error::Queue("receipt is no longer valid".into()));
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        let (id, receipt, reason) = (
+            delivery.message_id.clone(),
+            delivery.receipt.clone(),
+            reason.to_owned(),
+        );
+        self.db
+            .write(move |tx| {
+                let row = tx
+                    .query_row(
+                        "SELECT queue, body, receive_count FROM queue_messages
+                         WHERE id = ?1 AND receipt = ?2",
+                        params![id, receipt],
+                        |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, u32>(2)?,
+                            ))
+                        },
+                    )
+                    .optional()?;
+                let Some((queue, body, count)) = row else {
+                    return Ok(()); // already handled through a newer delivery
+                };
+                tx.execute(
+                    "INSERT OR REPLACE INTO dead_letters (id, queue, body, receive_count, reason, dead_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![id, queue, body, count, reason, now_ms()],
+                )?;
+                tx.execute("DELETE FROM queue_messages WHERE id = ?1", [id])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        let queue = self.name.clone();
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT id, body, receive_count, reason FROM dead_letters
+                     WHERE queue = ?1 ORDER BY dead_ms LIMIT ?2",
+                )?;
+                let rows = stmt
+                    .query_map(params![queue, limit as i64], |r| {
+                        Ok(DeadLetter {
+                            message_id: r.get(0)?,
+                            body: r.get(1)?,
+                            receive_count: r.get(2)?,
+                            reason: r.get(3)?,
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn stats(&self) -> Result<QueueStats> {
+        let queue = self.name.clone();
+        self.db
+            .call(move |c| {
+                let now = now_ms();
+                let (visible, in_flight) = c.query_row(
+                    "SELECT COALESCE(SUM(visible_ms <= ?2), 0), COALESCE(SUM(visible_ms > ?2), 0)
+                     FROM queue_messages WHERE queue = ?1",
+                    params![queue, now],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )?;
+                let dead = c.query_row(
+                    "SELECT COUNT(*) FROM dead_letters WHERE queue = ?1",
+                    [&queue],
+                    |r| r.get::<_, i64>(0),
+                )?;
+                Ok(QueueStats {
+                    visible: visible as u64,
+                    in_flight: in_flight as u64,
+                    dead: dead as u64,
+                })
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn queue() -> (tempfile::TempDir, SqliteQueue) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).await.expect("db");
+        (dir, SqliteQueue::new(db, "test"))
+    }
+
+    const HIDE: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn a_received_message_is_hidden_until_deleted_or_expired() {
+        let (_dir, q) = queue().await;
+        q.send(&["a".into()]).await.unwrap();
+        let first = q.receive(10, Duration::from_millis(300), Duration::ZERO).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].receive_count, 1);
+        assert!(q.receive(10, HIDE, Duration::ZERO).await.unwrap().is_empty());
+        // After the visibility timeout it comes back, counted again, with a new receipt.
+        let again = q.receive(10, HIDE, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].receive_count, 2);
+        assert_ne!(again[0].receipt, first[0].receipt);
+        // The stale receipt deletes nothing; the fresh one does.
+        q.delete(&first[0].receipt).await.unwrap();
+        assert_eq!(q.stats().await.unwrap().in_flight, 1);
+        q.delete(&again[0].receipt).await.unwrap();
+        assert_eq!(q.stats().await.unwrap(), QueueStats::default());
+    }
+
+    #[tokio::test]
+    async fn long_poll_wakes_on_send() {
+        let (_dir, q) = queue().await;
+        let q = Arc::new(q);
+        let sender = q.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            sender.send(&["late".into()]).await.unwrap();
+        });
+        let got = q.receive(1, HIDE, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].body, "late");
+    }
+
+    #[tokio::test]
+    async fn dead_letter_moves_the_message_out() {
+        let (_dir, q) = queue().await;
+        q.send(&["poison".into()]).await.unwrap();
+        let d = q.receive(1, HIDE, Duration::ZERO).await.unwrap().remove(0);
+        q.dead_letter(&d, "always fails").await.unwrap();
+        let stats = q.stats().await.unwrap();
+        assert_eq!((stats.visible, stats.in_flight, stats.dead), (0, 0, 1));
+        let dead = q.dead_letters(10).await.unwrap();
+        assert_eq!(dead[0].body, "poison");
+        assert_eq!(dead[0].reason, "always fails");
+    }
+
+    #[tokio::test]
+    async fn concurrent_receivers_never_share_a_delivery() {
+        let (_dir, q) = queue().await;
+        let bodies: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+        q.send(&bodies).await.unwrap();
+        let q = Arc::new(q);
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let q = q.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let batch = q.receive(3, HIDE, Duration::ZERO).await.unwrap();
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    got.extend(batch.into_iter().map(|d| d.body));
+                }
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_by_key(|b| b.parse::<u32>().unwrap());
+        assert_eq!(all, bodies);
+    }
+
+    #[tokio::test]
+    async fn change_visibility_zero_releases_now() {
+        let (_dir, q) = queue().await;
+        q.send(&["x".into()]).await.unwrap();
+        let d = q.receive(1, HIDE, Duration::ZERO).await.unwrap().remove(0);
+        q.change_visibility(&d.receipt, Duration::ZERO).await.unwrap();
+        let again = q.receive(1, HIDE, Duration::ZERO).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert!(q.change_visibility(&d.receipt, HIDE).await.is_err(), "stale receipt");
+    }
+}

@@ -1,0 +1,201 @@
+//! # characterbot — the one binary, and the only place where adapters are chosen
+//!
+//! `main.rs` parses the command line; this library builds the adapters named by the settings
+//! once, at start-up, and hands them to the API and the workers, which know only the traits.
+//! The integration tests use the same functions, so they run exactly what ships.
+//!
+//! Layout:
+//! - [`Adapters`]  the queue, store, event bus and auth of a backend, built by [`Adapters::open`].
+//! - [`Models`]    the persona and chat models, built by [`Models::from_settings`].
+//! - [`api_state`], [`consumer`]: the API state and a worker's consume loop from those.
+//! - [`run`]       runs `serve`, `api` or one `worker` until the shutdown token is cancelled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ingest_api::AppState;
+use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
+use shared::auth::{IdentityProvider, JwksVerifier, TokenVerifier};
+use shared::config::{Backend, ChatModelChoice, PersonaModelChoice, Settings};
+use shared::domain::RequestKind;
+use shared::events::{EventBus, SqliteEventBus};
+use shared::metrics::Metrics;
+use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
+use shared::models::{ChatModel, PersonaModel};
+use shared::queue::sqlite::SqliteQueue;
+use shared::queue::Queue;
+use shared::sqlite::Db;
+use shared::store::sqlite::SqliteStore;
+use shared::store::Store;
+use tokio_util::sync::CancellationToken;
+use workers::chat::ChatJob;
+use workers::persona::PersonaJob;
+use workers::{Consumer, Job};
+
+/// The ports of one backend.
+#[derive(Clone)]
+pub struct Adapters {
+    pub store: Arc<dyn Store>,
+    pub persona_queue: Arc<dyn Queue>,
+    pub chat_queue: Arc<dyn Queue>,
+    pub events: Arc<dyn EventBus>,
+    pub verifier: Arc<dyn TokenVerifier>,
+    pub identity: Arc<dyn IdentityProvider>,
+    pub jwks: Option<serde_json::Value>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Adapters {
+    /// Builds the adapters of the configured backend.
+    pub async fn open(settings: &Settings) -> anyhow::Result<Adapters> {
+        match settings.backend {
+            Backend::Embedded => Self::embedded(settings).await,
+        }
+    }
+
+    async fn embedded(settings: &Settings) -> anyhow::Result<Adapters> {
+        let db = Db::open(&settings.data_dir).await?;
+        let key_dir = settings.data_dir.join("keys");
+        let dir = key_dir.clone();
+        let key = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&dir)).await??;
+        let auth = &settings.auth;
+        let verifier = JwksVerifier::new(
+            auth.issuer.clone(),
+            auth.client_id.clone(),
+            Duration::from_secs(auth.leeway_secs),
+            Duration::from_secs(auth.jwks_refetch_cooldown_secs),
+            Arc::new(KeyDirJwks { dir: key_dir }),
+        );
+        let jwks = key.jwks().clone();
+        let identity = LocalIssuer::new(db.clone(), Arc::new(key), auth.clone())?;
+        Ok(Adapters {
+            store: Arc::new(SqliteStore::new(db.clone())),
+            persona_queue: Arc::new(SqliteQueue::new(db.clone(), "persona")),
+            chat_queue: Arc::new(SqliteQueue::new(db.clone(), "chat")),
+            events: SqliteEventBus::start(db).await?,
+            verifier: Arc::new(verifier),
+            identity: Arc::new(identity),
+            jwks: Some(jwks),
+            metrics: Metrics::new(),
+        })
+    }
+
+    pub fn queue(&self, kind: RequestKind) -> &Arc<dyn Queue> {
+        match kind {
+            RequestKind::Persona => &self.persona_queue,
+            RequestKind::Chat => &self.chat_queue,
+        }
+    }
+}
+
+/// The two models.
+#[derive(Clone)]
+pub struct Models {
+    pub persona: Arc<dyn PersonaModel>,
+    pub chat: Arc<dyn ChatModel>,
+}
+
+impl Models {
+    pub fn from_settings(settings: &Settings) -> Models {
+        let delay = Duration::from_millis(settings.models.offline_delay_ms);
+        let persona: Arc<dyn PersonaModel> = match settings.models.persona_model {
+            PersonaModelChoice::Offline => Arc::new(OfflinePersonaModel { delay }),
+        };
+        let chat: Arc<dyn ChatModel> = match settings.models.chat_model {
+            ChatModelChoice::Offline => Arc::new(OfflineChatModel { delay }),
+        };
+        tracing::info!(
+            persona_model = persona.model(),
+            chat_model = chat.model(),
+            "models in use (offline = deterministic built-in engine, no provider called)"
+        );
+        Models { persona, chat }
+    }
+}
+
+pub fn api_state(adapters: &Adapters, settings: &Settings, shutdown: CancellationToken) -> AppState {
+    AppState {
+        store: adapters.store.clone(),
+        persona_queue: adapters.persona_queue.clone(),
+        chat_queue: adapters.chat_queue.clone(),
+        events: adapters.events.clone(),
+        verifier: adapters.verifier.clone(),
+        identity: adapters.identity.clone(),
+        jwks: adapters.jwks.clone(),
+        metrics: adapters.metrics.clone(),
+        settings: settings.api.clone(),
+        limiter: AppState::limiter_for(&settings.api),
+        shutdown,
+    }
+}
+
+/// The consume loop of one kind of worker.
+pub fn consumer(kind: RequestKind, adapters: &Adapters, models: &Models, settings: &Settings) -> Arc<Consumer> {
+    let w = &settings.worker;
+    let (job, concurrency): (Arc<dyn Job>, usize) = match kind {
+        RequestKind::Persona => (
+            Arc::new(PersonaJob { store: adapters.store.clone(), model: models.persona.clone() }),
+            w.persona_concurrency,
+        ),
+        RequestKind::Chat => (
+            Arc::new(ChatJob {
+                store: adapters.store.clone(),
+                model: models.chat.clone(),
+                events: adapters.events.clone(),
+                history_messages: w.history_messages,
+                history_chars: w.history_chars,
+            }),
+            w.chat_concurrency,
+        ),
+    };
+    Arc::new(Consumer {
+        job,
+        queue: adapters.queue(kind).clone(),
+        store: adapters.store.clone(),
+        events: adapters.events.clone(),
+        metrics: adapters.metrics.clone(),
+        settings: w.clone(),
+        concurrency,
+    })
+}
+
+/// What one process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// API and both workers.
+    Serve,
+    Api,
+    Worker(RequestKind),
+}
+
+/// Runs `role` until `shutdown` is cancelled, then drains and returns.
+pub async fn run(role: Role, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let adapters = Adapters::open(&settings).await?;
+    let kinds: &[RequestKind] = match role {
+        Role::Serve => &RequestKind::ALL,
+        Role::Api => &[],
+        Role::Worker(RequestKind::Persona) => &[RequestKind::Persona],
+        Role::Worker(RequestKind::Chat) => &[RequestKind::Chat],
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    if !kinds.is_empty() {
+        let models = Models::from_settings(&settings);
+        for &kind in kinds {
+            let c = consumer(kind, &adapters, &models, &settings);
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                c.run(token).await;
+                Ok::<(), anyhow::Error>(())
+            });
+        }
+    }
+    if matches!(role, Role::Serve | Role::Api) {
+        let listener = tokio::net::TcpListener::bind(&settings.api.listen).await?;
+        let state = api_state(&adapters, &settings, shutdown.clone());
+        tasks.spawn(async move { Ok(ingest_api::serve(listener, state).await?) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}

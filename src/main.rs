@@ -1,0 +1,88 @@
+//! The `characterbot` binary: parses the command line, sets up logging and signals, and runs
+//! what was asked. Everything else lives in the library crates.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use shared::config::{LogFormat, Settings};
+use shared::domain::RequestKind;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "characterbot", version, about = "Asynchronous persona-chat backend")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// API and both workers in one process (the quick start).
+    Serve,
+    /// The HTTP API alone.
+    Api,
+    /// One kind of worker alone.
+    Worker {
+        #[arg(value_enum)]
+        kind: WorkerKind,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkerKind {
+    Persona,
+    Chat,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        token.cancel();
+    });
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.settings.log_format);
+    let role = match cli.command {
+        Command::Serve => characterbot::Role::Serve,
+        Command::Api => characterbot::Role::Api,
+        Command::Worker { kind: WorkerKind::Persona } => characterbot::Role::Worker(RequestKind::Persona),
+        Command::Worker { kind: WorkerKind::Chat } => characterbot::Role::Worker(RequestKind::Chat),
+    };
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    characterbot::run(role, cli.settings, shutdown).await
+}

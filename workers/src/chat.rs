@@ -1,0 +1,147 @@
+//! The chat job: answers one user message in character.
+//!
+//! Context is the persona (as system prompt) plus the most recent messages before the one being
+//! answered, cut to a message count and a character budget. The reply is keyed by the user
+//! message it answers: a redelivery finds the stored reply and never calls the model again, so
+//! a conversation gets exactly one reply per message. Text fragments of a streaming model are
+//! pushed to the user's event stream as `message.delta` while the reply is being written.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use shared::domain::{Message, RequestInput, RequestKind, RequestRecord, RequestResult, Role};
+use shared::events::EventBus;
+use shared::models::{ChatModel, ChatRequest};
+use shared::store::Store;
+use shared::{Error, Result};
+
+use crate::consumer::{Job, JobContext, JobOutput};
+
+pub struct ChatJob {
+    pub store: Arc<dyn Store>,
+    pub model: Arc<dyn ChatModel>,
+    pub events: Arc<dyn EventBus>,
+    pub history_messages: usize,
+    pub history_chars: usize,
+}
+
+/// The id of the reply a request writes.
+pub fn reply_id_for(request_id: &str) -> String {
+    format!("msg_{}", request_id.trim_start_matches("req_"))
+}
+
+fn permanent(code: &str, message: &str) -> Error {
+    Error::ModelPermanent {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// Keeps the newest messages whose text fits in `budget` characters.
+pub fn fit_history(mut history: Vec<Message>, budget: usize) -> Vec<Message> {
+    let mut used = 0;
+    let keep_from = history
+        .iter()
+        .rposition(|m| {
+            used += m.text.chars().count();
+            used > budget
+        })
+        .map_or(0, |i| i + 1);
+    history.drain(..keep_from);
+    history
+}
+
+#[async_trait]
+impl Job for ChatJob {
+    fn kind(&self) -> RequestKind {
+        RequestKind::Chat
+    }
+
+    async fn run(&self, request: &RequestRecord, ctx: &JobContext) -> Result<JobOutput> {
+        let RequestInput::Chat {
+            conversation_id,
+            message_id,
+            text,
+        } = &request.input
+        else {
+            return Err(permanent("invalid_request", "chat job got a request of another kind"));
+        };
+        if let Some(reply) = self.store.get_reply(conversation_id, message_id).await? {
+            return Ok(JobOutput::replayed(RequestResult::Message(reply)));
+        }
+        let conversation = self
+            .store
+            .get_conversation(&ctx.user_id, conversation_id)
+            .await?
+            .ok_or_else(|| permanent("conversation_not_found", "the conversation no longer exists"))?;
+        let persona = self
+            .store
+            .get_persona(&ctx.user_id, &conversation.persona_id)
+            .await?
+            .ok_or_else(|| permanent("persona_not_found", "the conversation's persona was deleted"))?;
+        let history = self
+            .store
+            .history_before(conversation_id, message_id, self.history_messages)
+            .await?;
+        let chat = ChatRequest {
+            persona,
+            history: fit_history(history, self.history_chars),
+            user_text: text.clone(),
+        };
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let (events, user_id, request_id) =
+            (self.events.clone(), ctx.user_id.clone(), request.request_id.clone());
+        let forward = tokio::spawn(async move {
+            while let Some(text) = rx.recv().await {
+                let data = serde_json::json!({ "request_id": request_id, "text": text });
+                if let Err(e) = events.publish(&user_id, "message.delta", data).await {
+                    tracing::warn!(error = %e, "could not push a reply fragment");
+                }
+            }
+        });
+        let out = self.model.reply(&chat, Some(tx)).await;
+        // The sender is gone once `reply` returns: wait until every fragment is published, so
+        // deltas reach clients before the final `request.updated`.
+        let _ = forward.await;
+        let out = out?;
+
+        let reply = Message {
+            message_id: reply_id_for(&request.request_id),
+            role: Role::Assistant,
+            text: out.value,
+            model: Some(out.model.clone()),
+            created_at: shared::time::now_rfc3339(),
+        };
+        let stored = self.store.put_reply(conversation_id, message_id, &reply).await?;
+        Ok(JobOutput {
+            result: RequestResult::Message(stored),
+            usage: out.usage,
+            model: out.model,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(text: &str) -> Message {
+        Message {
+            message_id: text.into(),
+            role: Role::User,
+            text: text.into(),
+            model: None,
+            created_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn history_keeps_the_newest_messages_that_fit() {
+        let h = vec![msg("aaaa"), msg("bbbb"), msg("cc")];
+        let kept: Vec<_> = fit_history(h.clone(), 6).into_iter().map(|m| m.text).collect();
+        assert_eq!(kept, ["bbbb", "cc"]);
+        assert_eq!(fit_history(h.clone(), 100).len(), 3);
+        assert!(fit_history(h, 1).is_empty());
+    }
+}

@@ -1,0 +1,387 @@
+//! The consume loop, written once for both kinds of job.
+//!
+//! For each delivery: skip it if its request already finished (a duplicate), mark the request
+//! running, keep the message hidden with a heartbeat while the job runs, retry transient
+//! failures a few times in-process (exponential back-off, full jitter, `Retry-After` honoured),
+//! and then settle the delivery exactly one way:
+//!
+//! | outcome                           | request   | message                               |
+//! |-----------------------------------|-----------|---------------------------------------|
+//! | success                           | succeeded | deleted                               |
+//! | permanent error                   | failed    | deleted                               |
+//! | transient error, attempts left    | queued    | hidden for a growing, jittered delay  |
+//! | transient error, last attempt     | failed    | dead-lettered                         |
+//! | delivered more than `max_receives` times (earlier workers died) | failed | dead-lettered |
+//! | shutdown before the job finished  | queued    | made visible again at once            |
+//!
+//! Every effect a job has is idempotent, so a delivery that is settled twice, or a worker
+//! killed between the effect and the settlement, still leaves exactly one result.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use shared::config::WorkerSettings;
+use shared::domain::{ErrorBody, JobMessage, RequestKind, RequestRecord, RequestResult, Usage};
+use shared::events::EventBus;
+use shared::metrics::{KindLabels, Metrics, TokenLabels};
+use shared::queue::{Delivery, Queue};
+use shared::store::{Store, Transition};
+use shared::{Error, Result};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Most messages taken in one receive (SQS allows 10).
+const RECEIVE_BATCH: usize = 10;
+/// How long one receive call waits for messages (SQS long polling allows 20 s).
+const RECEIVE_WAIT: Duration = Duration::from_secs(20);
+/// Longest in-process pause between two tries; a longer `Retry-After` sends the job back to
+/// the queue instead of holding a worker slot.
+const INPROCESS_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// Who a job runs for and which delivery it is.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub user_id: String,
+    pub attempt: u32,
+}
+
+/// What a finished job leaves on its request.
+#[derive(Debug, Clone)]
+pub struct JobOutput {
+    pub result: RequestResult,
+    pub usage: Usage,
+    pub model: String,
+}
+
+impl JobOutput {
+    /// The output of a job whose effect an earlier delivery already stored: no model was
+    /// called this time, so no tokens were used.
+    pub fn replayed(result: RequestResult) -> Self {
+        let model = match &result {
+            RequestResult::Persona(p) => p.model.clone(),
+            RequestResult::Message(m) => m.model.clone().unwrap_or_default(),
+        };
+        JobOutput {
+            result,
+            usage: Usage::default(),
+            model,
+        }
+    }
+}
+
+#[async_trait]
+pub trait Job: Send + Sync + 'static {
+    fn kind(&self) -> RequestKind;
+    /// Does the work of one request; must be idempotent.
+    async fn run(&self, request: &RequestRecord, ctx: &JobContext) -> Result<JobOutput>;
+}
+
+pub struct Consumer {
+    pub job: Arc<dyn Job>,
+    pub queue: Arc<dyn Queue>,
+    pub store: Arc<dyn Store>,
+    pub events: Arc<dyn EventBus>,
+    pub metrics: Arc<Metrics>,
+    pub settings: WorkerSettings,
+    pub concurrency: usize,
+}
+
+enum Outcome {
+    Done(Result<JobOutput>),
+    Interrupted,
+}
+
+impl Consumer {
+    /// Consumes until `shutdown` is cancelled, then lets in-flight jobs finish for the grace
+    /// period, cancels the rest and hands their messages back.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let kind = self.job.kind();
+        tracing::info!(%kind, concurrency = self.concurrency, "worker started");
+        let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let hard_stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let mut slots = vec![first];
+            while slots.len() < RECEIVE_BATCH {
+                match permits.clone().try_acquire_owned() {
+                    Ok(p) => slots.push(p),
+                    Err(_) => break,
+                }
+            }
+            let vis = self.settings.visibility_timeout();
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.queue.receive(slots.len(), vis, RECEIVE_WAIT) => r,
+            };
+            let deliveries = match received {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(%kind, error = %e, "receive failed; retrying shortly");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            for delivery in deliveries {
+                let Some(permit) = slots.pop() else { break };
+                let this = self.clone();
+                let cancel = hard_stop.child_token();
+                tasks.spawn(async move {
+                    this.handle(delivery, cancel).await;
+                    drop(permit);
+                });
+            }
+        }
+        let grace = Duration::from_secs(self.settings.shutdown_grace_secs);
+        tracing::info!(%kind, in_flight = tasks.len(), ?grace, "worker stopping");
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            hard_stop.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        tracing::info!(%kind, "worker stopped");
+    }
+
+    /// Handles one delivery; never fails (every error is logged and settled).
+    pub async fn handle(&self, delivery: Delivery, cancel: CancellationToken) {
+        let kind = self.job.kind();
+        let started = Instant::now();
+        let msg: JobMessage = match serde_json::from_str(&delivery.body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(%kind, error = %e, "queue message is not a job; dead-lettering it");
+                let reason = crate::Error::BadMessage(e.to_string()).to_string();
+                if let Err(e) = self.queue.dead_letter(&delivery, &reason).await {
+                    tracing::error!(error = %e, "could not dead-letter a malformed message");
+                }
+                self.metrics.job(kind.as_str(), "dead_lettered");
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "job",
+            %kind,
+            request_id = %msg.request_id,
+            attempt = delivery.receive_count
+        );
+        let result = self.process(&delivery, &msg, cancel).instrument(span.clone()).await;
+        if let Err(e) = result {
+            // The settlement itself failed (store or queue unavailable): the message comes
+            // back after its visibility timeout and is handled again.
+            span.in_scope(|| tracing::warn!(error = %e, "could not settle the delivery; it will be redelivered"));
+        }
+        self.metrics
+            .job_duration
+            .get_or_create(&KindLabels {
+                kind: kind.as_str().into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn process(
+        &self,
+        delivery: &Delivery,
+        msg: &JobMessage,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        let kind = self.job.kind().as_str();
+        let max = self.settings.max_receives;
+        if delivery.receive_count > max {
+            // Earlier deliveries never settled: their workers died mid-job.
+            let error = ErrorBody {
+                code: "max_attempts_exceeded".into(),
+                message: format!(
+                    "the job was started {max} times without finishing; giving up"
+                ),
+            };
+            return self.give_up(delivery, msg, error).await;
+        }
+        let Some(record) = self.store.get_request(&msg.user_id, &msg.request_id).await? else {
+            tracing::warn!("request no longer exists; dropping the message");
+            return self.queue.delete(&delivery.receipt).await;
+        };
+        if record.status.is_final() {
+            tracing::info!(status = record.status.as_str(), "request already finished; duplicate delivery dropped");
+            self.metrics.job(kind, "duplicate");
+            return self.queue.delete(&delivery.receipt).await;
+        }
+        let (record, _) = self
+            .store
+            .transition(&record.request_id, Transition::Start { attempt: delivery.receive_count })
+            .await?;
+        self.publish(&msg.user_id, &record).await;
+
+        let heartbeat = self.heartbeat(delivery.receipt.clone());
+        let ctx = JobContext {
+            user_id: msg.user_id.clone(),
+            attempt: delivery.receive_count,
+        };
+        let budget = Duration::from_secs(self.settings.job_timeout_secs.max(1));
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => Outcome::Interrupted,
+            r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => Outcome::Done(
+                r.unwrap_or_else(|_| Err(Error::ModelTransient {
+                    message: format!("the job did not finish within {}s", budget.as_secs()),
+                    retry_after: None,
+                }))
+            ),
+        };
+        heartbeat.abort();
+
+        let id = &record.request_id;
+        match outcome {
+            Outcome::Done(Ok(out)) => {
+                self.count_tokens(&out);
+                let (record, _) = self
+                    .store
+                    .transition(id, Transition::Succeed { result: out.result, usage: out.usage, model: out.model })
+                    .await?;
+                self.publish(&msg.user_id, &record).await;
+                self.queue.delete(&delivery.receipt).await?;
+                self.metrics.job(kind, "succeeded");
+                tracing::info!("request succeeded");
+            }
+            Outcome::Done(Err(e)) if e.is_transient() && delivery.receive_count < max => {
+                let delay = self.queue_backoff(delivery.receive_count, &e);
+                let error = ErrorBody { code: e.code(), message: e.to_string() };
+                let (record, _) = self.store.transition(id, Transition::Retry { error }).await?;
+                self.publish(&msg.user_id, &record).await;
+                self.queue.change_visibility(&delivery.receipt, delay).await?;
+                self.metrics.job(kind, "retried");
+                tracing::warn!(error = %e, retry_in = ?delay, "transient failure; the job goes back to the queue");
+            }
+            Outcome::Done(Err(e)) if e.is_transient() => {
+                let error = ErrorBody {
+                    code: e.code(),
+                    message: format!("gave up after {} attempts: {e}", delivery.receive_count),
+                };
+                self.give_up(delivery, msg, error).await?;
+            }
+            Outcome::Done(Err(e)) => {
+                let error = ErrorBody { code: e.code(), message: e.to_string() };
+                let (record, _) = self.store.transition(id, Transition::Fail { error }).await?;
+                self.publish(&msg.user_id, &record).await;
+                self.queue.delete(&delivery.receipt).await?;
+                self.metrics.job(kind, "failed");
+                tracing::warn!(error = %e, "permanent failure; request failed");
+            }
+            Outcome::Interrupted => {
+                let error = ErrorBody {
+                    code: "interrupted".into(),
+                    message: "the worker stopped before the job finished; it will run again".into(),
+                };
+                let (record, _) = self.store.transition(id, Transition::Retry { error }).await?;
+                self.publish(&msg.user_id, &record).await;
+                self.queue.change_visibility(&delivery.receipt, Duration::ZERO).await?;
+                self.metrics.job(kind, "released");
+                tracing::info!("shutting down; message handed back to the queue");
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails the request for good and moves its message to the dead-letter queue.
+    async fn give_up(&self, delivery: &Delivery, msg: &JobMessage, error: ErrorBody) -> Result<()> {
+        tracing::error!(code = %error.code, reason = %error.message, "dead-lettering the job");
+        let reason = error.message.clone();
+        match self.store.transition(&msg.request_id, Transition::Fail { error }).await {
+            Ok((record, _)) => self.publish(&msg.user_id, &record).await,
+            Err(Error::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        self.queue.dead_letter(delivery, &reason).await?;
+        self.metrics.job(self.job.kind().as_str(), "dead_lettered");
+        Ok(())
+    }
+
+    async fn run_with_retries(&self, record: &RequestRecord, ctx: &JobContext) -> Result<JobOutput> {
+        let attempt = || self.job.run(record, ctx);
+        attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(INPROCESS_MAX_DELAY)
+                    .with_max_times(self.settings.inprocess_retries),
+            )
+            .when(Error::is_transient)
+            .adjust(|e, delay| {
+                // Full jitter (backon's own jitter only adds to the delay), and a provider's
+                // Retry-After is a floor; if it is longer than we hold a slot for, stop and
+                // let the queue wait instead.
+                let jittered = delay?.mul_f64(rand::random::<f64>());
+                let retry_after: Option<Duration> = match e {
+                    Error::ModelTransient { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                match retry_after {
+                    Some(after) if after > INPROCESS_MAX_DELAY => None,
+                    Some(after) => Some(jittered.max(after)),
+                    None => Some(jittered),
+                }
+            })
+            .notify(|e, delay| tracing::warn!(error = %e, retry_in = ?delay, "transient failure; retrying in-process"))
+            .await
+    }
+
+    /// How long a failed job waits in the queue before its next delivery: exponential in the
+    /// delivery count, capped, with full jitter, and never shorter than a `Retry-After`.
+    fn queue_backoff(&self, receive_count: u32, error: &Error) -> Duration {
+        let base = self.settings.retry_base_ms as f64;
+        let cap = (base * 2f64.powi(receive_count.saturating_sub(1).min(30) as i32))
+            .min(self.settings.retry_max_ms as f64);
+        let delay = Duration::from_millis((cap * rand::random::<f64>()) as u64);
+        match error {
+            Error::ModelTransient { retry_after: Some(after), .. } => delay.max(*after),
+            _ => delay,
+        }
+    }
+
+    /// Keeps the message hidden while the job runs, so a long job is not handed to a second
+    /// worker; stops when the returned task is aborted.
+    fn heartbeat(&self, receipt: String) -> tokio::task::JoinHandle<()> {
+        let queue = self.queue.clone();
+        let vis = self.settings.visibility_timeout();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(vis / 3).await;
+                if let Err(e) = queue.change_visibility(&receipt, vis).await {
+                    tracing::warn!(error = %e, "visibility heartbeat failed");
+                }
+            }
+        })
+    }
+
+    async fn publish(&self, user_id: &str, record: &RequestRecord) {
+        let data = match serde_json::to_value(record) {
+            Ok(v) => v,
+            Err(e) => return tracing::error!(error = %e, "request is not serializable"),
+        };
+        if let Err(e) = self.events.publish(user_id, "request.updated", data).await {
+            tracing::warn!(error = %e, "could not push a request update");
+        }
+    }
+
+    fn count_tokens(&self, out: &JobOutput) {
+        let kind = self.job.kind().as_str();
+        for (direction, n) in [("input", out.usage.input_tokens), ("output", out.usage.output_tokens)] {
+            self.metrics
+                .model_tokens
+                .get_or_create(&TokenLabels {
+                    kind: kind.into(),
+                    model: out.model.clone(),
+                    direction: direction.into(),
+                })
+                .inc_by(n);
+        }
+    }
+}
