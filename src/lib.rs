@@ -113,7 +113,11 @@ impl Models {
     }
 }
 
-pub fn api_state(adapters: &Adapters, settings: &Settings, shutdown: CancellationToken) -> AppState {
+pub fn api_state(
+    adapters: &Adapters,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> AppState {
     AppState {
         store: adapters.store.clone(),
         persona_queue: adapters.persona_queue.clone(),
@@ -130,11 +134,19 @@ pub fn api_state(adapters: &Adapters, settings: &Settings, shutdown: Cancellatio
 }
 
 /// The consume loop of one kind of worker.
-pub fn consumer(kind: RequestKind, adapters: &Adapters, models: &Models, settings: &Settings) -> Arc<Consumer> {
+pub fn consumer(
+    kind: RequestKind,
+    adapters: &Adapters,
+    models: &Models,
+    settings: &Settings,
+) -> Arc<Consumer> {
     let w = &settings.worker;
     let (job, concurrency): (Arc<dyn Job>, usize) = match kind {
         RequestKind::Persona => (
-            Arc::new(PersonaJob { store: adapters.store.clone(), model: models.persona.clone() }),
+            Arc::new(PersonaJob {
+                store: adapters.store.clone(),
+                model: models.persona.clone(),
+            }),
             w.persona_concurrency,
         ),
         RequestKind::Chat => (
@@ -169,7 +181,11 @@ pub enum Role {
 }
 
 /// Runs `role` until `shutdown` is cancelled, then drains and returns.
-pub async fn run(role: Role, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    role: Role,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let adapters = Adapters::open(&settings).await?;
     let kinds: &[RequestKind] = match role {
         Role::Serve => &RequestKind::ALL,

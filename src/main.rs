@@ -8,7 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "characterbot", version, about = "Asynchronous persona-chat backend")]
+#[command(
+    name = "characterbot",
+    version,
+    about = "Asynchronous persona-chat backend"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,7 +45,11 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -51,15 +59,16 @@ fn cancel_on_signal(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -79,8 +88,12 @@ async fn main() -> anyhow::Result<()> {
     let role = match cli.command {
         Command::Serve => characterbot::Role::Serve,
         Command::Api => characterbot::Role::Api,
-        Command::Worker { kind: WorkerKind::Persona } => characterbot::Role::Worker(RequestKind::Persona),
-        Command::Worker { kind: WorkerKind::Chat } => characterbot::Role::Worker(RequestKind::Chat),
+        Command::Worker {
+            kind: WorkerKind::Persona,
+        } => characterbot::Role::Worker(RequestKind::Persona),
+        Command::Worker {
+            kind: WorkerKind::Chat,
+        } => characterbot::Role::Worker(RequestKind::Chat),
     };
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());

@@ -117,12 +117,11 @@ impl From<shared::Error> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         match r {
-            JsonRejection::JsonSyntaxError(e) => {
-                ApiError::bad_request("malformed_json", format!("request body is not valid JSON: {}", e.body_text()))
-            }
-            JsonRejection::JsonDataError(e) => {
-                ApiError::bad_request("invalid_body", e.body_text())
-            }
+            JsonRejection::JsonSyntaxError(e) => ApiError::bad_request(
+                "malformed_json",
+                format!("request body is not valid JSON: {}", e.body_text()),
+            ),
+            JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_body", e.body_text()),
             JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
                 "send the body as JSON with `Content-Type: application/json`".into(),
             ),

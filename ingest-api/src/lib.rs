@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
-use axum::middleware::{from_fn_with_state};
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -72,8 +72,11 @@ impl AppState {
     pub fn limiter_for(settings: &ApiSettings) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
         let per_minute = NonZeroU32::new(settings.rate_limit_per_minute)?;
         // Bursts up to a tenth of the minute's allowance (at least 10) are allowed.
-        let burst = NonZeroU32::new((settings.rate_limit_per_minute / 10).max(10)).unwrap_or(per_minute);
-        Some(Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst))))
+        let burst =
+            NonZeroU32::new((settings.rate_limit_per_minute / 10).max(10)).unwrap_or(per_minute);
+        Some(Arc::new(RateLimiter::keyed(
+            Quota::per_minute(per_minute).allow_burst(burst),
+        )))
     }
 }
 
@@ -82,9 +85,15 @@ pub fn router(state: AppState) -> Router {
     let authenticated = Router::new()
         .route("/v1/personas", post(personas::create).get(personas::list))
         .route("/v1/personas/batch", post(personas::create_batch))
-        .route("/v1/personas/{id}", get(personas::get).delete(personas::delete))
+        .route(
+            "/v1/personas/{id}",
+            get(personas::get).delete(personas::delete),
+        )
         .route("/v1/batches/{id}", get(personas::get_batch))
-        .route("/v1/conversations", post(conversations::create).get(conversations::list))
+        .route(
+            "/v1/conversations",
+            post(conversations::create).get(conversations::list),
+        )
         .route("/v1/conversations/{id}", get(conversations::get))
         .route(
             "/v1/conversations/{id}/messages",

@@ -31,7 +31,9 @@ fn bearer(req: &Request) -> Option<String> {
     if let Some(value) = req.headers().get(header::AUTHORIZATION) {
         let value = value.to_str().ok()?;
         let (scheme, token) = value.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
     }
     if req.uri().path() == "/v1/events" {
         let query = req.uri().query()?;
@@ -115,14 +117,23 @@ pub async fn idempotency(
 
     match state
         .store
-        .idempotency_begin(&user.user_id, &key, &fingerprint, IDEMPOTENCY_LOCK_MS, ttl_ms)
+        .idempotency_begin(
+            &user.user_id,
+            &key,
+            &fingerprint,
+            IDEMPOTENCY_LOCK_MS,
+            ttl_ms,
+        )
         .await?
     {
         IdempotencyBegin::Replay { status, body } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
             let mut response = (status, body).into_response();
             let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
             Ok(response)
         }
@@ -135,7 +146,9 @@ pub async fn idempotency(
             message: "this Idempotency-Key was used for a different request".into(),
         }),
         IdempotencyBegin::Started => {
-            let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+            let response = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
             let status = response.status();
             if status.is_server_error() {
                 state.store.idempotency_release(&user.user_id, &key).await?;

@@ -24,13 +24,30 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// Where the embedded backend keeps its database and signing keys.
-    #[arg(long, env = "CHARACTERBOT_DATA_DIR", default_value = "./data", global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_DATA_DIR",
+        default_value = "./data",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// Which backend the queue, store and auth use.
-    #[arg(long, env = "CHARACTERBOT_BACKEND", value_enum, default_value = "embedded", global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_BACKEND",
+        value_enum,
+        default_value = "embedded",
+        global = true
+    )]
     pub backend: Backend,
     /// Log line format.
-    #[arg(long, env = "CHARACTERBOT_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     #[command(flatten)]
     pub api: ApiSettings,
@@ -45,67 +62,157 @@ pub struct Settings {
 #[derive(Debug, Clone, Args)]
 pub struct ApiSettings {
     /// Address the HTTP API listens on.
-    #[arg(long, env = "CHARACTERBOT_LISTEN", default_value = "127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
     pub listen: String,
     /// Largest accepted request body, in bytes (larger → 413).
     #[arg(long, env = "CHARACTERBOT_MAX_BODY_BYTES", default_value_t = 64 * 1024, global = true)]
     pub max_body_bytes: usize,
     /// Longest persona prompt, in characters.
-    #[arg(long, env = "CHARACTERBOT_MAX_PROMPT_CHARS", default_value_t = 500, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_PROMPT_CHARS",
+        default_value_t = 500,
+        global = true
+    )]
     pub max_prompt_chars: usize,
     /// Longest chat message, in characters.
-    #[arg(long, env = "CHARACTERBOT_MAX_MESSAGE_CHARS", default_value_t = 4000, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_MESSAGE_CHARS",
+        default_value_t = 4000,
+        global = true
+    )]
     pub max_message_chars: usize,
     /// Most prompts in one batch.
-    #[arg(long, env = "CHARACTERBOT_MAX_BATCH", default_value_t = 100, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_BATCH",
+        default_value_t = 100,
+        global = true
+    )]
     pub max_batch: usize,
     /// Requests per minute one user may make to `/v1` (429 past it); 0 turns the limit off.
-    #[arg(long, env = "CHARACTERBOT_RATE_LIMIT_PER_MINUTE", default_value_t = 600, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_RATE_LIMIT_PER_MINUTE",
+        default_value_t = 600,
+        global = true
+    )]
     pub rate_limit_per_minute: u32,
     /// Longest long-poll wait on `GET /v1/requests/{id}?wait=`, in seconds.
-    #[arg(long, env = "CHARACTERBOT_MAX_WAIT_SECS", default_value_t = 20, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_WAIT_SECS",
+        default_value_t = 20,
+        global = true
+    )]
     pub max_wait_secs: u64,
     /// How long an `Idempotency-Key` answer is kept, in hours.
-    #[arg(long, env = "CHARACTERBOT_IDEMPOTENCY_TTL_HOURS", default_value_t = 24, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_IDEMPOTENCY_TTL_HOURS",
+        default_value_t = 24,
+        global = true
+    )]
     pub idempotency_ttl_hours: u64,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerSettings {
     /// Persona jobs one worker process runs at once.
-    #[arg(long, env = "CHARACTERBOT_PERSONA_CONCURRENCY", default_value_t = 4, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_PERSONA_CONCURRENCY",
+        default_value_t = 4,
+        global = true
+    )]
     pub persona_concurrency: usize,
     /// Chat jobs one worker process runs at once.
-    #[arg(long, env = "CHARACTERBOT_CHAT_CONCURRENCY", default_value_t = 8, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_CHAT_CONCURRENCY",
+        default_value_t = 8,
+        global = true
+    )]
     pub chat_concurrency: usize,
     /// How long a received message stays hidden from other consumers, in seconds. A worker
     /// extends it while a job runs; a dead worker's message reappears after it.
-    #[arg(long, env = "CHARACTERBOT_VISIBILITY_TIMEOUT_SECS", default_value_t = 30, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_VISIBILITY_TIMEOUT_SECS",
+        default_value_t = 30,
+        global = true
+    )]
     pub visibility_timeout_secs: u64,
     /// Deliveries of one message before it is dead-lettered and its request failed.
-    #[arg(long, env = "CHARACTERBOT_MAX_RECEIVES", default_value_t = 5, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_RECEIVES",
+        default_value_t = 5,
+        global = true
+    )]
     pub max_receives: u32,
     /// First back-off before a failed job is retried from the queue, in milliseconds; it
     /// doubles with each delivery, with full jitter.
-    #[arg(long, env = "CHARACTERBOT_RETRY_BASE_MS", default_value_t = 1000, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_RETRY_BASE_MS",
+        default_value_t = 1000,
+        global = true
+    )]
     pub retry_base_ms: u64,
     /// Longest back-off between deliveries, in milliseconds.
-    #[arg(long, env = "CHARACTERBOT_RETRY_MAX_MS", default_value_t = 60_000, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_RETRY_MAX_MS",
+        default_value_t = 60_000,
+        global = true
+    )]
     pub retry_max_ms: u64,
     /// Quick in-process retries of a transient model error before the job goes back to the queue.
-    #[arg(long, env = "CHARACTERBOT_INPROCESS_RETRIES", default_value_t = 2, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_INPROCESS_RETRIES",
+        default_value_t = 2,
+        global = true
+    )]
     pub inprocess_retries: usize,
     /// Longest a single job attempt may run before it counts as a transient failure, in seconds.
-    #[arg(long, env = "CHARACTERBOT_JOB_TIMEOUT_SECS", default_value_t = 120, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_JOB_TIMEOUT_SECS",
+        default_value_t = 120,
+        global = true
+    )]
     pub job_timeout_secs: u64,
     /// Most past messages sent to the chat model as context.
-    #[arg(long, env = "CHARACTERBOT_HISTORY_MESSAGES", default_value_t = 20, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_HISTORY_MESSAGES",
+        default_value_t = 20,
+        global = true
+    )]
     pub history_messages: usize,
     /// Most characters of past messages sent to the chat model as context.
-    #[arg(long, env = "CHARACTERBOT_HISTORY_CHARS", default_value_t = 12_000, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_HISTORY_CHARS",
+        default_value_t = 12_000,
+        global = true
+    )]
     pub history_chars: usize,
     /// On shutdown, how long in-flight jobs may run before they are cancelled and released.
-    #[arg(long, env = "CHARACTERBOT_SHUTDOWN_GRACE_SECS", default_value_t = 20, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_SHUTDOWN_GRACE_SECS",
+        default_value_t = 20,
+        global = true
+    )]
     pub shutdown_grace_secs: u64,
 }
 
@@ -118,22 +225,52 @@ impl WorkerSettings {
 #[derive(Debug, Clone, Args)]
 pub struct AuthSettings {
     /// `iss` of the tokens the local issuer signs and the verifier accepts.
-    #[arg(long, env = "CHARACTERBOT_AUTH_ISSUER", default_value = "characterbot-local", global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AUTH_ISSUER",
+        default_value = "characterbot-local",
+        global = true
+    )]
     pub issuer: String,
     /// App client id put in `client_id` (access tokens) and `aud` (ID tokens), and required.
-    #[arg(long, env = "CHARACTERBOT_AUTH_CLIENT_ID", default_value = "characterbot-app", global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AUTH_CLIENT_ID",
+        default_value = "characterbot-app",
+        global = true
+    )]
     pub client_id: String,
     /// Lifetime of access and ID tokens, in seconds.
-    #[arg(long, env = "CHARACTERBOT_ACCESS_TOKEN_TTL_SECS", default_value_t = 3600, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_ACCESS_TOKEN_TTL_SECS",
+        default_value_t = 3600,
+        global = true
+    )]
     pub access_token_ttl_secs: u64,
     /// Lifetime of refresh tokens, in days.
-    #[arg(long, env = "CHARACTERBOT_REFRESH_TOKEN_TTL_DAYS", default_value_t = 30, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_REFRESH_TOKEN_TTL_DAYS",
+        default_value_t = 30,
+        global = true
+    )]
     pub refresh_token_ttl_days: u64,
     /// Clock skew tolerated on `exp`, in seconds.
-    #[arg(long, env = "CHARACTERBOT_AUTH_LEEWAY_SECS", default_value_t = 30, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AUTH_LEEWAY_SECS",
+        default_value_t = 30,
+        global = true
+    )]
     pub leeway_secs: u64,
     /// Shortest pause between two JWKS fetches caused by unknown key ids, in seconds.
-    #[arg(long, env = "CHARACTERBOT_JWKS_REFETCH_COOLDOWN_SECS", default_value_t = 30, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_JWKS_REFETCH_COOLDOWN_SECS",
+        default_value_t = 30,
+        global = true
+    )]
     pub jwks_refetch_cooldown_secs: u64,
 }
 
@@ -152,13 +289,30 @@ pub enum ChatModelChoice {
 #[derive(Debug, Clone, Args)]
 pub struct ModelSettings {
     /// Engine that turns prompts into personas.
-    #[arg(long, env = "CHARACTERBOT_PERSONA_MODEL", value_enum, default_value = "offline", global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_PERSONA_MODEL",
+        value_enum,
+        default_value = "offline",
+        global = true
+    )]
     pub persona_model: PersonaModelChoice,
     /// Engine that answers chat messages.
-    #[arg(long, env = "CHARACTERBOT_CHAT_MODEL", value_enum, default_value = "offline", global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_CHAT_MODEL",
+        value_enum,
+        default_value = "offline",
+        global = true
+    )]
     pub chat_model: ChatModelChoice,
     /// Artificial latency of the offline engine, in milliseconds (to try timeouts, kills and
     /// streaming by hand; 0 in normal use).
-    #[arg(long, env = "CHARACTERBOT_OFFLINE_DELAY_MS", default_value_t = 0, global = true)]
+    #[arg(
+        long,
+        env = "CHARACTERBOT_OFFLINE_DELAY_MS",
+        default_value_t = 0,
+        global = true
+    )]
     pub offline_delay_ms: u64,
 }

@@ -49,7 +49,11 @@ impl PersonaDraft {
             ("name", &self.name, 120),
             ("description", &self.description, PERSONA_FIELD_MAX_CHARS),
             ("personality", &self.personality, PERSONA_FIELD_MAX_CHARS),
-            ("speaking_style", &self.speaking_style, PERSONA_FIELD_MAX_CHARS),
+            (
+                "speaking_style",
+                &self.speaking_style,
+                PERSONA_FIELD_MAX_CHARS,
+            ),
             ("greeting", &self.greeting, PERSONA_FIELD_MAX_CHARS),
         ];
         for (field, value, max) in fields {
@@ -58,7 +62,9 @@ impl PersonaDraft {
                 return Err(format!("persona field `{field}` is empty"));
             }
             if len > max {
-                return Err(format!("persona field `{field}` is longer than {max} characters"));
+                return Err(format!(
+                    "persona field `{field}` is longer than {max} characters"
+                ));
             }
         }
         Ok(())

@@ -64,7 +64,13 @@ impl SqliteEventBus {
         });
         let mut last = bus
             .db
-            .call(|c| Ok(c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, i64>(0))?))
+            .call(|c| {
+                Ok(
+                    c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+                        r.get::<_, i64>(0)
+                    })?,
+                )
+            })
             .await? as u64;
         let weak = Arc::downgrade(&bus);
         tokio::spawn(async move {
@@ -97,7 +103,13 @@ impl SqliteEventBus {
 
     async fn max_seq(&self) -> Result<u64> {
         self.db
-            .call(|c| Ok(c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, i64>(0))? as u64))
+            .call(|c| {
+                Ok(
+                    c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+                        r.get::<_, i64>(0)
+                    })? as u64,
+                )
+            })
             .await
     }
 
@@ -134,7 +146,10 @@ impl SqliteEventBus {
     async fn prune(&self) -> Result<()> {
         self.db
             .write(|tx| {
-                tx.execute("DELETE FROM events WHERE created_ms < ?1", [now_ms() - RETENTION_MS])?;
+                tx.execute(
+                    "DELETE FROM events WHERE created_ms < ?1",
+                    [now_ms() - RETENTION_MS],
+                )?;
                 Ok(())
             })
             .await
@@ -205,17 +220,33 @@ mod tests {
         let bus = SqliteEventBus::start(db.clone()).await.unwrap();
         let mut mine = bus.subscribe("alice", None).await.unwrap();
         bus.publish("bob", "x", serde_json::json!(1)).await.unwrap();
-        bus.publish("alice", "x", serde_json::json!(2)).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), mine.next()).await.unwrap().unwrap();
+        bus.publish("alice", "x", serde_json::json!(2))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), mine.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.data, serde_json::json!(2));
 
         // A second process (another bus on the same file) sees it too, and replays by id.
         let other = SqliteEventBus::start(db).await.unwrap();
         let mut replay = other.subscribe("alice", Some(0)).await.unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(5), replay.next()).await.unwrap().unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), replay.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(first.id, got.id);
-        bus.publish("alice", "y", serde_json::json!(3)).await.unwrap();
-        let next = tokio::time::timeout(Duration::from_secs(5), replay.next()).await.unwrap().unwrap();
-        assert_eq!((next.name.as_str(), next.data.clone()), ("y", serde_json::json!(3)));
+        bus.publish("alice", "y", serde_json::json!(3))
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), replay.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (next.name.as_str(), next.data.clone()),
+            ("y", serde_json::json!(3))
+        );
     }
 }

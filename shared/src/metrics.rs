@@ -68,7 +68,11 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.001, 2.0, 18))
         });
         let model_tokens = Family::<TokenLabels, Counter>::default();
-        registry.register("http_requests", "HTTP requests answered", http_requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests answered",
+            http_requests.clone(),
+        );
         registry.register(
             "http_request_duration_seconds",
             "HTTP request latency by route group",
@@ -82,7 +86,11 @@ impl Metrics {
         );
         registry.register("model_tokens", "Model tokens used", model_tokens.clone());
         let queue_messages = Family::<QueueLabels, Gauge>::default();
-        registry.register("queue_messages", "Messages per queue and state", queue_messages.clone());
+        registry.register(
+            "queue_messages",
+            "Messages per queue and state",
+            queue_messages.clone(),
+        );
         Arc::new(Metrics {
             registry,
             http_requests,

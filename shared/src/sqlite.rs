@@ -160,8 +160,7 @@ impl Db {
         R: Send + 'static,
     {
         self.call(move |c| {
-            let tx =
-                rusqlite::Transaction::new(c, rusqlite::TransactionBehavior::Immediate)?;
+            let tx = rusqlite::Transaction::new(c, rusqlite::TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
             tx.commit()?;
             Ok(out)

@@ -36,6 +36,9 @@ pub fn now_rfc3339() -> String {
 mod tests {
     #[test]
     fn formats_milliseconds_in_utc() {
-        assert_eq!(super::rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(
+            super::rfc3339(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
     }
 }

@@ -64,7 +64,10 @@ impl Job for ChatJob {
             text,
         } = &request.input
         else {
-            return Err(permanent("invalid_request", "chat job got a request of another kind"));
+            return Err(permanent(
+                "invalid_request",
+                "chat job got a request of another kind",
+            ));
         };
         if let Some(reply) = self.store.get_reply(conversation_id, message_id).await? {
             return Ok(JobOutput::replayed(RequestResult::Message(reply)));
@@ -73,12 +76,22 @@ impl Job for ChatJob {
             .store
             .get_conversation(&ctx.user_id, conversation_id)
             .await?
-            .ok_or_else(|| permanent("conversation_not_found", "the conversation no longer exists"))?;
+            .ok_or_else(|| {
+                permanent(
+                    "conversation_not_found",
+                    "the conversation no longer exists",
+                )
+            })?;
         let persona = self
             .store
             .get_persona(&ctx.user_id, &conversation.persona_id)
             .await?
-            .ok_or_else(|| permanent("persona_not_found", "the conversation's persona was deleted"))?;
+            .ok_or_else(|| {
+                permanent(
+                    "persona_not_found",
+                    "the conversation's persona was deleted",
+                )
+            })?;
         let history = self
             .store
             .history_before(conversation_id, message_id, self.history_messages)
@@ -90,8 +103,11 @@ impl Job for ChatJob {
         };
 
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let (events, user_id, request_id) =
-            (self.events.clone(), ctx.user_id.clone(), request.request_id.clone());
+        let (events, user_id, request_id) = (
+            self.events.clone(),
+            ctx.user_id.clone(),
+            request.request_id.clone(),
+        );
         let forward = tokio::spawn(async move {
             while let Some(text) = rx.recv().await {
                 let data = serde_json::json!({ "request_id": request_id, "text": text });
@@ -113,7 +129,10 @@ impl Job for ChatJob {
             model: Some(out.model.clone()),
             created_at: shared::time::now_rfc3339(),
         };
-        let stored = self.store.put_reply(conversation_id, message_id, &reply).await?;
+        let stored = self
+            .store
+            .put_reply(conversation_id, message_id, &reply)
+            .await?;
         Ok(JobOutput {
             result: RequestResult::Message(stored),
             usage: out.usage,
@@ -139,7 +158,10 @@ mod tests {
     #[test]
     fn history_keeps_the_newest_messages_that_fit() {
         let h = vec![msg("aaaa"), msg("bbbb"), msg("cc")];
-        let kept: Vec<_> = fit_history(h.clone(), 6).into_iter().map(|m| m.text).collect();
+        let kept: Vec<_> = fit_history(h.clone(), 6)
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
         assert_eq!(kept, ["bbbb", "cc"]);
         assert_eq!(fit_history(h.clone(), 100).len(), 3);
         assert!(fit_history(h, 1).is_empty());

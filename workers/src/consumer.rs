@@ -32,6 +32,7 @@ use shared::{Error, Result};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 /// Most messages taken in one receive (SQS allows 10).
@@ -90,10 +91,8 @@ pub struct Consumer {
     pub concurrency: usize,
 }
 
-enum Outcome {
-    Done(Result<JobOutput>),
-    Interrupted,
-}
+/// How an attempt ended: `None` when shutdown interrupted it.
+type Outcome = Option<Result<JobOutput>>;
 
 impl Consumer {
     /// Consumes until `shutdown` is cancelled, then lets in-flight jobs finish for the grace
@@ -174,7 +173,10 @@ impl Consumer {
             request_id = %msg.request_id,
             attempt = delivery.receive_count
         );
-        let result = self.process(&delivery, &msg, cancel).instrument(span.clone()).await;
+        let result = self
+            .process(&delivery, &msg, cancel)
+            .instrument(span.clone())
+            .await;
         if let Err(e) = result {
             // The settlement itself failed (store or queue unavailable): the message comes
             // back after its visibility timeout and is handled again.
@@ -200,24 +202,34 @@ impl Consumer {
             // Earlier deliveries never settled: their workers died mid-job.
             let error = ErrorBody {
                 code: "max_attempts_exceeded".into(),
-                message: format!(
-                    "the job was started {max} times without finishing; giving up"
-                ),
+                message: format!("the job was started {max} times without finishing; giving up"),
             };
             return self.give_up(delivery, msg, error).await;
         }
-        let Some(record) = self.store.get_request(&msg.user_id, &msg.request_id).await? else {
+        let Some(record) = self
+            .store
+            .get_request(&msg.user_id, &msg.request_id)
+            .await?
+        else {
             tracing::warn!("request no longer exists; dropping the message");
             return self.queue.delete(&delivery.receipt).await;
         };
         if record.status.is_final() {
-            tracing::info!(status = record.status.as_str(), "request already finished; duplicate delivery dropped");
+            tracing::info!(
+                status = record.status.as_str(),
+                "request already finished; duplicate delivery dropped"
+            );
             self.metrics.job(kind, "duplicate");
             return self.queue.delete(&delivery.receipt).await;
         }
         let (record, _) = self
             .store
-            .transition(&record.request_id, Transition::Start { attempt: delivery.receive_count })
+            .transition(
+                &record.request_id,
+                Transition::Start {
+                    attempt: delivery.receive_count,
+                },
+            )
             .await?;
         self.publish(&msg.user_id, &record).await;
 
@@ -227,62 +239,88 @@ impl Consumer {
             attempt: delivery.receive_count,
         };
         let budget = Duration::from_secs(self.settings.job_timeout_secs.max(1));
-        let outcome = tokio::select! {
-            _ = cancel.cancelled() => Outcome::Interrupted,
-            r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => Outcome::Done(
+        let outcome: Outcome = tokio::select! {
+            _ = cancel.cancelled() => None,
+            r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => Some(
                 r.unwrap_or_else(|_| Err(Error::ModelTransient {
                     message: format!("the job did not finish within {}s", budget.as_secs()),
                     retry_after: None,
                 }))
             ),
         };
-        heartbeat.abort();
+        drop(heartbeat);
 
         let id = &record.request_id;
         match outcome {
-            Outcome::Done(Ok(out)) => {
+            Some(Ok(out)) => {
                 self.count_tokens(&out);
                 let (record, _) = self
                     .store
-                    .transition(id, Transition::Succeed { result: out.result, usage: out.usage, model: out.model })
+                    .transition(
+                        id,
+                        Transition::Succeed {
+                            result: Box::new(out.result),
+                            usage: out.usage,
+                            model: out.model,
+                        },
+                    )
                     .await?;
                 self.publish(&msg.user_id, &record).await;
                 self.queue.delete(&delivery.receipt).await?;
                 self.metrics.job(kind, "succeeded");
                 tracing::info!("request succeeded");
             }
-            Outcome::Done(Err(e)) if e.is_transient() && delivery.receive_count < max => {
+            Some(Err(e)) if e.is_transient() && delivery.receive_count < max => {
                 let delay = self.queue_backoff(delivery.receive_count, &e);
-                let error = ErrorBody { code: e.code(), message: e.to_string() };
-                let (record, _) = self.store.transition(id, Transition::Retry { error }).await?;
+                let error = ErrorBody {
+                    code: e.code(),
+                    message: e.to_string(),
+                };
+                let (record, _) = self
+                    .store
+                    .transition(id, Transition::Retry { error })
+                    .await?;
                 self.publish(&msg.user_id, &record).await;
-                self.queue.change_visibility(&delivery.receipt, delay).await?;
+                self.queue
+                    .change_visibility(&delivery.receipt, delay)
+                    .await?;
                 self.metrics.job(kind, "retried");
                 tracing::warn!(error = %e, retry_in = ?delay, "transient failure; the job goes back to the queue");
             }
-            Outcome::Done(Err(e)) if e.is_transient() => {
+            Some(Err(e)) if e.is_transient() => {
                 let error = ErrorBody {
                     code: e.code(),
                     message: format!("gave up after {} attempts: {e}", delivery.receive_count),
                 };
                 self.give_up(delivery, msg, error).await?;
             }
-            Outcome::Done(Err(e)) => {
-                let error = ErrorBody { code: e.code(), message: e.to_string() };
-                let (record, _) = self.store.transition(id, Transition::Fail { error }).await?;
+            Some(Err(e)) => {
+                let error = ErrorBody {
+                    code: e.code(),
+                    message: e.to_string(),
+                };
+                let (record, _) = self
+                    .store
+                    .transition(id, Transition::Fail { error })
+                    .await?;
                 self.publish(&msg.user_id, &record).await;
                 self.queue.delete(&delivery.receipt).await?;
                 self.metrics.job(kind, "failed");
                 tracing::warn!(error = %e, "permanent failure; request failed");
             }
-            Outcome::Interrupted => {
+            None => {
                 let error = ErrorBody {
                     code: "interrupted".into(),
                     message: "the worker stopped before the job finished; it will run again".into(),
                 };
-                let (record, _) = self.store.transition(id, Transition::Retry { error }).await?;
+                let (record, _) = self
+                    .store
+                    .transition(id, Transition::Retry { error })
+                    .await?;
                 self.publish(&msg.user_id, &record).await;
-                self.queue.change_visibility(&delivery.receipt, Duration::ZERO).await?;
+                self.queue
+                    .change_visibility(&delivery.receipt, Duration::ZERO)
+                    .await?;
                 self.metrics.job(kind, "released");
                 tracing::info!("shutting down; message handed back to the queue");
             }
@@ -294,7 +332,11 @@ impl Consumer {
     async fn give_up(&self, delivery: &Delivery, msg: &JobMessage, error: ErrorBody) -> Result<()> {
         tracing::error!(code = %error.code, reason = %error.message, "dead-lettering the job");
         let reason = error.message.clone();
-        match self.store.transition(&msg.request_id, Transition::Fail { error }).await {
+        match self
+            .store
+            .transition(&msg.request_id, Transition::Fail { error })
+            .await
+        {
             Ok((record, _)) => self.publish(&msg.user_id, &record).await,
             Err(Error::NotFound) => {}
             Err(e) => return Err(e),
@@ -304,7 +346,11 @@ impl Consumer {
         Ok(())
     }
 
-    async fn run_with_retries(&self, record: &RequestRecord, ctx: &JobContext) -> Result<JobOutput> {
+    async fn run_with_retries(
+        &self,
+        record: &RequestRecord,
+        ctx: &JobContext,
+    ) -> Result<JobOutput> {
         let attempt = || self.job.run(record, ctx);
         attempt
             .retry(
@@ -341,24 +387,28 @@ impl Consumer {
             .min(self.settings.retry_max_ms as f64);
         let delay = Duration::from_millis((cap * rand::random::<f64>()) as u64);
         match error {
-            Error::ModelTransient { retry_after: Some(after), .. } => delay.max(*after),
+            Error::ModelTransient {
+                retry_after: Some(after),
+                ..
+            } => delay.max(*after),
             _ => delay,
         }
     }
 
     /// Keeps the message hidden while the job runs, so a long job is not handed to a second
-    /// worker; stops when the returned task is aborted.
-    fn heartbeat(&self, receipt: String) -> tokio::task::JoinHandle<()> {
+    /// worker. Stops when the returned handle is dropped, so a job future that is itself
+    /// dropped (a killed worker task) leaves no heartbeat behind to hide its message forever.
+    fn heartbeat(&self, receipt: String) -> AbortOnDropHandle<()> {
         let queue = self.queue.clone();
         let vis = self.settings.visibility_timeout();
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(vis / 3).await;
                 if let Err(e) = queue.change_visibility(&receipt, vis).await {
                     tracing::warn!(error = %e, "visibility heartbeat failed");
                 }
             }
-        })
+        }))
     }
 
     async fn publish(&self, user_id: &str, record: &RequestRecord) {
@@ -373,7 +423,10 @@ impl Consumer {
 
     fn count_tokens(&self, out: &JobOutput) {
         let kind = self.job.kind().as_str();
-        for (direction, n) in [("input", out.usage.input_tokens), ("output", out.usage.output_tokens)] {
+        for (direction, n) in [
+            ("input", out.usage.input_tokens),
+            ("output", out.usage.output_tokens),
+        ] {
             self.metrics
                 .model_tokens
                 .get_or_create(&TokenLabels {

@@ -41,11 +41,18 @@ impl Job for PersonaJob {
             return Ok(JobOutput::replayed(RequestResult::Persona(existing)));
         }
         let out = self.model.create_persona(prompt).await?;
-        out.value.validate().map_err(|reason| Error::ModelPermanent {
-            code: "invalid_model_output".into(),
-            message: reason,
-        })?;
-        let persona = Persona::from_draft(persona_id.clone(), out.value, out.model.clone(), prompt.clone());
+        out.value
+            .validate()
+            .map_err(|reason| Error::ModelPermanent {
+                code: "invalid_model_output".into(),
+                message: reason,
+            })?;
+        let persona = Persona::from_draft(
+            persona_id.clone(),
+            out.value,
+            out.model.clone(),
+            prompt.clone(),
+        );
         self.store.put_persona(&ctx.user_id, &persona).await?;
         // Read back: if a twin delivery stored first, its persona is the one that stands.
         let stored = self

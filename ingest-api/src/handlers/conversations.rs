@@ -51,7 +51,10 @@ pub async fn create(
         persona_name: persona.name,
         created_at: shared::time::now_rfc3339(),
     };
-    state.store.create_conversation(caller.id(), &conversation).await?;
+    state
+        .store
+        .create_conversation(caller.id(), &conversation)
+        .await?;
     Ok((StatusCode::CREATED, AppJson(conversation)))
 }
 
@@ -66,7 +69,10 @@ pub async fn list(
         .store
         .list_conversations(caller.id(), q.limit()?, q.next_token.as_deref())
         .await?;
-    Ok(AppJson(ListResponse { items: page.items, next_token: page.next_token }))
+    Ok(AppJson(ListResponse {
+        items: page.items,
+        next_token: page.next_token,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/conversations/{id}", tag = "conversations", params(("id" = String, Path)),
@@ -94,8 +100,19 @@ pub async fn post_message(
     AppPath(id): AppPath<String>,
     AppJson(body): AppJson<PostMessage>,
 ) -> Result<(StatusCode, AppJson<MessageAccepted>), ApiError> {
-    let text = check_text(&body.text, "text", state.settings.max_message_chars, "empty_message", "message_too_long")?;
-    if state.store.get_conversation(caller.id(), &id).await?.is_none() {
+    let text = check_text(
+        &body.text,
+        "text",
+        state.settings.max_message_chars,
+        "empty_message",
+        "message_too_long",
+    )?;
+    if state
+        .store
+        .get_conversation(caller.id(), &id)
+        .await?
+        .is_none()
+    {
         return Err(ApiError::NotFound("conversation"));
     }
     let message = Message {
@@ -114,8 +131,17 @@ pub async fn post_message(
         },
         None,
     );
-    state.store.add_user_message(caller.id(), &id, &message, &request).await?;
-    enqueue(&state, caller.id(), RequestKind::Chat, std::slice::from_ref(&request)).await?;
+    state
+        .store
+        .add_user_message(caller.id(), &id, &message, &request)
+        .await?;
+    enqueue(
+        &state,
+        caller.id(),
+        RequestKind::Chat,
+        std::slice::from_ref(&request),
+    )
+    .await?;
     Ok((
         StatusCode::ACCEPTED,
         AppJson(MessageAccepted {
@@ -143,5 +169,8 @@ pub async fn list_messages(
             shared::Error::NotFound => ApiError::NotFound("conversation"),
             other => other.into(),
         })?;
-    Ok(AppJson(ListResponse { items: page.items, next_token: page.next_token }))
+    Ok(AppJson(ListResponse {
+        items: page.items,
+        next_token: page.next_token,
+    }))
 }

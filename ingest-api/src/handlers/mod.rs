@@ -30,7 +30,10 @@ impl PageQuery {
         match self.limit {
             None => Ok(20),
             Some(n @ 1..=100) => Ok(n),
-            Some(_) => Err(ApiError::bad_request("invalid_limit", "limit must be 1 to 100")),
+            Some(_) => Err(ApiError::bad_request(
+                "invalid_limit",
+                "limit must be 1 to 100",
+            )),
         }
     }
 }
@@ -59,7 +62,10 @@ pub fn check_text(
 ) -> Result<String, ApiError> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
-        return Err(ApiError::bad_request(empty_code, format!("`{field}` must not be empty")));
+        return Err(ApiError::bad_request(
+            empty_code,
+            format!("`{field}` must not be empty"),
+        ));
     }
     let n = trimmed.chars().count();
     if n > max {
@@ -99,9 +105,15 @@ pub async fn enqueue(
                     code: "enqueue_failed".into(),
                     message: "the request could not be queued; send it again".into(),
                 };
-                let _ = state.store.transition(&r.request_id, Transition::Fail { error }).await;
+                let _ = state
+                    .store
+                    .transition(&r.request_id, Transition::Fail { error })
+                    .await;
             }
-            return Err(ApiError::Unavailable(format!("enqueue on {}: {e}", queue.name())));
+            return Err(ApiError::Unavailable(format!(
+                "enqueue on {}: {e}",
+                queue.name()
+            )));
         }
     }
     for r in requests {

@@ -32,17 +32,27 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for kind in RequestKind::ALL {
         let queue = state.queue(kind);
         if let Ok(stats) = queue.stats().await {
-            for (s, n) in [("visible", stats.visible), ("in_flight", stats.in_flight), ("dead", stats.dead)] {
+            for (s, n) in [
+                ("visible", stats.visible),
+                ("in_flight", stats.in_flight),
+                ("dead", stats.dead),
+            ] {
                 state
                     .metrics
                     .queue_messages
-                    .get_or_create(&QueueLabels { queue: queue.name().into(), state: s.into() })
+                    .get_or_create(&QueueLabels {
+                        queue: queue.name().into(),
+                        state: s.into(),
+                    })
                     .set(n as i64);
             }
         }
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }

@@ -3,7 +3,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use shared::domain::{new_id, Batch, Persona, RequestInput, RequestKind, RequestRecord, RequestStatus};
+use shared::domain::{
+    new_id, Batch, Persona, RequestInput, RequestKind, RequestRecord, RequestStatus,
+};
 use utoipa::ToSchema;
 
 use super::{check_text, enqueue, Accepted, ListResponse, PageQuery};
@@ -31,7 +33,13 @@ pub struct BatchAccepted {
 }
 
 fn check_prompt(state: &AppState, prompt: &str) -> Result<String, ApiError> {
-    check_text(prompt, "prompt", state.settings.max_prompt_chars, "empty_prompt", "prompt_too_long")
+    check_text(
+        prompt,
+        "prompt",
+        state.settings.max_prompt_chars,
+        "empty_prompt",
+        "prompt_too_long",
+    )
 }
 
 #[utoipa::path(post, path = "/v1/personas", tag = "personas", request_body = CreatePersona,
@@ -45,8 +53,17 @@ pub async fn create(
 ) -> Result<(StatusCode, AppJson<Accepted>), ApiError> {
     let prompt = check_prompt(&state, &body.prompt)?;
     let request = RequestRecord::new(RequestKind::Persona, RequestInput::Persona { prompt }, None);
-    state.store.create_requests(caller.id(), std::slice::from_ref(&request), None).await?;
-    enqueue(&state, caller.id(), RequestKind::Persona, std::slice::from_ref(&request)).await?;
+    state
+        .store
+        .create_requests(caller.id(), std::slice::from_ref(&request), None)
+        .await?;
+    enqueue(
+        &state,
+        caller.id(),
+        RequestKind::Persona,
+        std::slice::from_ref(&request),
+    )
+    .await?;
     Ok((
         StatusCode::ACCEPTED,
         AppJson(Accepted {
@@ -66,12 +83,18 @@ pub async fn create_batch(
 ) -> Result<(StatusCode, AppJson<BatchAccepted>), ApiError> {
     let max = state.settings.max_batch;
     if body.prompts.is_empty() {
-        return Err(ApiError::bad_request("empty_batch", "`prompts` must hold at least one prompt"));
+        return Err(ApiError::bad_request(
+            "empty_batch",
+            "`prompts` must hold at least one prompt",
+        ));
     }
     if body.prompts.len() > max {
         return Err(ApiError::bad_request(
             "too_many_prompts",
-            format!("a batch holds at most {max} prompts; got {}", body.prompts.len()),
+            format!(
+                "a batch holds at most {max} prompts; got {}",
+                body.prompts.len()
+            ),
         ));
     }
     let prompts = body
@@ -92,7 +115,11 @@ pub async fn create_batch(
     let requests: Vec<RequestRecord> = prompts
         .into_iter()
         .map(|prompt| {
-            RequestRecord::new(RequestKind::Persona, RequestInput::Persona { prompt }, Some(batch_id.clone()))
+            RequestRecord::new(
+                RequestKind::Persona,
+                RequestInput::Persona { prompt },
+                Some(batch_id.clone()),
+            )
         })
         .collect();
     let request_ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
@@ -105,10 +132,19 @@ pub async fn create_batch(
         request_ids: request_ids.clone(),
         created_at: shared::time::now_rfc3339(),
     };
-    state.store.create_requests(caller.id(), &requests, Some(&batch)).await?;
+    state
+        .store
+        .create_requests(caller.id(), &requests, Some(&batch))
+        .await?;
     enqueue(&state, caller.id(), RequestKind::Persona, &requests).await?;
     tracing::info!(%batch_id, total = requests.len(), "batch queued");
-    Ok((StatusCode::ACCEPTED, AppJson(BatchAccepted { batch_id, request_ids })))
+    Ok((
+        StatusCode::ACCEPTED,
+        AppJson(BatchAccepted {
+            batch_id,
+            request_ids,
+        }),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/personas", tag = "personas", params(PageQuery),
@@ -118,8 +154,14 @@ pub async fn list(
     caller: Caller,
     AppQuery(q): AppQuery<PageQuery>,
 ) -> Result<AppJson<ListResponse<Persona>>, ApiError> {
-    let page = state.store.list_personas(caller.id(), q.limit()?, q.next_token.as_deref()).await?;
-    Ok(AppJson(ListResponse { items: page.items, next_token: page.next_token }))
+    let page = state
+        .store
+        .list_personas(caller.id(), q.limit()?, q.next_token.as_deref())
+        .await?;
+    Ok(AppJson(ListResponse {
+        items: page.items,
+        next_token: page.next_token,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/personas/{id}", tag = "personas", params(("id" = String, Path)),

@@ -155,7 +155,10 @@ fn refresh_hash(token: &str) -> String {
 pub fn validate_email(email: &str) -> Result<()> {
     let ok = email.len() <= 254
         && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
         })
         && !email.chars().any(char::is_whitespace);
     if ok {
@@ -249,7 +252,9 @@ impl IdentityProvider for LocalIssuer {
                     params![id, email, hash, now_rfc3339()],
                 )?;
                 if inserted == 0 {
-                    return Err(Error::Conflict("an account with this email already exists".into()));
+                    return Err(Error::Conflict(
+                        "an account with this email already exists".into(),
+                    ));
                 }
                 Ok(())
             })
@@ -315,4 +320,3 @@ impl IdentityProvider for LocalIssuer {
         self.tokens_for(&user_id, &email, refresh_token.to_owned())
     }
 }
-

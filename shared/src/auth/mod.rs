@@ -154,7 +154,9 @@ impl JwksVerifier {
         if header.alg != Algorithm::RS256 {
             return Err(unauthorized("token algorithm must be RS256"));
         }
-        let kid = header.kid.ok_or_else(|| unauthorized("token has no key id"))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| unauthorized("token has no key id"))?;
         let key = self.key(&kid).await?;
         let mut validation = Validation::new(Algorithm::RS256);
         validation.set_issuer(&[&self.issuer]);
@@ -187,5 +189,111 @@ impl TokenVerifier for JwksVerifier {
         Ok(AuthUser {
             user_id: claims.sub,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::local::SigningKey;
+    use super::*;
+
+    /// A key source that counts its fetches and can be given new keys (rotation).
+    struct Counting {
+        fetches: AtomicUsize,
+        set: std::sync::Mutex<serde_json::Value>,
+    }
+
+    #[async_trait]
+    impl JwksSource for Counting {
+        async fn fetch(&self) -> Result<JwkSet> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let set = self
+                .set
+                .lock()
+                .map_err(|_| Error::Internal("poisoned".into()))?
+                .clone();
+            Ok(serde_json::from_value(set)?)
+        }
+    }
+
+    fn claims(token_use: &str) -> Claims {
+        let now = crate::time::now_secs();
+        Claims {
+            sub: "u1".into(),
+            iss: "iss".into(),
+            token_use: token_use.into(),
+            exp: now + 60,
+            iat: now,
+            client_id: (token_use == "access").then(|| "app".into()),
+            aud: (token_use == "id").then(|| "app".into()),
+            email: None,
+            jti: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_kids_refetch_once_single_flight_with_cooldown_and_rotation_works() {
+        let dir1 = tempfile::tempdir().unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let old = SigningKey::load_or_create(dir1.path()).unwrap();
+        let new = SigningKey::load_or_create(dir2.path()).unwrap();
+        let source = Arc::new(Counting {
+            fetches: AtomicUsize::new(0),
+            set: std::sync::Mutex::new(old.jwks().clone()),
+        });
+        let verifier = Arc::new(JwksVerifier::new(
+            "iss",
+            "app",
+            Duration::ZERO,
+            Duration::from_millis(300),
+            source.clone(),
+        ));
+        assert_eq!(
+            verifier
+                .verify(&old.sign(&claims("access")).unwrap())
+                .await
+                .unwrap()
+                .user_id,
+            "u1"
+        );
+        assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
+
+        // A flood of tokens with an unknown kid: one fetch at most, shared by all.
+        let forged = new.sign(&claims("access")).unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (v, t) = (verifier.clone(), forged.clone());
+            tasks.push(tokio::spawn(async move { v.verify(&t).await }));
+        }
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Err(Error::Unauthorized(_))));
+        }
+        assert_eq!(
+            source.fetches.load(Ordering::SeqCst),
+            1,
+            "cooldown holds back refetches"
+        );
+
+        // The pool rotates to the new key; after the cooldown its tokens are accepted.
+        *source.set.lock().unwrap() = new.jwks().clone();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(verifier.verify(&forged).await.is_ok());
+        assert_eq!(source.fetches.load(Ordering::SeqCst), 2);
+
+        // ID tokens carry the client in `aud` and are refused where access tokens are expected.
+        let id = new.sign(&claims("id")).unwrap();
+        assert!(verifier.verify(&id).await.is_err());
+        assert_eq!(
+            verifier
+                .verify_claims(&id, "id")
+                .await
+                .unwrap()
+                .aud
+                .as_deref(),
+            Some("app")
+        );
     }
 }

@@ -141,26 +141,111 @@ const CATALOGUE: &[Famous] = &[
 
 /// Words in a prompt that shape an original persona: (word, personality, speaking style, opener).
 const TRAITS: &[(&str, &str, &str, &str)] = &[
-    ("pirate", "bold, restless and fond of treasure", "salty sea-dog slang full of 'arr' and 'matey'", "Arr,"),
-    ("grumpy", "gruff and impatient, soft-hearted underneath", "short, grumbling sentences", "Hmph."),
-    ("cheerful", "sunny and encouraging", "bright, bubbly sentences with plenty of exclamation marks", "Oh, wonderful!"),
-    ("robot", "logical and literal, curious about humans", "precise, mechanical phrasing with status reports", "Processing."),
-    ("wizard", "wise and mysterious", "archaic, mystical turns of phrase", "Hmm, by the old magic,"),
-    ("detective", "observant and methodical", "clipped deductions and pointed questions", "Interesting."),
-    ("cowboy", "laid-back, brave and neighbourly", "a slow Western drawl with 'howdy' and 'partner'", "Well, partner,"),
-    ("knight", "honourable, chivalrous and brave", "courtly, formal speech", "Upon mine honour,"),
-    ("chef", "passionate and exacting about flavour", "kitchen metaphors and enthusiastic tasting notes", "Magnifique!"),
-    ("teacher", "patient and encouraging", "clear step-by-step explanations", "Good question."),
-    ("dragon", "proud, ancient and fond of gold", "grand, rumbling pronouncements", "Mortal,"),
-    ("cat", "aloof, curious and a little smug", "lazy purring phrases and the occasional 'meow'", "Mrrow."),
-    ("sarcastic", "dry and sardonic", "deadpan sarcasm", "Oh, brilliant."),
-    ("shy", "gentle and hesitant", "soft, tentative sentences", "Um,"),
-    ("poet", "dreamy and romantic", "lyrical lines with rhythm and imagery", "Ah, listen:"),
+    (
+        "pirate",
+        "bold, restless and fond of treasure",
+        "salty sea-dog slang full of 'arr' and 'matey'",
+        "Arr,",
+    ),
+    (
+        "grumpy",
+        "gruff and impatient, soft-hearted underneath",
+        "short, grumbling sentences",
+        "Hmph.",
+    ),
+    (
+        "cheerful",
+        "sunny and encouraging",
+        "bright, bubbly sentences with plenty of exclamation marks",
+        "Oh, wonderful!",
+    ),
+    (
+        "robot",
+        "logical and literal, curious about humans",
+        "precise, mechanical phrasing with status reports",
+        "Processing.",
+    ),
+    (
+        "wizard",
+        "wise and mysterious",
+        "archaic, mystical turns of phrase",
+        "Hmm, by the old magic,",
+    ),
+    (
+        "detective",
+        "observant and methodical",
+        "clipped deductions and pointed questions",
+        "Interesting.",
+    ),
+    (
+        "cowboy",
+        "laid-back, brave and neighbourly",
+        "a slow Western drawl with 'howdy' and 'partner'",
+        "Well, partner,",
+    ),
+    (
+        "knight",
+        "honourable, chivalrous and brave",
+        "courtly, formal speech",
+        "Upon mine honour,",
+    ),
+    (
+        "chef",
+        "passionate and exacting about flavour",
+        "kitchen metaphors and enthusiastic tasting notes",
+        "Magnifique!",
+    ),
+    (
+        "teacher",
+        "patient and encouraging",
+        "clear step-by-step explanations",
+        "Good question.",
+    ),
+    (
+        "dragon",
+        "proud, ancient and fond of gold",
+        "grand, rumbling pronouncements",
+        "Mortal,",
+    ),
+    (
+        "cat",
+        "aloof, curious and a little smug",
+        "lazy purring phrases and the occasional 'meow'",
+        "Mrrow.",
+    ),
+    (
+        "sarcastic",
+        "dry and sardonic",
+        "deadpan sarcasm",
+        "Oh, brilliant.",
+    ),
+    (
+        "shy",
+        "gentle and hesitant",
+        "soft, tentative sentences",
+        "Um,",
+    ),
+    (
+        "poet",
+        "dreamy and romantic",
+        "lyrical lines with rhythm and imagery",
+        "Ah, listen:",
+    ),
 ];
 
 const FIRST_NAMES: &[&str] = &[
-    "Rosalind", "Barnaby", "Octavia", "Thaddeus", "Marigold", "Cornelius", "Imogen", "Fitzgerald",
-    "Wilhelmina", "Ezekiel", "Clementine", "Percival",
+    "Rosalind",
+    "Barnaby",
+    "Octavia",
+    "Thaddeus",
+    "Marigold",
+    "Cornelius",
+    "Imogen",
+    "Fitzgerald",
+    "Wilhelmina",
+    "Ezekiel",
+    "Clementine",
+    "Percival",
 ];
 
 /// FNV-1a: a stable hash, so the same input gives the same persona on every machine and
@@ -201,7 +286,10 @@ fn original_persona(prompt: &str) -> PersonaDraft {
     let all = words(prompt);
     let traits: Vec<_> = TRAITS
         .iter()
-        .filter(|t| all.iter().any(|w| w == t.0 || w.trim_end_matches('s') == t.0))
+        .filter(|t| {
+            all.iter()
+                .any(|w| w == t.0 || w.trim_end_matches('s') == t.0)
+        })
         .collect();
     // The head of the prompt ("a grumpy pirate" in "a grumpy pirate who loves cats").
     let cut = ["who", "that", "with", "which", "from", "and"];
@@ -219,7 +307,8 @@ fn original_persona(prompt: &str) -> PersonaDraft {
         format!("{first} the {}", title.join(" "))
     };
     let personality = if traits.is_empty() {
-        "Curious, warm and a little mischievous, with opinions shaped by the prompt that made them.".to_string()
+        "Curious, warm and a little mischievous, with opinions shaped by the prompt that made them."
+            .to_string()
     } else {
         let parts: Vec<&str> = traits.iter().map(|t| t.1).collect();
         format!("{}.", title_case(&parts.join("; ")))
@@ -302,7 +391,12 @@ fn snippet(text: &str, max_words: usize) -> String {
 
 fn compose_reply(request: &ChatRequest) -> String {
     let p = &request.persona;
-    let seed = stable_hash(&format!("{}|{}|{}", p.persona_id, request.history.len(), request.user_text));
+    let seed = stable_hash(&format!(
+        "{}|{}|{}",
+        p.persona_id,
+        request.history.len(),
+        request.user_text
+    ));
     let opener = match famous_by_name(&p.name) {
         Some(f) => f.openers[(seed % f.openers.len() as u64) as usize].to_string(),
         None => {
@@ -311,7 +405,9 @@ fn compose_reply(request: &ChatRequest) -> String {
                 .iter()
                 .find(|t| style.contains(t.0) || p.speaking_style.contains(t.2))
                 .map(|t| t.3.to_string())
-                .unwrap_or_else(|| ["Well,", "Ah,", "Hmm,", "Indeed,"][(seed % 4) as usize].to_string())
+                .unwrap_or_else(|| {
+                    ["Well,", "Ah,", "Hmm,", "Indeed,"][(seed % 4) as usize].to_string()
+                })
         }
     };
     let topic = snippet(&request.user_text, 12);
@@ -347,7 +443,10 @@ fn compose_reply(request: &ChatRequest) -> String {
 
 fn answer_for(text: &str, seed: u64) -> &'static str {
     let lower = text.to_lowercase();
-    if ["hello", "hi", "hey", "greetings"].iter().any(|g| lower.split_whitespace().next() == Some(g)) {
+    if ["hello", "hi", "hey", "greetings"]
+        .iter()
+        .any(|g| lower.split_whitespace().next() == Some(g))
+    {
         return "a fine greeting, and I return it gladly.";
     }
     if lower.contains("who are you") || lower.contains("your name") {
@@ -414,15 +513,26 @@ mod tests {
         assert!(out.value.description.contains("Baker Street"));
         assert_eq!(out.model, "offline");
         // Alias inside a sentence, any case.
-        let yoda = m.create_persona("please be master YODA for me").await.unwrap();
+        let yoda = m
+            .create_persona("please be master YODA for me")
+            .await
+            .unwrap();
         assert_eq!(yoda.value.name, "Yoda");
     }
 
     #[tokio::test]
     async fn other_prompts_become_original_personas_from_their_words() {
         let m = OfflinePersonaModel::default();
-        let a = m.create_persona("a grumpy pirate who loves cats").await.unwrap().value;
-        let b = m.create_persona("a grumpy pirate who loves cats").await.unwrap().value;
+        let a = m
+            .create_persona("a grumpy pirate who loves cats")
+            .await
+            .unwrap()
+            .value;
+        let b = m
+            .create_persona("a grumpy pirate who loves cats")
+            .await
+            .unwrap()
+            .value;
         assert_eq!(a, b, "deterministic");
         assert_eq!(a.source, PersonaSource::Original);
         assert!(a.name.ends_with("the Grumpy Pirate"), "{}", a.name);
@@ -431,7 +541,11 @@ mod tests {
         assert!(a.description.contains("loves cats"));
         a.validate().unwrap();
         // "holmes" inside another word is not Sherlock.
-        let c = m.create_persona("a chef from Holmesville").await.unwrap().value;
+        let c = m
+            .create_persona("a chef from Holmesville")
+            .await
+            .unwrap()
+            .value;
         assert_eq!(c.source, PersonaSource::Original);
     }
 
@@ -439,7 +553,11 @@ mod tests {
     async fn replies_stay_in_character_and_stream_the_same_text() {
         let persona = Persona::from_draft(
             "per_1".into(),
-            OfflinePersonaModel::default().create_persona("Yoda").await.unwrap().value,
+            OfflinePersonaModel::default()
+                .create_persona("Yoda")
+                .await
+                .unwrap()
+                .value,
             MODEL.into(),
             "Yoda".into(),
         );
@@ -449,7 +567,10 @@ mod tests {
             user_text: "How do I learn patience?".into(),
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let out = OfflineChatModel::default().reply(&request, Some(tx)).await.unwrap();
+        let out = OfflineChatModel::default()
+            .reply(&request, Some(tx))
+            .await
+            .unwrap();
         let mut streamed = String::new();
         while let Ok(d) = rx.try_recv() {
             streamed.push_str(&d);

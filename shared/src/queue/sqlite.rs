@@ -256,10 +256,17 @@ mod tests {
     async fn a_received_message_is_hidden_until_deleted_or_expired() {
         let (_dir, q) = queue().await;
         q.send(&["a".into()]).await.unwrap();
-        let first = q.receive(10, Duration::from_millis(300), Duration::ZERO).await.unwrap();
+        let first = q
+            .receive(10, Duration::from_millis(300), Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].receive_count, 1);
-        assert!(q.receive(10, HIDE, Duration::ZERO).await.unwrap().is_empty());
+        assert!(q
+            .receive(10, HIDE, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty());
         // After the visibility timeout it comes back, counted again, with a new receipt.
         let again = q.receive(10, HIDE, Duration::from_secs(2)).await.unwrap();
         assert_eq!(again.len(), 1);
@@ -332,9 +339,14 @@ mod tests {
         let (_dir, q) = queue().await;
         q.send(&["x".into()]).await.unwrap();
         let d = q.receive(1, HIDE, Duration::ZERO).await.unwrap().remove(0);
-        q.change_visibility(&d.receipt, Duration::ZERO).await.unwrap();
+        q.change_visibility(&d.receipt, Duration::ZERO)
+            .await
+            .unwrap();
         let again = q.receive(1, HIDE, Duration::ZERO).await.unwrap();
         assert_eq!(again.len(), 1);
-        assert!(q.change_visibility(&d.receipt, HIDE).await.is_err(), "stale receipt");
+        assert!(
+            q.change_visibility(&d.receipt, HIDE).await.is_err(),
+            "stale receipt"
+        );
     }
 }

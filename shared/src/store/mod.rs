@@ -19,15 +19,22 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub enum Transition {
     /// A worker starts delivery number `attempt`.
-    Start { attempt: u32 },
+    Start {
+        attempt: u32,
+    },
     /// The attempt failed transiently; the job will be tried again.
-    Retry { error: ErrorBody },
+    Retry {
+        error: ErrorBody,
+    },
     Succeed {
-        result: RequestResult,
+        /// Boxed: a persona is large next to the other variants.
+        result: Box<RequestResult>,
         usage: Usage,
         model: String,
     },
-    Fail { error: ErrorBody },
+    Fail {
+        error: ErrorBody,
+    },
 }
 
 /// What an `Idempotency-Key` lookup found.
@@ -173,7 +180,7 @@ impl Transition {
                 model,
             } => {
                 record.status = RequestStatus::Succeeded;
-                record.result = Some(result);
+                record.result = Some(*result);
                 record.usage = Some(usage);
                 record.model = Some(model);
                 record.error = None;

@@ -6,9 +6,7 @@ use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{token, IdempotencyBegin, Store, Transition};
-use crate::domain::{
-    Batch, Conversation, Message, Page, Persona, RequestRecord, RequestStatus,
-};
+use crate::domain::{Batch, Conversation, Message, Page, Persona, RequestRecord, RequestStatus};
 use crate::sqlite::Db;
 use crate::time::now_ms;
 use crate::{Error, Result};
@@ -98,7 +96,11 @@ fn insert_request(tx: &Transaction<'_>, user_id: &str, r: &RequestRecord) -> Res
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_persona(&self, user_id: &str, persona: &Persona) -> Result<()> {
-        let (user_id, id, body) = (user_id.to_owned(), persona.persona_id.clone(), to_json(persona)?);
+        let (user_id, id, body) = (
+            user_id.to_owned(),
+            persona.persona_id.clone(),
+            to_json(persona)?,
+        );
         self.db
             .write(move |tx| {
                 tx.execute(
@@ -132,7 +134,15 @@ impl Store for SqliteStore {
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Persona>> {
-        page_by_id(&self.db, "personas", "persona_id", user_id, limit, next_token).await
+        page_by_id(
+            &self.db,
+            "personas",
+            "persona_id",
+            user_id,
+            limit,
+            next_token,
+        )
+        .await
     }
 
     async fn delete_persona(&self, user_id: &str, persona_id: &str) -> Result<bool> {
@@ -294,7 +304,11 @@ impl Store for SqliteStore {
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Message>> {
-        if self.get_conversation(user_id, conversation_id).await?.is_none() {
+        if self
+            .get_conversation(user_id, conversation_id)
+            .await?
+            .is_none()
+        {
             return Err(Error::NotFound);
         }
         let (after_turn, after_sub) = match next_token {
@@ -317,9 +331,16 @@ impl Store for SqliteStore {
                      ORDER BY turn, sub LIMIT ?4",
                 )?;
                 let rows = stmt
-                    .query_map(params![conv, after_turn, after_sub, limit as i64 + 1], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
-                    })?
+                    .query_map(
+                        params![conv, after_turn, after_sub, limit as i64 + 1],
+                        |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, String>(2)?,
+                            ))
+                        },
+                    )?
                     .collect::<Result<Vec<_>, _>>()?;
                 let more = rows.len() > limit;
                 let rows = &rows[..rows.len().min(limit)];
@@ -535,7 +556,10 @@ impl Store for SqliteStore {
                 )?;
                 // Expired keys are dropped here, on the write path, so the table stays small
                 // without a sweeper task.
-                tx.execute("DELETE FROM idempotency_keys WHERE expires_ms < ?1", [now_ms()])?;
+                tx.execute(
+                    "DELETE FROM idempotency_keys WHERE expires_ms < ?1",
+                    [now_ms()],
+                )?;
                 Ok(())
             })
             .await

@@ -1,0 +1,323 @@
+//! The test harness: a whole CharacterBot (API and workers, embedded backend, offline models
+//! unless a test brings its own) on a loopback port and a fresh data dir, driven through HTTP.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::path::Path;
+use std::time::Duration;
+
+use characterbot::{api_state, consumer, Adapters, Models};
+use clap::Parser;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use shared::config::Settings;
+use shared::domain::RequestKind;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    settings: Settings,
+}
+
+/// Settings as the binary would parse them from these flags.
+pub fn settings(dir: &Path, extra: &[&str]) -> Settings {
+    let mut args = vec![
+        "characterbot".to_string(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Args::try_parse_from(args)
+        .expect("test settings parse")
+        .settings
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub adapters: Adapters,
+    pub settings: Settings,
+    pub shutdown: CancellationToken,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Builder {
+    extra: Vec<String>,
+    models: Option<Models>,
+    workers: bool,
+}
+
+/// A signed-in user.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub user_id: String,
+    pub email: String,
+    pub token: String,
+    pub tokens: Value,
+}
+
+impl Builder {
+    pub fn arg(mut self, flag: &str, value: &str) -> Self {
+        self.extra.push(flag.into());
+        self.extra.push(value.into());
+        self
+    }
+
+    pub fn models(mut self, models: Models) -> Self {
+        self.models = Some(models);
+        self
+    }
+
+    /// No workers: requests stay queued (to count what was enqueued).
+    pub fn without_workers(mut self) -> Self {
+        self.workers = false;
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let settings = settings(dir.path(), &extra);
+        let adapters = Adapters::open(&settings).await.expect("adapters");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let shutdown = CancellationToken::new();
+        let state = api_state(&adapters, &settings, shutdown.clone());
+        tokio::spawn(async move {
+            let _ = ingest_api::serve(listener, state).await;
+        });
+        let app = TestApp {
+            base,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+            adapters,
+            settings,
+            shutdown,
+            dir,
+        };
+        if self.workers {
+            let models = self
+                .models
+                .unwrap_or_else(|| Models::from_settings(&app.settings));
+            for kind in RequestKind::ALL {
+                app.start_worker(kind, &models);
+            }
+        }
+        app
+    }
+}
+
+impl TestApp {
+    pub fn builder() -> Builder {
+        Builder {
+            extra: Vec::new(),
+            models: None,
+            workers: true,
+        }
+    }
+
+    pub async fn start() -> TestApp {
+        Self::builder().start().await
+    }
+
+    /// Starts one more worker of `kind`; aborting the handle kills it mid-job, like `kill -9`
+    /// (nothing is settled, its messages reappear after the visibility timeout).
+    pub fn start_worker(&self, kind: RequestKind, models: &Models) -> JoinHandle<()> {
+        self.start_worker_until(kind, models, self.shutdown.clone())
+    }
+
+    /// Starts a worker that shuts down gracefully when `stop` is cancelled.
+    pub fn start_worker_until(
+        &self,
+        kind: RequestKind,
+        models: &Models,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        let c = consumer(kind, &self.adapters, models, &self.settings);
+        tokio::spawn(c.run(stop))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn user(&self, name: &str) -> User {
+        let email = format!("{name}@example.com");
+        let password = "correct horse battery";
+        let (status, body) = self
+            .post(
+                None,
+                "/v1/auth/signup",
+                json!({ "email": email, "password": password }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "signup: {body}");
+        let user_id = body["user_id"].as_str().expect("user_id").to_owned();
+        let (status, tokens) = self
+            .post(
+                None,
+                "/v1/auth/signin",
+                json!({ "email": email, "password": password }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "signin: {tokens}");
+        User {
+            user_id,
+            email,
+            token: tokens["access_token"]
+                .as_str()
+                .expect("access_token")
+                .to_owned(),
+            tokens,
+        }
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let res = req.send().await.expect("request sent");
+        let status = res.status();
+        let text = res.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, body)
+    }
+
+    fn authed(&self, req: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
+        match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    pub async fn post(&self, token: Option<&str>, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(
+            self.authed(self.http.post(self.url(path)), token)
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn get(&self, token: Option<&str>, path: &str) -> (StatusCode, Value) {
+        self.send(self.authed(self.http.get(self.url(path)), token))
+            .await
+    }
+
+    pub async fn delete(&self, token: Option<&str>, path: &str) -> (StatusCode, Value) {
+        self.send(self.authed(self.http.delete(self.url(path)), token))
+            .await
+    }
+
+    /// Long-polls a request until it has finished (bounded: 60 s).
+    pub async fn finished(&self, user: &User, request_id: &str) -> Value {
+        for _ in 0..30 {
+            let (status, body) = self
+                .get(
+                    Some(&user.token),
+                    &format!("/v1/requests/{request_id}?wait=2"),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if matches!(body["status"].as_str(), Some("succeeded" | "failed")) {
+                return body;
+            }
+        }
+        panic!("request {request_id} did not finish");
+    }
+
+    /// Creates a persona through the API and waits for it.
+    pub async fn persona(&self, user: &User, prompt: &str) -> Value {
+        let (status, body) = self
+            .post(
+                Some(&user.token),
+                "/v1/personas",
+                json!({ "prompt": prompt }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let done = self
+            .finished(user, body["request_id"].as_str().unwrap())
+            .await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        done["result"]["persona"].clone()
+    }
+
+    /// Creates a conversation with a new persona.
+    pub async fn conversation(&self, user: &User, prompt: &str) -> String {
+        let persona = self.persona(user, prompt).await;
+        let (status, conv) = self
+            .post(
+                Some(&user.token),
+                "/v1/conversations",
+                json!({ "persona_id": persona["persona_id"] }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{conv}");
+        conv["conversation_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn messages(&self, user: &User, conversation_id: &str) -> Vec<Value> {
+        let (status, body) = self
+            .get(
+                Some(&user.token),
+                &format!("/v1/conversations/{conversation_id}/messages?limit=100"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["items"].as_array().unwrap().clone()
+    }
+
+    pub async fn queue_total(&self, kind: RequestKind) -> u64 {
+        let s = self.adapters.queue(kind).stats().await.unwrap();
+        s.visible + s.in_flight + s.dead
+    }
+}
+
+/// Reads server-sent events from a response until `until` says stop or the time runs out.
+pub async fn read_sse(
+    res: reqwest::Response,
+    limit: Duration,
+    mut until: impl FnMut(&str, &Value) -> bool,
+) -> Vec<(String, Value)> {
+    use futures::StreamExt;
+    let mut stream = res.bytes_stream();
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(c))) => c,
+            _ => return events,
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if name.is_empty() {
+                continue; // comment or keep-alive
+            }
+            let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+            let stop = until(&name, &value);
+            events.push((name, value));
+            if stop {
+                return events;
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The split deployment on one machine: `characterbot api`, `characterbot worker persona` and
+//! `characterbot worker chat` as separate processes sharing a data dir. Events cross process
+//! boundaries to the API's SSE stream; a chat worker killed with SIGKILL mid-job is replaced
+//! and the message still gets exactly one reply; SIGTERM shuts every process down cleanly.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::read_sse;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &std::path::Path, port: u16, args: &[&str]) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_characterbot"))
+        .args(args)
+        .env("CHARACTERBOT_DATA_DIR", dir)
+        .env("CHARACTERBOT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CHARACTERBOT_OFFLINE_DELAY_MS", "1500")
+        .env("CHARACTERBOT_VISIBILITY_TIMEOUT_SECS", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn characterbot");
+    Proc(child)
+}
+
+fn terminate(p: &mut Proc) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    for _ in 0..200 {
+        if let Some(s) = p.0.try_wait().expect("wait") {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("process did not exit after SIGTERM");
+}
+
+#[tokio::test]
+async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut api = spawn(dir.path(), port, &["api"]);
+    let mut ready = false;
+    for _ in 0..200 {
+        if http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "api did not come up");
+    let mut persona_worker = spawn(dir.path(), port, &["worker", "persona"]);
+    let chat_worker = spawn(dir.path(), port, &["worker", "chat"]);
+
+    let creds = json!({ "email": "pat@example.com", "password": "a long password" });
+    let signup = http
+        .post(format!("{base}/v1/auth/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signup.status(), StatusCode::CREATED);
+    let tokens: Value = http
+        .post(format!("{base}/v1/auth/signin"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = tokens["access_token"].as_str().unwrap().to_owned();
+    let post = |path: &str, body: Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let wait_done = |id: String| {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        async move {
+            for _ in 0..20 {
+                let r: Value = http
+                    .get(format!("{base}/v1/requests/{id}?wait=5"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if r["status"] == "succeeded" || r["status"] == "failed" {
+                    return r;
+                }
+            }
+            panic!("request {id} did not finish");
+        }
+    };
+
+    // The browser form of authentication on the event stream.
+    let sse = http
+        .get(format!("{base}/v1/events?access_token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), StatusCode::OK);
+
+    let accepted: Value = post("/v1/personas", json!({ "prompt": "Yoda" }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let persona = wait_done(accepted["request_id"].as_str().unwrap().to_owned()).await;
+    assert_eq!(persona["status"], "succeeded", "{persona}");
+    let conv: Value = post(
+        "/v1/conversations",
+        json!({ "persona_id": persona["result"]["persona"]["persona_id"] }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let conv_id = conv["conversation_id"].as_str().unwrap().to_owned();
+
+    // A first message streams its reply, fragment by fragment, across processes.
+    let first: Value = post(
+        &format!("/v1/conversations/{conv_id}/messages"),
+        json!({ "text": "Teach me" }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let first_id = first["request_id"].as_str().unwrap().to_owned();
+    let events = read_sse(sse, Duration::from_secs(30), |name, data| {
+        name == "request.updated"
+            && data["request_id"] == first_id.as_str()
+            && data["status"] == "succeeded"
+    })
+    .await;
+    let deltas: String = events
+        .iter()
+        .filter(|(n, d)| n == "message.delta" && d["request_id"] == first_id.as_str())
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect();
+    let (last_name, last) = events.last().expect("events arrived");
+    assert_eq!(last_name, "request.updated");
+    assert_eq!(
+        last["result"]["message"]["text"].as_str().unwrap(),
+        deltas,
+        "deltas add up to the stored reply, in order"
+    );
+
+    // A second message: the chat worker is killed while writing the reply.
+    let second: Value = post(
+        &format!("/v1/conversations/{conv_id}/messages"),
+        json!({ "text": "Again" }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let second_id = second["request_id"].as_str().unwrap().to_owned();
+    let mut running = false;
+    for _ in 0..100 {
+        let r: Value = http
+            .get(format!("{base}/v1/requests/{second_id}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if r["status"] == "running" {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running, "the job started");
+    drop(chat_worker); // SIGKILL
+    let mut replacement = spawn(dir.path(), port, &["worker", "chat"]);
+    let done = wait_done(second_id.clone()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2);
+    let history: Value = http
+        .get(format!("{base}/v1/conversations/{conv_id}/messages"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let roles: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles,
+        ["user", "assistant", "user", "assistant"],
+        "exactly one reply per message"
+    );
+
+    for p in [&mut replacement, &mut persona_worker, &mut api] {
+        assert!(terminate(p).success(), "clean exit on SIGTERM");
+    }
+}

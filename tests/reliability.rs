@@ -1,0 +1,353 @@
+//! An accepted request is never lost and never answered twice: worker deaths, duplicate
+//! deliveries, poison jobs, permanent errors and shutdowns each end in exactly one outcome.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use characterbot::Models;
+use common::{TestApp, User};
+use reqwest::StatusCode;
+use serde_json::json;
+use shared::domain::{JobMessage, Message, RequestKind, Role};
+use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
+use shared::models::{ChatModel, ChatRequest, ModelOutput};
+use shared::Error;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// A chat model that tells when it starts and then never answers.
+struct Hangs(Arc<Notify>);
+
+#[async_trait]
+impl ChatModel for Hangs {
+    fn model(&self) -> &str {
+        "hangs"
+    }
+    async fn reply(
+        &self,
+        _: &ChatRequest,
+        _: Option<UnboundedSender<String>>,
+    ) -> shared::Result<ModelOutput<String>> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+}
+
+/// A chat model that fails every call with the error `make` builds, counting calls.
+struct Fails {
+    calls: AtomicUsize,
+    make: fn() -> Error,
+}
+
+#[async_trait]
+impl ChatModel for Fails {
+    fn model(&self) -> &str {
+        "fails"
+    }
+    async fn reply(
+        &self,
+        _: &ChatRequest,
+        _: Option<UnboundedSender<String>>,
+    ) -> shared::Result<ModelOutput<String>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err((self.make)())
+    }
+}
+
+fn with_chat(chat: Arc<dyn ChatModel>) -> Models {
+    Models {
+        persona: Arc::new(OfflinePersonaModel::default()),
+        chat,
+    }
+}
+
+fn offline() -> Models {
+    with_chat(Arc::new(OfflineChatModel::default()))
+}
+
+/// An app whose persona worker runs and whose chat workers each test starts itself.
+async fn app(extra: &[(&str, &str)]) -> (TestApp, User, String) {
+    let mut b = TestApp::builder().without_workers();
+    for (k, v) in extra {
+        b = b.arg(k, v);
+    }
+    let app = b.start().await;
+    app.start_worker(RequestKind::Persona, &offline());
+    let alice = app.user("alice").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    (app, alice, conv)
+}
+
+async fn say(app: &TestApp, user: &User, conv: &str, text: &str) -> String {
+    let (status, body) = app
+        .post(
+            Some(&user.token),
+            &format!("/v1/conversations/{conv}/messages"),
+            json!({ "text": text }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    body["request_id"].as_str().unwrap().to_owned()
+}
+
+async fn status_of(app: &TestApp, user: &User, request_id: &str) -> serde_json::Value {
+    app.get(Some(&user.token), &format!("/v1/requests/{request_id}"))
+        .await
+        .1
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_is_replaced_and_the_conversation_gets_exactly_one_reply() {
+    let (app, alice, conv) = app(&[("--visibility-timeout-secs", "1")]).await;
+    let started = Arc::new(Notify::new());
+    let doomed = app.start_worker(
+        RequestKind::Chat,
+        &with_chat(Arc::new(Hangs(started.clone()))),
+    );
+    let request_id = say(&app, &alice, &conv, "Who did it?").await;
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("job started");
+    assert_eq!(
+        status_of(&app, &alice, &request_id).await["status"],
+        "running"
+    );
+    doomed.abort(); // killed: nothing settled, the message is still hidden
+
+    app.start_worker(RequestKind::Chat, &offline());
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["attempts"], 2,
+        "delivered again after the visibility timeout"
+    );
+    let messages = app.messages(&alice, &conv).await;
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(app.queue_total(RequestKind::Chat).await, 0);
+}
+
+#[tokio::test]
+async fn duplicate_deliveries_never_produce_a_second_reply_or_a_second_model_call() {
+    let (app, alice, conv) = app(&[]).await;
+    app.start_worker(RequestKind::Chat, &offline());
+    let request_id = say(&app, &alice, &conv, "First question").await;
+    let done = app.finished(&alice, &request_id).await;
+
+    // The queue delivers the same job again (SQS standard queues may).
+    let body = serde_json::to_string(&JobMessage {
+        request_id: request_id.clone(),
+        user_id: alice.user_id.clone(),
+        kind: RequestKind::Chat,
+    })
+    .unwrap();
+    app.adapters.chat_queue.send(&[body]).await.unwrap();
+    for _ in 0..100 {
+        if app.queue_total(RequestKind::Chat).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.queue_total(RequestKind::Chat).await, 0);
+    assert_eq!(app.messages(&alice, &conv).await.len(), 2);
+    assert_eq!(
+        status_of(&app, &alice, &request_id).await,
+        done,
+        "the finished request is unchanged"
+    );
+    let metrics = app.adapters.metrics.render();
+    assert!(
+        metrics.contains(r#"characterbot_jobs_total{kind="chat",outcome="duplicate"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_reply_stored_before_a_crash_is_reused_without_calling_the_model() {
+    let (app, alice, conv) = app(&[]).await;
+    let request_id = say(&app, &alice, &conv, "Are you there?").await;
+    // A worker stored the reply and died before settling the request.
+    let (_, history) = app
+        .get(
+            Some(&alice.token),
+            &format!("/v1/conversations/{conv}/messages"),
+        )
+        .await;
+    let user_message_id = history["items"][0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let earlier = Message {
+        message_id: workers::chat::reply_id_for(&request_id),
+        role: Role::Assistant,
+        text: "The reply written before the crash.".into(),
+        model: Some("offline".into()),
+        created_at: shared::time::now_rfc3339(),
+    };
+    app.adapters
+        .store
+        .put_reply(&conv, &user_message_id, &earlier)
+        .await
+        .unwrap();
+
+    let model = Arc::new(Fails {
+        calls: AtomicUsize::new(0),
+        make: || Error::Internal("must not be called".into()),
+    });
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["result"]["message"]["text"],
+        "The reply written before the crash."
+    );
+    assert_eq!(model.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(app.messages(&alice, &conv).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_job_that_always_fails_is_dead_lettered_after_max_receives() {
+    let (app, alice, conv) = app(&[
+        ("--max-receives", "3"),
+        ("--retry-base-ms", "50"),
+        ("--retry-max-ms", "200"),
+        ("--inprocess-retries", "1"),
+    ])
+    .await;
+    let model = Arc::new(Fails {
+        calls: AtomicUsize::new(0),
+        make: || Error::ModelTransient {
+            message: "provider is overloaded".into(),
+            retry_after: None,
+        },
+    });
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let request_id = say(&app, &alice, &conv, "Hello?").await;
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["attempts"], 3);
+    assert_eq!(done["error"]["code"], "model_unavailable");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("gave up after 3 attempts") && message.contains("overloaded"),
+        "{message}"
+    );
+    // 3 deliveries × (1 try + 1 in-process retry).
+    assert_eq!(model.calls.load(Ordering::SeqCst), 6);
+    let dead = app.adapters.chat_queue.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].body.contains(&request_id));
+    assert_eq!(dead[0].receive_count, 3);
+    let stats = app.adapters.chat_queue.stats().await.unwrap();
+    assert_eq!((stats.visible, stats.in_flight, stats.dead), (0, 0, 1));
+    assert_eq!(app.messages(&alice, &conv).await.len(), 1, "no fake reply");
+}
+
+#[tokio::test]
+async fn a_permanent_error_fails_the_request_at_once() {
+    let (app, alice, conv) = app(&[]).await;
+    let model = Arc::new(Fails {
+        calls: AtomicUsize::new(0),
+        make: || Error::ModelPermanent {
+            code: "content_filtered".into(),
+            message: "the reply was blocked".into(),
+        },
+    });
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let request_id = say(&app, &alice, &conv, "Something rude").await;
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(
+        (done["status"].as_str(), done["attempts"].as_u64()),
+        (Some("failed"), Some(1))
+    );
+    assert_eq!(
+        done["error"],
+        json!({ "code": "content_filtered", "message": "the reply was blocked" })
+    );
+    assert_eq!(model.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        app.queue_total(RequestKind::Chat).await,
+        0,
+        "deleted, not dead-lettered"
+    );
+}
+
+#[tokio::test]
+async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_again() {
+    let (app, alice, conv) = app(&[("--max-receives", "2")]).await;
+    let request_id = say(&app, &alice, &conv, "Crash me").await;
+    // Two workers received it and died before settling anything.
+    for _ in 0..2 {
+        let got = app
+            .adapters
+            .chat_queue
+            .receive(1, Duration::ZERO, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+    }
+    let model = Arc::new(Fails {
+        calls: AtomicUsize::new(0),
+        make: || Error::Internal("must not run".into()),
+    });
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"]["code"], "max_attempts_exceeded");
+    assert_eq!(model.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        app.adapters
+            .chat_queue
+            .dead_letters(10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn shutdown_hands_in_flight_messages_back_and_the_next_worker_finishes_them() {
+    let (app, alice, conv) = app(&[
+        ("--shutdown-grace-secs", "0"),
+        ("--visibility-timeout-secs", "60"),
+    ])
+    .await;
+    let started = Arc::new(Notify::new());
+    let stop = CancellationToken::new();
+    let worker = app.start_worker_until(
+        RequestKind::Chat,
+        &with_chat(Arc::new(Hangs(started.clone()))),
+        stop.clone(),
+    );
+    let request_id = say(&app, &alice, &conv, "Slow question").await;
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("job started");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("worker stopped")
+        .unwrap();
+
+    let record = status_of(&app, &alice, &request_id).await;
+    assert_eq!(record["status"], "queued", "{record}");
+    assert_eq!(record["error"]["code"], "interrupted");
+    let stats = app.adapters.chat_queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.visible, stats.in_flight),
+        (1, 0),
+        "visible again at once, not after 60 s"
+    );
+
+    app.start_worker(RequestKind::Chat, &offline());
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(done["status"], "succeeded");
+    assert!(done.get("error").is_none(), "{done}");
+    assert_eq!(app.messages(&alice, &conv).await.len(), 2);
+}
