@@ -1,0 +1,265 @@
+//! The CharacterBot benchmark: the whole product in this process (embedded backend, offline
+//! engine, loopback HTTP), measured from the outside the way a client sees it.
+//!
+//! `cargo run --release --example bench -- [--requests N] [--clients C] [--chats K]`
+//!
+//! Prints a Markdown report (copied into docs/benchmarks.md): ingest latency and throughput of
+//! `POST /v1/personas`, end-to-end time from `202` to `succeeded`, chat round trips through a
+//! long poll, the cost of one token verification, and the process's peak memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use characterbot::{api_state, consumer, Adapters, Models};
+use clap::Parser;
+use serde_json::{json, Value};
+use shared::config::Settings;
+use shared::domain::RequestKind;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    /// Persona requests in the ingest run.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Chat round trips (message → long poll → reply), one after another per client.
+    #[arg(long, default_value_t = 200)]
+    chats: usize,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    args.settings.data_dir = dir.path().to_path_buf();
+    args.settings.api.rate_limit_per_minute = 0;
+    let settings = args.settings.clone();
+    let adapters = Adapters::open(&settings).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(ingest_api::serve(
+        listener,
+        api_state(&adapters, &settings, shutdown.clone()),
+    ));
+    let models = Models::from_settings(&settings);
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients)
+        .build()?;
+    let creds = json!({ "email": "bench@example.com", "password": "benchmark password" });
+    http.post(format!("{base}/v1/auth/signup"))
+        .json(&creds)
+        .send()
+        .await?
+        .error_for_status()?;
+    let tokens: Value = http
+        .post(format!("{base}/v1/auth/signin"))
+        .json(&creds)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = Arc::new(
+        tokens["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    );
+
+    // 1. Ingest: POST /v1/personas with no worker running, so only the API is measured.
+    let started = Instant::now();
+    let per_client = args.requests.div_ceil(args.clients);
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_client);
+            for i in 0..per_client {
+                let t = Instant::now();
+                let res = http
+                    .post(format!("{base}/v1/personas"))
+                    .bearer_auth(token.as_str())
+                    .json(&json!({ "prompt": format!("a cheerful pirate number {i}") }))
+                    .send()
+                    .await?;
+                anyhow::ensure!(res.status() == 202, "unexpected status {}", res.status());
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut ingest = Vec::new();
+    for t in tasks {
+        ingest.extend(t.await??);
+    }
+    let ingest_wall = started.elapsed();
+    ingest.sort();
+
+    // 2. Drain: start the persona worker and time until the queue is empty.
+    let drain_start = Instant::now();
+    tokio::spawn(
+        consumer(RequestKind::Persona, &adapters, &models, &settings).run(shutdown.clone()),
+    );
+    loop {
+        let s = adapters.persona_queue.stats().await?;
+        if s.visible + s.in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain_wall = drain_start.elapsed();
+
+    // 3. Chat round trips: message → long poll until the reply is stored.
+    tokio::spawn(consumer(RequestKind::Chat, &adapters, &models, &settings).run(shutdown.clone()));
+    let accepted: Value = http
+        .post(format!("{base}/v1/personas"))
+        .bearer_auth(token.as_str())
+        .json(&json!({ "prompt": "Sherlock Holmes" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let done: Value = http
+        .get(format!(
+            "{base}/v1/requests/{}?wait=20",
+            accepted["request_id"].as_str().unwrap_or_default()
+        ))
+        .bearer_auth(token.as_str())
+        .send()
+        .await?
+        .json()
+        .await?;
+    let persona_id = done["result"]["persona"]["persona_id"].clone();
+    let chat_clients = args.clients.min(args.chats).max(1);
+    let chats_per_client = args.chats.div_ceil(chat_clients);
+    let chat_start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..chat_clients {
+        let (http, base, token, persona_id) = (
+            http.clone(),
+            base.clone(),
+            token.clone(),
+            persona_id.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let conv: Value = http
+                .post(format!("{base}/v1/conversations"))
+                .bearer_auth(token.as_str())
+                .json(&json!({ "persona_id": persona_id }))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let conv_id = conv["conversation_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let mut lat = Vec::new();
+            for i in 0..chats_per_client {
+                let t = Instant::now();
+                let acc: Value = http
+                    .post(format!("{base}/v1/conversations/{conv_id}/messages"))
+                    .bearer_auth(token.as_str())
+                    .json(&json!({ "text": format!("Question number {i}?") }))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let r: Value = http
+                    .get(format!(
+                        "{base}/v1/requests/{}?wait=20",
+                        acc["request_id"].as_str().unwrap_or_default()
+                    ))
+                    .bearer_auth(token.as_str())
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                anyhow::ensure!(r["status"] == "succeeded", "chat failed: {r}");
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut chats = Vec::new();
+    for t in tasks {
+        chats.extend(t.await??);
+    }
+    let chat_wall = chat_start.elapsed();
+    chats.sort();
+
+    // 4. One token verification (signature, claims, cached key), on this thread.
+    let rounds = 2000;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        adapters.verifier.verify(token.as_str()).await?;
+    }
+    let verify = t.elapsed() / rounds;
+
+    shutdown.cancel();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| ingest: `POST /v1/personas` → 202, {} requests, {} clients | {:.0} req/s |",
+        ingest.len(),
+        args.clients,
+        ingest.len() as f64 / ingest_wall.as_secs_f64()
+    );
+    println!(
+        "| ingest latency p50 / p95 / p99 | {} / {} / {} |",
+        ms(percentile(&ingest, 0.5)),
+        ms(percentile(&ingest, 0.95)),
+        ms(percentile(&ingest, 0.99))
+    );
+    println!(
+        "| persona worker drain ({} jobs, concurrency {}) | {:.0} jobs/s |",
+        ingest.len(),
+        settings.worker.persona_concurrency,
+        ingest.len() as f64 / drain_wall.as_secs_f64()
+    );
+    println!(
+        "| chat round trip (post → long poll → reply), {} chats, {} clients | {:.0} chats/s |",
+        chats.len(),
+        chat_clients,
+        chats.len() as f64 / chat_wall.as_secs_f64()
+    );
+    println!(
+        "| chat round trip p50 / p95 / p99 | {} / {} / {} |",
+        ms(percentile(&chats, 0.5)),
+        ms(percentile(&chats, 0.95)),
+        ms(percentile(&chats, 0.99))
+    );
+    println!(
+        "| access-token verification (RS256, cached key) | {:.1} µs |",
+        verify.as_secs_f64() * 1e6
+    );
+    if let Some(mib) = peak_rss_mib() {
+        println!("| peak resident memory of the whole process (API + workers + bench clients) | {mib:.0} MiB |");
+    }
+    Ok(())
+}
