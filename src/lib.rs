@@ -9,6 +9,9 @@
 //! - [`Models`]    the persona and chat models, built by [`Models::from_settings`].
 //! - [`api_state`], [`consumer`]: the API state and a worker's consume loop from those.
 //! - [`run`]       runs `serve`, `api` or one `worker` until the shutdown token is cancelled.
+//! - [`client`]    `characterbot batch`, the batch client with a progress bar.
+
+pub mod client;
 
 use std::sync::Arc;
 use std::time::Duration;

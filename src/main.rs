@@ -16,21 +16,29 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    #[command(flatten)]
-    settings: Settings,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// API and both workers in one process (the quick start).
-    Serve,
+    Serve {
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// The HTTP API alone.
-    Api,
+    Api {
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// One kind of worker alone.
     Worker {
         #[arg(value_enum)]
         kind: WorkerKind,
+        #[command(flatten)]
+        settings: Settings,
     },
+    /// Client: create many personas from a file of prompts, with a progress bar.
+    Batch(characterbot::client::BatchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,19 +91,20 @@ fn cancel_on_signal(token: CancellationToken) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_logging(cli.settings.log_format);
-    let role = match cli.command {
-        Command::Serve => characterbot::Role::Serve,
-        Command::Api => characterbot::Role::Api,
-        Command::Worker {
-            kind: WorkerKind::Persona,
-        } => characterbot::Role::Worker(RequestKind::Persona),
-        Command::Worker {
-            kind: WorkerKind::Chat,
-        } => characterbot::Role::Worker(RequestKind::Chat),
+    let (role, settings) = match Cli::parse().command {
+        Command::Serve { settings } => (characterbot::Role::Serve, settings),
+        Command::Api { settings } => (characterbot::Role::Api, settings),
+        Command::Worker { kind, settings } => {
+            let kind = match kind {
+                WorkerKind::Persona => RequestKind::Persona,
+                WorkerKind::Chat => RequestKind::Chat,
+            };
+            (characterbot::Role::Worker(kind), settings)
+        }
+        Command::Batch(args) => return characterbot::client::run(args).await,
     };
+    init_logging(settings.log_format);
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
-    characterbot::run(role, cli.settings, shutdown).await
+    characterbot::run(role, settings, shutdown).await
 }

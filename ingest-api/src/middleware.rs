@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use sha2::{Digest, Sha256};
 use shared::auth::AuthUser;
-use shared::metrics::{HttpLabels, KindLabels};
+use shared::metrics::{HttpLabels, RouteLabels};
 use shared::store::IdempotencyBegin;
 
 use crate::error::ApiError;
@@ -192,7 +192,7 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         state
             .metrics
             .http_duration
-            .get_or_create(&KindLabels { kind: route })
+            .get_or_create(&RouteLabels { route })
             .observe(started.elapsed().as_secs_f64());
     }
     response

@@ -39,6 +39,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
     pub queue: String,
     /// `visible`, `in_flight` or `dead`.
@@ -48,7 +53,7 @@ pub struct QueueLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
-    pub http_duration: Family<KindLabels, Histogram>,
+    pub http_duration: Family<RouteLabels, Histogram>,
     pub jobs: Family<JobLabels, Counter>,
     pub job_duration: Family<KindLabels, Histogram>,
     pub model_tokens: Family<TokenLabels, Counter>,
@@ -60,7 +65,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("characterbot");
         let http_requests = Family::<HttpLabels, Counter>::default();
-        let http_duration = Family::<KindLabels, Histogram>::new_with_constructor(|| {
+        let http_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0005, 2.0, 16))
         });
         let jobs = Family::<JobLabels, Counter>::default();

@@ -109,7 +109,12 @@ impl Job for ChatJob {
             request.request_id.clone(),
         );
         let forward = tokio::spawn(async move {
-            while let Some(text) = rx.recv().await {
+            while let Some(mut text) = rx.recv().await {
+                // Fragments that arrived while the last one was being published go out as one
+                // event: a fast model then costs a few writes, not one per word.
+                while let Ok(more) = rx.try_recv() {
+                    text.push_str(&more);
+                }
                 let data = serde_json::json!({ "request_id": request_id, "text": text });
                 if let Err(e) = events.publish(&user_id, "message.delta", data).await {
                     tracing::warn!(error = %e, "could not push a reply fragment");
