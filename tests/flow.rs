@@ -289,15 +289,23 @@ async fn operational_endpoints_answer() {
 
     let alice = app.user("alice").await;
     app.persona(&alice, "Yoda").await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The job is counted just after its request is settled: wait for the count.
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(r#"outcome="succeeded"} 1"#) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert!(
         metrics.contains(r#"characterbot_jobs_total{kind="persona",outcome="succeeded"} 1"#),
         "{metrics}"

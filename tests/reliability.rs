@@ -95,6 +95,30 @@ async fn say(app: &TestApp, user: &User, conv: &str, text: &str) -> String {
     body["request_id"].as_str().unwrap().to_owned()
 }
 
+/// The request is failed before its message is moved (so a crash between the two still leaves
+/// the client an answer); wait for the move.
+async fn dead_letters(app: &TestApp, n: usize) -> Vec<shared::queue::DeadLetter> {
+    for _ in 0..100 {
+        let dead = app.adapters.chat_queue.dead_letters(10).await.unwrap();
+        if dead.len() >= n {
+            return dead;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("expected {n} dead letters");
+}
+
+/// The request is settled before its message is deleted; wait for the delete.
+async fn queue_drained(app: &TestApp) {
+    for _ in 0..100 {
+        if app.queue_total(RequestKind::Chat).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the chat queue was not drained");
+}
+
 async fn status_of(app: &TestApp, user: &User, request_id: &str) -> serde_json::Value {
     app.get(Some(&user.token), &format!("/v1/requests/{request_id}"))
         .await
@@ -129,7 +153,7 @@ async fn a_worker_killed_mid_job_is_replaced_and_the_conversation_gets_exactly_o
     let messages = app.messages(&alice, &conv).await;
     assert_eq!(messages.len(), 2, "{messages:?}");
     assert_eq!(messages[1]["role"], "assistant");
-    assert_eq!(app.queue_total(RequestKind::Chat).await, 0);
+    queue_drained(&app).await;
 }
 
 #[tokio::test]
@@ -147,13 +171,7 @@ async fn duplicate_deliveries_never_produce_a_second_reply_or_a_second_model_cal
     })
     .unwrap();
     app.adapters.chat_queue.send(&[body]).await.unwrap();
-    for _ in 0..100 {
-        if app.queue_total(RequestKind::Chat).await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(app.queue_total(RequestKind::Chat).await, 0);
+    queue_drained(&app).await;
     assert_eq!(app.messages(&alice, &conv).await.len(), 2);
     assert_eq!(
         status_of(&app, &alice, &request_id).await,
@@ -239,7 +257,7 @@ async fn a_job_that_always_fails_is_dead_lettered_after_max_receives() {
     );
     // 3 deliveries × (1 try + 1 in-process retry).
     assert_eq!(model.calls.load(Ordering::SeqCst), 6);
-    let dead = app.adapters.chat_queue.dead_letters(10).await.unwrap();
+    let dead = dead_letters(&app, 1).await;
     assert_eq!(dead.len(), 1);
     assert!(dead[0].body.contains(&request_id));
     assert_eq!(dead[0].receive_count, 3);
@@ -270,11 +288,14 @@ async fn a_permanent_error_fails_the_request_at_once() {
         json!({ "code": "content_filtered", "message": "the reply was blocked" })
     );
     assert_eq!(model.calls.load(Ordering::SeqCst), 1);
-    assert_eq!(
-        app.queue_total(RequestKind::Chat).await,
-        0,
-        "deleted, not dead-lettered"
-    );
+    queue_drained(&app).await; // deleted, not dead-lettered
+    assert!(app
+        .adapters
+        .chat_queue
+        .dead_letters(10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -300,15 +321,7 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_aga
     assert_eq!(done["status"], "failed");
     assert_eq!(done["error"]["code"], "max_attempts_exceeded");
     assert_eq!(model.calls.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        app.adapters
-            .chat_queue
-            .dead_letters(10)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(dead_letters(&app, 1).await.len(), 1);
 }
 
 #[tokio::test]
