@@ -16,6 +16,7 @@ pub mod client;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use ingest_api::AppState;
 use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
 use shared::auth::{IdentityProvider, JwksVerifier, TokenVerifier};
@@ -24,6 +25,7 @@ use shared::domain::RequestKind;
 use shared::events::{EventBus, SqliteEventBus};
 use shared::metrics::Metrics;
 use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
+use shared::models::openai::{OpenAiChatModel, OpenAiOptions, OpenAiPersonaModel};
 use shared::models::{ChatModel, PersonaModel};
 use shared::queue::sqlite::SqliteQueue;
 use shared::queue::Queue;
@@ -99,20 +101,57 @@ pub struct Models {
 }
 
 impl Models {
-    pub fn from_settings(settings: &Settings) -> Models {
-        let delay = Duration::from_millis(settings.models.offline_delay_ms);
-        let persona: Arc<dyn PersonaModel> = match settings.models.persona_model {
-            PersonaModelChoice::Offline => Arc::new(OfflinePersonaModel { delay }),
+    /// The models the settings name; `auto` picks a provider whose credentials are present and
+    /// the offline engine otherwise, and the choice is logged.
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Models> {
+        let m = &settings.models;
+        let delay = Duration::from_millis(m.offline_delay_ms);
+        let openai = |model: &str| -> anyhow::Result<OpenAiOptions> {
+            let key = m
+                .openai_key()
+                .context("the openai model needs OPENAI_API_KEY (or --openai-api-key)")?;
+            Ok(OpenAiOptions {
+                api_key: key.to_owned(),
+                base_url: m.openai_base_url.clone(),
+                organization: m.openai_org_id.clone(),
+                model: model.to_owned(),
+                timeout: Duration::from_secs(m.model_timeout_secs.max(1)),
+                max_output_tokens: m.max_output_tokens,
+            })
         };
-        let chat: Arc<dyn ChatModel> = match settings.models.chat_model {
-            ChatModelChoice::Offline => Arc::new(OfflineChatModel { delay }),
+        let use_openai =
+            |explicit: bool, auto: bool| explicit || (auto && m.openai_key().is_some());
+        let persona: Arc<dyn PersonaModel> = if use_openai(
+            m.persona_model == PersonaModelChoice::Openai,
+            m.persona_model == PersonaModelChoice::Auto,
+        ) {
+            Arc::new(OpenAiPersonaModel::new(openai(&m.openai_persona_model)?)?)
+        } else {
+            Arc::new(OfflinePersonaModel { delay })
+        };
+        let chat: Arc<dyn ChatModel> = if use_openai(
+            m.chat_model == ChatModelChoice::Openai,
+            m.chat_model == ChatModelChoice::Auto,
+        ) {
+            Arc::new(OpenAiChatModel::new(openai(&m.openai_chat_model)?)?)
+        } else {
+            Arc::new(OfflineChatModel { delay })
+        };
+        let provider = |model: &str| {
+            if model == shared::models::offline::MODEL {
+                "offline engine (deterministic, built in, no provider called)".to_string()
+            } else {
+                format!("OpenAI-compatible API at {}", m.openai_base_url)
+            }
         };
         tracing::info!(
             persona_model = persona.model(),
+            persona_provider = %provider(persona.model()),
             chat_model = chat.model(),
-            "models in use (offline = deterministic built-in engine, no provider called)"
+            chat_provider = %provider(chat.model()),
+            "models in use"
         );
-        Models { persona, chat }
+        Ok(Models { persona, chat })
     }
 }
 
@@ -198,7 +237,7 @@ pub async fn run(
     };
     let mut tasks = tokio::task::JoinSet::new();
     if !kinds.is_empty() {
-        let models = Models::from_settings(&settings);
+        let models = Models::from_settings(&settings)?;
         for &kind in kinds {
             let c = consumer(kind, &adapters, &models, &settings);
             let token = shutdown.clone();

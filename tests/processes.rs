@@ -29,6 +29,8 @@ fn spawn(dir: &std::path::Path, port: u16, args: &[&str]) -> Proc {
         .env("CHARACTERBOT_OFFLINE_DELAY_MS", "1500")
         .env("CHARACTERBOT_VISIBILITY_TIMEOUT_SECS", "2")
         .env("RUST_LOG", "warn")
+        .env("CHARACTERBOT_PERSONA_MODEL", "offline")
+        .env("CHARACTERBOT_CHAT_MODEL", "offline")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -276,14 +276,22 @@ pub struct AuthSettings {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PersonaModelChoice {
+    /// OpenAI when `OPENAI_API_KEY` is set, the offline engine otherwise.
+    Auto,
     /// Deterministic offline engine (no key, no network).
     Offline,
+    /// OpenAI structured outputs (or any OpenAI-compatible server at `OPENAI_BASE_URL`).
+    Openai,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ChatModelChoice {
+    /// OpenAI when `OPENAI_API_KEY` is set, the offline engine otherwise.
+    Auto,
     /// Deterministic offline engine (no key, no network).
     Offline,
+    /// OpenAI Chat Completions (or any OpenAI-compatible server at `OPENAI_BASE_URL`).
+    Openai,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -293,7 +301,7 @@ pub struct ModelSettings {
         long,
         env = "CHARACTERBOT_PERSONA_MODEL",
         value_enum,
-        default_value = "offline",
+        default_value = "auto",
         global = true
     )]
     pub persona_model: PersonaModelChoice,
@@ -302,7 +310,7 @@ pub struct ModelSettings {
         long,
         env = "CHARACTERBOT_CHAT_MODEL",
         value_enum,
-        default_value = "offline",
+        default_value = "auto",
         global = true
     )]
     pub chat_model: ChatModelChoice,
@@ -315,4 +323,60 @@ pub struct ModelSettings {
         global = true
     )]
     pub offline_delay_ms: u64,
+    /// OpenAI API key; setting it makes `auto` choose OpenAI.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true, global = true)]
+    pub openai_api_key: Option<String>,
+    /// Base URL of the OpenAI API, or of any OpenAI-compatible server (llama.cpp, Ollama, vLLM).
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1",
+        global = true
+    )]
+    pub openai_base_url: String,
+    /// OpenAI organization id, if the key belongs to several.
+    #[arg(long, env = "OPENAI_ORG_ID", global = true)]
+    pub openai_org_id: Option<String>,
+    /// Model of the persona agent on OpenAI.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_OPENAI_PERSONA_MODEL",
+        default_value = "gpt-4o-mini",
+        global = true
+    )]
+    pub openai_persona_model: String,
+    /// Model of the chat on OpenAI.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_OPENAI_CHAT_MODEL",
+        default_value = "gpt-4o-mini",
+        global = true
+    )]
+    pub openai_chat_model: String,
+    /// Time limit of one provider call, in seconds.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MODEL_TIMEOUT_SECS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub model_timeout_secs: u64,
+    /// Most tokens a provider may write for one persona or reply.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_OUTPUT_TOKENS",
+        default_value_t = 800,
+        global = true
+    )]
+    pub max_output_tokens: u32,
+}
+
+impl ModelSettings {
+    /// The OpenAI key, if one is configured (an empty value counts as none).
+    pub fn openai_key(&self) -> Option<&str> {
+        self.openai_api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+    }
 }

@@ -4,6 +4,7 @@
 //! Ownership is not a field: every store call takes the owner's user id, so a record can never
 //! be fetched without naming whose it is.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -19,7 +20,7 @@ pub struct User {
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PersonaSource {
     /// A well-known character whose real traits were used.
@@ -28,14 +29,21 @@ pub enum PersonaSource {
     Original,
 }
 
-/// What a persona model produces from a prompt, before it gets an id.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+/// What a persona model produces from a prompt, before it gets an id. Its JSON schema is the
+/// strict structured-output schema the persona agent asks OpenAI for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema, JsonSchema)]
 pub struct PersonaDraft {
+    /// The character's name.
     pub name: String,
+    /// One or two sentences on who the character is.
     pub description: String,
+    /// Key personality traits.
     pub personality: String,
+    /// How the character talks.
     pub speaking_style: String,
+    /// The character's first line to a new acquaintance, in their own voice.
     pub greeting: String,
+    /// `famous` for a well-known character, `original` for an invented one.
     pub source: PersonaSource,
 }
 

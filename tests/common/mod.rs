@@ -29,6 +29,12 @@ pub fn settings(dir: &Path, extra: &[&str]) -> Settings {
         "--listen".into(),
         "127.0.0.1:0".into(),
     ];
+    // Never a real provider, whatever the developer's environment holds, unless a test asks.
+    for flag in ["--persona-model", "--chat-model"] {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_string(), "offline".into()]);
+        }
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Args::try_parse_from(args)
         .expect("test settings parse")
@@ -105,7 +111,7 @@ impl Builder {
         if self.workers {
             let models = self
                 .models
-                .unwrap_or_else(|| Models::from_settings(&app.settings));
+                .unwrap_or_else(|| Models::from_settings(&app.settings).expect("models"));
             for kind in RequestKind::ALL {
                 app.start_worker(kind, &models);
             }

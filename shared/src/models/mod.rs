@@ -3,9 +3,11 @@
 //! token usage, and fail with [`Error::ModelTransient`](crate::Error::ModelTransient) or
 //! [`Error::ModelPermanent`](crate::Error::ModelPermanent) so the worker knows whether to retry.
 //!
-//! [`offline`] is the deterministic engine used when no provider is configured and by the tests.
+//! [`offline`] is the deterministic engine used when no provider is configured and by the tests;
+//! [`openai`] speaks to OpenAI or any OpenAI-compatible server.
 
 pub mod offline;
+pub mod openai;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc::UnboundedSender;
