@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         listener,
         api_state(&adapters, &settings, shutdown.clone()),
     ));
-    let models = Models::from_settings(&settings)?;
+    let models = Models::from_settings(&settings).await?;
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.clients)

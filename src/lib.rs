@@ -24,6 +24,7 @@ use shared::config::{Backend, ChatModelChoice, PersonaModelChoice, Settings};
 use shared::domain::RequestKind;
 use shared::events::{EventBus, SqliteEventBus};
 use shared::metrics::Metrics;
+use shared::models::bedrock::{BedrockChatModel, BedrockOptions};
 use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
 use shared::models::openai::{OpenAiChatModel, OpenAiOptions, OpenAiPersonaModel};
 use shared::models::{ChatModel, PersonaModel};
@@ -103,7 +104,7 @@ pub struct Models {
 impl Models {
     /// The models the settings name; `auto` picks a provider whose credentials are present and
     /// the offline engine otherwise, and the choice is logged.
-    pub fn from_settings(settings: &Settings) -> anyhow::Result<Models> {
+    pub async fn from_settings(settings: &Settings) -> anyhow::Result<Models> {
         let m = &settings.models;
         let delay = Duration::from_millis(m.offline_delay_ms);
         let openai = |model: &str| -> anyhow::Result<OpenAiOptions> {
@@ -129,7 +130,19 @@ impl Models {
         } else {
             Arc::new(OfflinePersonaModel { delay })
         };
-        let chat: Arc<dyn ChatModel> = if use_openai(
+        let bedrock = m.chat_model == ChatModelChoice::Bedrock
+            || (m.chat_model == ChatModelChoice::Auto && m.aws_credentials_present());
+        let chat: Arc<dyn ChatModel> = if bedrock {
+            let opts = BedrockOptions {
+                model_id: m.bedrock_model_id.clone(),
+                max_tokens: m.max_output_tokens,
+                temperature: m.temperature,
+                top_p: m.top_p,
+                stream: m.bedrock_stream,
+                timeout: Duration::from_secs(m.model_timeout_secs.max(1)),
+            };
+            Arc::new(BedrockChatModel::from_environment(opts).await)
+        } else if use_openai(
             m.chat_model == ChatModelChoice::Openai,
             m.chat_model == ChatModelChoice::Auto,
         ) {
@@ -140,6 +153,8 @@ impl Models {
         let provider = |model: &str| {
             if model == shared::models::offline::MODEL {
                 "offline engine (deterministic, built in, no provider called)".to_string()
+            } else if bedrock && model == m.bedrock_model_id {
+                "Amazon Bedrock".to_string()
             } else {
                 format!("OpenAI-compatible API at {}", m.openai_base_url)
             }
@@ -237,7 +252,7 @@ pub async fn run(
     };
     let mut tasks = tokio::task::JoinSet::new();
     if !kinds.is_empty() {
-        let models = Models::from_settings(&settings)?;
+        let models = Models::from_settings(&settings).await?;
         for &kind in kinds {
             let c = consumer(kind, &adapters, &models, &settings);
             let token = shutdown.clone();

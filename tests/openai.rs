@@ -7,11 +7,11 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestApp, User};
+use common::{Sequence, TestApp, User};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use wiremock::matchers::{header, method, path};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn completion(content: Value, finish_reason: &str) -> Value {
     json!({
@@ -39,27 +39,6 @@ fn ok_persona() -> ResponseTemplate {
         json!({ "role": "assistant", "content": persona_json(), "refusal": null }),
         "stop",
     ))
-}
-
-/// Answers with `first` for the first `n` calls and `then` afterwards, recording when each
-/// call arrived.
-struct Sequence {
-    n: usize,
-    first: ResponseTemplate,
-    then: ResponseTemplate,
-    calls: Arc<Mutex<Vec<Instant>>>,
-}
-
-impl Respond for Sequence {
-    fn respond(&self, _: &Request) -> ResponseTemplate {
-        let mut calls = self.calls.lock().unwrap();
-        calls.push(Instant::now());
-        if calls.len() <= self.n {
-            self.first.clone()
-        } else {
-            self.then.clone()
-        }
-    }
 }
 
 async fn server_answering(

@@ -286,10 +286,13 @@ pub enum PersonaModelChoice {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ChatModelChoice {
-    /// OpenAI when `OPENAI_API_KEY` is set, the offline engine otherwise.
+    /// Bedrock when AWS credentials are configured, else OpenAI when `OPENAI_API_KEY` is set,
+    /// else the offline engine.
     Auto,
     /// Deterministic offline engine (no key, no network).
     Offline,
+    /// Amazon Bedrock (Nova) through `invoke_model`.
+    Bedrock,
     /// OpenAI Chat Completions (or any OpenAI-compatible server at `OPENAI_BASE_URL`).
     Openai,
 }
@@ -353,6 +356,29 @@ pub struct ModelSettings {
         global = true
     )]
     pub openai_chat_model: String,
+    /// Bedrock model id of the chat.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_BEDROCK_MODEL_ID",
+        default_value = "amazon.nova-micro-v1:0",
+        global = true
+    )]
+    pub bedrock_model_id: String,
+    /// Stream Bedrock replies (`invoke_model_with_response_stream`), pushing each fragment to
+    /// the user's event stream as `message.delta`.
+    #[arg(long, env = "CHARACTERBOT_BEDROCK_STREAM", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub bedrock_stream: bool,
+    /// Sampling temperature of chat replies.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_TEMPERATURE",
+        default_value_t = 0.7,
+        global = true
+    )]
+    pub temperature: f32,
+    /// Nucleus sampling (`topP`) of chat replies.
+    #[arg(long, env = "CHARACTERBOT_TOP_P", default_value_t = 0.9, global = true)]
+    pub top_p: f32,
     /// Time limit of one provider call, in seconds.
     #[arg(
         long,
@@ -372,6 +398,20 @@ pub struct ModelSettings {
 }
 
 impl ModelSettings {
+    /// Whether AWS credentials are configured in the environment (keys, a profile, a web
+    /// identity, or a container role); `auto` then picks Bedrock for chat.
+    pub fn aws_credentials_present(&self) -> bool {
+        [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_PROFILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+    }
+
     /// The OpenAI key, if one is configured (an empty value counts as none).
     pub fn openai_key(&self) -> Option<&str> {
         self.openai_api_key

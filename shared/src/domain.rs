@@ -263,6 +263,9 @@ pub struct RequestRecord {
     pub usage: Option<Usage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// How long the attempt that succeeded took (model calls and storage), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -281,6 +284,7 @@ impl RequestRecord {
             error: None,
             usage: None,
             model: None,
+            latency_ms: None,
             created_at: now.clone(),
             updated_at: now,
         }

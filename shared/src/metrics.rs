@@ -34,6 +34,12 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub kind: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -57,6 +63,8 @@ pub struct Metrics {
     pub jobs: Family<JobLabels, Counter>,
     pub job_duration: Family<KindLabels, Histogram>,
     pub model_tokens: Family<TokenLabels, Counter>,
+    /// Duration of the attempt that succeeded, model calls included.
+    pub model_latency: Family<ModelLabels, Histogram>,
     /// Set from the queues themselves just before each scrape.
     pub queue_messages: Family<QueueLabels, Gauge>,
 }
@@ -73,6 +81,14 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.001, 2.0, 18))
         });
         let model_tokens = Family::<TokenLabels, Counter>::default();
+        let model_latency = Family::<ModelLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 18))
+        });
+        registry.register(
+            "model_request_duration_seconds",
+            "Duration of successful job attempts (model calls and storage), by model",
+            model_latency.clone(),
+        );
         registry.register(
             "http_requests",
             "HTTP requests answered",
@@ -103,6 +119,7 @@ impl Metrics {
             jobs,
             job_duration,
             model_tokens,
+            model_latency,
             queue_messages,
         })
     }

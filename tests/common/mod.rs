@@ -109,9 +109,10 @@ impl Builder {
             dir,
         };
         if self.workers {
-            let models = self
-                .models
-                .unwrap_or_else(|| Models::from_settings(&app.settings).expect("models"));
+            let models = match self.models {
+                Some(m) => m,
+                None => Models::from_settings(&app.settings).await.expect("models"),
+            };
             for kind in RequestKind::ALL {
                 app.start_worker(kind, &models);
             }
@@ -324,6 +325,27 @@ pub async fn read_sse(
             if stop {
                 return events;
             }
+        }
+    }
+}
+
+/// A fake provider's answers: `first` for the first `n` calls, `then` afterwards; records when
+/// each call arrived.
+pub struct Sequence {
+    pub n: usize,
+    pub first: wiremock::ResponseTemplate,
+    pub then: wiremock::ResponseTemplate,
+    pub calls: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+}
+
+impl wiremock::Respond for Sequence {
+    fn respond(&self, _: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let mut calls = self.calls.lock().unwrap();
+        calls.push(std::time::Instant::now());
+        if calls.len() <= self.n {
+            self.first.clone()
+        } else {
+            self.then.clone()
         }
     }
 }

@@ -25,7 +25,7 @@ use backon::{ExponentialBuilder, Retryable};
 use shared::config::WorkerSettings;
 use shared::domain::{ErrorBody, JobMessage, RequestKind, RequestRecord, RequestResult, Usage};
 use shared::events::EventBus;
-use shared::metrics::{KindLabels, Metrics, TokenLabels};
+use shared::metrics::{KindLabels, Metrics, ModelLabels, TokenLabels};
 use shared::queue::{Delivery, Queue};
 use shared::store::{Store, Transition};
 use shared::{Error, Result};
@@ -239,6 +239,7 @@ impl Consumer {
             attempt: delivery.receive_count,
         };
         let budget = Duration::from_secs(self.settings.job_timeout_secs.max(1));
+        let attempt_started = Instant::now();
         let outcome: Outcome = tokio::select! {
             _ = cancel.cancelled() => None,
             r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => Some(
@@ -253,7 +254,15 @@ impl Consumer {
         let id = &record.request_id;
         match outcome {
             Some(Ok(out)) => {
+                let latency = attempt_started.elapsed();
                 self.count_tokens(&out);
+                self.metrics
+                    .model_latency
+                    .get_or_create(&ModelLabels {
+                        kind: kind.into(),
+                        model: out.model.clone(),
+                    })
+                    .observe(latency.as_secs_f64());
                 let (record, _) = self
                     .store
                     .transition(
@@ -262,6 +271,7 @@ impl Consumer {
                             result: Box::new(out.result),
                             usage: out.usage,
                             model: out.model,
+                            latency_ms: latency.as_millis() as u64,
                         },
                     )
                     .await?;

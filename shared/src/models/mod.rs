@@ -6,6 +6,7 @@
 //! [`offline`] is the deterministic engine used when no provider is configured and by the tests;
 //! [`openai`] speaks to OpenAI or any OpenAI-compatible server.
 
+pub mod bedrock;
 pub mod offline;
 pub mod openai;
 

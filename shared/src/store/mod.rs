@@ -31,6 +31,7 @@ pub enum Transition {
         result: Box<RequestResult>,
         usage: Usage,
         model: String,
+        latency_ms: u64,
     },
     Fail {
         error: ErrorBody,
@@ -178,11 +179,13 @@ impl Transition {
                 result,
                 usage,
                 model,
+                latency_ms,
             } => {
                 record.status = RequestStatus::Succeeded;
                 record.result = Some(*result);
                 record.usage = Some(usage);
                 record.model = Some(model);
+                record.latency_ms = Some(latency_ms);
                 record.error = None;
             }
             Transition::Fail { error } => {
