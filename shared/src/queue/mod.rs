@@ -3,13 +3,15 @@
 //!
 //! - `receive` hides each message it returns for a visibility timeout and counts the delivery;
 //!   a consumer that dies without deleting lets the message reappear when the timeout ends.
-//! - `delete` (by receipt) acknowledges; a stale receipt — the message was meanwhile delivered
-//!   again — deletes nothing, so a slow consumer cannot remove someone else's delivery.
+//! - `delete` (by receipt) acknowledges. With a stale receipt — the message was meanwhile
+//!   delivered again — the embedded queue deletes nothing; SQS may still delete. The consume loop
+//!   relies on neither: every effect is idempotent.
 //! - `dead_letter` moves a message out of the way for good; the consume loop decides when.
 //!
 //! Delivery is at least once: consumers must make their effects idempotent.
 
 pub mod sqlite;
+pub mod sqs;
 
 use std::time::Duration;
 
@@ -65,7 +67,7 @@ pub trait Queue: Send + Sync + 'static {
         wait: Duration,
     ) -> Result<Vec<Delivery>>;
 
-    /// Acknowledges a delivery. A stale receipt is not an error: it deletes nothing.
+    /// Acknowledges a delivery. A stale receipt is not an error.
     async fn delete(&self, receipt: &str) -> Result<()>;
 
     /// Hides a delivered message for `timeout` from now (0 makes it visible at once). Used to

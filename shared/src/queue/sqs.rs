@@ -1,0 +1,287 @@
+//! The queue on Amazon SQS: one standard queue per kind, each with its dead-letter queue.
+//!
+//! SQS gives the semantics the port describes natively (visibility timeout, receive count,
+//! receipts); this adapter maps names and limits: batches of at most 10, long polls of at most
+//! 20 s, visibility in whole seconds. The consume loop dead-letters explicitly (so the request is
+//! failed with a reason); the queue's redrive policy, set a little above `max_receives`, is the
+//! backstop for a consumer that cannot.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
+};
+
+use super::{DeadLetter, Delivery, Queue, QueueStats};
+use crate::{Error, Result};
+
+/// SQS caps.
+const MAX_BATCH: usize = 10;
+const MAX_WAIT: Duration = Duration::from_secs(20);
+
+pub struct SqsQueue {
+    client: aws_sdk_sqs::Client,
+    name: String,
+    url: String,
+    dlq_url: String,
+}
+
+fn queue_error(op: &str, e: impl std::error::Error) -> Error {
+    Error::Queue(format!(
+        "sqs {op}: {}",
+        aws_sdk_sqs::error::DisplayErrorContext(e)
+    ))
+}
+
+/// Whole seconds, rounded up: SQS takes no fractions, and rounding down could end a
+/// visibility early.
+fn secs(d: Duration) -> i32 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.min(43_200) as i32
+}
+
+impl SqsQueue {
+    /// Creates (or finds) the queue `name` and its dead-letter queue `name-dlq`, with a redrive
+    /// policy of `redrive_after` receives, and returns the adapter.
+    pub async fn ensure(
+        client: aws_sdk_sqs::Client,
+        kind: &str,
+        name: &str,
+        redrive_after: u32,
+    ) -> Result<SqsQueue> {
+        let dlq_url = client
+            .create_queue()
+            .queue_name(format!("{name}-dlq"))
+            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+            .attributes(QueueAttributeName::SqsManagedSseEnabled, "true")
+            .send()
+            .await
+            .map_err(|e| queue_error("create dead-letter queue", e))?
+            .queue_url
+            .unwrap_or_default();
+        let dlq_arn = client
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| queue_error("read dead-letter queue", e))?
+            .attributes
+            .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
+            .unwrap_or_default();
+        let redrive = serde_json::json!({
+            "deadLetterTargetArn": dlq_arn,
+            "maxReceiveCount": redrive_after.to_string(),
+        });
+        let url = client
+            .create_queue()
+            .queue_name(name)
+            .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
+            .attributes(QueueAttributeName::SqsManagedSseEnabled, "true")
+            .send()
+            .await
+            .map_err(|e| queue_error("create queue", e))?
+            .queue_url
+            .unwrap_or_default();
+        Ok(SqsQueue {
+            client,
+            name: kind.to_owned(),
+            url,
+            dlq_url,
+        })
+    }
+
+    async fn count(&self, url: &str) -> Result<(u64, u64)> {
+        let attrs = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| queue_error("read attributes", e))?
+            .attributes
+            .unwrap_or_default();
+        let get = |k: &QueueAttributeName| {
+            attrs
+                .get(k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok((
+            get(&QueueAttributeName::ApproximateNumberOfMessages),
+            get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        ))
+    }
+}
+
+fn string_attribute(value: &str) -> Result<MessageAttributeValue> {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .map_err(|e| Error::Queue(e.to_string()))
+}
+
+#[async_trait]
+impl Queue for SqsQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, bodies: &[String]) -> Result<()> {
+        for chunk in bodies.chunks(MAX_BATCH) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, body)| {
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(body)
+                        .build()
+                        .map_err(|e| Error::Queue(e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = self
+                .client
+                .send_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| queue_error("send", e))?;
+            if let Some(failed) = out.failed.first() {
+                return Err(Error::Queue(format!(
+                    "sqs send: entry {} refused: {}",
+                    failed.id,
+                    failed.message.as_deref().unwrap_or("no reason")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max.clamp(1, MAX_BATCH) as i32)
+            .visibility_timeout(secs(visibility))
+            .wait_time_seconds(wait.min(MAX_WAIT).as_secs() as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .map_err(|e| queue_error("receive", e))?;
+        Ok(out
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| Delivery {
+                receive_count: m
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1),
+                message_id: m.message_id.unwrap_or_default(),
+                receipt: m.receipt_handle.unwrap_or_default(),
+                body: m.body.unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<()> {
+        self.client
+            .delete_message()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(|e| queue_error("delete", e))?;
+        Ok(())
+    }
+
+    async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<()> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .visibility_timeout(secs(timeout))
+            .send()
+            .await
+            .map_err(|e| queue_error("change visibility", e))?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        // Copy, then delete: a crash between the two leaves the message in both queues, and the
+        // next delivery of the original finds its request already failed and drops it.
+        self.client
+            .send_message()
+            .queue_url(&self.dlq_url)
+            .message_body(&delivery.body)
+            .message_attributes("reason", string_attribute(reason)?)
+            .message_attributes(
+                "receive_count",
+                string_attribute(&delivery.receive_count.to_string())?,
+            )
+            .send()
+            .await
+            .map_err(|e| queue_error("dead-letter", e))?;
+        self.delete(&delivery.receipt).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        // A peek: received with no visibility timeout, so the messages stay where they are.
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.dlq_url)
+            .max_number_of_messages(limit.clamp(1, MAX_BATCH) as i32)
+            .visibility_timeout(0)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| queue_error("read dead letters", e))?;
+        Ok(out
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| {
+                let attr = |k: &str| {
+                    m.message_attributes
+                        .as_ref()
+                        .and_then(|a| a.get(k))
+                        .and_then(|v| v.string_value.clone())
+                };
+                DeadLetter {
+                    reason: attr("reason").unwrap_or_else(|| "redriven by the queue".into()),
+                    receive_count: attr("receive_count")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                    message_id: m.message_id.clone().unwrap_or_default(),
+                    body: m.body.clone().unwrap_or_default(),
+                }
+            })
+            .collect())
+    }
+
+    async fn stats(&self) -> Result<QueueStats> {
+        let (visible, in_flight) = self.count(&self.url).await?;
+        let (dead, dead_hidden) = self.count(&self.dlq_url).await?;
+        Ok(QueueStats {
+            visible,
+            in_flight,
+            dead: dead + dead_hidden,
+        })
+    }
+}
