@@ -352,16 +352,20 @@ impl wiremock::Respond for Sequence {
 
 /// AWS SDK configuration for the moto server that `scripts/test` starts: its endpoint, a fixed
 /// region and fake credentials. Panics with instructions when the tests were not started that way.
-pub async fn aws_test_config() -> aws_sdk_sqs::Config {
+pub fn aws_test_sdk_config() -> aws_config::SdkConfig {
     let endpoint = std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").expect(
         "CHARACTERBOT_TEST_AWS_ENDPOINT is not set: run the tests with `scripts/test`, which starts the moto server",
     );
-    aws_sdk_sqs::Config::builder()
-        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
-        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "testing", "testing", None, None, "moto",
+    aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+            aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "moto"),
         ))
         .endpoint_url(endpoint)
         .build()
+}
+
+pub async fn aws_test_config() -> aws_sdk_sqs::Config {
+    aws_sdk_sqs::Config::from(&aws_test_sdk_config())
 }

@@ -6,6 +6,7 @@
 //! a persona is keyed by its request, a reply by the user message it answers, and request
 //! states only move forward.
 
+pub mod dynamodb;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -1,0 +1,413 @@
+//! The `Store` contract, run against each implementation: the embedded SQLite store, and the
+//! DynamoDB store through the real AWS SDK against the moto server that `scripts/test` starts
+//! (a table per test).
+
+mod common;
+
+use std::sync::Arc;
+
+use shared::domain::{
+    new_id, Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource,
+    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
+};
+use shared::sqlite::Db;
+use shared::store::dynamodb::DynamoStore;
+use shared::store::sqlite::SqliteStore;
+use shared::store::{IdempotencyBegin, Store, Transition};
+use shared::Error;
+
+struct Subject {
+    store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn embedded() -> Subject {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).await.unwrap();
+    Subject {
+        store: Arc::new(SqliteStore::new(db)),
+        _dir: Some(dir),
+    }
+}
+
+async fn dynamodb() -> Subject {
+    let client = aws_sdk_dynamodb::Client::from_conf(aws_sdk_dynamodb::Config::from(
+        &common::aws_test_sdk_config(),
+    ));
+    let table = format!("contract-{}", uuid::Uuid::new_v4().simple());
+    DynamoStore::create_table(&client, &table).await.unwrap();
+    Subject {
+        store: Arc::new(DynamoStore::new(client, table)),
+        _dir: None,
+    }
+}
+
+fn persona(id: &str, name: &str) -> Persona {
+    Persona::from_draft(
+        id.into(),
+        PersonaDraft {
+            name: name.into(),
+            description: "d".into(),
+            personality: "p".into(),
+            speaking_style: "s".into(),
+            greeting: "g".into(),
+            source: PersonaSource::Original,
+        },
+        "offline".into(),
+        name.into(),
+    )
+}
+
+fn message(role: Role, text: &str) -> Message {
+    Message {
+        message_id: new_id("msg"),
+        role,
+        text: text.into(),
+        model: None,
+        created_at: shared::time::now_rfc3339(),
+    }
+}
+
+fn chat_request(conv: &str, m: &Message) -> RequestRecord {
+    RequestRecord::new(
+        RequestKind::Chat,
+        RequestInput::Chat {
+            conversation_id: conv.into(),
+            message_id: m.message_id.clone(),
+            text: m.text.clone(),
+        },
+        None,
+    )
+}
+
+fn error(code: &str) -> ErrorBody {
+    ErrorBody {
+        code: code.into(),
+        message: code.into(),
+    }
+}
+
+async fn personas_are_written_once_listed_newest_first_and_paged(s: Subject) {
+    let st = s.store.as_ref();
+    let ids: Vec<String> = (0..3).map(|_| new_id("per")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        st.put_persona("alice", &persona(id, &format!("P{i}")))
+            .await
+            .unwrap();
+    }
+    // A second put of the same id keeps the first.
+    st.put_persona("alice", &persona(&ids[0], "Twin"))
+        .await
+        .unwrap();
+    assert_eq!(
+        st.get_persona("alice", &ids[0])
+            .await
+            .unwrap()
+            .unwrap()
+            .name,
+        "P0"
+    );
+    assert!(
+        st.get_persona("bob", &ids[0]).await.unwrap().is_none(),
+        "owner scoped"
+    );
+
+    let page1 = st.list_personas("alice", 2, None).await.unwrap();
+    let names: Vec<_> = page1.items.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["P2", "P1"], "newest first");
+    let page2 = st
+        .list_personas("alice", 2, page1.next_token.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(
+        page2
+            .items
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        ["P0"]
+    );
+    assert!(st
+        .list_personas("bob", 10, None)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(matches!(
+        st.list_personas("alice", 2, Some("garbage!")).await,
+        Err(Error::Invalid(_))
+    ));
+
+    assert!(!st.delete_persona("bob", &ids[0]).await.unwrap());
+    assert!(st.delete_persona("alice", &ids[0]).await.unwrap());
+    assert!(!st.delete_persona("alice", &ids[0]).await.unwrap());
+}
+
+async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
+    let st = s.store.as_ref();
+    let conv = Conversation {
+        conversation_id: new_id("conv"),
+        persona_id: "per_x".into(),
+        persona_name: "X".into(),
+        created_at: shared::time::now_rfc3339(),
+    };
+    let c = conv.conversation_id.as_str();
+    st.create_conversation("alice", &conv).await.unwrap();
+    assert_eq!(
+        st.get_conversation("alice", c).await.unwrap().unwrap(),
+        conv
+    );
+    assert!(st.get_conversation("bob", c).await.unwrap().is_none());
+    assert_eq!(
+        st.list_conversations("alice", 10, None)
+            .await
+            .unwrap()
+            .items,
+        vec![conv.clone()]
+    );
+
+    let (m1, m2) = (message(Role::User, "one"), message(Role::User, "two"));
+    st.add_user_message("alice", c, &m1, &chat_request(c, &m1))
+        .await
+        .unwrap();
+    st.add_user_message("alice", c, &m2, &chat_request(c, &m2))
+        .await
+        .unwrap();
+    // The reply to the second message lands first; the first's arrives late.
+    let r2 = message(Role::Assistant, "reply two");
+    assert_eq!(st.put_reply(c, &m2.message_id, &r2).await.unwrap(), r2);
+    let r1 = message(Role::Assistant, "reply one");
+    st.put_reply(c, &m1.message_id, &r1).await.unwrap();
+    // A redelivery's reply does not replace the stored one.
+    let twin = message(Role::Assistant, "a second reply");
+    assert_eq!(st.put_reply(c, &m1.message_id, &twin).await.unwrap(), r1);
+    assert_eq!(st.get_reply(c, &m1.message_id).await.unwrap().unwrap(), r1);
+
+    let all = st.list_messages("alice", c, 10, None).await.unwrap();
+    let texts: Vec<_> = all.items.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["one", "reply one", "two", "reply two"]);
+    let first = st.list_messages("alice", c, 3, None).await.unwrap();
+    assert_eq!(first.items.len(), 3);
+    let rest = st
+        .list_messages("alice", c, 3, first.next_token.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.items
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect::<Vec<_>>(),
+        ["reply two"]
+    );
+    assert!(matches!(
+        st.list_messages("bob", c, 10, None).await,
+        Err(Error::NotFound)
+    ));
+
+    let history = st.history_before(c, &m2.message_id, 10).await.unwrap();
+    assert_eq!(
+        history.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+        ["one", "reply one"]
+    );
+    assert_eq!(
+        st.history_before(c, &m2.message_id, 1).await.unwrap()[0].text,
+        "reply one",
+        "the newest within the limit"
+    );
+    assert!(st
+        .history_before(c, &m1.message_id, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
+    let st = s.store.as_ref();
+    let batch_id = new_id("bat");
+    let requests: Vec<RequestRecord> = ["a", "b", "c"]
+        .iter()
+        .map(|p| {
+            RequestRecord::new(
+                RequestKind::Persona,
+                RequestInput::Persona {
+                    prompt: (*p).into(),
+                },
+                Some(batch_id.clone()),
+            )
+        })
+        .collect();
+    let batch = Batch {
+        batch_id: batch_id.clone(),
+        total: 3,
+        succeeded: 0,
+        failed: 0,
+        pending: 3,
+        request_ids: requests.iter().map(|r| r.request_id.clone()).collect(),
+        created_at: shared::time::now_rfc3339(),
+    };
+    st.create_requests("alice", &requests, Some(&batch))
+        .await
+        .unwrap();
+    let (a, b) = (&requests[0].request_id, &requests[1].request_id);
+    assert_eq!(
+        st.get_request("alice", a).await.unwrap().unwrap(),
+        requests[0]
+    );
+    assert!(
+        st.get_request("bob", a).await.unwrap().is_none(),
+        "owner scoped"
+    );
+
+    let (started, applied) = st
+        .transition(a, Transition::Start { attempt: 1 })
+        .await
+        .unwrap();
+    assert!(applied);
+    assert_eq!(
+        (started.status, started.attempts),
+        (RequestStatus::Running, 1)
+    );
+    let result = RequestResult::Persona(persona("per_a", "A"));
+    let succeed = Transition::Succeed {
+        result: Box::new(result.clone()),
+        usage: Usage {
+            input_tokens: 3,
+            output_tokens: 4,
+        },
+        model: "m".into(),
+        latency_ms: 5,
+    };
+    let (done, applied) = st.transition(a, succeed.clone()).await.unwrap();
+    assert!(applied);
+    assert_eq!(
+        (done.status, done.result.as_ref(), done.latency_ms),
+        (RequestStatus::Succeeded, Some(&result), Some(5))
+    );
+    // Finished is final: neither a failure nor a restart moves it.
+    let (after, applied) = st
+        .transition(
+            a,
+            Transition::Fail {
+                error: error("late"),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!applied);
+    assert_eq!(after.status, RequestStatus::Succeeded);
+    assert!(
+        !st.transition(a, Transition::Start { attempt: 2 })
+            .await
+            .unwrap()
+            .1
+    );
+    st.transition(
+        b,
+        Transition::Fail {
+            error: error("bad"),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!st.transition(b, succeed).await.unwrap().1);
+    assert!(matches!(
+        st.transition("req_nope", Transition::Start { attempt: 1 })
+            .await,
+        Err(Error::NotFound)
+    ));
+
+    let counts = st.get_batch("alice", &batch_id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            counts.total,
+            counts.succeeded,
+            counts.failed,
+            counts.pending
+        ),
+        (3, 1, 1, 1)
+    );
+    assert_eq!(counts.request_ids, batch.request_ids);
+    assert!(st.get_batch("bob", &batch_id).await.unwrap().is_none());
+}
+
+async fn idempotency_keys_claim_replay_and_release(s: Subject) {
+    let st = s.store.as_ref();
+    let day = 86_400_000;
+    assert_eq!(
+        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::InFlight
+    );
+    assert_eq!(
+        st.idempotency_begin("alice", "k", "fp2", 60_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Mismatch
+    );
+    assert_eq!(
+        st.idempotency_begin("bob", "k", "fp2", 60_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started,
+        "per user"
+    );
+    // The handler died: the claim is abandoned after the lock time.
+    assert_eq!(
+        st.idempotency_begin("alice", "k", "fp1", 0, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    st.idempotency_complete("alice", "k", 202, "{\"ok\":true}")
+        .await
+        .unwrap();
+    assert_eq!(
+        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Replay {
+            status: 202,
+            body: "{\"ok\":true}".into()
+        }
+    );
+    st.idempotency_release("alice", "k").await.unwrap(); // answered keys are not released
+    assert!(matches!(
+        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Replay { .. }
+    ));
+    st.idempotency_release("bob", "k").await.unwrap();
+    assert_eq!(
+        st.idempotency_begin("bob", "k", "fp3", 60_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    st.ping().await.unwrap();
+}
+
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod embedded_store {
+            $( #[tokio::test] async fn $case() { super::$case(super::embedded().await).await } )*
+        }
+        mod dynamodb_store {
+            $( #[tokio::test] async fn $case() { super::$case(super::dynamodb().await).await } )*
+        }
+    };
+}
+
+contract!(
+    personas_are_written_once_listed_newest_first_and_paged,
+    each_user_message_gets_one_reply_in_its_place,
+    requests_only_move_forward_and_batches_count_them,
+    idempotency_keys_claim_replay_and_release,
+);
