@@ -54,6 +54,7 @@ pub struct Builder {
     extra: Vec<String>,
     models: Option<Models>,
     workers: bool,
+    aws: bool,
 }
 
 /// A signed-in user.
@@ -77,6 +78,13 @@ impl Builder {
         self
     }
 
+    /// Queue on SQS and store on DynamoDB (fresh queues and table on the moto server of
+    /// `scripts/test`); events and auth stay embedded.
+    pub fn on_aws(mut self) -> Self {
+        self.aws = true;
+        self
+    }
+
     /// No workers: requests stay queued (to count what was enqueued).
     pub fn without_workers(mut self) -> Self {
         self.workers = false;
@@ -84,10 +92,41 @@ impl Builder {
     }
 
     pub async fn start(self) -> TestApp {
+        // `CHARACTERBOT_TEST_LOG=debug scripts/test ...` shows the product's logs.
+        if let Ok(filter) = std::env::var("CHARACTERBOT_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         let settings = settings(dir.path(), &extra);
-        let adapters = Adapters::open(&settings).await.expect("adapters");
+        let mut adapters = Adapters::open(&settings).await.expect("adapters");
+        if self.aws {
+            use shared::queue::sqs::SqsQueue;
+            use shared::store::dynamodb::DynamoStore;
+            let sdk = aws_test_sdk_config();
+            let run = uuid::Uuid::new_v4().simple().to_string();
+            let sqs = aws_sdk_sqs::Client::new(&sdk);
+            let redrive = settings.worker.max_receives + 2;
+            adapters.persona_queue = std::sync::Arc::new(
+                SqsQueue::ensure(sqs.clone(), "persona", &format!("persona-{run}"), redrive)
+                    .await
+                    .expect("sqs"),
+            );
+            adapters.chat_queue = std::sync::Arc::new(
+                SqsQueue::ensure(sqs, "chat", &format!("chat-{run}"), redrive)
+                    .await
+                    .expect("sqs"),
+            );
+            let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+            let table = format!("characterbot-{run}");
+            DynamoStore::create_table(&dynamo, &table)
+                .await
+                .expect("table");
+            adapters.store = std::sync::Arc::new(DynamoStore::new(dynamo, table));
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -127,6 +166,7 @@ impl TestApp {
             extra: Vec::new(),
             models: None,
             workers: true,
+            aws: false,
         }
     }
 

@@ -37,8 +37,10 @@ use tracing::Instrument;
 
 /// Most messages taken in one receive (SQS allows 10).
 const RECEIVE_BATCH: usize = 10;
-/// How long one receive call waits for messages (SQS long polling allows 20 s).
-const RECEIVE_WAIT: Duration = Duration::from_secs(20);
+/// How long one receive call waits for messages. SQS allows 20 s; shorter keeps shutdown quick,
+/// since shutdown lets the receive in flight finish (see `run`), at the price of a few more
+/// empty receives.
+const RECEIVE_WAIT: Duration = Duration::from_secs(5);
 /// Longest in-process pause between two tries; a longer `Retry-After` sends the job back to
 /// the queue instead of holding a worker slot.
 const INPROCESS_MAX_DELAY: Duration = Duration::from_secs(5);
@@ -117,9 +119,21 @@ impl Consumer {
                 }
             }
             let vis = self.settings.visibility_timeout();
+            let receive = self.queue.receive(slots.len(), vis, RECEIVE_WAIT);
+            tokio::pin!(receive);
             let received = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.queue.receive(slots.len(), vis, RECEIVE_WAIT) => r,
+                r = &mut receive => r,
+                _ = shutdown.cancelled() => {
+                    // A receive in flight can still be handed messages (the server does not see
+                    // a client go away): take them and hand them straight back, rather than leave
+                    // them hidden for a visibility timeout.
+                    if let Ok(late) = receive.await {
+                        for d in late {
+                            let _ = self.queue.change_visibility(&d.receipt, Duration::ZERO).await;
+                        }
+                    }
+                    break;
+                }
             };
             let deliveries = match received {
                 Ok(d) => d,
