@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use characterbot::Models;
-use common::TestApp;
+use common::{Hangs, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::RequestKind;
@@ -18,23 +18,6 @@ use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
 use shared::models::{ChatModel, ChatRequest, ModelOutput};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
-
-struct Hangs(Arc<Notify>);
-
-#[async_trait]
-impl ChatModel for Hangs {
-    fn model(&self) -> &str {
-        "hangs"
-    }
-    async fn reply(
-        &self,
-        _: &ChatRequest,
-        _: Option<UnboundedSender<String>>,
-    ) -> shared::Result<ModelOutput<String>> {
-        self.0.notify_one();
-        std::future::pending().await
-    }
-}
 
 struct Overloaded;
 

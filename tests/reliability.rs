@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use characterbot::Models;
-use common::{TestApp, User};
+use common::{Hangs, TestApp, User};
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::{JobMessage, Message, RequestKind, Role};
@@ -19,24 +19,6 @@ use shared::Error;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-/// A chat model that tells when it starts and then never answers.
-struct Hangs(Arc<Notify>);
-
-#[async_trait]
-impl ChatModel for Hangs {
-    fn model(&self) -> &str {
-        "hangs"
-    }
-    async fn reply(
-        &self,
-        _: &ChatRequest,
-        _: Option<UnboundedSender<String>>,
-    ) -> shared::Result<ModelOutput<String>> {
-        self.0.notify_one();
-        std::future::pending().await
-    }
-}
 
 /// A chat model that fails every call with the error `make` builds, counting calls.
 struct Fails {

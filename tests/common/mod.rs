@@ -409,3 +409,23 @@ pub fn aws_test_sdk_config() -> aws_config::SdkConfig {
 pub async fn aws_test_config() -> aws_sdk_sqs::Config {
     aws_sdk_sqs::Config::from(&aws_test_sdk_config())
 }
+
+/// A chat model that tells when a call starts and then never answers (a worker stuck in a
+/// provider call, to be killed or shut down).
+pub struct Hangs(pub std::sync::Arc<tokio::sync::Notify>);
+
+#[async_trait::async_trait]
+impl shared::models::ChatModel for Hangs {
+    fn model(&self) -> &str {
+        "hangs"
+    }
+
+    async fn reply(
+        &self,
+        _: &shared::models::ChatRequest,
+        _: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    ) -> shared::Result<shared::models::ModelOutput<String>> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+}

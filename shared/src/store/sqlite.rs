@@ -77,6 +77,21 @@ where
     .await
 }
 
+/// The record in the `body` column of the one row `sql` selects with two text parameters.
+async fn one_body<T>(db: &Db, sql: &'static str, a: &str, b: &str) -> Result<Option<T>>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
+    let (a, b) = (a.to_owned(), b.to_owned());
+    db.call(move |c| {
+        c.query_row(sql, params![a, b], |r| r.get::<_, String>(0))
+            .optional()?
+            .map(|body| from_json(&body))
+            .transpose()
+    })
+    .await
+}
+
 fn insert_request(tx: &Transaction<'_>, user_id: &str, r: &RequestRecord) -> Result<()> {
     tx.execute(
         "INSERT INTO requests (request_id, user_id, status, batch_id, body, updated_ms)
@@ -113,19 +128,13 @@ impl Store for SqliteStore {
     }
 
     async fn get_persona(&self, user_id: &str, persona_id: &str) -> Result<Option<Persona>> {
-        let (user_id, id) = (user_id.to_owned(), persona_id.to_owned());
-        self.db
-            .call(move |c| {
-                c.query_row(
-                    "SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2",
-                    params![user_id, id],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .map(|b| from_json(&b))
-                .transpose()
-            })
-            .await
+        one_body(
+            &self.db,
+            "SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2",
+            user_id,
+            persona_id,
+        )
+        .await
     }
 
     async fn list_personas(
@@ -179,19 +188,13 @@ impl Store for SqliteStore {
         user_id: &str,
         conversation_id: &str,
     ) -> Result<Option<Conversation>> {
-        let (user_id, id) = (user_id.to_owned(), conversation_id.to_owned());
-        self.db
-            .call(move |c| {
-                c.query_row(
-                    "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
-                    params![user_id, id],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .map(|b| from_json(&b))
-                .transpose()
-            })
-            .await
+        one_body(
+            &self.db,
+            "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
+            user_id,
+            conversation_id,
+        )
+        .await
     }
 
     async fn list_conversations(
@@ -407,19 +410,13 @@ impl Store for SqliteStore {
     }
 
     async fn get_request(&self, user_id: &str, request_id: &str) -> Result<Option<RequestRecord>> {
-        let (user_id, id) = (user_id.to_owned(), request_id.to_owned());
-        self.db
-            .call(move |c| {
-                c.query_row(
-                    "SELECT body FROM requests WHERE user_id = ?1 AND request_id = ?2",
-                    params![user_id, id],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .map(|b| from_json(&b))
-                .transpose()
-            })
-            .await
+        one_body(
+            &self.db,
+            "SELECT body FROM requests WHERE user_id = ?1 AND request_id = ?2",
+            user_id,
+            request_id,
+        )
+        .await
     }
 
     async fn transition(
