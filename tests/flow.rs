@@ -236,6 +236,18 @@ async fn the_whole_flow_on_the_embedded_default() {
 async fn refresh_tokens_give_new_access_tokens() {
     let app = TestApp::start().await;
     let bob = app.user("bob").await;
+    // Embedded accounts need no confirmation; the route answers as Cognito's would.
+    let (status, body) = app
+        .post(
+            None,
+            "/v1/auth/confirm",
+            json!({ "email": bob.email, "code": "000000" }),
+        )
+        .await;
+    assert_eq!(
+        (status, body["confirmed"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
     let (status, fresh) = app
         .post(
             None,

@@ -16,6 +16,9 @@ pub enum ApiError {
     BadRequest { code: &'static str, message: String },
     #[error("{0}")]
     Unauthorized(String),
+    /// 403: authenticated but not allowed yet (an unconfirmed account).
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     /// 404: absent, or somebody else's (the two are indistinguishable on purpose).
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -49,6 +52,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -108,6 +112,10 @@ impl From<shared::Error> for ApiError {
                 message,
             },
             E::Unauthorized(message) => ApiError::Unauthorized(message),
+            E::NotConfirmed(message) => ApiError::Forbidden {
+                code: "user_not_confirmed",
+                message,
+            },
             E::Storage(m) | E::Queue(m) => ApiError::Unavailable(m),
             other => ApiError::Internal(other.to_string()),
         }

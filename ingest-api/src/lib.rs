@@ -106,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn_with_state(state.clone(), middleware::authenticate));
     let public = Router::new()
         .route("/v1/auth/signup", post(auth::sign_up))
+        .route("/v1/auth/confirm", post(auth::confirm))
         .route("/v1/auth/signin", post(auth::sign_in))
         .route("/v1/auth/refresh", post(auth::refresh))
         .route("/.well-known/jwks.json", get(ops::jwks))

@@ -26,7 +26,7 @@ pub struct ErrorResponse {
             GET /v1/events stream. Errors: {\"error\": {\"code\", \"message\"}}."
     ),
     paths(
-        handlers::auth::sign_up, handlers::auth::sign_in, handlers::auth::refresh,
+        handlers::auth::sign_up, handlers::auth::confirm, handlers::auth::sign_in, handlers::auth::refresh,
         handlers::personas::create, handlers::personas::create_batch, handlers::personas::list,
         handlers::personas::get, handlers::personas::delete, handlers::personas::get_batch,
         handlers::conversations::create, handlers::conversations::list, handlers::conversations::get,
@@ -38,7 +38,7 @@ pub struct ErrorResponse {
     components(schemas(
         ErrorResponse, ErrorBody, Accepted, Persona, PersonaSource, Conversation, Message, Role,
         RequestRecord, RequestKind, RequestStatus, RequestInput, RequestResult, Usage, Batch,
-        auth::Credentials, auth::SignedUp, auth::RefreshRequest, shared::auth::Tokens,
+        auth::Credentials, auth::SignedUp, auth::ConfirmRequest, auth::Confirmed, auth::RefreshRequest, shared::auth::Tokens,
         personas::CreatePersona, personas::CreateBatch, personas::BatchAccepted,
         conversations::CreateConversation, conversations::PostMessage, conversations::MessageAccepted,
     )),

@@ -16,6 +16,9 @@ pub enum Error {
     Invalid(String),
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// The account exists but is not confirmed yet.
+    #[error("{0}")]
+    NotConfirmed(String),
     #[error("storage error: {0}")]
     Storage(String),
     #[error("queue error: {0}")]
@@ -56,6 +59,7 @@ impl Error {
             Error::Conflict(_) => "conflict".into(),
             Error::Invalid(_) => "invalid".into(),
             Error::Unauthorized(_) => "unauthorized".into(),
+            Error::NotConfirmed(_) => "user_not_confirmed".into(),
             _ => "internal".into(),
         }
     }

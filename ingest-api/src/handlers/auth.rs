@@ -23,6 +23,18 @@ pub struct SignedUp {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+pub struct ConfirmRequest {
+    pub email: String,
+    /// The code Cognito sent by e-mail (the embedded issuer needs none: any code confirms).
+    pub code: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Confirmed {
+    pub confirmed: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct RefreshRequest {
     pub refresh_token: String,
 }
@@ -54,6 +66,20 @@ pub async fn sign_up(
         .map_err(auth_error)?;
     tracing::info!(%user_id, "user signed up");
     Ok((StatusCode::CREATED, AppJson(SignedUp { user_id })))
+}
+
+#[utoipa::path(post, path = "/v1/auth/confirm", tag = "auth", request_body = ConfirmRequest,
+    responses((status = 200, body = Confirmed), (status = 400)))]
+pub async fn confirm(
+    State(state): State<AppState>,
+    AppJson(body): AppJson<ConfirmRequest>,
+) -> Result<AppJson<Confirmed>, ApiError> {
+    state
+        .identity
+        .confirm(body.email.trim(), body.code.trim())
+        .await
+        .map_err(auth_error)?;
+    Ok(AppJson(Confirmed { confirmed: true }))
 }
 
 #[utoipa::path(post, path = "/v1/auth/signin", tag = "auth", request_body = Credentials,

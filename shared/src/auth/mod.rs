@@ -6,6 +6,7 @@
 //! ([`local`]) or from a Cognito user pool: the code that guards every request is the same in
 //! both worlds.
 
+pub mod cognito;
 pub mod local;
 
 use std::collections::HashMap;
@@ -70,6 +71,11 @@ pub trait TokenVerifier: Send + Sync + 'static {
 pub trait IdentityProvider: Send + Sync + 'static {
     /// Registers a user; returns the new user id. An e-mail already in use is a conflict.
     async fn sign_up(&self, email: &str, password: &str) -> Result<String>;
+    /// Confirms a new account with the code sent to its e-mail. Accounts of the embedded issuer
+    /// need no confirmation, so by default there is nothing to do.
+    async fn confirm(&self, _email: &str, _code: &str) -> Result<()> {
+        Ok(())
+    }
     async fn sign_in(&self, email: &str, password: &str) -> Result<Tokens>;
     async fn refresh(&self, refresh_token: &str) -> Result<Tokens>;
 }

@@ -6,9 +6,9 @@
 //! - [`OpenAiChatModel`]: the same client as a chat provider, the persona as system message.
 //!
 //! The client makes no retries of its own (async-openai retries only when a retry layer is
-//! installed, and none is): the worker retries in one place. HTTP errors are caught in a tower
-//! service below the client, so status, `Retry-After` and the provider's message are all
-//! available to classify them.
+//! installed, and none is): the worker retries in one place. HTTP errors are caught and
+//! classified in a tower service below the client, where status, `Retry-After` and the
+//! provider's message are all at hand.
 
 use std::time::Duration;
 
@@ -44,15 +44,6 @@ pub struct OpenAiOptions {
     pub max_output_tokens: u32,
 }
 
-/// An HTTP error answer of the provider, caught before `async-openai` parses it.
-#[derive(Debug, thiserror::Error)]
-#[error("provider answered HTTP {status}: {message}")]
-struct HttpFailure {
-    status: u16,
-    retry_after: Option<Duration>,
-    message: String,
-}
-
 /// `Retry-After` as seconds or an HTTP date; OpenAI also sends `retry-after-ms`.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     if let Some(ms) = headers
@@ -76,8 +67,9 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 /// Maps a provider failure to our transient/permanent split.
 fn classify(e: OpenAIError) -> Error {
     match e {
-        OpenAIError::Boxed(inner) => match inner.downcast::<HttpFailure>() {
-            Ok(f) => classify_status(f.status, f.retry_after, f.message),
+        // Our transport (see `client`) has already classified HTTP failures.
+        OpenAIError::Boxed(inner) => match inner.downcast::<Error>() {
+            Ok(classified) => *classified,
             Err(other) => Error::ModelTransient {
                 message: format!("openai: {other}"),
                 retry_after: None,
@@ -157,11 +149,11 @@ fn client(opts: &OpenAiOptions) -> Result<async_openai::Client<OpenAIConfig>> {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| body.chars().take(300).collect());
-            Err(OpenAIError::Boxed(Box::new(HttpFailure {
-                status: status.as_u16(),
+            Err(OpenAIError::Boxed(Box::new(classify_status(
+                status.as_u16(),
                 retry_after,
                 message,
-            })))
+            ))))
         }
     });
     Ok(async_openai::Client::with_config(config).with_http_service(service))

@@ -1,0 +1,219 @@
+//! Amazon Cognito: the identity provider on AWS (`SignUp`, `ConfirmSignUp`, `InitiateAuth`
+//! with `USER_PASSWORD_AUTH` and `REFRESH_TOKEN_AUTH`), and [`HttpJwks`], the key source that
+//! lets the one [`JwksVerifier`](super::JwksVerifier) check the pool's tokens.
+//!
+//! Cognito's errors become ours: `UsernameExistsException` → conflict,
+//! `UserNotConfirmedException` → not confirmed (403), `NotAuthorizedException` and
+//! `UserNotFoundException` → unauthorized (the same message, so sign-in does not reveal who has
+//! an account), bad passwords, parameters and codes → invalid.
+
+use async_trait::async_trait;
+use aws_sdk_cognitoidentityprovider::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_cognitoidentityprovider::types::{
+    AttributeType, AuthFlowType, AuthenticationResultType,
+};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use jsonwebtoken::jwk::JwkSet;
+use sha2::Sha256;
+
+use super::local::validate_email;
+use super::{IdentityProvider, JwksSource, Tokens};
+use crate::{Error, Result};
+
+/// The issuer of a user pool's tokens.
+pub fn issuer(region: &str, user_pool_id: &str) -> String {
+    format!("https://cognito-idp.{region}.amazonaws.com/{user_pool_id}")
+}
+
+/// Fetches a JSON Web Key Set over HTTP (a Cognito pool's `{issuer}/.well-known/jwks.json`).
+pub struct HttpJwks {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl HttpJwks {
+    pub fn new(url: impl Into<String>) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::Config(format!("http client: {e}")))?;
+        Ok(HttpJwks {
+            url: url.into(),
+            http,
+        })
+    }
+}
+
+#[async_trait]
+impl JwksSource for HttpJwks {
+    async fn fetch(&self) -> Result<JwkSet> {
+        let unavailable =
+            |e: reqwest::Error| Error::Storage(format!("fetching the JWKS at {}: {e}", self.url));
+        self.http
+            .get(&self.url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(unavailable)?
+            .json::<JwkSet>()
+            .await
+            .map_err(unavailable)
+    }
+}
+
+pub struct CognitoIdentity {
+    client: aws_sdk_cognitoidentityprovider::Client,
+    client_id: String,
+    client_secret: Option<String>,
+}
+
+fn map_error<E, R>(e: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let Some(service) = e.as_service_error() else {
+        return Error::Storage(format!(
+            "cognito unavailable: {}",
+            aws_sdk_cognitoidentityprovider::error::DisplayErrorContext(&e)
+        ));
+    };
+    let message = service.message().unwrap_or("no message").to_owned();
+    match service.code().unwrap_or_default() {
+        "UsernameExistsException" | "AliasExistsException" => {
+            Error::Conflict("an account with this email already exists".into())
+        }
+        "UserNotConfirmedException" => {
+            Error::NotConfirmed("confirm the account with the code sent by email first".into())
+        }
+        "NotAuthorizedException" | "UserNotFoundException" => {
+            Error::Unauthorized("incorrect email, password or token".into())
+        }
+        "InvalidPasswordException" | "InvalidParameterException" => Error::Invalid(message),
+        "CodeMismatchException" | "ExpiredCodeException" => {
+            Error::Invalid("the confirmation code is wrong or has expired".into())
+        }
+        "TooManyRequestsException"
+        | "LimitExceededException"
+        | "TooManyFailedAttemptsException" => {
+            Error::Storage(format!("cognito is throttling: {message}"))
+        }
+        code => Error::Internal(format!("cognito {code}: {message}")),
+    }
+}
+
+fn tokens(
+    result: Option<&AuthenticationResultType>,
+    refresh_fallback: Option<&str>,
+) -> Result<Tokens> {
+    let r = result
+        .ok_or_else(|| Error::Unauthorized("cognito asked for a further challenge".into()))?;
+    let need = |v: Option<&str>, what: &str| {
+        v.map(str::to_owned)
+            .ok_or_else(|| Error::Internal(format!("cognito returned no {what}")))
+    };
+    Ok(Tokens {
+        access_token: need(r.access_token(), "access token")?,
+        id_token: need(r.id_token(), "ID token")?,
+        // Without refresh-token rotation, a refresh returns no new refresh token.
+        refresh_token: need(r.refresh_token().or(refresh_fallback), "refresh token")?,
+        expires_in: r.expires_in().max(0) as u64,
+        token_type: "Bearer".into(),
+    })
+}
+
+impl CognitoIdentity {
+    pub fn new(
+        client: aws_sdk_cognitoidentityprovider::Client,
+        client_id: impl Into<String>,
+        client_secret: Option<String>,
+    ) -> Self {
+        CognitoIdentity {
+            client,
+            client_id: client_id.into(),
+            client_secret,
+        }
+    }
+
+    /// `SECRET_HASH`: Base64(HMAC-SHA256(client secret, username + client id)), required by
+    /// app clients that have a secret.
+    fn secret_hash(&self, username: &str) -> Result<Option<String>> {
+        let Some(secret) = &self.client_secret else {
+            return Ok(None);
+        };
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        mac.update(username.as_bytes());
+        mac.update(self.client_id.as_bytes());
+        Ok(Some(STANDARD.encode(mac.finalize().into_bytes())))
+    }
+}
+
+#[async_trait]
+impl IdentityProvider for CognitoIdentity {
+    async fn sign_up(&self, email: &str, password: &str) -> Result<String> {
+        validate_email(email)?;
+        let email_attr = AttributeType::builder()
+            .name("email")
+            .value(email)
+            .build()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let out = self
+            .client
+            .sign_up()
+            .client_id(&self.client_id)
+            .username(email)
+            .password(password)
+            .user_attributes(email_attr)
+            .set_secret_hash(self.secret_hash(email)?)
+            .send()
+            .await
+            .map_err(map_error)?;
+        Ok(out.user_sub().to_owned())
+    }
+
+    async fn confirm(&self, email: &str, code: &str) -> Result<()> {
+        self.client
+            .confirm_sign_up()
+            .client_id(&self.client_id)
+            .username(email)
+            .confirmation_code(code)
+            .set_secret_hash(self.secret_hash(email)?)
+            .send()
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn sign_in(&self, email: &str, password: &str) -> Result<Tokens> {
+        let mut req = self
+            .client
+            .initiate_auth()
+            .client_id(&self.client_id)
+            .auth_flow(AuthFlowType::UserPasswordAuth)
+            .auth_parameters("USERNAME", email)
+            .auth_parameters("PASSWORD", password);
+        if let Some(hash) = self.secret_hash(email)? {
+            req = req.auth_parameters("SECRET_HASH", hash);
+        }
+        let out = req.send().await.map_err(map_error)?;
+        tokens(out.authentication_result(), None)
+    }
+
+    async fn refresh(&self, refresh_token: &str) -> Result<Tokens> {
+        // App clients with a secret need SECRET_HASH of the user's `sub` here, which a refresh
+        // token does not reveal; use a public app client (no secret) for mobile apps.
+        let out = self
+            .client
+            .initiate_auth()
+            .client_id(&self.client_id)
+            .auth_flow(AuthFlowType::RefreshTokenAuth)
+            .auth_parameters("REFRESH_TOKEN", refresh_token)
+            .send()
+            .await
+            .map_err(map_error)?;
+        tokens(out.authentication_result(), Some(refresh_token))
+    }
+}
