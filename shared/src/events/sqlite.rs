@@ -1,9 +1,6 @@
-//! The `EventBus` port: how a worker's news reaches the API instance that holds a client's
-//! event stream (`GET /v1/events`) or long poll, even when the two run in different processes.
-//!
-//! The embedded bus appends events to a SQLite table and one tailer task per process reads new
-//! rows and fans them out in memory. Events get increasing ids, so a client that reconnects with
-//! `Last-Event-ID` is replayed what it missed (events are kept for [`RETENTION_MS`]).
+//! The embedded event bus: events appended to a SQLite table, and one tailer task per process
+//! that reads new rows and fans them out in memory, so an API process sees what worker
+//! processes publish. Events get increasing ids, so `Last-Event-ID` replays what was missed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,40 +9,16 @@ use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::params;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
 use tokio_stream::wrappers::BroadcastStream;
 
+use super::{Event, EventBus, RETENTION_MS};
 use crate::sqlite::Db;
 use crate::time::now_ms;
 use crate::Result;
 
-/// How long events stay replayable.
-pub const RETENTION_MS: i64 = 60 * 60 * 1000;
 /// How often the tailer looks for events written by another process.
 const TAIL_POLL: Duration = Duration::from_millis(100);
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Event {
-    /// Increasing id; the SSE `id:` field.
-    pub id: u64,
-    pub user_id: String,
-    /// `request.updated`, `message.delta`, …
-    pub name: String,
-    pub data: serde_json::Value,
-}
-
-#[async_trait]
-pub trait EventBus: Send + Sync + 'static {
-    async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()>;
-
-    /// The user's events from now on, preceded by those after `after` when given.
-    async fn subscribe(
-        &self,
-        user_id: &str,
-        after: Option<u64>,
-    ) -> Result<BoxStream<'static, Event>>;
-}
 
 pub struct SqliteEventBus {
     db: Db,

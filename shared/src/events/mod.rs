@@ -1,0 +1,42 @@
+//! The `EventBus` port: how a worker's news reaches the API instance that holds a client's
+//! event stream (`GET /v1/events`) or long poll, even when the two run in different processes.
+//!
+//! Events carry increasing ids, so a client that reconnects with `Last-Event-ID` is replayed
+//! what it missed (events are kept for [`RETENTION_MS`]). Adapters: [`sqlite`] (one machine,
+//! any number of processes) and [`dynamodb`] (any number of hosts).
+
+pub mod dynamodb;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+pub use sqlite::SqliteEventBus;
+
+/// How long events stay replayable.
+pub const RETENTION_MS: i64 = 60 * 60 * 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Increasing id; the SSE `id:` field.
+    pub id: u64,
+    pub user_id: String,
+    /// `request.updated`, `message.delta`, …
+    pub name: String,
+    pub data: serde_json::Value,
+}
+
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()>;
+
+    /// The user's events from now on, preceded by those after `after` when given.
+    async fn subscribe(
+        &self,
+        user_id: &str,
+        after: Option<u64>,
+    ) -> Result<BoxStream<'static, Event>>;
+}

@@ -1,0 +1,110 @@
+//! The `EventBus` contract, run against each implementation: the embedded SQLite bus, and the
+//! DynamoDB bus on the moto server of `scripts/test`. Two bus instances on the same database
+//! stand for two processes or hosts (the API holding a stream, a worker publishing).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+use shared::events::dynamodb::DynamoEventBus;
+use shared::events::{Event, EventBus, SqliteEventBus};
+use shared::sqlite::Db;
+use shared::store::dynamodb::DynamoStore;
+
+/// Two buses on one backing store, and what must live as long as they do.
+struct Subject {
+    api: Arc<dyn EventBus>,
+    worker: Arc<dyn EventBus>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn embedded() -> Subject {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).await.unwrap();
+    Subject {
+        api: SqliteEventBus::start(db.clone()).await.unwrap(),
+        worker: SqliteEventBus::start(db).await.unwrap(),
+        _dir: Some(dir),
+    }
+}
+
+async fn dynamodb() -> Subject {
+    let client = aws_sdk_dynamodb::Client::new(&common::aws_test_sdk_config());
+    let table = format!("events-{}", uuid::Uuid::new_v4().simple());
+    DynamoStore::create_table(&client, &table).await.unwrap();
+    Subject {
+        api: Arc::new(DynamoEventBus::new(client.clone(), &table)),
+        worker: Arc::new(DynamoEventBus::new(client, &table)),
+        _dir: None,
+    }
+}
+
+async fn next(stream: &mut futures::stream::BoxStream<'static, Event>) -> Event {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event in time")
+        .expect("stream open")
+}
+
+async fn a_stream_gets_its_users_events_from_another_process_in_order(s: Subject) {
+    s.worker.publish("alice", "old", json!(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut stream = s.api.subscribe("alice", None).await.unwrap();
+    s.worker
+        .publish("bob", "x", json!("not alice's"))
+        .await
+        .unwrap();
+    for i in 1..=5 {
+        s.worker
+            .publish("alice", "message.delta", json!(i))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(next(&mut stream).await);
+    }
+    assert!(
+        got.iter()
+            .all(|e| e.user_id == "alice" && e.name == "message.delta"),
+        "{got:?}"
+    );
+    assert_eq!(
+        got.iter().map(|e| e.data.clone()).collect::<Vec<_>>(),
+        [json!(1), json!(2), json!(3), json!(4), json!(5)]
+    );
+    assert!(got.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+}
+
+async fn a_reconnecting_client_is_replayed_what_it_missed(s: Subject) {
+    let mut stream = s.api.subscribe("carol", None).await.unwrap();
+    s.worker.publish("carol", "a", json!(1)).await.unwrap();
+    let first = next(&mut stream).await;
+    drop(stream);
+    s.worker.publish("carol", "b", json!(2)).await.unwrap();
+    s.worker.publish("carol", "c", json!(3)).await.unwrap();
+    let mut resumed = s.api.subscribe("carol", Some(first.id)).await.unwrap();
+    assert_eq!(next(&mut resumed).await.name, "b");
+    assert_eq!(next(&mut resumed).await.name, "c");
+    s.worker.publish("carol", "d", json!(4)).await.unwrap();
+    assert_eq!(next(&mut resumed).await.name, "d", "live after the replay");
+}
+
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod embedded_events {
+            $( #[tokio::test] async fn $case() { super::$case(super::embedded().await).await } )*
+        }
+        mod dynamodb_events {
+            $( #[tokio::test] async fn $case() { super::$case(super::dynamodb().await).await } )*
+        }
+    };
+}
+
+contract!(
+    a_stream_gets_its_users_events_from_another_process_in_order,
+    a_reconnecting_client_is_replayed_what_it_missed,
+);
