@@ -22,6 +22,7 @@ use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
 use shared::auth::{IdentityProvider, JwksVerifier, TokenVerifier};
 use shared::config::{Backend, ChatModelChoice, PersonaModelChoice, Settings};
 use shared::domain::RequestKind;
+use shared::events::dynamodb::DynamoEventBus;
 use shared::events::{EventBus, SqliteEventBus};
 use shared::metrics::Metrics;
 use shared::models::bedrock::{BedrockChatModel, BedrockOptions};
@@ -29,8 +30,10 @@ use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
 use shared::models::openai::{OpenAiChatModel, OpenAiOptions, OpenAiPersonaModel};
 use shared::models::{ChatModel, PersonaModel};
 use shared::queue::sqlite::SqliteQueue;
+use shared::queue::sqs::SqsQueue;
 use shared::queue::Queue;
 use shared::sqlite::Db;
+use shared::store::dynamodb::DynamoStore;
 use shared::store::sqlite::SqliteStore;
 use shared::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +59,59 @@ impl Adapters {
     pub async fn open(settings: &Settings) -> anyhow::Result<Adapters> {
         match settings.backend {
             Backend::Embedded => Self::embedded(settings).await,
+            Backend::Aws => Self::aws(settings).await,
         }
+    }
+
+    /// SQS, DynamoDB (records and events) and Cognito. Region, credentials and endpoint
+    /// overrides (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_<SERVICE>`) come from the standard AWS
+    /// configuration chain; the queues and table must exist (`characterbot aws-init`).
+    async fn aws(settings: &Settings) -> anyhow::Result<Adapters> {
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let region = sdk
+            .region()
+            .map(ToString::to_string)
+            .context("the aws backend needs a region (AWS_REGION)")?;
+        let a = &settings.aws;
+        let pool = a
+            .cognito_user_pool_id
+            .clone()
+            .context("the aws backend needs CHARACTERBOT_COGNITO_USER_POOL_ID")?;
+        let client_id = a
+            .cognito_client_id
+            .clone()
+            .context("the aws backend needs CHARACTERBOT_COGNITO_CLIENT_ID")?;
+        let issuer = shared::auth::cognito::issuer(&region, &pool);
+        let jwks_url = a
+            .jwks_url
+            .clone()
+            .unwrap_or_else(|| format!("{issuer}/.well-known/jwks.json"));
+        let auth = &settings.auth;
+        let verifier = JwksVerifier::new(
+            issuer,
+            client_id.clone(),
+            Duration::from_secs(auth.leeway_secs),
+            Duration::from_secs(auth.jwks_refetch_cooldown_secs),
+            Arc::new(shared::auth::cognito::HttpJwks::new(jwks_url)?),
+        );
+        let sqs = aws_sdk_sqs::Client::new(&sdk);
+        let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+        Ok(Adapters {
+            store: Arc::new(DynamoStore::new(dynamo.clone(), &a.table)),
+            persona_queue: Arc::new(
+                SqsQueue::connect(sqs.clone(), "persona", &a.persona_queue).await?,
+            ),
+            chat_queue: Arc::new(SqsQueue::connect(sqs, "chat", &a.chat_queue).await?),
+            events: Arc::new(DynamoEventBus::new(dynamo, &a.table)),
+            verifier: Arc::new(verifier),
+            identity: Arc::new(shared::auth::cognito::CognitoIdentity::new(
+                aws_sdk_cognitoidentityprovider::Client::new(&sdk),
+                client_id,
+                a.cognito_client_secret.clone(),
+            )),
+            jwks: None,
+            metrics: Metrics::new(),
+        })
     }
 
     async fn embedded(settings: &Settings) -> anyhow::Result<Adapters> {
@@ -226,6 +281,24 @@ pub fn consumer(
         settings: w.clone(),
         concurrency,
     })
+}
+
+/// `characterbot aws-init`: creates the table (with TTL) and the queues with their dead-letter
+/// queues and redrive policy, where they do not exist yet. For first-time setups and emulators;
+/// `infra/` is the way for production.
+pub async fn aws_init(settings: &Settings) -> anyhow::Result<()> {
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let a = &settings.aws;
+    DynamoStore::ensure_table(&aws_sdk_dynamodb::Client::new(&sdk), &a.table).await?;
+    // The queue's own redrive is a backstop a little past the consume loop's dead-lettering.
+    let redrive = settings.worker.max_receives + 2;
+    let sqs = aws_sdk_sqs::Client::new(&sdk);
+    for (kind, name) in [("persona", &a.persona_queue), ("chat", &a.chat_queue)] {
+        SqsQueue::ensure(sqs.clone(), kind, name, redrive).await?;
+        tracing::info!(queue = %name, "queue ready");
+    }
+    tracing::info!(table = %a.table, "table ready");
+    Ok(())
 }
 
 /// What one process runs.

@@ -37,6 +37,11 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Create the DynamoDB table and SQS queues (with dead-letter queues) where missing.
+    AwsInit {
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Client: create many personas from a file of prompts, with a progress bar.
     Batch(characterbot::client::BatchArgs),
 }
@@ -102,6 +107,10 @@ async fn main() -> anyhow::Result<()> {
             (characterbot::Role::Worker(kind), settings)
         }
         Command::Batch(args) => return characterbot::client::run(args).await,
+        Command::AwsInit { settings } => {
+            init_logging(settings.log_format);
+            return characterbot::aws_init(&settings).await;
+        }
     };
     init_logging(settings.log_format);
     let shutdown = CancellationToken::new();

@@ -11,6 +11,9 @@ use clap::{Args, ValueEnum};
 pub enum Backend {
     /// SQLite queue and store, local token issuer: one machine, no cloud.
     Embedded,
+    /// SQS, DynamoDB and Cognito (region, credentials and endpoints from the standard AWS
+    /// configuration chain).
+    Aws,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,6 +60,53 @@ pub struct Settings {
     pub auth: AuthSettings,
     #[command(flatten)]
     pub models: ModelSettings,
+    #[command(flatten)]
+    pub aws: AwsSettings,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AwsSettings {
+    /// DynamoDB table of records and events.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AWS_TABLE",
+        default_value = "characterbot",
+        global = true
+    )]
+    pub table: String,
+    /// SQS queue of persona jobs (its dead-letter queue is `<name>-dlq`).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AWS_PERSONA_QUEUE",
+        default_value = "characterbot-persona",
+        global = true
+    )]
+    pub persona_queue: String,
+    /// SQS queue of chat jobs (its dead-letter queue is `<name>-dlq`).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AWS_CHAT_QUEUE",
+        default_value = "characterbot-chat",
+        global = true
+    )]
+    pub chat_queue: String,
+    /// Cognito user pool id.
+    #[arg(long, env = "CHARACTERBOT_COGNITO_USER_POOL_ID", global = true)]
+    pub cognito_user_pool_id: Option<String>,
+    /// Cognito app client id.
+    #[arg(long, env = "CHARACTERBOT_COGNITO_CLIENT_ID", global = true)]
+    pub cognito_client_id: Option<String>,
+    /// Cognito app client secret, for app clients that have one.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_COGNITO_CLIENT_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub cognito_client_secret: Option<String>,
+    /// URL of the pool's key set; default `https://cognito-idp.{region}.amazonaws.com/{pool}/.well-known/jwks.json`.
+    #[arg(long, env = "CHARACTERBOT_JWKS_URL", global = true)]
+    pub jwks_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

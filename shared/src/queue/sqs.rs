@@ -93,6 +93,30 @@ impl SqsQueue {
         })
     }
 
+    /// The adapter for existing queues `name` and `name-dlq` (see `ensure` to create them).
+    pub async fn connect(client: aws_sdk_sqs::Client, kind: &str, name: &str) -> Result<SqsQueue> {
+        let url_of = |queue: String| {
+            let client = client.clone();
+            async move {
+                client
+                    .get_queue_url()
+                    .queue_name(&queue)
+                    .send()
+                    .await
+                    .map_err(|e| queue_error(&format!("find queue {queue}"), e))
+                    .map(|o| o.queue_url.unwrap_or_default())
+            }
+        };
+        let url = url_of(name.to_owned()).await?;
+        let dlq_url = url_of(format!("{name}-dlq")).await?;
+        Ok(SqsQueue {
+            client,
+            name: kind.to_owned(),
+            url,
+            dlq_url,
+        })
+    }
+
     async fn count(&self, url: &str) -> Result<(u64, u64)> {
         let attrs = self
             .client

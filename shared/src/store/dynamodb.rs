@@ -124,7 +124,22 @@ impl DynamoStore {
         }
     }
 
-    /// Creates the table (on-demand, TTL on `expires_at`); for first-time setups and emulators.
+    /// Creates the table (on-demand, TTL on `expires_at`) unless it exists; for first-time
+    /// setups and emulators.
+    pub async fn ensure_table(client: &Client, table: &str) -> Result<()> {
+        if client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        Self::create_table(client, table).await
+    }
+
+    /// Creates the table (on-demand, TTL on `expires_at`).
     pub async fn create_table(client: &Client, table: &str) -> Result<()> {
         use aws_sdk_dynamodb::types::{
             AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,

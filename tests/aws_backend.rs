@@ -1,0 +1,257 @@
+//! `CHARACTERBOT_BACKEND=aws` by configuration alone: `characterbot aws-init` creates the table
+//! and queues, then `characterbot api`, `worker persona` and `worker chat` run as separate
+//! processes on SQS, DynamoDB (records and events) and Cognito — all on the moto server of
+//! `scripts/test`, reached through the standard `AWS_ENDPOINT_URL`. The flow goes through HTTP,
+//! with the event stream fed by workers in other processes.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aws_sdk_cognitoidentityprovider::types::ExplicitAuthFlowsType;
+use common::read_sse;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
+    let endpoint = std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").expect("run with scripts/test");
+    let idp = aws_sdk_cognitoidentityprovider::Client::new(&common::aws_test_sdk_config());
+    let pool = idp
+        .create_user_pool()
+        .pool_name(format!("pool-{}", uuid::Uuid::new_v4().simple()))
+        .send()
+        .await
+        .unwrap();
+    let pool_id = pool.user_pool().and_then(|p| p.id()).unwrap().to_owned();
+    let client = idp
+        .create_user_pool_client()
+        .user_pool_id(&pool_id)
+        .client_name("mobile")
+        .explicit_auth_flows(ExplicitAuthFlowsType::AllowUserPasswordAuth)
+        .explicit_auth_flows(ExplicitAuthFlowsType::AllowRefreshTokenAuth)
+        .send()
+        .await
+        .unwrap();
+    let client_id = client
+        .user_pool_client()
+        .and_then(|c| c.client_id())
+        .unwrap()
+        .to_owned();
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env: Vec<(&str, String)> = vec![
+        ("CHARACTERBOT_BACKEND", "aws".into()),
+        ("AWS_ENDPOINT_URL", endpoint.clone()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("CHARACTERBOT_AWS_TABLE", format!("cb-{run}")),
+        ("CHARACTERBOT_AWS_PERSONA_QUEUE", format!("persona-{run}")),
+        ("CHARACTERBOT_AWS_CHAT_QUEUE", format!("chat-{run}")),
+        ("CHARACTERBOT_COGNITO_USER_POOL_ID", pool_id.clone()),
+        ("CHARACTERBOT_COGNITO_CLIENT_ID", client_id.clone()),
+        (
+            "CHARACTERBOT_JWKS_URL",
+            format!("{endpoint}/{pool_id}/.well-known/jwks.json"),
+        ),
+        ("CHARACTERBOT_LISTEN", format!("127.0.0.1:{port}")),
+        ("CHARACTERBOT_PERSONA_MODEL", "offline".into()),
+        ("CHARACTERBOT_CHAT_MODEL", "offline".into()),
+        ("CHARACTERBOT_OFFLINE_DELAY_MS", "300".into()),
+        ("RUST_LOG", "warn".into()),
+    ];
+    let command = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_characterbot"));
+        c.args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env_remove("AWS_PROFILE");
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+    let init = tokio::task::spawn_blocking({
+        let mut c = command(&["aws-init"]);
+        move || c.status().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(init.success(), "aws-init");
+
+    let _api = Proc(command(&["api"]).spawn().unwrap());
+    let _persona = Proc(command(&["worker", "persona"]).spawn().unwrap());
+    let _chat = Proc(command(&["worker", "chat"]).spawn().unwrap());
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..200 {
+        if http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "api ready on the aws backend");
+
+    let creds = json!({ "email": "ada@example.com", "password": "Correct-Horse-9!" });
+    let signup = http
+        .post(format!("{base}/v1/auth/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signup.status(), StatusCode::CREATED);
+    let early = http
+        .post(format!("{base}/v1/auth/signin"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(early.status(), StatusCode::FORBIDDEN, "not confirmed yet");
+    let confirm = http
+        .post(format!("{base}/v1/auth/confirm"))
+        .json(&json!({ "email": "ada@example.com", "code": "123456" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(confirm.status(), StatusCode::OK);
+    let tokens: Value = http
+        .post(format!("{base}/v1/auth/signin"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = tokens["access_token"]
+        .as_str()
+        .expect("a Cognito access token")
+        .to_owned();
+    let unauth = http
+        .get(format!("{base}/v1/personas"))
+        .bearer_auth("forged.token.here")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauth.status(), StatusCode::UNAUTHORIZED);
+
+    let sse = http
+        .get(format!("{base}/v1/events"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), StatusCode::OK);
+    let post = |path: &str, body: Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let poll = |id: String| {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        async move {
+            for _ in 0..20 {
+                let r: Value = http
+                    .get(format!("{base}/v1/requests/{id}?wait=5"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if r["status"] == "succeeded" || r["status"] == "failed" {
+                    return r;
+                }
+            }
+            panic!("request {id} did not finish");
+        }
+    };
+    let accepted: Value = post("/v1/personas", json!({ "prompt": "Gandalf" }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let persona_request = accepted["request_id"].as_str().unwrap().to_owned();
+    let done = poll(persona_request.clone()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["persona"]["name"], "Gandalf");
+    let conv: Value = post(
+        "/v1/conversations",
+        json!({ "persona_id": done["result"]["persona"]["persona_id"] }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let conv_id = conv["conversation_id"].as_str().unwrap().to_owned();
+    let msg: Value = post(
+        &format!("/v1/conversations/{conv_id}/messages"),
+        json!({ "text": "Shall we go?" }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let chat_request = msg["request_id"].as_str().unwrap().to_owned();
+    let reply = poll(chat_request.clone()).await;
+    assert_eq!(reply["status"], "succeeded", "{reply}");
+
+    // Pushed across processes through DynamoDB: the persona's and the reply's changes, and the
+    // reply's fragments, in order.
+    let events = read_sse(sse, Duration::from_secs(20), |name, data| {
+        name == "request.updated"
+            && data["request_id"] == chat_request.as_str()
+            && data["status"] == "succeeded"
+    })
+    .await;
+    let persona_states: Vec<_> = events
+        .iter()
+        .filter(|(n, d)| n == "request.updated" && d["request_id"] == persona_request.as_str())
+        .map(|(_, d)| d["status"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(persona_states, ["running", "succeeded"]);
+    let streamed: String = events
+        .iter()
+        .filter(|(n, d)| n == "message.delta" && d["request_id"] == chat_request.as_str())
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        streamed,
+        reply["result"]["message"]["text"].as_str().unwrap()
+    );
+    let history: Value = http
+        .get(format!("{base}/v1/conversations/{conv_id}/messages"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["items"].as_array().unwrap().len(), 2);
+}
