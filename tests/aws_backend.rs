@@ -6,22 +6,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use aws_sdk_cognitoidentityprovider::types::ExplicitAuthFlowsType;
-use common::read_sse;
+use common::{read_sse, Proc};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
@@ -97,20 +88,7 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
     let _chat = Proc(command(&["worker", "chat"]).spawn().unwrap());
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..200 {
-        if http
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "api ready on the aws backend");
+    common::wait_ready(&http, &base).await;
 
     let creds = json!({ "email": "ada@example.com", "password": "Correct-Horse-9!" });
     let signup = http

@@ -5,21 +5,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::read_sse;
+use common::{read_sse, Proc};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn(dir: &std::path::Path, port: u16, args: &[&str]) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_characterbot"))
@@ -63,20 +54,7 @@ async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let mut api = spawn(dir.path(), port, &["api"]);
-    let mut ready = false;
-    for _ in 0..200 {
-        if http
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "api did not come up");
+    common::wait_ready(&http, &base).await;
     let mut persona_worker = spawn(dir.path(), port, &["worker", "persona"]);
     let chat_worker = spawn(dir.path(), port, &["worker", "chat"]);
 

@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     expires_ms    INTEGER NOT NULL,
     PRIMARY KEY (user_id, key)
 );
+-- Expired rows are deleted on the write paths that create them (keys, refresh tokens) and by
+-- the event tailer; these indexes keep those deletes from scanning the tables.
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency_keys (expires_ms);
+CREATE INDEX IF NOT EXISTS refresh_token_expiry ON refresh_tokens (expires_ms);
 CREATE TABLE IF NOT EXISTS queue_messages (
     id            TEXT PRIMARY KEY,
     queue         TEXT NOT NULL,
@@ -104,6 +108,7 @@ CREATE TABLE IF NOT EXISTS events (
     data       TEXT NOT NULL,
     created_ms INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS events_by_age ON events (created_ms);
 ";
 
 /// A pool of connections to the embedded database.

@@ -429,3 +429,29 @@ impl shared::models::ChatModel for Hangs {
         std::future::pending().await
     }
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `GET {base}/readyz` answers 200 (bounded: 20 s).
+pub async fn wait_ready(http: &reqwest::Client, base: &str) {
+    for _ in 0..200 {
+        if http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{base} did not become ready");
+}

@@ -1,10 +1,8 @@
 //! The crate's one error type. Job failures are `shared::Error`s (they carry the
-//! transient/permanent split); this adds what only a consumer can get wrong.
+//! transient/permanent split); this names what only a consumer can get wrong.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Shared(#[from] shared::Error),
     #[error("queue message is not a job: {0}")]
     BadMessage(String),
 }
