@@ -65,6 +65,7 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
         ("CHARACTERBOT_PERSONA_MODEL", "offline".into()),
         ("CHARACTERBOT_CHAT_MODEL", "offline".into()),
         ("CHARACTERBOT_OFFLINE_DELAY_MS", "300".into()),
+        ("CHARACTERBOT_RECEIVE_WAIT_SECS", "2".into()),
         ("RUST_LOG", "warn".into()),
     ];
     let command = |args: &[&str]| {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shared::queue::sqlite::SqliteQueue;
 use shared::queue::sqs::SqsQueue;
-use shared::queue::Queue;
+use shared::queue::{attr, Outgoing, Queue};
 use shared::sqlite::Db;
 
 const HIDE: Duration = Duration::from_secs(1);
@@ -133,7 +133,10 @@ async fn dead_letters_keep_body_reason_and_count(s: Subject) {
 async fn many_messages_round_trip_exactly_once(s: Subject) {
     let q = s.queue.as_ref();
     let bodies: Vec<String> = (0..25).map(|i| format!("m{i}")).collect();
-    q.send(&bodies).await.unwrap();
+    for chunk in bodies.chunks(10) {
+        let messages: Vec<Outgoing> = chunk.iter().cloned().map(Outgoing::new).collect();
+        q.send(&messages).await.unwrap();
+    }
     let got = receive_n(q, 25, Duration::from_secs(15)).await;
     let received: BTreeSet<String> = got.iter().map(|d| d.body.clone()).collect();
     assert_eq!(got.len(), 25, "no duplicates while hidden");
@@ -163,6 +166,24 @@ async fn a_long_poll_returns_when_a_message_arrives(s: Subject) {
     );
 }
 
+async fn attributes_travel_with_the_message_and_into_the_dead_letters(s: Subject) {
+    let q = s.queue.as_ref();
+    let traced = Outgoing::new("traced")
+        .with(attr::REQUEST_ID, "req-1")
+        .with(attr::TRACE_ID, "1-5759e988-bd862e3fe1be46a994272793");
+    q.send(&[traced.clone(), "plain".into()]).await.unwrap();
+    let got = receive_n(q, 2, Duration::from_secs(5)).await;
+    let d = got.iter().find(|d| d.body == "traced").unwrap();
+    assert_eq!(d.attributes, traced.attributes);
+    let plain = got.iter().find(|d| d.body == "plain").unwrap();
+    assert!(plain.attributes.is_empty(), "{:?}", plain.attributes);
+    q.dead_letter(d, "gave up").await.unwrap();
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attributes, traced.attributes);
+    assert_eq!(dead[0].reason, "gave up");
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded_queue {
@@ -180,4 +201,5 @@ contract!(
     dead_letters_keep_body_reason_and_count,
     many_messages_round_trip_exactly_once,
     a_long_poll_returns_when_a_message_arrives,
+    attributes_travel_with_the_message_and_into_the_dead_letters,
 );

@@ -152,7 +152,7 @@ async fn duplicate_deliveries_never_produce_a_second_reply_or_a_second_model_cal
         kind: RequestKind::Chat,
     })
     .unwrap();
-    app.adapters.chat_queue.send(&[body]).await.unwrap();
+    app.adapters.chat_queue.send(&[body.into()]).await.unwrap();
     queue_drained(&app).await;
     assert_eq!(app.messages(&alice, &conv).await.len(), 2);
     assert_eq!(

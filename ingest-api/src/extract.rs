@@ -3,9 +3,11 @@
 //! - [`AppJson`], [`AppQuery`], [`AppPath`]: axum's own, with rejections turned into
 //!   [`ApiError`]s.
 //! - [`Caller`]: the authenticated user, put in the request by the auth middleware.
+//! - [`Trace`]: the ids that follow a request into the queue and the worker's logs.
 
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use shared::auth::AuthUser;
 
@@ -49,5 +51,106 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .cloned()
             .map(Caller)
             .ok_or_else(|| ApiError::Unauthorized("authentication required".into()))
+    }
+}
+
+/// The ids that tie a queued job to the HTTP call that queued it: set as message attributes,
+/// logged by the worker.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// `x-request-id`, set (or kept) by the request-id layer.
+    pub http_request_id: String,
+    pub trace_id: String,
+}
+
+/// The trace a call belongs to: the `Root` of the ALB's `X-Amzn-Trace-Id`, else the trace id of a
+/// W3C `traceparent`, else a new one. Values that do not look like ids are ignored, so a client
+/// cannot put arbitrary text into message attributes and logs.
+pub fn trace_id(headers: &HeaderMap) -> String {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let amzn = header("x-amzn-trace-id").and_then(|v| {
+        v.split(';')
+            .find_map(|part| part.trim().strip_prefix("Root="))
+            .map(str::to_owned)
+    });
+    let w3c = || {
+        header("traceparent").and_then(|v| {
+            let mut parts = v.split('-');
+            match (parts.next(), parts.next()) {
+                (Some(_version), Some(id)) if id.len() == 32 => Some(id.to_owned()),
+                _ => None,
+            }
+        })
+    };
+    amzn.or_else(w3c)
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 64
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+impl Trace {
+    pub fn of(headers: &HeaderMap) -> Trace {
+        Trace {
+            http_request_id: headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            trace_id: trace_id(headers),
+        }
+    }
+}
+
+/// Layer function: works out the request's `Trace` once, so that the log span and the queued
+/// message carry the same (possibly new) trace id.
+pub async fn tag_trace(mut req: axum::extract::Request) -> axum::extract::Request {
+    let trace = Trace::of(req.headers());
+    req.extensions_mut().insert(trace);
+    req
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Trace {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Trace>()
+            .cloned()
+            .unwrap_or_else(|| Trace::of(&parts.headers)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_trace_id_comes_from_the_load_balancer_then_w3c_else_is_new() {
+        let alb = headers(&[(
+            "x-amzn-trace-id",
+            "Self=1-67891234-12456789abcdef012345678;Root=1-67891233-abcdef012345678912345678",
+        )]);
+        assert_eq!(trace_id(&alb), "1-67891233-abcdef012345678912345678");
+        let w3c = headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]);
+        assert_eq!(trace_id(&w3c), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let junk = headers(&[("x-amzn-trace-id", "Root=<script>")]);
+        let made = trace_id(&junk);
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, trace_id(&HeaderMap::new()), "a new id each time");
     }
 }

@@ -125,9 +125,15 @@ pub fn router(state: AppState) -> Router {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
+            let trace_id = req
+                .extensions()
+                .get::<extract::Trace>()
+                .map(|t| t.trace_id.as_str())
+                .unwrap_or_default();
             // The path only: the query may hold an access token.
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), http_request_id = %id)
+            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), http_request_id = %id, %trace_id)
         }))
+        .layer(axum::middleware::map_request(extract::tag_trace))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)

@@ -199,6 +199,17 @@ pub struct WorkerSettings {
         global = true
     )]
     pub visibility_timeout_secs: u64,
+    /// Longest wait of one receive (long poll), in seconds; at most 20 (SQS's limit). Shutdown
+    /// lets the receive in flight finish, so this also bounds how long a stop waits for it.
+    /// The embedded queue caps its own wait at 1 s: an empty receive costs nothing there.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_RECEIVE_WAIT_SECS",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(0..=20),
+        global = true
+    )]
+    pub receive_wait_secs: u64,
     /// Deliveries of one message before it is dead-lettered and its request failed.
     #[arg(
         long,

@@ -117,6 +117,24 @@ pub struct Db {
     pool: Pool,
 }
 
+/// Changes to `SCHEMA` after the first release, applied in order to a database whose
+/// `user_version` says it lacks them (a new database gets `SCHEMA`, then all of these).
+const MIGRATIONS: &[&str] = &[
+    // 1: message attributes (request and trace ids), kept when a message is dead-lettered.
+    "ALTER TABLE queue_messages ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE dead_letters ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';",
+];
+
+fn migrate(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        tx.execute_batch(step)?;
+        // PRAGMA takes no parameters; the value is our own integer.
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+    }
+    Ok(())
+}
+
 impl Db {
     /// Opens (creating if needed) `characterbot.db` in `data_dir` and brings its schema up.
     pub async fn open(data_dir: &Path) -> Result<Db> {
@@ -139,6 +157,7 @@ impl Db {
         let db = Db { pool };
         db.call(|c| c.execute_batch(SCHEMA).map_err(Error::from))
             .await?;
+        db.write(migrate).await?;
         Ok(db)
     }
 
@@ -171,5 +190,43 @@ impl Db {
             Ok(out)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_database_of_the_first_release_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(dir.path().join("characterbot.db")).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            old.execute(
+                "INSERT INTO queue_messages (id, queue, body, visible_ms, sent_ms)
+                 VALUES ('m1', 'persona', '{}', 0, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            // Twice: opening a migrated database changes nothing.
+            let db = Db::open(dir.path()).await.unwrap();
+            let (version, attributes) = db
+                .call(|c| {
+                    let v: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                    let a: String = c.query_row(
+                        "SELECT attributes FROM queue_messages WHERE id = 'm1'",
+                        [],
+                        |r| r.get(0),
+                    )?;
+                    Ok((v, a))
+                })
+                .await
+                .unwrap();
+            assert_eq!(version, MIGRATIONS.len() as i64);
+            assert_eq!(attributes, "{}", "old messages get no attributes");
+        }
     }
 }

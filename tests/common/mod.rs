@@ -35,6 +35,10 @@ pub fn settings(dir: &Path, extra: &[&str]) -> Settings {
             args.extend([flag.to_string(), "offline".into()]);
         }
     }
+    // Short long polls, so that stopping a worker at the end of a test is quick on SQS too.
+    if !extra.contains(&"--receive-wait-secs") {
+        args.extend(["--receive-wait-secs".to_string(), "2".into()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Args::try_parse_from(args)
         .expect("test settings parse")

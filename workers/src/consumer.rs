@@ -26,7 +26,7 @@ use shared::config::WorkerSettings;
 use shared::domain::{ErrorBody, JobMessage, RequestKind, RequestRecord, RequestResult, Usage};
 use shared::events::EventBus;
 use shared::metrics::{KindLabels, Metrics, ModelLabels, TokenLabels};
-use shared::queue::{Delivery, Queue};
+use shared::queue::{attr, Delivery, Queue};
 use shared::store::{Store, Transition};
 use shared::{Error, Result};
 use tokio::sync::Semaphore;
@@ -37,10 +37,6 @@ use tracing::Instrument;
 
 /// Most messages taken in one receive (SQS allows 10).
 const RECEIVE_BATCH: usize = 10;
-/// How long one receive call waits for messages. SQS allows 20 s; shorter keeps shutdown quick,
-/// since shutdown lets the receive in flight finish (see `run`), at the price of a few more
-/// empty receives.
-const RECEIVE_WAIT: Duration = Duration::from_secs(5);
 /// Longest in-process pause between two tries; a longer `Retry-After` sends the job back to
 /// the queue instead of holding a worker slot.
 const INPROCESS_MAX_DELAY: Duration = Duration::from_secs(5);
@@ -119,7 +115,8 @@ impl Consumer {
                 }
             }
             let vis = self.settings.visibility_timeout();
-            let receive = self.queue.receive(slots.len(), vis, RECEIVE_WAIT);
+            let wait = Duration::from_secs(self.settings.receive_wait_secs);
+            let receive = self.queue.receive(slots.len(), vis, wait);
             tokio::pin!(receive);
             let received = tokio::select! {
                 r = &mut receive => r,
@@ -181,11 +178,14 @@ impl Consumer {
                 return;
             }
         };
+        let attribute = |name| delivery.attributes.get(name).map(String::as_str);
         let span = tracing::info_span!(
             "job",
             %kind,
             request_id = %msg.request_id,
-            attempt = delivery.receive_count
+            attempt = delivery.receive_count,
+            trace_id = attribute(attr::TRACE_ID),
+            http_request_id = attribute(attr::HTTP_REQUEST_ID),
         );
         let result = self
             .process(&delivery, &msg, cancel)

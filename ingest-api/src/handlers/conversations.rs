@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::{check_text, enqueue, ListResponse, PageQuery};
 use crate::error::ApiError;
-use crate::extract::{AppJson, AppPath, AppQuery, Caller};
+use crate::extract::{AppJson, AppPath, AppQuery, Caller, Trace};
 use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -97,6 +97,7 @@ pub async fn get(
 pub async fn post_message(
     State(state): State<AppState>,
     caller: Caller,
+    trace: Trace,
     AppPath(id): AppPath<String>,
     AppJson(body): AppJson<PostMessage>,
 ) -> Result<(StatusCode, AppJson<MessageAccepted>), ApiError> {
@@ -140,6 +141,7 @@ pub async fn post_message(
         caller.id(),
         RequestKind::Chat,
         std::slice::from_ref(&request),
+        &trace,
     )
     .await?;
     Ok((

@@ -10,10 +10,12 @@ pub mod requests;
 
 use serde::{Deserialize, Serialize};
 use shared::domain::{JobMessage, RequestKind, RequestRecord, RequestStatus};
+use shared::queue::{attr, Outgoing};
 use shared::store::Transition;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::ApiError;
+use crate::extract::Trace;
 use crate::AppState;
 
 /// `?limit=&next_token=` of every listing.
@@ -77,24 +79,30 @@ pub fn check_text(
     Ok(trimmed.to_owned())
 }
 
-/// Puts the jobs of freshly stored requests on their queue. If the queue refuses, the requests
-/// are marked failed (the client gets a 503 and may retry) so none waits forever.
+/// Puts the jobs of freshly stored requests on their queue, each with its request and trace ids
+/// as message attributes. If the queue refuses, the requests are marked failed (the client gets
+/// a 503 and may retry) so none waits forever.
 pub async fn enqueue(
     state: &AppState,
     user_id: &str,
     kind: RequestKind,
     requests: &[RequestRecord],
+    trace: &Trace,
 ) -> Result<(), ApiError> {
     let bodies = requests
         .iter()
         .map(|r| {
-            serde_json::to_string(&JobMessage {
+            let body = serde_json::to_string(&JobMessage {
                 request_id: r.request_id.clone(),
                 user_id: user_id.to_owned(),
                 kind,
-            })
+            })?;
+            Ok(Outgoing::new(body)
+                .with(attr::REQUEST_ID, &r.request_id)
+                .with(attr::HTTP_REQUEST_ID, &trace.http_request_id)
+                .with(attr::TRACE_ID, &trace.trace_id))
         })
-        .collect::<Result<Vec<_>, _>>()
+        .collect::<Result<Vec<_>, serde_json::Error>>()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let queue = state.queue(kind);
     // Queues take at most 10 messages per call on SQS; chunk here so both backends behave alike.
@@ -117,7 +125,7 @@ pub async fn enqueue(
         }
     }
     for r in requests {
-        tracing::info!(request_id = %r.request_id, %kind, "request queued");
+        tracing::info!(request_id = %r.request_id, trace_id = %trace.trace_id, %kind, "request queued");
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use super::{check_text, enqueue, Accepted, ListResponse, PageQuery};
 use crate::error::ApiError;
-use crate::extract::{AppJson, AppPath, AppQuery, Caller};
+use crate::extract::{AppJson, AppPath, AppQuery, Caller, Trace};
 use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -49,6 +49,7 @@ fn check_prompt(state: &AppState, prompt: &str) -> Result<String, ApiError> {
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
+    trace: Trace,
     AppJson(body): AppJson<CreatePersona>,
 ) -> Result<(StatusCode, AppJson<Accepted>), ApiError> {
     let prompt = check_prompt(&state, &body.prompt)?;
@@ -62,6 +63,7 @@ pub async fn create(
         caller.id(),
         RequestKind::Persona,
         std::slice::from_ref(&request),
+        &trace,
     )
     .await?;
     Ok((
@@ -79,6 +81,7 @@ pub async fn create(
 pub async fn create_batch(
     State(state): State<AppState>,
     caller: Caller,
+    trace: Trace,
     AppJson(body): AppJson<CreateBatch>,
 ) -> Result<(StatusCode, AppJson<BatchAccepted>), ApiError> {
     let max = state.settings.max_batch;
@@ -136,7 +139,7 @@ pub async fn create_batch(
         .store
         .create_requests(caller.id(), &requests, Some(&batch))
         .await?;
-    enqueue(&state, caller.id(), RequestKind::Persona, &requests).await?;
+    enqueue(&state, caller.id(), RequestKind::Persona, &requests, &trace).await?;
     tracing::info!(%batch_id, total = requests.len(), "batch queued");
     Ok((
         StatusCode::ACCEPTED,

@@ -13,11 +13,60 @@
 pub mod sqlite;
 pub mod sqs;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::Result;
+
+/// String attributes carried beside a body (SQS message attributes): tracing context, never
+/// payload. SQS allows at most 10 per message.
+pub type Attributes = BTreeMap<String, String>;
+
+/// The attribute names the API sets on every job and the workers log.
+pub mod attr {
+    /// The CharacterBot request the job is for (also in the body).
+    pub const REQUEST_ID: &str = "request_id";
+    /// The `x-request-id` of the HTTP call that queued the job.
+    pub const HTTP_REQUEST_ID: &str = "http_request_id";
+    /// The distributed trace the HTTP call belonged to (from `X-Amzn-Trace-Id` or
+    /// `traceparent`, or made up by the API).
+    pub const TRACE_ID: &str = "trace_id";
+}
+
+/// A message to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    pub body: String,
+    pub attributes: Attributes,
+}
+
+impl Outgoing {
+    pub fn new(body: impl Into<String>) -> Outgoing {
+        Outgoing {
+            body: body.into(),
+            attributes: Attributes::new(),
+        }
+    }
+
+    pub fn with(mut self, name: &str, value: impl Into<String>) -> Outgoing {
+        self.attributes.insert(name.to_owned(), value.into());
+        self
+    }
+}
+
+impl From<&str> for Outgoing {
+    fn from(body: &str) -> Outgoing {
+        Outgoing::new(body)
+    }
+}
+
+impl From<String> for Outgoing {
+    fn from(body: String) -> Outgoing {
+        Outgoing::new(body)
+    }
+}
 
 /// One delivery of a message.
 #[derive(Debug, Clone)]
@@ -26,6 +75,7 @@ pub struct Delivery {
     /// Names this delivery; acknowledgements with an older receipt are ignored.
     pub receipt: String,
     pub body: String,
+    pub attributes: Attributes,
     /// How many times the message has been delivered, this delivery included.
     pub receive_count: u32,
 }
@@ -46,6 +96,7 @@ pub struct QueueStats {
 pub struct DeadLetter {
     pub message_id: String,
     pub body: String,
+    pub attributes: Attributes,
     pub receive_count: u32,
     pub reason: String,
 }
@@ -55,8 +106,9 @@ pub trait Queue: Send + Sync + 'static {
     /// The queue's name (`persona`, `chat`), for logs and metrics.
     fn name(&self) -> &str;
 
-    /// Enqueues each body as its own message, all or none.
-    async fn send(&self, bodies: &[String]) -> Result<()>;
+    /// Enqueues each message. Batches of up to 10 (SQS's limit) are all or none; callers that
+    /// need that guarantee send no more per call.
+    async fn send(&self, messages: &[Outgoing]) -> Result<()>;
 
     /// Receives up to `max` messages, waiting up to `wait` for the first one, and hides each for
     /// `visibility`.

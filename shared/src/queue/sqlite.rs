@@ -11,13 +11,22 @@ use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, OptionalExtension};
 use tokio::sync::Notify;
 
-use super::{DeadLetter, Delivery, Queue, QueueStats};
+use super::{Attributes, DeadLetter, Delivery, Outgoing, Queue, QueueStats};
 use crate::sqlite::Db;
 use crate::time::now_ms;
 use crate::{Error, Result};
 
 /// How often an idle long poll looks for messages sent by another process.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
+/// Longest wait of one receive. An empty receive costs nothing here (unlike on SQS), and a
+/// short wait keeps shutdown quick, since the consume loop lets a receive in flight finish.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// Attributes are stored as a JSON object; a row that cannot be read back has none (they are
+/// tracing context only, never needed to do the job).
+fn decode_attributes(json: &str) -> Attributes {
+    serde_json::from_str(json).unwrap_or_default()
+}
 
 pub struct SqliteQueue {
     db: Db,
@@ -57,7 +66,7 @@ impl SqliteQueue {
             .write(move |tx| {
                 let now = now_ms();
                 let mut select = tx.prepare_cached(
-                    "SELECT id, body, receive_count FROM queue_messages
+                    "SELECT id, body, receive_count, attributes FROM queue_messages
                      WHERE queue = ?1 AND visible_ms <= ?2
                      ORDER BY visible_ms, sent_ms LIMIT ?3",
                 )?;
@@ -67,6 +76,7 @@ impl SqliteQueue {
                             r.get::<_, String>(0)?,
                             r.get::<_, String>(1)?,
                             r.get::<_, u32>(2)?,
+                            r.get::<_, String>(3)?,
                         ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
@@ -76,13 +86,14 @@ impl SqliteQueue {
                      WHERE id = ?1",
                 )?;
                 let mut out = Vec::with_capacity(rows.len());
-                for (id, body, count) in rows {
+                for (id, body, count, attributes) in rows {
                     let receipt = uuid::Uuid::new_v4().simple().to_string();
                     claim.execute(params![id, now + hide_ms, receipt])?;
                     out.push(Delivery {
                         message_id: id,
                         receipt,
                         body,
+                        attributes: decode_attributes(&attributes),
                         receive_count: count + 1,
                     });
                 }
@@ -98,19 +109,22 @@ impl Queue for SqliteQueue {
         &self.name
     }
 
-    async fn send(&self, bodies: &[String]) -> Result<()> {
+    async fn send(&self, messages: &[Outgoing]) -> Result<()> {
         let queue = self.name.clone();
-        let bodies = bodies.to_vec();
+        let messages = messages
+            .iter()
+            .map(|m| Ok((m.body.clone(), serde_json::to_string(&m.attributes)?)))
+            .collect::<Result<Vec<_>>>()?;
         self.db
             .write(move |tx| {
                 let now = now_ms();
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO queue_messages (id, queue, body, visible_ms, sent_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?4)",
+                    "INSERT INTO queue_messages (id, queue, body, attributes, visible_ms, sent_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
                 )?;
-                for body in bodies {
+                for (body, attributes) in messages {
                     let id = uuid::Uuid::now_v7().simple().to_string();
-                    insert.execute(params![id, queue, body, now])?;
+                    insert.execute(params![id, queue, body, attributes, now])?;
                 }
                 Ok(())
             })
@@ -125,7 +139,7 @@ impl Queue for SqliteQueue {
         visibility: Duration,
         wait: Duration,
     ) -> Result<Vec<Delivery>> {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         loop {
             // Register for wake-ups before looking, so a send between the look and the wait
             // is not missed.
@@ -181,7 +195,7 @@ impl Queue for SqliteQueue {
             .write(move |tx| {
                 let row = tx
                     .query_row(
-                        "SELECT queue, body, receive_count FROM queue_messages
+                        "SELECT queue, body, receive_count, attributes FROM queue_messages
                          WHERE id = ?1 AND receipt = ?2",
                         params![id, receipt],
                         |r| {
@@ -189,17 +203,19 @@ impl Queue for SqliteQueue {
                                 r.get::<_, String>(0)?,
                                 r.get::<_, String>(1)?,
                                 r.get::<_, u32>(2)?,
+                                r.get::<_, String>(3)?,
                             ))
                         },
                     )
                     .optional()?;
-                let Some((queue, body, count)) = row else {
+                let Some((queue, body, count, attributes)) = row else {
                     return Ok(()); // already handled through a newer delivery
                 };
                 tx.execute(
-                    "INSERT OR REPLACE INTO dead_letters (id, queue, body, receive_count, reason, dead_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![id, queue, body, count, reason, now_ms()],
+                    "INSERT OR REPLACE INTO dead_letters
+                         (id, queue, body, attributes, receive_count, reason, dead_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![id, queue, body, attributes, count, reason, now_ms()],
                 )?;
                 tx.execute("DELETE FROM queue_messages WHERE id = ?1", [id])?;
                 Ok(())
@@ -212,7 +228,7 @@ impl Queue for SqliteQueue {
         self.db
             .call(move |c| {
                 let mut stmt = c.prepare_cached(
-                    "SELECT id, body, receive_count, reason FROM dead_letters
+                    "SELECT id, body, receive_count, reason, attributes FROM dead_letters
                      WHERE queue = ?1 ORDER BY dead_ms LIMIT ?2",
                 )?;
                 let rows = stmt
@@ -222,6 +238,7 @@ impl Queue for SqliteQueue {
                             body: r.get(1)?,
                             receive_count: r.get(2)?,
                             reason: r.get(3)?,
+                            attributes: decode_attributes(&r.get::<_, String>(4)?),
                         })
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
@@ -325,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_receivers_never_share_a_delivery() {
         let (_dir, q) = queue().await;
-        let bodies: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+        let bodies: Vec<Outgoing> = (0..50).map(|i| Outgoing::new(i.to_string())).collect();
         q.send(&bodies).await.unwrap();
         let q = Arc::new(q);
         let mut tasks = Vec::new();
@@ -347,7 +364,7 @@ mod tests {
             all.extend(t.await.unwrap());
         }
         all.sort_by_key(|b| b.parse::<u32>().unwrap());
-        assert_eq!(all, bodies);
+        assert_eq!(all, bodies.into_iter().map(|m| m.body).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 //! failed with a reason); the queue's redrive policy, set a little above `max_receives`, is the
 //! backstop for a consumer that cannot.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,12 +15,16 @@ use aws_sdk_sqs::types::{
     SendMessageBatchRequestEntry,
 };
 
-use super::{DeadLetter, Delivery, Queue, QueueStats};
+use super::{Attributes, DeadLetter, Delivery, Outgoing, Queue, QueueStats};
 use crate::{Error, Result};
 
 /// SQS caps.
 const MAX_BATCH: usize = 10;
 const MAX_WAIT: Duration = Duration::from_secs(20);
+/// Attributes the adapter adds to a dead-lettered copy (SQS allows 10 per message; the API
+/// sets 3).
+const DLQ_REASON: &str = "dlq_reason";
+const DLQ_RECEIVE_COUNT: &str = "dlq_receive_count";
 
 pub struct SqsQueue {
     client: aws_sdk_sqs::Client,
@@ -150,21 +155,42 @@ fn string_attribute(value: &str) -> Result<MessageAttributeValue> {
         .map_err(|e| Error::Queue(e.to_string()))
 }
 
+fn to_sqs(attributes: &Attributes) -> Result<HashMap<String, MessageAttributeValue>> {
+    attributes
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), string_attribute(v)?)))
+        .collect()
+}
+
+/// The string attributes of a received message, less the ones named in `except`.
+fn from_sqs(
+    attributes: Option<&HashMap<String, MessageAttributeValue>>,
+    except: &[&str],
+) -> Attributes {
+    attributes
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| !except.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.clone(), v.string_value.clone()?)))
+        .collect()
+}
+
 #[async_trait]
 impl Queue for SqsQueue {
     fn name(&self) -> &str {
         &self.name
     }
 
-    async fn send(&self, bodies: &[String]) -> Result<()> {
-        for chunk in bodies.chunks(MAX_BATCH) {
+    async fn send(&self, messages: &[Outgoing]) -> Result<()> {
+        for chunk in messages.chunks(MAX_BATCH) {
             let entries = chunk
                 .iter()
                 .enumerate()
-                .map(|(i, body)| {
+                .map(|(i, m)| {
                     SendMessageBatchRequestEntry::builder()
                         .id(i.to_string())
-                        .message_body(body)
+                        .message_body(&m.body)
+                        .set_message_attributes(Some(to_sqs(&m.attributes)?))
                         .build()
                         .map_err(|e| Error::Queue(e.to_string()))
                 })
@@ -202,6 +228,7 @@ impl Queue for SqsQueue {
             .visibility_timeout(secs(visibility))
             .wait_time_seconds(wait.min(MAX_WAIT).as_secs() as i32)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_attribute_names("All")
             .send()
             .await
             .map_err(|e| queue_error("receive", e))?;
@@ -216,6 +243,7 @@ impl Queue for SqsQueue {
                     .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(1),
+                attributes: from_sqs(m.message_attributes.as_ref(), &[]),
                 message_id: m.message_id.unwrap_or_default(),
                 receipt: m.receipt_handle.unwrap_or_default(),
                 body: m.body.unwrap_or_default(),
@@ -253,9 +281,10 @@ impl Queue for SqsQueue {
             .send_message()
             .queue_url(&self.dlq_url)
             .message_body(&delivery.body)
-            .message_attributes("reason", string_attribute(reason)?)
+            .set_message_attributes(Some(to_sqs(&delivery.attributes)?))
+            .message_attributes(DLQ_REASON, string_attribute(reason)?)
             .message_attributes(
-                "receive_count",
+                DLQ_RECEIVE_COUNT,
                 string_attribute(&delivery.receive_count.to_string())?,
             )
             .send()
@@ -288,10 +317,14 @@ impl Queue for SqsQueue {
                         .and_then(|v| v.string_value.clone())
                 };
                 DeadLetter {
-                    reason: attr("reason").unwrap_or_else(|| "redriven by the queue".into()),
-                    receive_count: attr("receive_count")
+                    reason: attr(DLQ_REASON).unwrap_or_else(|| "redriven by the queue".into()),
+                    receive_count: attr(DLQ_RECEIVE_COUNT)
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0),
+                    attributes: from_sqs(
+                        m.message_attributes.as_ref(),
+                        &[DLQ_REASON, DLQ_RECEIVE_COUNT],
+                    ),
                     message_id: m.message_id.clone().unwrap_or_default(),
                     body: m.body.clone().unwrap_or_default(),
                 }
