@@ -394,6 +394,26 @@ async fn idempotency_keys_claim_replay_and_release(s: Subject) {
     st.ping().await.unwrap();
 }
 
+async fn expired_idempotency_keys_are_forgotten(s: Subject) {
+    let st = s.store.as_ref();
+    // Kept for 1 ms: expired by the time it is asked again, whether or not the backend has
+    // deleted it yet (DynamoDB's TTL sweeps up to days late, so reads must check the time).
+    st.idempotency_begin("alice", "k", "fp1", 60_000, 1)
+        .await
+        .unwrap();
+    st.idempotency_complete("alice", "k", 202, "{}")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(
+        st.idempotency_begin("alice", "k", "fp2", 60_000, 86_400_000)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started,
+        "a new request, neither a replay nor a mismatch"
+    );
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded_store {
@@ -410,4 +430,142 @@ contract!(
     each_user_message_gets_one_reply_in_its_place,
     requests_only_move_forward_and_batches_count_them,
     idempotency_keys_claim_replay_and_release,
+    expired_idempotency_keys_are_forgotten,
 );
+
+/// What DynamoDB's TTL needs, read back from the raw items: TTL is enabled on `expires_at`, and
+/// every item that should go away carries it as epoch seconds (finished requests, idempotency
+/// keys, events), while live records (a queued request, personas) do not.
+mod dynamodb_ttl {
+    use super::*;
+    use aws_sdk_dynamodb::types::{AttributeValue, TimeToLiveStatus};
+    use shared::events::dynamodb::DynamoEventBus;
+    use shared::events::EventBus;
+    use shared::time::now_secs;
+
+    async fn item(
+        client: &aws_sdk_dynamodb::Client,
+        table: &str,
+        pk: &str,
+        sk: &str,
+    ) -> std::collections::HashMap<String, AttributeValue> {
+        client
+            .get_item()
+            .table_name(table)
+            .key("pk", AttributeValue::S(pk.into()))
+            .key("sk", AttributeValue::S(sk.into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap_or_else(|| panic!("no item {pk} / {sk}"))
+    }
+
+    fn expires_at(item: &std::collections::HashMap<String, AttributeValue>) -> Option<i64> {
+        match item.get("expires_at")? {
+            AttributeValue::N(n) => Some(n.parse().unwrap()),
+            other => panic!("expires_at must be a number (epoch seconds), got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn expiring_items_carry_expires_at_in_epoch_seconds() {
+        let client = aws_sdk_dynamodb::Client::from_conf(aws_sdk_dynamodb::Config::from(
+            &common::aws_test_sdk_config(),
+        ));
+        let table = format!("ttl-{}", uuid::Uuid::new_v4().simple());
+        DynamoStore::create_table(&client, &table).await.unwrap();
+        let ttl = client
+            .describe_time_to_live()
+            .table_name(&table)
+            .send()
+            .await
+            .unwrap()
+            .time_to_live_description
+            .unwrap();
+        assert_eq!(ttl.attribute_name.as_deref(), Some("expires_at"));
+        assert_eq!(ttl.time_to_live_status, Some(TimeToLiveStatus::Enabled));
+
+        let st = DynamoStore::new(client.clone(), table.clone());
+        let now = now_secs();
+        let day = 86_400;
+
+        // A request: no expiry while it may still be answered, 30 days once finished.
+        let request = RequestRecord::new(
+            RequestKind::Persona,
+            RequestInput::Persona { prompt: "p".into() },
+            None,
+        );
+        let id = request.request_id.clone();
+        st.create_requests("alice", std::slice::from_ref(&request), None)
+            .await
+            .unwrap();
+        let req_pk = format!("REQ#{id}");
+        assert_eq!(
+            expires_at(&item(&client, &table, &req_pk, "REQ").await),
+            None
+        );
+        st.transition(&id, Transition::Start { attempt: 1 })
+            .await
+            .unwrap();
+        assert_eq!(
+            expires_at(&item(&client, &table, &req_pk, "REQ").await),
+            None
+        );
+        st.transition(
+            &id,
+            Transition::Fail {
+                error: ErrorBody {
+                    code: "x".into(),
+                    message: "y".into(),
+                },
+            },
+        )
+        .await
+        .unwrap();
+        let at = expires_at(&item(&client, &table, &req_pk, "REQ").await).expect("finished");
+        assert!(
+            (now + 29 * day..=now + 31 * day).contains(&at),
+            "{at} vs {now}"
+        );
+
+        // An idempotency key: as long as its answer is kept.
+        st.idempotency_begin("alice", "k", "fp", 60_000, 2 * 3_600_000)
+            .await
+            .unwrap();
+        st.idempotency_complete("alice", "k", 202, "{}")
+            .await
+            .unwrap();
+        let at = expires_at(&item(&client, &table, "USER#alice", "IDEM#k").await).unwrap();
+        assert!((now + 7_000..=now + 7_300).contains(&at), "{at} vs {now}");
+
+        // A persona is kept until its owner deletes it.
+        st.put_persona("alice", &persona("per_1", "P"))
+            .await
+            .unwrap();
+        assert_eq!(
+            expires_at(&item(&client, &table, "USER#alice", "PERSONA#per_1").await),
+            None
+        );
+
+        // Events: an hour.
+        let bus = DynamoEventBus::new(client.clone(), table.clone());
+        bus.publish("alice", "request.updated", serde_json::json!({}))
+            .await
+            .unwrap();
+        let events = client
+            .query()
+            .table_name(&table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", AttributeValue::S("EVT#alice".into()))
+            .send()
+            .await
+            .unwrap()
+            .items
+            .unwrap();
+        assert_eq!(events.len(), 1);
+        let at = expires_at(&events[0]).unwrap();
+        assert!((now + 3_500..=now + 3_700).contains(&at), "{at} vs {now}");
+    }
+}
