@@ -22,6 +22,7 @@ use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
 use shared::auth::{IdentityProvider, JwksVerifier, TokenVerifier};
 use shared::config::{Backend, ChatModelChoice, PersonaModelChoice, Settings};
 use shared::domain::RequestKind;
+use shared::emf::EmfWriter;
 use shared::events::dynamodb::DynamoEventBus;
 use shared::events::{EventBus, SqliteEventBus};
 use shared::metrics::Metrics;
@@ -335,13 +336,65 @@ pub async fn run(
             });
         }
     }
+    // Stopped only after everything else has, so the last flush counts the drained jobs too.
+    let emf_stop = CancellationToken::new();
+    let emf = (settings.metrics_emf_interval_secs > 0).then(|| {
+        tokio::spawn(write_emf(
+            EmfWriter::new(settings.metrics_emf_namespace.clone()),
+            adapters.metrics.clone(),
+            Duration::from_secs(settings.metrics_emf_interval_secs),
+            emf_stop.clone(),
+        ))
+    });
     if matches!(role, Role::Serve | Role::Api) {
         let listener = tokio::net::TcpListener::bind(&settings.api.listen).await?;
         let state = api_state(&adapters, &settings, shutdown.clone());
         tasks.spawn(async move { Ok(ingest_api::serve(listener, state).await?) });
     }
+    let mut outcome = Ok(());
     while let Some(done) = tasks.join_next().await {
-        done??;
+        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+            // One part failed: stop the others, and report the first failure.
+            shutdown.cancel();
+            if outcome.is_ok() {
+                outcome = Err(e);
+            }
+        }
     }
-    Ok(())
+    emf_stop.cancel();
+    if let Some(task) = emf {
+        let _ = task.await;
+    }
+    outcome
+}
+
+/// Writes the metrics to stdout in CloudWatch Embedded Metric Format every `every`, and once
+/// more at shutdown so the last interval is not lost.
+async fn write_emf(
+    mut emf: EmfWriter,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    use std::io::Write;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.cancelled() => true,
+        };
+        let docs = emf.flush(&metrics, shared::time::now_ms());
+        // One line per document, written whole under the lock so log lines cannot interleave.
+        let mut out = std::io::stdout().lock();
+        for doc in docs {
+            if let Err(e) = writeln!(out, "{doc}") {
+                tracing::warn!(error = %e, "could not write EMF metrics");
+            }
+        }
+        let _ = out.flush();
+        drop(out);
+        if last {
+            return;
+        }
+    }
 }

@@ -219,3 +219,60 @@ async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
         assert!(terminate(p).success(), "clean exit on SIGTERM");
     }
 }
+
+/// With `CHARACTERBOT_METRICS_EMF_INTERVAL_SECS`, the metrics reach stdout as CloudWatch
+/// Embedded Metric Format lines: what the process counted, with its labels as dimensions, and a
+/// last flush on shutdown.
+#[tokio::test]
+async fn metrics_are_written_to_stdout_in_embedded_metric_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_characterbot"))
+        .arg("serve")
+        .env("CHARACTERBOT_DATA_DIR", dir.path())
+        .env("CHARACTERBOT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CHARACTERBOT_PERSONA_MODEL", "offline")
+        .env("CHARACTERBOT_CHAT_MODEL", "offline")
+        .env("CHARACTERBOT_METRICS_EMF_INTERVAL_SECS", "3600")
+        .env("CHARACTERBOT_METRICS_EMF_NAMESPACE", "CharacterBotTest")
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn characterbot");
+    let mut serve = Proc(child);
+    let http = reqwest::Client::new();
+    common::wait_ready(&http, &base).await;
+    for _ in 0..3 {
+        let res = http
+            .get(format!("{base}/v1/personas"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    // The interval is an hour: what comes out is the flush on shutdown.
+    assert!(terminate(&mut serve).success());
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(serve.0.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let docs: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|d| d.get("_aws").is_some())
+        .collect();
+    let unauthorized = docs
+        .iter()
+        .find(|d| d["route"] == "/v1/personas" && d["status"] == "401")
+        .unwrap_or_else(|| panic!("no EMF document for the 401s in {stdout}"));
+    assert_eq!(unauthorized["characterbot_http_requests_total"], 3.0);
+    let directive = &unauthorized["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(directive["Namespace"], "CharacterBotTest");
+    assert!(directive["Dimensions"][0]
+        .as_array()
+        .unwrap()
+        .contains(&json!("route")));
+}

@@ -52,6 +52,23 @@ pub struct Settings {
         global = true
     )]
     pub log_format: LogFormat,
+    /// Every so many seconds, write the metrics to stdout in CloudWatch Embedded Metric Format
+    /// (on AWS they then reach CloudWatch from the logs alone); 0 turns this off.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_METRICS_EMF_INTERVAL_SECS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub metrics_emf_interval_secs: u64,
+    /// CloudWatch namespace of the EMF metrics.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_METRICS_EMF_NAMESPACE",
+        default_value = "CharacterBot",
+        global = true
+    )]
+    pub metrics_emf_namespace: String,
     #[command(flatten)]
     pub api: ApiSettings,
     #[command(flatten)]

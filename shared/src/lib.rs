@@ -3,7 +3,7 @@
 //! The ingest API and the workers never depend on each other; everything they agree on lives
 //! here: what a persona, a conversation or a request *is*, and the small traits through which
 //! they reach the outside world. Each trait has its adapters as sibling modules, so a reader
-//! finds the SQLite queue next to the queue trait and (later) the SQS one beside it.
+//! finds the SQLite queue next to the queue trait and the SQS one beside it.
 //!
 //! Layout:
 //! - [`domain`]   records the product is about (users, personas, conversations, messages,
@@ -11,19 +11,24 @@
 //! - [`error`]    the one error type of this crate, with the transient/permanent split that
 //!   drives retries.
 //! - [`config`]   every setting, as `clap` arguments with environment fallbacks.
-//! - [`queue`]    the `Queue` port (SQS semantics) and `queue::sqlite`, the embedded queue.
-//! - [`store`]    the `Store` port and `store::sqlite`, the embedded store.
-//! - [`events`]   the `EventBus` port: request changes and stream deltas pushed to clients.
-//! - [`auth`]     the `TokenVerifier` port, the JWKS verifier and `auth::local`, the embedded
-//!   token issuer (sign-up, sign-in, refresh, RS256 keys).
-//! - [`models`]   the `PersonaModel` and `ChatModel` ports and `models::offline`.
-//! - [`metrics`]  the Prometheus registry shared by API and workers.
+//! - [`queue`]    the `Queue` port (SQS semantics): `queue::sqlite` (embedded), `queue::sqs`.
+//! - [`store`]    the `Store` port: `store::sqlite` (embedded), `store::dynamodb`.
+//! - [`events`]   the `EventBus` port, request changes and stream deltas pushed to clients:
+//!   `events::sqlite` (embedded), `events::dynamodb`.
+//! - [`auth`]     the `TokenVerifier` and `IdentityProvider` ports, the one JWKS verifier,
+//!   `auth::local` (the embedded issuer: sign-up, sign-in, refresh, RS256 keys) and
+//!   `auth::cognito`.
+//! - [`models`]   the `PersonaModel` and `ChatModel` ports: `models::offline`,
+//!   `models::openai`, `models::bedrock`.
+//! - [`metrics`]  the Prometheus registry shared by API and workers; [`emf`] writes the same
+//!   metrics in CloudWatch Embedded Metric Format.
 //! - [`sqlite`]   the connection pool and schema behind every embedded adapter.
 //! - [`time`]     timestamps, one format everywhere.
 
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod emf;
 pub mod error;
 pub mod events;
 pub mod metrics;
