@@ -1,8 +1,9 @@
 //! `CHARACTERBOT_BACKEND=aws` by configuration alone: `characterbot aws-init` creates the table
 //! and queues, then `characterbot api`, `worker persona` and `worker chat` run as separate
 //! processes on SQS, DynamoDB (records and events) and Cognito — all on the moto server of
-//! `scripts/test`, reached through the standard `AWS_ENDPOINT_URL`. The flow goes through HTTP,
-//! with the event stream fed by workers in other processes.
+//! `scripts/test`, reached through the standard `AWS_ENDPOINT_URL`, with chat answered by Bedrock
+//! Nova through the real SDK against a local fake of its streaming wire format. The flow goes
+//! through HTTP, with the event stream fed by workers in other processes.
 
 mod common;
 
@@ -13,6 +14,10 @@ use aws_sdk_cognitoidentityprovider::types::ExplicitAuthFlowsType;
 use common::{read_sse, Proc};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use wiremock::matchers::{header_regex, method, path_regex};
+use wiremock::{Mock, MockServer};
+
+const REPLY: [&str; 4] = ["Fly, ", "you ", "fools", "!"];
 
 #[tokio::test]
 async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
@@ -40,6 +45,20 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
         .unwrap()
         .to_owned();
 
+    let bedrock = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(
+            r"^/model/amazon\.nova-micro-v1(:|%3A)0/invoke-with-response-stream$",
+        ))
+        .and(header_regex(
+            "authorization",
+            "^AWS4-HMAC-SHA256 .*/bedrock/aws4_request",
+        ))
+        .respond_with(common::nova_stream(&REPLY, 50, 4))
+        .expect(1)
+        .mount(&bedrock)
+        .await;
+
     let run = uuid::Uuid::new_v4().simple().to_string();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -63,7 +82,10 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
         ),
         ("CHARACTERBOT_LISTEN", format!("127.0.0.1:{port}")),
         ("CHARACTERBOT_PERSONA_MODEL", "offline".into()),
-        ("CHARACTERBOT_CHAT_MODEL", "offline".into()),
+        // Chat on Bedrock through the real SDK, answered by a local fake of its wire format
+        // (moto's own Bedrock answers `{}`).
+        ("CHARACTERBOT_CHAT_MODEL", "bedrock".into()),
+        ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", bedrock.uri()),
         ("CHARACTERBOT_OFFLINE_DELAY_MS", "300".into()),
         ("CHARACTERBOT_RECEIVE_WAIT_SECS", "2".into()),
         ("RUST_LOG", "warn".into()),
@@ -199,6 +221,12 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
     let chat_request = msg["request_id"].as_str().unwrap().to_owned();
     let reply = poll(chat_request.clone()).await;
     assert_eq!(reply["status"], "succeeded", "{reply}");
+    assert_eq!(reply["model"], "amazon.nova-micro-v1:0");
+    assert_eq!(reply["result"]["message"]["text"], REPLY.concat());
+    assert_eq!(
+        reply["usage"],
+        json!({ "input_tokens": 50, "output_tokens": 4 })
+    );
 
     // Pushed across processes through DynamoDB: the persona's and the reply's changes, and the
     // reply's fragments, in order.

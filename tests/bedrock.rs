@@ -8,8 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_bedrockruntime::config::{BehaviorVersion, Credentials, Region};
-use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
-use base64::Engine;
 use characterbot::Models;
 use common::{read_sse, Sequence, TestApp, User};
 use reqwest::StatusCode;
@@ -232,28 +230,6 @@ async fn a_validation_error_fails_at_once_and_a_filtered_reply_is_not_stored() {
     );
 }
 
-/// One event-stream frame carrying a Nova stream chunk, as Bedrock sends it.
-fn frame(chunk: Value) -> Vec<u8> {
-    let payload =
-        json!({ "bytes": base64::engine::general_purpose::STANDARD.encode(chunk.to_string()) });
-    let message = Message::new(payload.to_string().into_bytes())
-        .add_header(Header::new(
-            ":message-type",
-            HeaderValue::String("event".into()),
-        ))
-        .add_header(Header::new(
-            ":event-type",
-            HeaderValue::String("chunk".into()),
-        ))
-        .add_header(Header::new(
-            ":content-type",
-            HeaderValue::String("application/json".into()),
-        ));
-    let mut out = Vec::new();
-    aws_smithy_eventstream::frame::write_message_to(&message, &mut out).unwrap();
-    out
-}
-
 #[tokio::test]
 async fn a_streamed_reply_reaches_the_event_stream_in_order_and_is_stored_once() {
     let server = MockServer::start().await;
@@ -265,28 +241,9 @@ async fn a_streamed_reply_reaches_the_event_stream_in_order_and_is_stored_once()
         "to learn",
         ", you still have.",
     ];
-    let mut body = frame(json!({ "messageStart": { "role": "assistant" } }));
-    for p in pieces {
-        body.extend(frame(
-            json!({ "contentBlockDelta": { "delta": { "text": p }, "contentBlockIndex": 0 } }),
-        ));
-    }
-    body.extend(frame(
-        json!({ "contentBlockStop": { "contentBlockIndex": 0 } }),
-    ));
-    body.extend(frame(
-        json!({ "messageStop": { "stopReason": "end_turn" } }),
-    ));
-    body.extend(frame(
-        json!({ "metadata": { "usage": { "inputTokens": 30, "outputTokens": 12 } } }),
-    ));
     Mock::given(method("POST"))
         .and(path_regex(STREAM))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .insert_header("content-type", "application/vnd.amazon.eventstream")
-                .set_body_bytes(body),
-        )
+        .respond_with(common::nova_stream(&pieces, 30, 12))
         .expect(1)
         .mount(&server)
         .await;

@@ -459,3 +459,53 @@ pub async fn wait_ready(http: &reqwest::Client, base: &str) {
     }
     panic!("{base} did not become ready");
 }
+
+/// One event-stream frame carrying a Nova stream chunk, as Bedrock sends it.
+fn nova_frame(chunk: Value) -> Vec<u8> {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    use base64::Engine;
+    let payload =
+        json!({ "bytes": base64::engine::general_purpose::STANDARD.encode(chunk.to_string()) });
+    let message = Message::new(payload.to_string().into_bytes())
+        .add_header(Header::new(
+            ":message-type",
+            HeaderValue::String("event".into()),
+        ))
+        .add_header(Header::new(
+            ":event-type",
+            HeaderValue::String("chunk".into()),
+        ))
+        .add_header(Header::new(
+            ":content-type",
+            HeaderValue::String("application/json".into()),
+        ));
+    let mut out = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&message, &mut out).unwrap();
+    out
+}
+
+/// Bedrock's answer to `invoke-with-response-stream` for Nova: the reply in `pieces`, then the
+/// stop reason and the token usage, as event-stream frames.
+pub fn nova_stream(
+    pieces: &[&str],
+    input_tokens: u32,
+    output_tokens: u32,
+) -> wiremock::ResponseTemplate {
+    let mut body = nova_frame(json!({ "messageStart": { "role": "assistant" } }));
+    for p in pieces {
+        body.extend(nova_frame(
+            json!({ "contentBlockDelta": { "delta": { "text": p }, "contentBlockIndex": 0 } }),
+        ));
+    }
+    body.extend(nova_frame(
+        json!({ "contentBlockStop": { "contentBlockIndex": 0 } }),
+    ));
+    body.extend(nova_frame(
+        json!({ "messageStop": { "stopReason": "end_turn" } }),
+    ));
+    body.extend(nova_frame(json!({ "metadata": { "usage": {
+        "inputTokens": input_tokens, "outputTokens": output_tokens } } })));
+    wiremock::ResponseTemplate::new(200)
+        .insert_header("content-type", "application/vnd.amazon.eventstream")
+        .set_body_bytes(body)
+}
