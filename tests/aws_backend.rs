@@ -10,7 +10,6 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use aws_sdk_cognitoidentityprovider::types::ExplicitAuthFlowsType;
 use common::{read_sse, Proc};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -22,29 +21,9 @@ const REPLY: [&str; 4] = ["Fly, ", "you ", "fools", "!"];
 #[tokio::test]
 async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
     let endpoint = std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").expect("run with scripts/test");
-    let idp = aws_sdk_cognitoidentityprovider::Client::new(&common::aws_test_sdk_config());
-    let pool = idp
-        .create_user_pool()
-        .pool_name(format!("pool-{}", uuid::Uuid::new_v4().simple()))
-        .send()
-        .await
-        .unwrap();
-    let pool_id = pool.user_pool().and_then(|p| p.id()).unwrap().to_owned();
-    let client = idp
-        .create_user_pool_client()
-        .user_pool_id(&pool_id)
-        .client_name("mobile")
-        .explicit_auth_flows(ExplicitAuthFlowsType::AllowUserPasswordAuth)
-        .explicit_auth_flows(ExplicitAuthFlowsType::AllowRefreshTokenAuth)
-        .send()
-        .await
-        .unwrap();
-    let client_id = client
-        .user_pool_client()
-        .and_then(|c| c.client_id())
-        .unwrap()
-        .to_owned();
-
+    let common::CognitoPool {
+        pool_id, client_id, ..
+    } = common::cognito_pool(false).await;
     let bedrock = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path_regex(
@@ -60,11 +39,7 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
         .await;
 
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let env: Vec<(&str, String)> = vec![
         ("CHARACTERBOT_BACKEND", "aws".into()),
         ("AWS_ENDPOINT_URL", endpoint.clone()),

@@ -47,10 +47,7 @@ fn terminate(p: &mut Proc) -> std::process::ExitStatus {
 #[tokio::test]
 async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let mut api = spawn(dir.path(), port, &["api"]);
@@ -226,10 +223,7 @@ async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
 #[tokio::test]
 async fn metrics_are_written_to_stdout_in_embedded_metric_format() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_characterbot"))
         .arg("serve")

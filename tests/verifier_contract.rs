@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_cognitoidentityprovider::types::ExplicitAuthFlowsType;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::jwk::JwkSet;
@@ -88,34 +87,13 @@ async fn local() -> Subject {
 
 async fn cognito() -> Subject {
     let endpoint = std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").unwrap();
-    let idp = aws_sdk_cognitoidentityprovider::Client::new(&common::aws_test_sdk_config());
-    let pool_id = idp
-        .create_user_pool()
-        .pool_name(format!("pool-{}", uuid::Uuid::new_v4().simple()))
-        .send()
-        .await
-        .unwrap()
-        .user_pool
-        .and_then(|p| p.id)
-        .unwrap();
-    let client_id = idp
-        .create_user_pool_client()
-        .user_pool_id(&pool_id)
-        .client_name("mobile")
-        .explicit_auth_flows(ExplicitAuthFlowsType::AllowUserPasswordAuth)
-        .explicit_auth_flows(ExplicitAuthFlowsType::AllowRefreshTokenAuth)
-        .send()
-        .await
-        .unwrap()
-        .user_pool_client
-        .and_then(|c| c.client_id)
-        .unwrap();
-    let jwks_url = format!("{endpoint}/{pool_id}/.well-known/jwks.json");
+    let pool = common::cognito_pool(false).await;
+    let jwks_url = format!("{endpoint}/{}/.well-known/jwks.json", pool.pool_id);
     Subject {
-        identity: Arc::new(CognitoIdentity::new(idp, &client_id, None)),
+        identity: Arc::new(CognitoIdentity::new(pool.idp, &pool.client_id, None)),
         source: Arc::new(HttpJwks::new(jwks_url).unwrap()),
-        issuer: issuer("us-east-1", &pool_id),
-        client_id,
+        issuer: issuer("us-east-1", &pool.pool_id),
+        client_id: pool.client_id,
         _dir: None,
     }
 }

@@ -509,3 +509,53 @@ pub fn nova_stream(
         .insert_header("content-type", "application/vnd.amazon.eventstream")
         .set_body_bytes(body)
 }
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh Cognito user pool on the moto server, with an app client that allows
+/// `USER_PASSWORD_AUTH` and `REFRESH_TOKEN_AUTH` (and has a secret if asked).
+pub struct CognitoPool {
+    pub idp: aws_sdk_cognitoidentityprovider::Client,
+    pub pool_id: String,
+    pub client_id: String,
+    pub client_secret: Option<String>,
+}
+
+pub async fn cognito_pool(with_secret: bool) -> CognitoPool {
+    use aws_sdk_cognitoidentityprovider::types::ExplicitAuthFlowsType;
+    let idp = aws_sdk_cognitoidentityprovider::Client::new(&aws_test_sdk_config());
+    let pool_id = idp
+        .create_user_pool()
+        .pool_name(format!("pool-{}", uuid::Uuid::new_v4().simple()))
+        .send()
+        .await
+        .unwrap()
+        .user_pool
+        .and_then(|p| p.id)
+        .unwrap();
+    let client = idp
+        .create_user_pool_client()
+        .user_pool_id(&pool_id)
+        .client_name("mobile")
+        .generate_secret(with_secret)
+        .explicit_auth_flows(ExplicitAuthFlowsType::AllowUserPasswordAuth)
+        .explicit_auth_flows(ExplicitAuthFlowsType::AllowRefreshTokenAuth)
+        .send()
+        .await
+        .unwrap()
+        .user_pool_client
+        .unwrap();
+    CognitoPool {
+        idp,
+        pool_id,
+        client_id: client.client_id.unwrap(),
+        client_secret: client.client_secret,
+    }
+}
