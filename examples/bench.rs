@@ -193,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. Drain: start the persona worker and time until the queue is empty.
     let drain_start = Instant::now();
-    tokio::spawn(
+    let persona_worker = tokio::spawn(
         consumer(RequestKind::Persona, &adapters, &models, &settings).run(shutdown.clone()),
     );
     loop {
@@ -206,7 +206,9 @@ async fn main() -> anyhow::Result<()> {
     let drain_wall = drain_start.elapsed();
 
     // 3. Chat round trips: message → long poll until the reply is stored.
-    tokio::spawn(consumer(RequestKind::Chat, &adapters, &models, &settings).run(shutdown.clone()));
+    let chat_worker = tokio::spawn(
+        consumer(RequestKind::Chat, &adapters, &models, &settings).run(shutdown.clone()),
+    );
     let accepted: Value = http
         .post(format!("{base}/v1/personas"))
         .bearer_auth(token.as_str())
@@ -253,7 +255,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let verify_cached = t.elapsed() / rounds;
 
+    // Let the workers stop before the runtime goes, so none is cut off inside a database call.
     shutdown.cancel();
+    let _ = tokio::join!(persona_worker, chat_worker);
     println!("| measure | value |");
     println!("|---|---|");
     println!(

@@ -125,7 +125,7 @@ pub async fn enqueue(
         }
     }
     for r in requests {
-        tracing::info!(request_id = %r.request_id, trace_id = %trace.trace_id, %kind, "request queued");
+        tracing::info!(request_id = %r.request_id, %kind, "request queued");
     }
     Ok(())
 }
