@@ -141,11 +141,19 @@ fn every_setting_and_command_in_the_template_exists() {
 }
 
 #[test]
-fn queue_and_table_names_follow_the_code() {
+fn names_and_password_rules_follow_the_code() {
     for kind in ["persona", "chat"] {
         // `SqsQueue::connect` finds the dead-letter queue as `<queue name>-dlq`.
         assert!(TEMPLATE.contains(&format!("QueueName: !Sub ${{AWS::StackName}}-{kind}\n")));
         assert!(TEMPLATE.contains(&format!("QueueName: !Sub ${{AWS::StackName}}-{kind}-dlq\n")));
+    }
+    // A password the embedded issuer takes, Cognito takes too.
+    assert!(TEMPLATE.contains(&format!(
+        "MinimumLength: {}\n",
+        shared::auth::local::MIN_PASSWORD_CHARS
+    )));
+    for class in ["Lowercase", "Uppercase", "Numbers", "Symbols"] {
+        assert!(TEMPLATE.contains(&format!("Require{class}: false\n")));
     }
     let store = include_str!("../shared/src/store/dynamodb.rs");
     for attribute in ["pk", "sk", "expires_at"] {
