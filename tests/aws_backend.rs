@@ -10,9 +10,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{read_sse, Proc};
+use common::{read_sse, Proc, Remote};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 use wiremock::matchers::{header_regex, method, path_regex};
 use wiremock::{Mock, MockServer};
 
@@ -84,117 +84,51 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
     let _api = Proc(command(&["api"]).spawn().unwrap());
     let _persona = Proc(command(&["worker", "persona"]).spawn().unwrap());
     let _chat = Proc(command(&["worker", "chat"]).spawn().unwrap());
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    common::wait_ready(&http, &base).await;
+    let mut client = Remote::connect(format!("http://127.0.0.1:{port}")).await;
 
     let creds = json!({ "email": "ada@example.com", "password": "Correct-Horse-9!" });
-    let signup = http
-        .post(format!("{base}/v1/auth/signup"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(signup.status(), StatusCode::CREATED);
-    let early = http
-        .post(format!("{base}/v1/auth/signin"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(early.status(), StatusCode::FORBIDDEN, "not confirmed yet");
-    let confirm = http
-        .post(format!("{base}/v1/auth/confirm"))
-        .json(&json!({ "email": "ada@example.com", "code": "123456" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(confirm.status(), StatusCode::OK);
-    let tokens: Value = http
-        .post(format!("{base}/v1/auth/signin"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = tokens["access_token"]
-        .as_str()
-        .expect("a Cognito access token")
-        .to_owned();
-    let unauth = http
-        .get(format!("{base}/v1/personas"))
+    let (status, _) = client.post_public("/v1/auth/signup", creds.clone()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = client.post_public("/v1/auth/signin", creds.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "not confirmed yet");
+    let (status, _) = client
+        .post_public(
+            "/v1/auth/confirm",
+            json!({ "email": "ada@example.com", "code": "123456" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    client.sign_in(&creds).await; // a Cognito access token
+    let unauth = client
+        .http
+        .get(format!("{}/v1/personas", client.base))
         .bearer_auth("forged.token.here")
         .send()
         .await
         .unwrap();
     assert_eq!(unauth.status(), StatusCode::UNAUTHORIZED);
 
-    let sse = http
-        .get(format!("{base}/v1/events"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(sse.status(), StatusCode::OK);
-    let post = |path: &str, body: Value| {
-        http.post(format!("{base}{path}"))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-    };
-    let poll = |id: String| {
-        let (http, base, token) = (http.clone(), base.clone(), token.clone());
-        async move {
-            for _ in 0..20 {
-                let r: Value = http
-                    .get(format!("{base}/v1/requests/{id}?wait=5"))
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                if r["status"] == "succeeded" || r["status"] == "failed" {
-                    return r;
-                }
-            }
-            panic!("request {id} did not finish");
-        }
-    };
-    let accepted: Value = post("/v1/personas", json!({ "prompt": "Gandalf" }))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sse = client.events().await;
+    let accepted = client
+        .post("/v1/personas", json!({ "prompt": "Gandalf" }))
+        .await;
     let persona_request = accepted["request_id"].as_str().unwrap().to_owned();
-    let done = poll(persona_request.clone()).await;
+    let done = client.finished(&persona_request).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["result"]["persona"]["name"], "Gandalf");
-    let conv: Value = post(
-        "/v1/conversations",
-        json!({ "persona_id": done["result"]["persona"]["persona_id"] }),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let conv = client
+        .post(
+            "/v1/conversations",
+            json!({ "persona_id": done["result"]["persona"]["persona_id"] }),
+        )
+        .await;
     let conv_id = conv["conversation_id"].as_str().unwrap().to_owned();
-    let msg: Value = post(
-        &format!("/v1/conversations/{conv_id}/messages"),
-        json!({ "text": "Shall we go?" }),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let messages = format!("/v1/conversations/{conv_id}/messages");
+    let msg = client
+        .post(&messages, json!({ "text": "Shall we go?" }))
+        .await;
     let chat_request = msg["request_id"].as_str().unwrap().to_owned();
-    let reply = poll(chat_request.clone()).await;
+    let reply = client.finished(&chat_request).await;
     assert_eq!(reply["status"], "succeeded", "{reply}");
     assert_eq!(reply["model"], "amazon.nova-micro-v1:0");
     assert_eq!(reply["result"]["message"]["text"], REPLY.concat());
@@ -226,14 +160,6 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
         streamed,
         reply["result"]["message"]["text"].as_str().unwrap()
     );
-    let history: Value = http
-        .get(format!("{base}/v1/conversations/{conv_id}/messages"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = client.get(&messages).await;
     assert_eq!(history["items"].as_array().unwrap().len(), 2);
 }

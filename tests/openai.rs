@@ -7,8 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Sequence, TestApp, User};
-use reqwest::StatusCode;
+use common::{Sequence, TestApp};
 use serde_json::{json, Value};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -75,19 +74,6 @@ async fn app_on(server: &MockServer, extra: &[(&str, &str)]) -> TestApp {
     b.start().await
 }
 
-async fn create(app: &TestApp, user: &User, prompt: &str) -> Value {
-    let (status, body) = app
-        .post(
-            Some(&user.token),
-            "/v1/personas",
-            json!({ "prompt": prompt }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    app.finished(user, body["request_id"].as_str().unwrap())
-        .await
-}
-
 #[tokio::test]
 async fn a_structured_persona_is_requested_with_a_strict_schema_and_stored() {
     let server = MockServer::start().await;
@@ -100,7 +86,9 @@ async fn a_structured_persona_is_requested_with_a_strict_schema_and_stored() {
         .await;
     let app = app_on(&server, &[]).await;
     let alice = app.user("alice").await;
-    let done = create(&app, &alice, "a grumpy pirate who loves cats").await;
+    let done = app
+        .persona_request(&alice, "a grumpy pirate who loves cats")
+        .await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["model"], "gpt-4o-mini");
     assert_eq!(
@@ -161,7 +149,7 @@ async fn a_refusal_fails_the_request_with_the_models_reason() {
     let (server, calls) = server_answering(refusal.clone(), usize::MAX, refusal).await;
     let app = app_on(&server, &[]).await;
     let alice = app.user("alice").await;
-    let done = create(&app, &alice, "something unacceptable").await;
+    let done = app.persona_request(&alice, "something unacceptable").await;
     assert_eq!(done["status"], "failed");
     assert_eq!(
         done["error"],
@@ -179,7 +167,7 @@ async fn output_that_does_not_match_the_schema_is_retried_once_then_fails() {
     let (server, calls) = server_answering(bad.clone(), usize::MAX, bad).await;
     let app = app_on(&server, &[]).await;
     let alice = app.user("alice").await;
-    let done = create(&app, &alice, "a poet").await;
+    let done = app.persona_request(&alice, "a poet").await;
     assert_eq!(done["status"], "failed");
     assert_eq!(done["error"]["code"], "invalid_model_output");
     assert_eq!(
@@ -195,7 +183,7 @@ async fn output_that_does_not_match_the_schema_is_retried_once_then_fails() {
     let (server, _) = server_answering(cut.clone(), usize::MAX, cut).await;
     let app = app_on(&server, &[]).await;
     let bob = app.user("bob").await;
-    let done = create(&app, &bob, "a poet").await;
+    let done = app.persona_request(&bob, "a poet").await;
     assert_eq!(done["error"]["code"], "model_output_truncated");
 }
 
@@ -207,7 +195,7 @@ async fn throttling_with_retry_after_is_waited_out_and_then_succeeds() {
     let (server, calls) = server_answering(throttled, 1, ok_persona()).await;
     let app = app_on(&server, &[]).await;
     let alice = app.user("alice").await;
-    let done = create(&app, &alice, "a grumpy pirate").await;
+    let done = app.persona_request(&alice, "a grumpy pirate").await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(
         done["attempts"], 1,
@@ -233,7 +221,7 @@ async fn server_errors_are_retried_then_dead_lettered() {
     )
     .await;
     let alice = app.user("alice").await;
-    let done = create(&app, &alice, "a knight").await;
+    let done = app.persona_request(&alice, "a knight").await;
     assert_eq!(done["status"], "failed");
     assert_eq!(done["attempts"], 2);
     assert_eq!(done["error"]["code"], "model_unavailable");
@@ -270,7 +258,7 @@ async fn a_rejected_key_fails_at_once() {
     let (server, calls) = server_answering(denied.clone(), usize::MAX, denied).await;
     let app = app_on(&server, &[]).await;
     let alice = app.user("alice").await;
-    let done = create(&app, &alice, "a knight").await;
+    let done = app.persona_request(&alice, "a knight").await;
     assert_eq!(
         (done["status"].as_str(), done["attempts"].as_u64()),
         (Some("failed"), Some(1))

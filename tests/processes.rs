@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{read_sse, Proc};
+use common::{read_sse, Proc, Remote};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -48,95 +48,45 @@ fn terminate(p: &mut Proc) -> std::process::ExitStatus {
 async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
     let mut api = spawn(dir.path(), port, &["api"]);
-    common::wait_ready(&http, &base).await;
+    let mut client = Remote::connect(format!("http://127.0.0.1:{port}")).await;
     let mut persona_worker = spawn(dir.path(), port, &["worker", "persona"]);
     let chat_worker = spawn(dir.path(), port, &["worker", "chat"]);
 
     let creds = json!({ "email": "pat@example.com", "password": "a long password" });
-    let signup = http
-        .post(format!("{base}/v1/auth/signup"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(signup.status(), StatusCode::CREATED);
-    let tokens: Value = http
-        .post(format!("{base}/v1/auth/signin"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = tokens["access_token"].as_str().unwrap().to_owned();
-    let post = |path: &str, body: Value| {
-        http.post(format!("{base}{path}"))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-    };
-    let wait_done = |id: String| {
-        let (http, base, token) = (http.clone(), base.clone(), token.clone());
-        async move {
-            for _ in 0..20 {
-                let r: Value = http
-                    .get(format!("{base}/v1/requests/{id}?wait=5"))
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                if r["status"] == "succeeded" || r["status"] == "failed" {
-                    return r;
-                }
-            }
-            panic!("request {id} did not finish");
-        }
-    };
-
+    let (status, _) = client.post_public("/v1/auth/signup", creds.clone()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    client.sign_in(&creds).await;
     // The browser form of authentication on the event stream.
-    let sse = http
-        .get(format!("{base}/v1/events?access_token={token}"))
+    let sse = client
+        .http
+        .get(format!(
+            "{}/v1/events?access_token={}",
+            client.base, client.token
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(sse.status(), StatusCode::OK);
 
-    let accepted: Value = post("/v1/personas", json!({ "prompt": "Yoda" }))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let persona = wait_done(accepted["request_id"].as_str().unwrap().to_owned()).await;
+    let accepted = client
+        .post("/v1/personas", json!({ "prompt": "Yoda" }))
+        .await;
+    let persona = client
+        .finished(accepted["request_id"].as_str().unwrap())
+        .await;
     assert_eq!(persona["status"], "succeeded", "{persona}");
-    let conv: Value = post(
-        "/v1/conversations",
-        json!({ "persona_id": persona["result"]["persona"]["persona_id"] }),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let conv = client
+        .post(
+            "/v1/conversations",
+            json!({ "persona_id": persona["result"]["persona"]["persona_id"] }),
+        )
+        .await;
     let conv_id = conv["conversation_id"].as_str().unwrap().to_owned();
 
     // A first message streams its reply, fragment by fragment, across processes.
-    let first: Value = post(
-        &format!("/v1/conversations/{conv_id}/messages"),
-        json!({ "text": "Teach me" }),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let messages = format!("/v1/conversations/{conv_id}/messages");
+    let first = client.post(&messages, json!({ "text": "Teach me" })).await;
     let first_id = first["request_id"].as_str().unwrap().to_owned();
     let events = read_sse(sse, Duration::from_secs(30), |name, data| {
         name == "request.updated"
@@ -158,27 +108,11 @@ async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
     );
 
     // A second message: the chat worker is killed while writing the reply.
-    let second: Value = post(
-        &format!("/v1/conversations/{conv_id}/messages"),
-        json!({ "text": "Again" }),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let second = client.post(&messages, json!({ "text": "Again" })).await;
     let second_id = second["request_id"].as_str().unwrap().to_owned();
     let mut running = false;
     for _ in 0..100 {
-        let r: Value = http
-            .get(format!("{base}/v1/requests/{second_id}"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = client.get(&format!("/v1/requests/{second_id}")).await;
         if r["status"] == "running" {
             running = true;
             break;
@@ -188,18 +122,10 @@ async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
     assert!(running, "the job started");
     drop(chat_worker); // SIGKILL
     let mut replacement = spawn(dir.path(), port, &["worker", "chat"]);
-    let done = wait_done(second_id.clone()).await;
+    let done = client.finished(&second_id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 2);
-    let history: Value = http
-        .get(format!("{base}/v1/conversations/{conv_id}/messages"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = client.get(&messages).await;
     let roles: Vec<&str> = history["items"]
         .as_array()
         .unwrap()

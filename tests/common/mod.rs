@@ -284,8 +284,8 @@ impl TestApp {
         panic!("request {request_id} did not finish");
     }
 
-    /// Creates a persona through the API and waits for it.
-    pub async fn persona(&self, user: &User, prompt: &str) -> Value {
+    /// Asks for a persona through the API; the request once finished, whatever its outcome.
+    pub async fn persona_request(&self, user: &User, prompt: &str) -> Value {
         let (status, body) = self
             .post(
                 Some(&user.token),
@@ -294,9 +294,13 @@ impl TestApp {
             )
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        let done = self
-            .finished(user, body["request_id"].as_str().unwrap())
-            .await;
+        self.finished(user, body["request_id"].as_str().unwrap())
+            .await
+    }
+
+    /// Creates a persona through the API and waits for it.
+    pub async fn persona(&self, user: &User, prompt: &str) -> Value {
+        let done = self.persona_request(user, prompt).await;
         assert_eq!(done["status"], "succeeded", "{done}");
         done["result"]["persona"].clone()
     }
@@ -557,5 +561,94 @@ pub async fn cognito_pool(with_secret: bool) -> CognitoPool {
         pool_id,
         client_id: client.client_id.unwrap(),
         client_secret: client.client_secret,
+    }
+}
+
+/// A client of a CharacterBot running in other processes, reached only over HTTP.
+pub struct Remote {
+    pub http: reqwest::Client,
+    pub base: String,
+    /// The access token of the signed-in user; empty until `sign_in`.
+    pub token: String,
+}
+
+impl Remote {
+    /// Waits until the API at `base` is ready.
+    pub async fn connect(base: String) -> Remote {
+        let http = reqwest::Client::new();
+        wait_ready(&http, &base).await;
+        Remote {
+            http,
+            base,
+            token: String::new(),
+        }
+    }
+
+    /// `POST` without a token; the status and the body.
+    pub async fn post_public(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Signs in and keeps the access token for the calls that follow.
+    pub async fn sign_in(&mut self, creds: &Value) {
+        let (status, tokens) = self.post_public("/v1/auth/signin", creds.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{tokens}");
+        self.token = tokens["access_token"]
+            .as_str()
+            .expect("an access token")
+            .to_owned();
+    }
+
+    /// Sends `req` with the user's token; the JSON body of the answer.
+    async fn call(&self, req: reqwest::RequestBuilder) -> Value {
+        req.bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        self.call(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        self.call(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// Long-polls a request until it succeeded or failed (bounded: 100 s).
+    pub async fn finished(&self, request_id: &str) -> Value {
+        for _ in 0..20 {
+            let r = self.get(&format!("/v1/requests/{request_id}?wait=5")).await;
+            if r["status"] == "succeeded" || r["status"] == "failed" {
+                return r;
+            }
+        }
+        panic!("request {request_id} did not finish");
+    }
+
+    /// Opens the event stream (token in the header).
+    pub async fn events(&self) -> reqwest::Response {
+        let res = self
+            .http
+            .get(format!("{}/v1/events", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res
     }
 }
