@@ -1,11 +1,14 @@
 //! The CharacterBot benchmark: the whole product in this process (embedded backend, offline
 //! engine, loopback HTTP), measured from the outside the way a client sees it.
 //!
-//! `cargo run --release --example bench -- [--requests N] [--clients C] [--chats K]`
+//! `cargo run --release --example bench -- [--requests N] [--clients C] [--backlog B]
+//! [--chats K] [--chat-clients M]`
 //!
 //! Prints a Markdown report (copied into docs/benchmarks.md): ingest latency and throughput of
-//! `POST /v1/personas`, end-to-end time from `202` to `succeeded`, chat round trips through a
-//! long poll, the cost of one token verification, and the process's peak memory.
+//! `POST /v1/personas` from in-process clients, how fast the persona worker drains a backlog,
+//! chat round trips through a long poll (alone and with many conversations at once), the cost
+//! of one token verification, and the process's peak memory. The external-load comparison with
+//! the reference stack is `scripts/bench-ingest`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,9 +30,19 @@ struct Args {
     /// Concurrent HTTP clients.
     #[arg(long, default_value_t = 32)]
     clients: usize,
-    /// Chat round trips (message → long poll → reply), one after another per client.
+    /// Persona jobs waiting when the persona worker starts (the ingest run's requests, topped
+    /// up through the batch endpoint).
+    #[arg(long, default_value_t = 20_000)]
+    backlog: usize,
+    /// Chat round trips of one client alone.
     #[arg(long, default_value_t = 200)]
+    solo_chats: usize,
+    /// Chat round trips (message → long poll → reply), one after another per conversation.
+    #[arg(long, default_value_t = 6400)]
     chats: usize,
+    /// Conversations chatting at once.
+    #[arg(long, default_value_t = 64)]
+    chat_clients: usize,
     #[command(flatten)]
     settings: Settings,
 }
@@ -191,7 +204,21 @@ async fn main() -> anyhow::Result<()> {
     let ingest_wall = started.elapsed();
     ingest.sort();
 
-    // 2. Drain: start the persona worker and time until the queue is empty.
+    // 2. Drain: top the backlog up through the batch endpoint, then start the persona worker
+    // and time until the queue is empty.
+    let mut backlog = ingest.len();
+    while backlog < args.backlog {
+        let n = (args.backlog - backlog).min(settings.api.max_batch);
+        let prompts: Vec<String> = (0..n).map(|i| format!("a quiet librarian {i}")).collect();
+        let res = http
+            .post(format!("{base}/v1/personas/batch"))
+            .bearer_auth(token.as_str())
+            .json(&json!({ "prompts": prompts }))
+            .send()
+            .await?;
+        anyhow::ensure!(res.status() == 202, "batch: {}", res.status());
+        backlog += n;
+    }
     let drain_start = Instant::now();
     let persona_worker = tokio::spawn(
         consumer(RequestKind::Persona, &adapters, &models, &settings).run(shutdown.clone()),
@@ -201,7 +228,8 @@ async fn main() -> anyhow::Result<()> {
         if s.visible + s.in_flight == 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Not too often: counting a queue of thousands is itself work for the database.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let drain_wall = drain_start.elapsed();
 
@@ -228,8 +256,8 @@ async fn main() -> anyhow::Result<()> {
         .json()
         .await?;
     let persona_id = done["result"]["persona"]["persona_id"].clone();
-    let (solo, _) = chat_round_trips(&http, &base, &token, &persona_id, 1, 50).await?;
-    let chat_clients = args.clients.min(args.chats).max(1);
+    let (solo, _) = chat_round_trips(&http, &base, &token, &persona_id, 1, args.solo_chats).await?;
+    let chat_clients = args.chat_clients.min(args.chats).max(1);
     let (chats, chat_wall) =
         chat_round_trips(&http, &base, &token, &persona_id, chat_clients, args.chats).await?;
 
@@ -258,6 +286,10 @@ async fn main() -> anyhow::Result<()> {
     // Let the workers stop before the runtime goes, so none is cut off inside a database call.
     shutdown.cancel();
     let _ = tokio::join!(persona_worker, chat_worker);
+    println!(
+        "SQLite sync: {:?}; persona concurrency {}, chat concurrency {}\n",
+        settings.sqlite_sync, settings.worker.persona_concurrency, settings.worker.chat_concurrency
+    );
     println!("| measure | value |");
     println!("|---|---|");
     println!(
@@ -273,18 +305,19 @@ async fn main() -> anyhow::Result<()> {
         ms(percentile(&ingest, 0.99))
     );
     println!(
-        "| persona worker drain ({} jobs, concurrency {}) | {:.0} jobs/s |",
-        ingest.len(),
+        "| persona worker drain (backlog of {} jobs, concurrency {}) | {:.0} jobs/s |",
+        backlog,
         settings.worker.persona_concurrency,
-        ingest.len() as f64 / drain_wall.as_secs_f64()
+        backlog as f64 / drain_wall.as_secs_f64()
     );
     println!(
-        "| chat round trip (post → long poll → reply), one client, p50 / p99 | {} / {} |",
+        "| chat round trip (post → long poll → reply), one client, {} chats, p50 / p99 | {} / {} |",
+        solo.len(),
         ms(percentile(&solo, 0.5)),
         ms(percentile(&solo, 0.99))
     );
     println!(
-        "| chat round trips: {} chats, {} clients, chat concurrency {} | {:.0} chats/s |",
+        "| chat round trips: {} chats, {} conversations, chat concurrency {} | {:.0} replies/s |",
         chats.len(),
         chat_clients,
         settings.worker.chat_concurrency,

@@ -18,6 +18,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ingest_api::AppState;
+use shared::atomic::aws::AwsAtomic;
+use shared::atomic::sqlite::SqliteAtomic;
+use shared::atomic::Atomic;
 use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
 use shared::auth::{IdentityProvider, JwksVerifier, TokenVerifier};
 use shared::config::{Backend, ChatModelChoice, PersonaModelChoice, Settings};
@@ -46,6 +49,8 @@ use workers::{Consumer, Job};
 #[derive(Clone)]
 pub struct Adapters {
     pub store: Arc<dyn Store>,
+    /// Accept, start and settle, each one unit of work across store, queue and events.
+    pub atomic: Arc<dyn Atomic>,
     pub persona_queue: Arc<dyn Queue>,
     pub chat_queue: Arc<dyn Queue>,
     pub events: Arc<dyn EventBus>,
@@ -97,13 +102,23 @@ impl Adapters {
         );
         let sqs = aws_sdk_sqs::Client::new(&sdk);
         let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+        let store: Arc<dyn Store> = Arc::new(DynamoStore::new(dynamo.clone(), &a.table));
+        let persona_queue: Arc<dyn Queue> =
+            Arc::new(SqsQueue::connect(sqs.clone(), "persona", &a.persona_queue).await?);
+        let chat_queue: Arc<dyn Queue> =
+            Arc::new(SqsQueue::connect(sqs, "chat", &a.chat_queue).await?);
+        let events: Arc<dyn EventBus> = Arc::new(DynamoEventBus::new(dynamo, &a.table));
         Ok(Adapters {
-            store: Arc::new(DynamoStore::new(dynamo.clone(), &a.table)),
-            persona_queue: Arc::new(
-                SqsQueue::connect(sqs.clone(), "persona", &a.persona_queue).await?,
-            ),
-            chat_queue: Arc::new(SqsQueue::connect(sqs, "chat", &a.chat_queue).await?),
-            events: Arc::new(DynamoEventBus::new(dynamo, &a.table)),
+            atomic: Arc::new(AwsAtomic {
+                store: store.clone(),
+                persona_queue: persona_queue.clone(),
+                chat_queue: chat_queue.clone(),
+                events: events.clone(),
+            }),
+            store,
+            persona_queue,
+            chat_queue,
+            events,
             verifier: Arc::new(verifier),
             identity: Arc::new(shared::auth::cognito::CognitoIdentity::new(
                 aws_sdk_cognitoidentityprovider::Client::new(&sdk),
@@ -116,7 +131,7 @@ impl Adapters {
     }
 
     async fn embedded(settings: &Settings) -> anyhow::Result<Adapters> {
-        let db = Db::open(&settings.data_dir).await?;
+        let db = Db::open_with(&settings.data_dir, settings.sqlite_sync).await?;
         let key_dir = settings.data_dir.join("keys");
         let dir = key_dir.clone();
         let key = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&dir)).await??;
@@ -130,11 +145,20 @@ impl Adapters {
         );
         let jwks = key.jwks().clone();
         let identity = LocalIssuer::new(db.clone(), Arc::new(key), auth.clone())?;
+        let persona_queue = Arc::new(SqliteQueue::new(db.clone(), "persona"));
+        let chat_queue = Arc::new(SqliteQueue::new(db.clone(), "chat"));
+        let events = SqliteEventBus::start(db.clone()).await?;
         Ok(Adapters {
             store: Arc::new(SqliteStore::new(db.clone())),
-            persona_queue: Arc::new(SqliteQueue::new(db.clone(), "persona")),
-            chat_queue: Arc::new(SqliteQueue::new(db.clone(), "chat")),
-            events: SqliteEventBus::start(db).await?,
+            atomic: Arc::new(SqliteAtomic::new(
+                db,
+                persona_queue.clone(),
+                chat_queue.clone(),
+                events.clone(),
+            )),
+            persona_queue,
+            chat_queue,
+            events,
             verifier: Arc::new(verifier),
             identity: Arc::new(identity),
             jwks: Some(jwks),
@@ -233,6 +257,7 @@ pub fn api_state(
 ) -> AppState {
     AppState {
         store: adapters.store.clone(),
+        atomic: adapters.atomic.clone(),
         persona_queue: adapters.persona_queue.clone(),
         chat_queue: adapters.chat_queue.clone(),
         events: adapters.events.clone(),
@@ -257,7 +282,6 @@ pub fn consumer(
     let (job, concurrency): (Arc<dyn Job>, usize) = match kind {
         RequestKind::Persona => (
             Arc::new(PersonaJob {
-                store: adapters.store.clone(),
                 model: models.persona.clone(),
             }),
             w.persona_concurrency,
@@ -276,8 +300,7 @@ pub fn consumer(
     Arc::new(Consumer {
         job,
         queue: adapters.queue(kind).clone(),
-        store: adapters.store.clone(),
-        events: adapters.events.clone(),
+        atomic: adapters.atomic.clone(),
         metrics: adapters.metrics.clone(),
         settings: w.clone(),
         concurrency,

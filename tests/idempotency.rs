@@ -128,7 +128,10 @@ async fn a_key_in_flight_is_a_conflict_and_an_abandoned_claim_can_be_taken_over(
     let store = &app.adapters.store;
     let begin =
         |fp: &'static str, lock_ms: i64| store.idempotency_begin("u", "k", fp, lock_ms, 86_400_000);
-    assert_eq!(begin("a", 60_000).await.unwrap(), IdempotencyBegin::Started);
+    assert!(matches!(
+        begin("a", 60_000).await.unwrap(),
+        IdempotencyBegin::Started { .. }
+    ));
     assert_eq!(
         begin("a", 60_000).await.unwrap(),
         IdempotencyBegin::InFlight
@@ -138,7 +141,10 @@ async fn a_key_in_flight_is_a_conflict_and_an_abandoned_claim_can_be_taken_over(
         IdempotencyBegin::Mismatch
     );
     // The first handler died: after the lock time the claim is taken over.
-    assert_eq!(begin("a", 0).await.unwrap(), IdempotencyBegin::Started);
+    assert!(matches!(
+        begin("a", 0).await.unwrap(),
+        IdempotencyBegin::Started { .. }
+    ));
     store
         .idempotency_complete("u", "k", 202, "{\"x\":1}")
         .await

@@ -168,10 +168,11 @@ async fn duplicate_deliveries_never_produce_a_second_reply_or_a_second_model_cal
 }
 
 #[tokio::test]
-async fn a_reply_stored_before_a_crash_is_reused_without_calling_the_model() {
+async fn a_reply_stored_by_a_twin_delivery_stands_and_no_second_is_stored() {
     let (app, alice, conv) = app(&[]).await;
     let request_id = say(&app, &alice, &conv, "Are you there?").await;
-    // A worker stored the reply and died before settling the request.
+    // Another delivery of the same job stored its reply first (settlement is atomic, so on the
+    // embedded backend only a twin settling concurrently can do that).
     let (_, history) = app
         .get(
             Some(&alice.token),
@@ -185,7 +186,7 @@ async fn a_reply_stored_before_a_crash_is_reused_without_calling_the_model() {
     let earlier = Message {
         message_id: workers::chat::reply_id_for(&request_id),
         role: Role::Assistant,
-        text: "The reply written before the crash.".into(),
+        text: "The reply the twin wrote.".into(),
         model: Some("offline".into()),
         created_at: shared::time::now_rfc3339(),
     };
@@ -195,19 +196,19 @@ async fn a_reply_stored_before_a_crash_is_reused_without_calling_the_model() {
         .await
         .unwrap();
 
-    let model = Arc::new(Fails {
-        calls: AtomicUsize::new(0),
-        make: || Error::Internal("must not be called".into()),
-    });
-    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    app.start_worker(
+        RequestKind::Chat,
+        &with_chat(Arc::new(OfflineChatModel::default())),
+    );
     let done = app.finished(&alice, &request_id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(
-        done["result"]["message"]["text"],
-        "The reply written before the crash."
+        done["result"]["message"]["text"], "The reply the twin wrote.",
+        "the request carries the reply that stands"
     );
-    assert_eq!(model.calls.load(Ordering::SeqCst), 0);
-    assert_eq!(app.messages(&alice, &conv).await.len(), 2);
+    let messages = app.messages(&alice, &conv).await;
+    assert_eq!(messages.len(), 2, "one reply: {messages:?}");
+    assert_eq!(messages[1]["text"], "The reply the twin wrote.");
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! - [`AppJson`], [`AppQuery`], [`AppPath`]: axum's own, with rejections turned into
 //!   [`ApiError`]s.
 //! - [`Caller`]: the authenticated user, put in the request by the auth middleware.
+//! - [`Claim`]: the call's `Idempotency-Key`, if any, and the ids derived from it.
 //! - [`Trace`]: the ids that follow a request into the queue and the worker's logs.
 
 use axum::extract::{FromRequest, FromRequestParts};
@@ -10,8 +11,10 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use shared::auth::AuthUser;
+use shared::domain::Ids;
 
 use crate::error::ApiError;
+use crate::middleware::IdempotencyClaim;
 
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
@@ -51,6 +54,34 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .cloned()
             .map(Caller)
             .ok_or_else(|| ApiError::Unauthorized("authentication required".into()))
+    }
+}
+
+/// The `Idempotency-Key` claimed for this call, if it has one (see
+/// [`crate::middleware::idempotency`]).
+#[derive(Debug, Clone)]
+pub struct Claim(pub Option<IdempotencyClaim>);
+
+impl Claim {
+    /// Where the ids of what this call creates come from: derived from the key when there is
+    /// one, so a retry after a crash derives the same ones.
+    pub fn ids(&self, user_id: &str) -> Ids {
+        match &self.0 {
+            Some(c) => Ids::Keyed {
+                user_id: user_id.to_owned(),
+                key: c.key.clone(),
+                first_ms: c.first_ms,
+            },
+            None => Ids::Fresh,
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Claim {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Claim(parts.extensions.get::<IdempotencyClaim>().cloned()))
     }
 }
 

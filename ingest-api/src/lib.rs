@@ -27,6 +27,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use shared::atomic::Atomic;
 use shared::auth::{IdentityProvider, TokenVerifier};
 use shared::config::ApiSettings;
 use shared::domain::RequestKind;
@@ -45,6 +46,8 @@ use crate::handlers::{auth, conversations, events, ops, personas, requests};
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// Accepts work: records and jobs in one step.
+    pub atomic: Arc<dyn Atomic>,
     pub persona_queue: Arc<dyn Queue>,
     pub chat_queue: Arc<dyn Queue>,
     pub events: Arc<dyn EventBus>,

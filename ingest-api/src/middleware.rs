@@ -23,9 +23,35 @@ use shared::store::IdempotencyBegin;
 use crate::error::ApiError;
 use crate::AppState;
 
-/// A claim on an idempotency key older than this is considered abandoned.
-const IDEMPOTENCY_LOCK_MS: i64 = 60_000;
 const MAX_KEY_LEN: usize = 255;
+
+/// A claimed `Idempotency-Key`, put into the request for the handler: accepting handlers record
+/// the key's answer in the same step as the work (see `shared::atomic`) and derive their ids
+/// from it.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    pub key: String,
+    pub fingerprint: String,
+    pub first_ms: i64,
+    pub ttl_ms: i64,
+}
+
+/// Put into a response by a handler that recorded the key's answer itself.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerRecorded;
+
+/// The stored answer to a repeated key.
+pub fn replay(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}
 
 fn bearer(req: &Request) -> Option<String> {
     if let Some(value) = req.headers().get(header::AUTHORIZATION) {
@@ -114,29 +140,14 @@ pub async fn idempotency(
     hasher.update(&bytes);
     let fingerprint = format!("{:x}", hasher.finalize());
     let ttl_ms = state.settings.idempotency_ttl_hours as i64 * 3_600_000;
+    let lock_ms = state.settings.idempotency_lock_secs as i64 * 1000;
 
     match state
         .store
-        .idempotency_begin(
-            &user.user_id,
-            &key,
-            &fingerprint,
-            IDEMPOTENCY_LOCK_MS,
-            ttl_ms,
-        )
+        .idempotency_begin(&user.user_id, &key, &fingerprint, lock_ms, ttl_ms)
         .await?
     {
-        IdempotencyBegin::Replay { status, body } => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-            let mut response = (status, body).into_response();
-            let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-            Ok(response)
-        }
+        IdempotencyBegin::Replay { status, body } => Ok(replay(status, body)),
         IdempotencyBegin::InFlight => Err(ApiError::Conflict {
             code: "idempotency_key_in_use",
             message: "a request with this Idempotency-Key is still being handled".into(),
@@ -145,13 +156,21 @@ pub async fn idempotency(
             code: "idempotency_key_reused",
             message: "this Idempotency-Key was used for a different request".into(),
         }),
-        IdempotencyBegin::Started => {
-            let response = next
-                .run(Request::from_parts(parts, Body::from(bytes)))
-                .await;
+        IdempotencyBegin::Started { first_ms } => {
+            let mut req = Request::from_parts(parts, Body::from(bytes));
+            req.extensions_mut().insert(IdempotencyClaim {
+                key: key.clone(),
+                fingerprint,
+                first_ms,
+                ttl_ms,
+            });
+            let response = next.run(req).await;
             let status = response.status();
             if status.is_server_error() {
                 state.store.idempotency_release(&user.user_id, &key).await?;
+                return Ok(response);
+            }
+            if response.extensions().get::<AnswerRecorded>().is_some() {
                 return Ok(response);
             }
             let (parts, body) = response.into_parts();

@@ -34,6 +34,17 @@ pub struct Settings {
         global = true
     )]
     pub data_dir: PathBuf,
+    /// Embedded backend: whether each commit waits for the disk. `full`: every accepted
+    /// request is fsynced before its `202` (survives a power cut); `normal`: no fsync per
+    /// commit (survives a crash of the process, may lose the last commits on power loss).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_SQLITE_SYNC",
+        value_enum,
+        default_value = "full",
+        global = true
+    )]
+    pub sqlite_sync: crate::sqlite::Sync,
     /// Which backend the queue, store and auth use.
     #[arg(
         long,
@@ -179,6 +190,17 @@ pub struct ApiSettings {
         global = true
     )]
     pub max_wait_secs: u64,
+    /// How long a request with an `Idempotency-Key` holds the key while it is handled, in
+    /// seconds: a retry within it gets `409 idempotency_key_in_use`; after it (the first
+    /// handler died) the retry takes the key over and derives the same ids. Accepting a
+    /// request records the key's answer in the same step, so this only matters for a crash.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_IDEMPOTENCY_LOCK_SECS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub idempotency_lock_secs: u64,
     /// How long an `Idempotency-Key` answer is kept, in hours.
     #[arg(
         long,

@@ -13,6 +13,51 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// Where the ids of what an API call creates come from.
+///
+/// With an `Idempotency-Key` they are derived from the user, the key and the time the key was
+/// first claimed, so a client retrying after a crash gets the same ids: whatever the first
+/// attempt stored is found instead of stored twice. They keep the shape of [`new_id`] (a
+/// UUIDv7: time first, so they sort like fresh ids) with the hash of user and key as the
+/// "random" part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ids {
+    /// No key: new random ids.
+    Fresh,
+    Keyed {
+        user_id: String,
+        key: String,
+        first_ms: i64,
+    },
+}
+
+impl Ids {
+    /// The id for `slot` (what it names within the call: `"request"`, `"request/3"`, …).
+    pub fn id(&self, prefix: &str, slot: &str) -> String {
+        match self {
+            Ids::Fresh => new_id(prefix),
+            Ids::Keyed {
+                user_id,
+                key,
+                first_ms,
+            } => {
+                use sha2::{Digest, Sha256};
+                let mut h = Sha256::new();
+                for part in [user_id.as_str(), key, slot] {
+                    h.update((part.len() as u64).to_be_bytes());
+                    h.update(part.as_bytes());
+                }
+                let digest = h.finalize();
+                let mut tail = [0u8; 10];
+                tail.copy_from_slice(&digest[..10]);
+                let uuid =
+                    uuid::Builder::from_unix_timestamp_millis(*first_ms as u64, &tail).into_uuid();
+                format!("{prefix}_{}", uuid.simple())
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct User {
     pub user_id: String,
@@ -272,9 +317,19 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     pub fn new(kind: RequestKind, input: RequestInput, batch_id: Option<String>) -> Self {
+        Self::with_id(new_id("req"), kind, input, batch_id)
+    }
+
+    /// A new queued request with a given id (see [`Ids`]).
+    pub fn with_id(
+        request_id: String,
+        kind: RequestKind,
+        input: RequestInput,
+        batch_id: Option<String>,
+    ) -> Self {
         let now = crate::time::now_rfc3339();
         RequestRecord {
-            request_id: new_id("req"),
+            request_id,
             kind,
             status: RequestStatus::Queued,
             attempts: 0,
@@ -317,4 +372,40 @@ pub struct JobMessage {
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_token: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyed_ids_are_stable_distinct_and_time_ordered() {
+        let ids = |user: &str, key: &str, first_ms| Ids::Keyed {
+            user_id: user.into(),
+            key: key.into(),
+            first_ms,
+        };
+        let a = ids("alice", "k1", 1_700_000_000_000);
+        assert_eq!(a.id("req", "request"), a.id("req", "request"));
+        assert_ne!(a.id("req", "request"), a.id("req", "request/1"));
+        assert_ne!(
+            a.id("req", "request"),
+            ids("bob", "k1", 1_700_000_000_000).id("req", "request")
+        );
+        assert_ne!(
+            a.id("req", "request"),
+            ids("alice", "k2", 1_700_000_000_000).id("req", "request")
+        );
+        // Sorted by time like fresh ids, and parseable as UUIDv7.
+        let later = ids("alice", "k1", 1_700_000_000_001).id("req", "request");
+        assert!(a.id("req", "request") < later);
+        let fresh = new_id("req");
+        assert!(later < fresh, "2023 sorts before now");
+        let uuid = uuid::Uuid::parse_str(later.trim_start_matches("req_")).unwrap();
+        assert_eq!(uuid.get_version_num(), 7);
+        assert_ne!(
+            Ids::Fresh.id("req", "request"),
+            Ids::Fresh.id("req", "request")
+        );
+    }
 }

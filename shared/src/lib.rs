@@ -13,6 +13,8 @@
 //! - [`config`]   every setting, as `clap` arguments with environment fallbacks.
 //! - [`queue`]    the `Queue` port (SQS semantics): `queue::sqlite` (embedded), `queue::sqs`.
 //! - [`store`]    the `Store` port: `store::sqlite` (embedded), `store::dynamodb`.
+//! - [`atomic`]   the `Atomic` port: accepting a request and settling a job, each one unit of
+//!   work across store, queue and events: `atomic::sqlite` (one transaction), `atomic::aws`.
 //! - [`events`]   the `EventBus` port, request changes and stream deltas pushed to clients:
 //!   `events::sqlite` (embedded), `events::dynamodb`.
 //! - [`auth`]     the `TokenVerifier` and `IdentityProvider` ports, the one JWKS verifier,
@@ -25,6 +27,7 @@
 //! - [`sqlite`]   the connection pool and schema behind every embedded adapter.
 //! - [`time`]     timestamps, one format everywhere.
 
+pub mod atomic;
 pub mod auth;
 pub mod config;
 pub mod domain;

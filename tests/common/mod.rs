@@ -130,6 +130,12 @@ impl Builder {
                 .await
                 .expect("table");
             adapters.store = std::sync::Arc::new(DynamoStore::new(dynamo, table));
+            adapters.atomic = std::sync::Arc::new(shared::atomic::aws::AwsAtomic {
+                store: adapters.store.clone(),
+                persona_queue: adapters.persona_queue.clone(),
+                chat_queue: adapters.chat_queue.clone(),
+                events: adapters.events.clone(),
+            });
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -2,8 +2,8 @@
 //!
 //! Context is the persona (as system prompt) plus the most recent messages before the one being
 //! answered, cut to a message count and a character budget. The reply is keyed by the user
-//! message it answers: a redelivery finds the stored reply and never calls the model again, so
-//! a conversation gets exactly one reply per message. Text fragments of a streaming model are
+//! message it answers and stored by the settlement only if none exists, so a conversation gets
+//! exactly one reply per message however often the job is delivered. Text fragments of a streaming model are
 //! pushed to the user's event stream as `message.delta` while the reply is being written.
 
 use std::sync::Arc;
@@ -69,9 +69,6 @@ impl Job for ChatJob {
                 "chat job got a request of another kind",
             ));
         };
-        if let Some(reply) = self.store.get_reply(conversation_id, message_id).await? {
-            return Ok(JobOutput::replayed(RequestResult::Message(reply)));
-        }
         let conversation = self
             .store
             .get_conversation(&ctx.user_id, conversation_id)
@@ -134,12 +131,8 @@ impl Job for ChatJob {
             model: Some(out.model.clone()),
             created_at: shared::time::now_rfc3339(),
         };
-        let stored = self
-            .store
-            .put_reply(conversation_id, message_id, &reply)
-            .await?;
         Ok(JobOutput {
-            result: RequestResult::Message(stored),
+            result: RequestResult::Message(reply),
             usage: out.usage,
             model: out.model,
         })

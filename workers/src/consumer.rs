@@ -1,9 +1,10 @@
 //! The consume loop, written once for both kinds of job.
 //!
-//! For each delivery: skip it if its request already finished (a duplicate), mark the request
-//! running, keep the message hidden with a heartbeat while the job runs, retry transient
+//! For each delivery: mark the request running (or skip it if it already finished: a
+//! duplicate), keep the message hidden with a heartbeat while the job runs, retry transient
 //! failures a few times in-process (exponential back-off, full jitter, `Retry-After` honoured),
-//! and then settle the delivery exactly one way:
+//! and then settle the delivery exactly one way, in one step (`shared::atomic`: the request's
+//! state, its result record, the event and the message together):
 //!
 //! | outcome                           | request   | message                               |
 //! |-----------------------------------|-----------|---------------------------------------|
@@ -14,20 +15,21 @@
 //! | delivered more than `max_receives` times (earlier workers died) | failed | dead-lettered |
 //! | shutdown before the job finished  | queued    | made visible again at once            |
 //!
-//! Every effect a job has is idempotent, so a delivery that is settled twice, or a worker
-//! killed between the effect and the settlement, still leaves exactly one result.
+//! A job computes; it stores nothing itself. Its result is stored by the settlement, keyed by
+//! the request (a persona) or by the user message it answers (a reply), so a delivery settled
+//! twice still leaves exactly one result.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
+use shared::atomic::{Ack, Atomic, Settle, Started};
 use shared::config::WorkerSettings;
 use shared::domain::{ErrorBody, JobMessage, RequestKind, RequestRecord, RequestResult, Usage};
-use shared::events::EventBus;
 use shared::metrics::{KindLabels, Metrics, ModelLabels, TokenLabels};
 use shared::queue::{attr, Delivery, Queue};
-use shared::store::{Store, Transition};
+use shared::store::Transition;
 use shared::{Error, Result};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -56,22 +58,6 @@ pub struct JobOutput {
     pub model: String,
 }
 
-impl JobOutput {
-    /// The output of a job whose effect an earlier delivery already stored: no model was
-    /// called this time, so no tokens were used.
-    pub fn replayed(result: RequestResult) -> Self {
-        let model = match &result {
-            RequestResult::Persona(p) => p.model.clone(),
-            RequestResult::Message(m) => m.model.clone().unwrap_or_default(),
-        };
-        JobOutput {
-            result,
-            usage: Usage::default(),
-            model,
-        }
-    }
-}
-
 #[async_trait]
 pub trait Job: Send + Sync + 'static {
     fn kind(&self) -> RequestKind;
@@ -82,8 +68,8 @@ pub trait Job: Send + Sync + 'static {
 pub struct Consumer {
     pub job: Arc<dyn Job>,
     pub queue: Arc<dyn Queue>,
-    pub store: Arc<dyn Store>,
-    pub events: Arc<dyn EventBus>,
+    /// Starts and settles jobs, each in one step.
+    pub atomic: Arc<dyn Atomic>,
     pub metrics: Arc<Metrics>,
     pub settings: WorkerSettings,
     pub concurrency: usize,
@@ -220,32 +206,25 @@ impl Consumer {
             };
             return self.give_up(delivery, msg, error).await;
         }
-        let Some(record) = self
-            .store
-            .get_request(&msg.user_id, &msg.request_id)
+        let record = match self
+            .atomic
+            .start(&msg.user_id, &msg.request_id, delivery.receive_count)
             .await?
-        else {
-            tracing::warn!("request no longer exists; dropping the message");
-            return self.queue.delete(&delivery.receipt).await;
+        {
+            Started::Running(record) => record,
+            Started::Finished(record) => {
+                tracing::info!(
+                    status = record.status.as_str(),
+                    "request already finished; duplicate delivery dropped"
+                );
+                self.metrics.job(kind, "duplicate");
+                return self.queue.delete(&delivery.receipt).await;
+            }
+            Started::Missing => {
+                tracing::warn!("request no longer exists; dropping the message");
+                return self.queue.delete(&delivery.receipt).await;
+            }
         };
-        if record.status.is_final() {
-            tracing::info!(
-                status = record.status.as_str(),
-                "request already finished; duplicate delivery dropped"
-            );
-            self.metrics.job(kind, "duplicate");
-            return self.queue.delete(&delivery.receipt).await;
-        }
-        let (record, _) = self
-            .store
-            .transition(
-                &record.request_id,
-                Transition::Start {
-                    attempt: delivery.receive_count,
-                },
-            )
-            .await?;
-        self.publish(&msg.user_id, &record).await;
 
         let heartbeat = self.heartbeat(delivery.receipt.clone());
         let ctx = JobContext {
@@ -265,8 +244,9 @@ impl Consumer {
         };
         drop(heartbeat);
 
-        let id = &record.request_id;
-        match outcome {
+        // Each outcome settles in one step: the request's state, its result record, the event
+        // and what becomes of the message (see `shared::atomic`).
+        let (transition, ack, result) = match outcome {
             Some(Ok(out)) => {
                 let latency = attempt_started.elapsed();
                 self.count_tokens(&out);
@@ -277,95 +257,82 @@ impl Consumer {
                         model: out.model.clone(),
                     })
                     .observe(latency.as_secs_f64());
-                let (record, _) = self
-                    .store
-                    .transition(
-                        id,
-                        Transition::Succeed {
-                            result: Box::new(out.result),
-                            usage: out.usage,
-                            model: out.model,
-                            latency_ms: latency.as_millis() as u64,
-                        },
-                    )
-                    .await?;
-                self.publish(&msg.user_id, &record).await;
-                self.queue.delete(&delivery.receipt).await?;
-                self.metrics.job(kind, "succeeded");
-                tracing::info!("request succeeded");
+                let transition = Transition::Succeed {
+                    result: Box::new(out.result),
+                    usage: out.usage,
+                    model: out.model,
+                    latency_ms: latency.as_millis() as u64,
+                };
+                (transition, Ack::Delete, "succeeded")
             }
             Some(Err(e)) if e.is_transient() && delivery.receive_count < max => {
                 let delay = self.queue_backoff(delivery.receive_count, &e);
+                tracing::warn!(error = %e, retry_in = ?delay, "transient failure; the job goes back to the queue");
                 let error = ErrorBody {
                     code: e.code(),
                     message: e.to_string(),
                 };
-                let (record, _) = self
-                    .store
-                    .transition(id, Transition::Retry { error })
-                    .await?;
-                self.publish(&msg.user_id, &record).await;
-                self.queue
-                    .change_visibility(&delivery.receipt, delay)
-                    .await?;
-                self.metrics.job(kind, "retried");
-                tracing::warn!(error = %e, retry_in = ?delay, "transient failure; the job goes back to the queue");
+                (Transition::Retry { error }, Ack::Retry { delay }, "retried")
             }
             Some(Err(e)) if e.is_transient() => {
                 let error = ErrorBody {
                     code: e.code(),
                     message: format!("gave up after {} attempts: {e}", delivery.receive_count),
                 };
-                self.give_up(delivery, msg, error).await?;
+                return self.give_up(delivery, msg, error).await;
             }
             Some(Err(e)) => {
+                tracing::warn!(error = %e, "permanent failure; request failed");
                 let error = ErrorBody {
                     code: e.code(),
                     message: e.to_string(),
                 };
-                let (record, _) = self
-                    .store
-                    .transition(id, Transition::Fail { error })
-                    .await?;
-                self.publish(&msg.user_id, &record).await;
-                self.queue.delete(&delivery.receipt).await?;
-                self.metrics.job(kind, "failed");
-                tracing::warn!(error = %e, "permanent failure; request failed");
+                (Transition::Fail { error }, Ack::Delete, "failed")
             }
             None => {
+                tracing::info!("shutting down; message handed back to the queue");
                 let error = ErrorBody {
                     code: "interrupted".into(),
                     message: "the worker stopped before the job finished; it will run again".into(),
                 };
-                let (record, _) = self
-                    .store
-                    .transition(id, Transition::Retry { error })
-                    .await?;
-                self.publish(&msg.user_id, &record).await;
-                self.queue
-                    .change_visibility(&delivery.receipt, Duration::ZERO)
-                    .await?;
-                self.metrics.job(kind, "released");
-                tracing::info!("shutting down; message handed back to the queue");
+                let ack = Ack::Retry {
+                    delay: Duration::ZERO,
+                };
+                (Transition::Retry { error }, ack, "released")
             }
+        };
+        self.settle(delivery, msg, transition, ack).await?;
+        self.metrics.job(kind, result);
+        if result == "succeeded" {
+            tracing::info!("request succeeded");
         }
         Ok(())
+    }
+
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        msg: &JobMessage,
+        transition: Transition,
+        ack: Ack,
+    ) -> Result<()> {
+        let settle = Settle {
+            kind: self.job.kind(),
+            user_id: msg.user_id.clone(),
+            request_id: msg.request_id.clone(),
+            transition,
+            ack,
+        };
+        self.atomic.settle(delivery, settle).await.map(|_| ())
     }
 
     /// Fails the request for good and moves its message to the dead-letter queue.
     async fn give_up(&self, delivery: &Delivery, msg: &JobMessage, error: ErrorBody) -> Result<()> {
         tracing::error!(code = %error.code, reason = %error.message, "dead-lettering the job");
         let reason = error.message.clone();
-        match self
-            .store
-            .transition(&msg.request_id, Transition::Fail { error })
-            .await
-        {
-            Ok((record, _)) => self.publish(&msg.user_id, &record).await,
-            Err(Error::NotFound) => {}
-            Err(e) => return Err(e),
-        }
-        self.queue.dead_letter(delivery, &reason).await?;
+        let ack = Ack::DeadLetter { reason };
+        self.settle(delivery, msg, Transition::Fail { error }, ack)
+            .await?;
         self.metrics.job(self.job.kind().as_str(), "dead_lettered");
         Ok(())
     }
@@ -433,16 +400,6 @@ impl Consumer {
                 }
             }
         }))
-    }
-
-    async fn publish(&self, user_id: &str, record: &RequestRecord) {
-        let data = match serde_json::to_value(record) {
-            Ok(v) => v,
-            Err(e) => return tracing::error!(error = %e, "request is not serializable"),
-        };
-        if let Err(e) = self.events.publish(user_id, "request.updated", data).await {
-            tracing::warn!(error = %e, "could not push a request update");
-        }
     }
 
     fn count_tokens(&self, out: &JobOutput) {

@@ -3,15 +3,17 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
+use shared::atomic::{Accept, UserMessage};
 use shared::domain::{
     new_id, Conversation, Message, RequestInput, RequestKind, RequestRecord, RequestStatus, Role,
 };
 use utoipa::ToSchema;
 
-use super::{check_text, enqueue, ListResponse, PageQuery};
+use super::{accept, check_text, job_for, ListResponse, PageQuery};
 use crate::error::ApiError;
-use crate::extract::{AppJson, AppPath, AppQuery, Caller, Trace};
+use crate::extract::{AppJson, AppPath, AppQuery, Caller, Claim, Trace};
 use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -97,10 +99,11 @@ pub async fn get(
 pub async fn post_message(
     State(state): State<AppState>,
     caller: Caller,
+    claim: Claim,
     trace: Trace,
     AppPath(id): AppPath<String>,
     AppJson(body): AppJson<PostMessage>,
-) -> Result<(StatusCode, AppJson<MessageAccepted>), ApiError> {
+) -> Result<Response, ApiError> {
     let text = check_text(
         &body.text,
         "text",
@@ -108,22 +111,16 @@ pub async fn post_message(
         "empty_message",
         "message_too_long",
     )?;
-    if state
-        .store
-        .get_conversation(caller.id(), &id)
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::NotFound("conversation"));
-    }
+    let ids = claim.ids(caller.id());
     let message = Message {
-        message_id: new_id("msg"),
+        message_id: ids.id("msg", "message"),
         role: Role::User,
         text: text.clone(),
         model: None,
         created_at: shared::time::now_rfc3339(),
     };
-    let request = RequestRecord::new(
+    let request = RequestRecord::with_id(
+        ids.id("req", "request"),
         RequestKind::Chat,
         RequestInput::Chat {
             conversation_id: id.clone(),
@@ -132,26 +129,31 @@ pub async fn post_message(
         },
         None,
     );
-    state
-        .store
-        .add_user_message(caller.id(), &id, &message, &request)
-        .await?;
-    enqueue(
-        &state,
-        caller.id(),
-        RequestKind::Chat,
-        std::slice::from_ref(&request),
-        &trace,
-    )
-    .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        AppJson(MessageAccepted {
-            request_id: request.request_id,
-            status: RequestStatus::Queued,
-            message_id: message.message_id,
+    let answer = MessageAccepted {
+        request_id: request.request_id.clone(),
+        status: RequestStatus::Queued,
+        message_id: message.message_id.clone(),
+    };
+    // The conversation's ownership is checked inside the accept, with the write: no read of
+    // its own on the hot path.
+    let work = Accept {
+        user_id: caller.id().to_owned(),
+        kind: RequestKind::Chat,
+        jobs: vec![job_for(caller.id(), &request, &trace)?],
+        requests: vec![request],
+        batch: None,
+        message: Some(UserMessage {
+            conversation_id: id,
+            message,
         }),
-    ))
+        answer: None,
+    };
+    accept(&state, &claim, work, &answer)
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => ApiError::NotFound("conversation"),
+            other => other,
+        })
 }
 
 #[utoipa::path(get, path = "/v1/conversations/{id}/messages", tag = "conversations",

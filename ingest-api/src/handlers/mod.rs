@@ -1,5 +1,5 @@
 //! Handlers, one module per resource. Each is a short function of extractors that validates,
-//! calls the store or the queue, and returns a body; errors are `ApiError`s.
+//! calls the store (or, to accept work, [`accept`]), and returns a body; errors are `ApiError`s.
 
 pub mod auth;
 pub mod conversations;
@@ -8,14 +8,17 @@ pub mod ops;
 pub mod personas;
 pub mod requests;
 
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use shared::atomic::{Accept, AcceptOutcome, Answer};
 use shared::domain::{JobMessage, RequestKind, RequestRecord, RequestStatus};
 use shared::queue::{attr, Outgoing};
-use shared::store::Transition;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::ApiError;
-use crate::extract::Trace;
+use crate::extract::{Claim, Trace};
+use crate::middleware::{replay, AnswerRecorded};
 use crate::AppState;
 
 /// `?limit=&next_token=` of every listing.
@@ -79,53 +82,65 @@ pub fn check_text(
     Ok(trimmed.to_owned())
 }
 
-/// Puts the jobs of freshly stored requests on their queue, each with its request and trace ids
-/// as message attributes. If the queue refuses, the requests are marked failed (the client gets
-/// a 503 and may retry) so none waits forever.
-pub async fn enqueue(
-    state: &AppState,
+/// The job message of a request, with its request and trace ids as message attributes.
+pub fn job_for(
     user_id: &str,
-    kind: RequestKind,
-    requests: &[RequestRecord],
+    request: &RequestRecord,
     trace: &Trace,
-) -> Result<(), ApiError> {
-    let bodies = requests
-        .iter()
-        .map(|r| {
-            let body = serde_json::to_string(&JobMessage {
-                request_id: r.request_id.clone(),
-                user_id: user_id.to_owned(),
-                kind,
-            })?;
-            Ok(Outgoing::new(body)
-                .with(attr::REQUEST_ID, &r.request_id)
-                .with(attr::HTTP_REQUEST_ID, &trace.http_request_id)
-                .with(attr::TRACE_ID, &trace.trace_id))
-        })
-        .collect::<Result<Vec<_>, serde_json::Error>>()
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let queue = state.queue(kind);
-    // Queues take at most 10 messages per call on SQS; chunk here so both backends behave alike.
-    for (chunk, records) in bodies.chunks(10).zip(requests.chunks(10)) {
-        if let Err(e) = queue.send(chunk).await {
-            for r in records {
-                let error = shared::domain::ErrorBody {
-                    code: "enqueue_failed".into(),
-                    message: "the request could not be queued; send it again".into(),
-                };
-                let _ = state
-                    .store
-                    .transition(&r.request_id, Transition::Fail { error })
-                    .await;
+) -> Result<Outgoing, ApiError> {
+    let body = serde_json::to_string(&JobMessage {
+        request_id: request.request_id.clone(),
+        user_id: user_id.to_owned(),
+        kind: request.kind,
+    })
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Outgoing::new(body)
+        .with(attr::REQUEST_ID, &request.request_id)
+        .with(attr::HTTP_REQUEST_ID, &trace.http_request_id)
+        .with(attr::TRACE_ID, &trace.trace_id))
+}
+
+/// Accepts work in one step (records, jobs and the idempotency key's answer: see
+/// `shared::atomic`) and answers `202` with `body`; or replays the answer of an earlier call
+/// with the same key that got there first.
+pub async fn accept<T: Serialize>(
+    state: &AppState,
+    claim: &Claim,
+    mut accept: Accept,
+    body: &T,
+) -> Result<Response, ApiError> {
+    let json = serde_json::to_string(body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    accept.answer = claim.0.as_ref().map(|c| Answer {
+        key: c.key.clone(),
+        fingerprint: c.fingerprint.clone(),
+        status: StatusCode::ACCEPTED.as_u16(),
+        body: json.clone(),
+        ttl_ms: c.ttl_ms,
+    });
+    let (kind, ids): (RequestKind, Vec<String>) = (
+        accept.kind,
+        accept
+            .requests
+            .iter()
+            .map(|r| r.request_id.clone())
+            .collect(),
+    );
+    match state.atomic.accept(accept).await? {
+        AcceptOutcome::Recorded => {
+            for request_id in ids {
+                tracing::info!(%request_id, %kind, "request queued");
             }
-            return Err(ApiError::Unavailable(format!(
-                "enqueue on {}: {e}",
-                queue.name()
-            )));
+            let mut response = (
+                StatusCode::ACCEPTED,
+                [(header::CONTENT_TYPE, "application/json")],
+                json,
+            )
+                .into_response();
+            if claim.0.is_some() {
+                response.extensions_mut().insert(AnswerRecorded);
+            }
+            Ok(response)
         }
+        AcceptOutcome::Replay { status, body } => Ok(replay(status, body)),
     }
-    for r in requests {
-        tracing::info!(request_id = %r.request_id, %kind, "request queued");
-    }
-    Ok(())
 }

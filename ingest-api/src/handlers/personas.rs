@@ -2,15 +2,15 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
-use shared::domain::{
-    new_id, Batch, Persona, RequestInput, RequestKind, RequestRecord, RequestStatus,
-};
+use shared::atomic::Accept;
+use shared::domain::{Batch, Persona, RequestInput, RequestKind, RequestRecord, RequestStatus};
 use utoipa::ToSchema;
 
-use super::{check_text, enqueue, Accepted, ListResponse, PageQuery};
+use super::{accept, check_text, job_for, Accepted, ListResponse, PageQuery};
 use crate::error::ApiError;
-use crate::extract::{AppJson, AppPath, AppQuery, Caller, Trace};
+use crate::extract::{AppJson, AppPath, AppQuery, Caller, Claim, Trace};
 use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -49,30 +49,31 @@ fn check_prompt(state: &AppState, prompt: &str) -> Result<String, ApiError> {
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
+    claim: Claim,
     trace: Trace,
     AppJson(body): AppJson<CreatePersona>,
-) -> Result<(StatusCode, AppJson<Accepted>), ApiError> {
+) -> Result<Response, ApiError> {
     let prompt = check_prompt(&state, &body.prompt)?;
-    let request = RequestRecord::new(RequestKind::Persona, RequestInput::Persona { prompt }, None);
-    state
-        .store
-        .create_requests(caller.id(), std::slice::from_ref(&request), None)
-        .await?;
-    enqueue(
-        &state,
-        caller.id(),
+    let request = RequestRecord::with_id(
+        claim.ids(caller.id()).id("req", "request"),
         RequestKind::Persona,
-        std::slice::from_ref(&request),
-        &trace,
-    )
-    .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        AppJson(Accepted {
-            request_id: request.request_id,
-            status: RequestStatus::Queued,
-        }),
-    ))
+        RequestInput::Persona { prompt },
+        None,
+    );
+    let answer = Accepted {
+        request_id: request.request_id.clone(),
+        status: RequestStatus::Queued,
+    };
+    let work = Accept {
+        user_id: caller.id().to_owned(),
+        kind: RequestKind::Persona,
+        jobs: vec![job_for(caller.id(), &request, &trace)?],
+        requests: vec![request],
+        batch: None,
+        message: None,
+        answer: None,
+    };
+    accept(&state, &claim, work, &answer).await
 }
 
 #[utoipa::path(post, path = "/v1/personas/batch", tag = "personas", request_body = CreateBatch,
@@ -81,9 +82,10 @@ pub async fn create(
 pub async fn create_batch(
     State(state): State<AppState>,
     caller: Caller,
+    claim: Claim,
     trace: Trace,
     AppJson(body): AppJson<CreateBatch>,
-) -> Result<(StatusCode, AppJson<BatchAccepted>), ApiError> {
+) -> Result<Response, ApiError> {
     let max = state.settings.max_batch;
     if body.prompts.is_empty() {
         return Err(ApiError::bad_request(
@@ -114,11 +116,14 @@ pub async fn create_batch(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let batch_id = new_id("bat");
+    let ids = claim.ids(caller.id());
+    let batch_id = ids.id("bat", "batch");
     let requests: Vec<RequestRecord> = prompts
         .into_iter()
-        .map(|prompt| {
-            RequestRecord::new(
+        .enumerate()
+        .map(|(i, prompt)| {
+            RequestRecord::with_id(
+                ids.id("req", &format!("request/{i}")),
                 RequestKind::Persona,
                 RequestInput::Persona { prompt },
                 Some(batch_id.clone()),
@@ -135,19 +140,27 @@ pub async fn create_batch(
         request_ids: request_ids.clone(),
         created_at: shared::time::now_rfc3339(),
     };
-    state
-        .store
-        .create_requests(caller.id(), &requests, Some(&batch))
-        .await?;
-    enqueue(&state, caller.id(), RequestKind::Persona, &requests, &trace).await?;
-    tracing::info!(%batch_id, total = requests.len(), "batch queued");
-    Ok((
-        StatusCode::ACCEPTED,
-        AppJson(BatchAccepted {
-            batch_id,
-            request_ids,
-        }),
-    ))
+    let jobs = requests
+        .iter()
+        .map(|r| job_for(caller.id(), r, &trace))
+        .collect::<Result<Vec<_>, _>>()?;
+    let total = requests.len();
+    let work = Accept {
+        user_id: caller.id().to_owned(),
+        kind: RequestKind::Persona,
+        requests,
+        jobs,
+        batch: Some(batch),
+        message: None,
+        answer: None,
+    };
+    let answer = BatchAccepted {
+        batch_id: batch_id.clone(),
+        request_ids,
+    };
+    let response = accept(&state, &claim, work, &answer).await?;
+    tracing::info!(%batch_id, total, "batch queued");
+    Ok(response)
 }
 
 #[utoipa::path(get, path = "/v1/personas", tag = "personas", params(PageQuery),

@@ -59,6 +59,14 @@ pub async fn get(
                 if event.data.get("request_id").and_then(|v| v.as_str()) != Some(id.as_str()) {
                     continue;
                 }
+                // A `request.updated` event carries the whole record, as committed: no need
+                // to read it back.
+                if event.name == "request.updated" {
+                    if let Ok(updated) = serde_json::from_value::<RequestRecord>(event.data) {
+                        record = updated;
+                        continue;
+                    }
+                }
             }
         }
         record = read().await?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_sqlite::rusqlite::params;
+use deadpool_sqlite::rusqlite::{params, Connection};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::{broadcast, Notify};
@@ -129,20 +129,32 @@ impl SqliteEventBus {
     }
 }
 
+/// Appends an event inside a caller's write (see [`crate::sqlite::Db::write`]); the publisher
+/// calls [`SqliteEventBus::wake`] once it is committed.
+pub(crate) fn insert_in(c: &Connection, user_id: &str, name: &str, data: &str) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO events (user_id, name, data, created_ms) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![user_id, name, data, now_ms()])?;
+    Ok(())
+}
+
+impl SqliteEventBus {
+    /// Tells this process's tailer that events were committed, so streams get them at once
+    /// rather than at the next poll.
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+}
+
 #[async_trait]
 impl EventBus for SqliteEventBus {
     async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()> {
         let (user_id, name, data) = (user_id.to_owned(), name.to_owned(), data.to_string());
         self.db
-            .write(move |tx| {
-                tx.execute(
-                    "INSERT INTO events (user_id, name, data, created_ms) VALUES (?1, ?2, ?3, ?4)",
-                    params![user_id, name, data, now_ms()],
-                )?;
-                Ok(())
-            })
+            .write(move |c| insert_in(c, &user_id, &name, &data))
             .await?;
-        self.wake.notify_waiters();
+        self.wake();
         Ok(())
     }
 

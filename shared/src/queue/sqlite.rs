@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_sqlite::rusqlite::{params, OptionalExtension};
+use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::Notify;
 
 use super::{Attributes, DeadLetter, Delivery, Outgoing, Queue, QueueStats};
@@ -28,6 +28,84 @@ fn decode_attributes(json: &str) -> Attributes {
     serde_json::from_str(json).unwrap_or_default()
 }
 
+/// The writes below run inside a caller's write (see [`crate::sqlite::Db::write`]), so the
+/// queue's own methods and the atomic accept/settle of [`crate::atomic::sqlite`] share them.
+pub(crate) fn enqueue_in(c: &Connection, queue: &str, messages: &[Outgoing]) -> Result<()> {
+    let now = now_ms();
+    let mut insert = c.prepare_cached(
+        "INSERT INTO queue_messages (id, queue, body, attributes, visible_ms, sent_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+    )?;
+    for m in messages {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let attributes = serde_json::to_string(&m.attributes)?;
+        insert.execute(params![id, queue, m.body, attributes, now])?;
+    }
+    Ok(())
+}
+
+/// Deletes a delivered message; a stale receipt deletes nothing.
+pub(crate) fn delete_in(c: &Connection, receipt: &str) -> Result<()> {
+    c.prepare_cached("DELETE FROM queue_messages WHERE receipt = ?1")?
+        .execute([receipt])?;
+    Ok(())
+}
+
+/// Hides a delivered message for `timeout` from now; the number of messages changed (0 for a
+/// stale receipt).
+pub(crate) fn change_visibility_in(
+    c: &Connection,
+    receipt: &str,
+    timeout: Duration,
+) -> Result<usize> {
+    let visible = now_ms() + timeout.as_millis() as i64;
+    Ok(
+        c.prepare_cached("UPDATE queue_messages SET visible_ms = ?2 WHERE receipt = ?1")?
+            .execute(params![receipt, visible])?,
+    )
+}
+
+/// Moves a delivered message to the dead letters; nothing if a newer delivery handled it.
+pub(crate) fn dead_letter_in(c: &Connection, delivery: &Delivery, reason: &str) -> Result<()> {
+    let row = c
+        .query_row(
+            "SELECT queue, body, receive_count, attributes FROM queue_messages
+             WHERE id = ?1 AND receipt = ?2",
+            params![delivery.message_id, delivery.receipt],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((queue, body, count, attributes)) = row else {
+        return Ok(());
+    };
+    c.execute(
+        "INSERT OR REPLACE INTO dead_letters
+             (id, queue, body, attributes, receive_count, reason, dead_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            delivery.message_id,
+            queue,
+            body,
+            attributes,
+            count,
+            reason,
+            now_ms()
+        ],
+    )?;
+    c.execute(
+        "DELETE FROM queue_messages WHERE id = ?1",
+        [&delivery.message_id],
+    )?;
+    Ok(())
+}
+
 pub struct SqliteQueue {
     db: Db,
     name: String,
@@ -41,6 +119,12 @@ impl SqliteQueue {
             name: name.into(),
             wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// Wakes this process's receivers waiting in a long poll: a message was queued or handed
+    /// back by a write made outside [`Queue::send`].
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
     }
 
     async fn try_receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>> {
@@ -110,26 +194,11 @@ impl Queue for SqliteQueue {
     }
 
     async fn send(&self, messages: &[Outgoing]) -> Result<()> {
-        let queue = self.name.clone();
-        let messages = messages
-            .iter()
-            .map(|m| Ok((m.body.clone(), serde_json::to_string(&m.attributes)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let (queue, messages) = (self.name.clone(), messages.to_vec());
         self.db
-            .write(move |tx| {
-                let now = now_ms();
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO queue_messages (id, queue, body, attributes, visible_ms, sent_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                )?;
-                for (body, attributes) in messages {
-                    let id = uuid::Uuid::now_v7().simple().to_string();
-                    insert.execute(params![id, queue, body, attributes, now])?;
-                }
-                Ok(())
-            })
+            .write(move |c| enqueue_in(c, &queue, &messages))
             .await?;
-        self.wake.notify_waiters();
+        self.wake();
         Ok(())
     }
 
@@ -156,28 +225,17 @@ impl Queue for SqliteQueue {
 
     async fn delete(&self, receipt: &str) -> Result<()> {
         let receipt = receipt.to_owned();
-        self.db
-            .write(move |tx| {
-                tx.execute("DELETE FROM queue_messages WHERE receipt = ?1", [receipt])?;
-                Ok(())
-            })
-            .await
+        self.db.write(move |c| delete_in(c, &receipt)).await
     }
 
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<()> {
         let receipt = receipt.to_owned();
         let changed = self
             .db
-            .write(move |tx| {
-                let visible = now_ms() + timeout.as_millis() as i64;
-                Ok(tx.execute(
-                    "UPDATE queue_messages SET visible_ms = ?2 WHERE receipt = ?1",
-                    params![receipt, visible],
-                )?)
-            })
+            .write(move |c| change_visibility_in(c, &receipt, timeout))
             .await?;
         if timeout.is_zero() {
-            self.wake.notify_waiters();
+            self.wake();
         }
         if changed == 0 {
             return Err(Error::Queue("receipt is no longer valid".into()));
@@ -186,40 +244,9 @@ impl Queue for SqliteQueue {
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
-        let (id, receipt, reason) = (
-            delivery.message_id.clone(),
-            delivery.receipt.clone(),
-            reason.to_owned(),
-        );
+        let (delivery, reason) = (delivery.clone(), reason.to_owned());
         self.db
-            .write(move |tx| {
-                let row = tx
-                    .query_row(
-                        "SELECT queue, body, receive_count, attributes FROM queue_messages
-                         WHERE id = ?1 AND receipt = ?2",
-                        params![id, receipt],
-                        |r| {
-                            Ok((
-                                r.get::<_, String>(0)?,
-                                r.get::<_, String>(1)?,
-                                r.get::<_, u32>(2)?,
-                                r.get::<_, String>(3)?,
-                            ))
-                        },
-                    )
-                    .optional()?;
-                let Some((queue, body, count, attributes)) = row else {
-                    return Ok(()); // already handled through a newer delivery
-                };
-                tx.execute(
-                    "INSERT OR REPLACE INTO dead_letters
-                         (id, queue, body, attributes, receive_count, reason, dead_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![id, queue, body, attributes, count, reason, now_ms()],
-                )?;
-                tx.execute("DELETE FROM queue_messages WHERE id = ?1", [id])?;
-                Ok(())
-            })
+            .write(move |c| dead_letter_in(c, &delivery, &reason))
             .await
     }
 

@@ -675,14 +675,20 @@ impl Store for DynamoStore {
                     if locked + lock_ms > now {
                         return Ok(IdempotencyBegin::InFlight);
                     }
-                    // An abandoned claim: take it over, unless someone else just did.
-                    Some(locked)
+                    // An abandoned claim: take it over (with its first time, so ids derived
+                    // from the key come out the same), unless someone else just did.
+                    Some((
+                        locked,
+                        get_n(item, "first_ms").filter(|f| *f > 0).unwrap_or(now),
+                    ))
                 }
                 None => None,
             };
+            let first_ms = condition.map_or(now, |(_, first)| first);
             let mut item = key(&pk, &sk);
             item.insert("fingerprint".into(), s(fingerprint));
             item.insert("locked_ms".into(), n(now));
+            item.insert("first_ms".into(), n(first_ms));
             item.insert("expires_ms".into(), n(now + ttl_ms));
             item.insert("expires_at".into(), n((now + ttl_ms) / 1000));
             let mut put = self
@@ -691,7 +697,7 @@ impl Store for DynamoStore {
                 .table_name(&self.table)
                 .set_item(Some(item));
             put = match condition {
-                Some(locked) => put
+                Some((locked, _)) => put
                     .condition_expression(
                         "locked_ms = :locked AND attribute_not_exists(status_code)",
                     )
@@ -701,7 +707,7 @@ impl Store for DynamoStore {
                     .expression_attribute_values(":now", n(now)),
             };
             match put.send().await {
-                Ok(_) => return Ok(IdempotencyBegin::Started),
+                Ok(_) => return Ok(IdempotencyBegin::Started { first_ms }),
                 Err(e) if is_conditional_failure(&e) => continue,
                 Err(e) => return Err(storage("claim idempotency key", e)),
             }

@@ -42,8 +42,10 @@ pub enum Transition {
 /// What an `Idempotency-Key` lookup found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IdempotencyBegin {
-    /// First use: the caller handles the request and then completes or releases the key.
-    Started,
+    /// First use (or an abandoned claim taken over): the caller handles the request and then
+    /// completes or releases the key. `first_ms` is when the key was first claimed, the same
+    /// on a takeover, so ids derived from it come out the same on a retry.
+    Started { first_ms: i64 },
     /// Already answered: replay this status and body.
     Replay { status: u16, body: String },
     /// The first request with this key is still being handled.

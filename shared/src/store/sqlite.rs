@@ -3,7 +3,7 @@
 //! read alike).
 
 use async_trait::async_trait;
-use deadpool_sqlite::rusqlite::{params, OptionalExtension, Transaction};
+use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
 use super::{token, IdempotencyBegin, Store, Transition};
 use crate::domain::{Batch, Conversation, Message, Page, Persona, RequestRecord, RequestStatus};
@@ -92,38 +92,200 @@ where
     .await
 }
 
-fn insert_request(tx: &Transaction<'_>, user_id: &str, r: &RequestRecord) -> Result<()> {
-    tx.execute(
+pub(crate) fn insert_request(c: &Connection, user_id: &str, r: &RequestRecord) -> Result<()> {
+    c.prepare_cached(
         "INSERT INTO requests (request_id, user_id, status, batch_id, body, updated_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
-            r.request_id,
-            user_id,
-            r.status.as_str(),
-            r.batch_id,
-            to_json(r)?,
-            now_ms()
-        ],
+    )?
+    .execute(params![
+        r.request_id,
+        user_id,
+        r.status.as_str(),
+        r.batch_id,
+        to_json(r)?,
+        now_ms()
+    ])?;
+    Ok(())
+}
+
+/// The writes below run inside a caller's write (see [`crate::sqlite::Db::write`]), so the
+/// store's own methods and the atomic accept/settle of [`crate::atomic::sqlite`] share them.
+pub(crate) fn insert_batch(c: &Connection, user_id: &str, b: &Batch) -> Result<()> {
+    c.execute(
+        "INSERT INTO batches (batch_id, user_id, request_ids, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![b.batch_id, user_id, to_json(&b.request_ids)?, b.created_at],
     )?;
+    Ok(())
+}
+
+/// Appends a user message as the conversation's next turn; `NotFound` when the conversation is
+/// not the user's.
+pub(crate) fn append_user_message(
+    c: &Connection,
+    user_id: &str,
+    conversation_id: &str,
+    message: &Message,
+) -> Result<()> {
+    let owned = c
+        .prepare_cached("SELECT 1 FROM conversations WHERE user_id = ?1 AND conversation_id = ?2")?
+        .exists(params![user_id, conversation_id])?;
+    if !owned {
+        return Err(Error::NotFound);
+    }
+    let turn: i64 = c
+        .prepare_cached(
+            "SELECT COALESCE(MAX(turn), 0) + 1 FROM messages WHERE conversation_id = ?1",
+        )?
+        .query_row([conversation_id], |r| r.get(0))?;
+    c.prepare_cached(
+        "INSERT INTO messages (conversation_id, turn, sub, message_id, body)
+         VALUES (?1, ?2, 0, ?3, ?4)",
+    )?
+    .execute(params![
+        conversation_id,
+        turn,
+        message.message_id,
+        to_json(message)?
+    ])?;
+    Ok(())
+}
+
+/// Stores a persona unless one with its id exists; returns the one that stands.
+pub(crate) fn put_persona_in(c: &Connection, user_id: &str, persona: &Persona) -> Result<Persona> {
+    let inserted = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO personas (user_id, persona_id, body) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![user_id, persona.persona_id, to_json(persona)?])?;
+    if inserted == 1 {
+        return Ok(persona.clone());
+    }
+    let body: String = c
+        .prepare_cached("SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2")?
+        .query_row(params![user_id, persona.persona_id], |r| r.get(0))?;
+    from_json(&body)
+}
+
+/// Stores the reply to `reply_to` unless one exists; returns the one that stands.
+pub(crate) fn put_reply_in(
+    c: &Connection,
+    conversation_id: &str,
+    reply_to: &str,
+    reply: &Message,
+) -> Result<Message> {
+    let turn: i64 = c
+        .prepare_cached("SELECT turn FROM messages WHERE conversation_id = ?1 AND message_id = ?2")?
+        .query_row(params![conversation_id, reply_to], |r| r.get(0))
+        .optional()?
+        .ok_or(Error::NotFound)?;
+    let inserted = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO messages (conversation_id, turn, sub, message_id, body)
+             VALUES (?1, ?2, 1, ?3, ?4)",
+        )?
+        .execute(params![
+            conversation_id,
+            turn,
+            reply.message_id,
+            to_json(reply)?
+        ])?;
+    if inserted == 1 {
+        return Ok(reply.clone());
+    }
+    let stored: String = c
+        .prepare_cached(
+            "SELECT body FROM messages WHERE conversation_id = ?1 AND turn = ?2 AND sub = 1",
+        )?
+        .query_row(params![conversation_id, turn], |r| r.get(0))?;
+    from_json(&stored)
+}
+
+/// The request with this id, whoever owns it, with its owner.
+pub(crate) fn request_in(c: &Connection, request_id: &str) -> Result<Option<RequestRecord>> {
+    c.prepare_cached("SELECT body FROM requests WHERE request_id = ?1")?
+        .query_row([request_id], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|b| from_json(&b))
+        .transpose()
+}
+
+/// Applies a transition; `NotFound` for an unknown request.
+pub(crate) fn transition_in(
+    c: &Connection,
+    request_id: &str,
+    transition: Transition,
+) -> Result<(RequestRecord, bool)> {
+    let mut record = request_in(c, request_id)?.ok_or(Error::NotFound)?;
+    let applied = transition.apply(&mut record);
+    if applied {
+        c.prepare_cached(
+            "UPDATE requests SET status = ?2, body = ?3, updated_ms = ?4 WHERE request_id = ?1",
+        )?
+        .execute(params![
+            request_id,
+            record.status.as_str(),
+            to_json(&record)?,
+            now_ms()
+        ])?;
+    }
+    Ok((record, applied))
+}
+
+/// The final answer of an idempotency key, if it has one: `(status, body, fingerprint)`.
+pub(crate) fn idempotency_answer_in(
+    c: &Connection,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<(u16, String)>> {
+    let row = c
+        .prepare_cached(
+            "SELECT status_code, response_body FROM idempotency_keys
+             WHERE user_id = ?1 AND key = ?2 AND expires_ms > ?3 AND status_code IS NOT NULL",
+        )?
+        .query_row(params![user_id, key, now_ms()], |r| {
+            Ok((r.get::<_, u16>(0)?, r.get::<_, Option<String>>(1)?))
+        })
+        .optional()?;
+    Ok(row.map(|(status, body)| (status, body.unwrap_or_default())))
+}
+
+/// Records the answer to replay for a key (claimed or not), keeping its first-claim time.
+pub(crate) fn record_idempotency_answer(
+    c: &Connection,
+    user_id: &str,
+    key: &str,
+    fingerprint: &str,
+    status: u16,
+    body: &str,
+    ttl_ms: i64,
+) -> Result<()> {
+    let now = now_ms();
+    c.prepare_cached(
+        "INSERT INTO idempotency_keys
+           (user_id, key, fingerprint, status_code, response_body, locked_ms, expires_ms, first_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)
+         ON CONFLICT (user_id, key) DO UPDATE SET
+           fingerprint = excluded.fingerprint, status_code = excluded.status_code,
+           response_body = excluded.response_body",
+    )?
+    .execute(params![
+        user_id,
+        key,
+        fingerprint,
+        status,
+        body,
+        now,
+        now + ttl_ms
+    ])?;
     Ok(())
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_persona(&self, user_id: &str, persona: &Persona) -> Result<()> {
-        let (user_id, id, body) = (
-            user_id.to_owned(),
-            persona.persona_id.clone(),
-            to_json(persona)?,
-        );
+        let (user_id, persona) = (user_id.to_owned(), persona.clone());
         self.db
-            .write(move |tx| {
-                tx.execute(
-                    "INSERT OR IGNORE INTO personas (user_id, persona_id, body) VALUES (?1, ?2, ?3)",
-                    params![user_id, id, body],
-                )?;
-                Ok(())
-            })
+            .write(move |c| put_persona_in(c, &user_id, &persona).map(|_| ()))
             .await
     }
 
@@ -221,26 +383,16 @@ impl Store for SqliteStore {
         message: &Message,
         request: &RequestRecord,
     ) -> Result<()> {
-        let (user_id, conv, msg_id, body, request) = (
+        let (user_id, conv, message, request) = (
             user_id.to_owned(),
             conversation_id.to_owned(),
-            message.message_id.clone(),
-            to_json(message)?,
+            message.clone(),
             request.clone(),
         );
         self.db
-            .write(move |tx| {
-                let turn: i64 = tx.query_row(
-                    "SELECT COALESCE(MAX(turn), 0) + 1 FROM messages WHERE conversation_id = ?1",
-                    [&conv],
-                    |r| r.get(0),
-                )?;
-                tx.execute(
-                    "INSERT INTO messages (conversation_id, turn, sub, message_id, body)
-                     VALUES (?1, ?2, 0, ?3, ?4)",
-                    params![conv, turn, msg_id, body],
-                )?;
-                insert_request(tx, &user_id, &request)
+            .write(move |c| {
+                append_user_message(c, &user_id, &conv, &message)?;
+                insert_request(c, &user_id, &request)
             })
             .await
     }
@@ -251,34 +403,13 @@ impl Store for SqliteStore {
         reply_to: &str,
         reply: &Message,
     ) -> Result<Message> {
-        let (conv, reply_to, reply_id, body) = (
+        let (conv, reply_to, reply) = (
             conversation_id.to_owned(),
             reply_to.to_owned(),
-            reply.message_id.clone(),
-            to_json(reply)?,
+            reply.clone(),
         );
         self.db
-            .write(move |tx| {
-                let turn: i64 = tx
-                    .query_row(
-                        "SELECT turn FROM messages WHERE conversation_id = ?1 AND message_id = ?2",
-                        params![conv, reply_to],
-                        |r| r.get(0),
-                    )
-                    .optional()?
-                    .ok_or(Error::NotFound)?;
-                tx.execute(
-                    "INSERT OR IGNORE INTO messages (conversation_id, turn, sub, message_id, body)
-                     VALUES (?1, ?2, 1, ?3, ?4)",
-                    params![conv, turn, reply_id, body],
-                )?;
-                let stored: String = tx.query_row(
-                    "SELECT body FROM messages WHERE conversation_id = ?1 AND turn = ?2 AND sub = 1",
-                    params![conv, turn],
-                    |r| r.get(0),
-                )?;
-                from_json(&stored)
-            })
+            .write(move |c| put_reply_in(c, &conv, &reply_to, &reply))
             .await
     }
 
@@ -393,16 +524,12 @@ impl Store for SqliteStore {
     ) -> Result<()> {
         let (user_id, requests, batch) = (user_id.to_owned(), requests.to_vec(), batch.cloned());
         self.db
-            .write(move |tx| {
+            .write(move |c| {
                 if let Some(b) = &batch {
-                    tx.execute(
-                        "INSERT INTO batches (batch_id, user_id, request_ids, created_at)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![b.batch_id, user_id, to_json(&b.request_ids)?, b.created_at],
-                    )?;
+                    insert_batch(c, &user_id, b)?;
                 }
                 for r in &requests {
-                    insert_request(tx, &user_id, r)?;
+                    insert_request(c, &user_id, r)?;
                 }
                 Ok(())
             })
@@ -426,23 +553,7 @@ impl Store for SqliteStore {
     ) -> Result<(RequestRecord, bool)> {
         let id = request_id.to_owned();
         self.db
-            .write(move |tx| {
-                let body: String = tx
-                    .query_row("SELECT body FROM requests WHERE request_id = ?1", [&id], |r| {
-                        r.get(0)
-                    })
-                    .optional()?
-                    .ok_or(Error::NotFound)?;
-                let mut record: RequestRecord = from_json(&body)?;
-                let applied = transition.apply(&mut record);
-                if applied {
-                    tx.execute(
-                        "UPDATE requests SET status = ?2, body = ?3, updated_ms = ?4 WHERE request_id = ?1",
-                        params![id, record.status.as_str(), to_json(&record)?, now_ms()],
-                    )?;
-                }
-                Ok((record, applied))
-            })
+            .write(move |c| transition_in(c, &id, transition))
             .await
     }
 
@@ -500,7 +611,8 @@ impl Store for SqliteStore {
                 let now = now_ms();
                 let row = tx
                     .query_row(
-                        "SELECT fingerprint, status_code, response_body, locked_ms FROM idempotency_keys
+                        "SELECT fingerprint, status_code, response_body, locked_ms, first_ms
+                         FROM idempotency_keys
                          WHERE user_id = ?1 AND key = ?2 AND expires_ms > ?3",
                         params![user_id, key, now],
                         |r| {
@@ -509,29 +621,34 @@ impl Store for SqliteStore {
                                 r.get::<_, Option<u16>>(1)?,
                                 r.get::<_, Option<String>>(2)?,
                                 r.get::<_, i64>(3)?,
+                                r.get::<_, i64>(4)?,
                             ))
                         },
                     )
                     .optional()?;
-                match row {
-                    Some((stored, _, _, _)) if stored != fp => Ok(IdempotencyBegin::Mismatch),
-                    Some((_, Some(status), body, _)) => Ok(IdempotencyBegin::Replay {
-                        status,
-                        body: body.unwrap_or_default(),
-                    }),
-                    Some((_, None, _, locked)) if locked + lock_ms > now => {
-                        Ok(IdempotencyBegin::InFlight)
+                let first_ms = match row {
+                    Some((stored, ..)) if stored != fp => return Ok(IdempotencyBegin::Mismatch),
+                    Some((_, Some(status), body, ..)) => {
+                        return Ok(IdempotencyBegin::Replay {
+                            status,
+                            body: body.unwrap_or_default(),
+                        })
                     }
-                    _ => {
-                        tx.execute(
-                            "INSERT OR REPLACE INTO idempotency_keys
-                               (user_id, key, fingerprint, status_code, response_body, locked_ms, expires_ms)
-                             VALUES (?1, ?2, ?3, NULL, NULL, ?4, ?5)",
-                            params![user_id, key, fp, now, now + ttl_ms],
-                        )?;
-                        Ok(IdempotencyBegin::Started)
+                    Some((_, None, _, locked, _)) if locked + lock_ms > now => {
+                        return Ok(IdempotencyBegin::InFlight)
                     }
-                }
+                    // An abandoned claim is taken over with its first time, so the ids
+                    // derived from the key come out the same.
+                    Some((_, None, _, _, first)) if first > 0 => first,
+                    _ => now,
+                };
+                tx.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys
+                       (user_id, key, fingerprint, status_code, response_body, locked_ms, expires_ms, first_ms)
+                     VALUES (?1, ?2, ?3, NULL, NULL, ?4, ?5, ?6)",
+                    params![user_id, key, fp, now, now + ttl_ms, first_ms],
+                )?;
+                Ok(IdempotencyBegin::Started { first_ms })
             })
             .await
     }

@@ -1,0 +1,120 @@
+//! The `Atomic` port: the two moments where the store and the queue must change together.
+//!
+//! - **Accept** (API): the request records, the user message of a chat turn, the idempotency
+//!   key's final answer and the jobs on the queue are recorded together or not at all. A `202`
+//!   is answered only after that, so an accepted request can never be stored without its job
+//!   (an orphan nobody answers) nor queued without its record.
+//! - **Settle** (workers): the request's new state, its result record (persona or reply), the
+//!   `request.updated` event and what happens to the queue message (delete, retry later, hand
+//!   back, dead-letter) are one step, so a worker killed half-way leaves either the old state
+//!   with the message still on the queue, or the new state with the message gone.
+//!
+//! Adapters: [`sqlite`] (one SQLite transaction: the embedded queue, store and events share
+//! the database) and [`aws`] (DynamoDB `TransactWriteItems`, then SQS, with an "enqueue
+//! pending" marker and a sweeper covering the gap between the two).
+
+pub mod aws;
+pub mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::{Batch, Message, RequestKind, RequestRecord};
+use crate::queue::{Delivery, Outgoing};
+use crate::store::Transition;
+use crate::Result;
+
+/// Everything one accepted API call records.
+#[derive(Debug, Clone)]
+pub struct Accept {
+    pub user_id: String,
+    pub kind: RequestKind,
+    /// The requests, each queued as the job at the same index of `jobs`.
+    pub requests: Vec<RequestRecord>,
+    pub jobs: Vec<Outgoing>,
+    pub batch: Option<Batch>,
+    /// The user's message of a chat turn, appended to its conversation. The conversation must
+    /// be the user's: otherwise nothing is recorded and the accept fails with `NotFound`.
+    pub message: Option<UserMessage>,
+    /// The answer to replay for the call's `Idempotency-Key`, recorded with everything else.
+    pub answer: Option<Answer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserMessage {
+    pub conversation_id: String,
+    pub message: Message,
+}
+
+/// The final answer of an idempotent call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub key: String,
+    pub fingerprint: String,
+    pub status: u16,
+    pub body: String,
+    /// How long the answer is kept, in milliseconds.
+    pub ttl_ms: i64,
+}
+
+/// How an accept ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AcceptOutcome {
+    /// Everything was recorded and queued.
+    Recorded,
+    /// An earlier call with the same key already recorded its answer (it won a race, or the
+    /// client retried after a crash): nothing new was stored; replay this.
+    Replay { status: u16, body: String },
+}
+
+/// What becomes of a delivered message when its job settles.
+#[derive(Debug, Clone)]
+pub enum Ack {
+    /// Done: delete it.
+    Delete,
+    /// Deliver it again after `delay` (a retry with back-off, or `ZERO` to hand it back now).
+    Retry { delay: Duration },
+    /// Move it to the dead-letter queue with this reason.
+    DeadLetter { reason: String },
+}
+
+/// The end of one delivery's work.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    /// The kind of job, and so the queue the delivery came from.
+    pub kind: RequestKind,
+    pub user_id: String,
+    pub request_id: String,
+    /// A `Succeed` transition stores its result as a record too: the persona, or the reply to
+    /// the request's user message. A twin delivery that settled first keeps its record, and
+    /// the request then carries that one.
+    pub transition: Transition,
+    pub ack: Ack,
+}
+
+/// What `start` found.
+#[derive(Debug, Clone)]
+pub enum Started {
+    /// The request is now running (this delivery's attempt); push was told.
+    Running(RequestRecord),
+    /// The request had already finished: the delivery is a duplicate.
+    Finished(RequestRecord),
+    /// There is no such request.
+    Missing,
+}
+
+#[async_trait]
+pub trait Atomic: Send + Sync + 'static {
+    /// Records and queues everything in `accept`, or nothing.
+    async fn accept(&self, accept: Accept) -> Result<AcceptOutcome>;
+
+    /// Marks a request running for delivery number `attempt` and publishes the change, in one
+    /// step; tells a duplicate delivery apart.
+    async fn start(&self, user_id: &str, request_id: &str, attempt: u32) -> Result<Started>;
+
+    /// Applies `settle` to the request and to `delivery`'s message in one step (on AWS: the
+    /// records in one transaction, then the queue). Returns the request as it now stands, or
+    /// `None` when it no longer exists (the message is acknowledged all the same).
+    async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<Option<RequestRecord>>;
+}
