@@ -263,9 +263,9 @@ pub fn api_state(
         events: adapters.events.clone(),
         verifier: adapters.verifier.clone(),
         identity: adapters.identity.clone(),
-        jwks: adapters.jwks.clone(),
+        jwks: adapters.jwks.clone().map(Arc::new),
         metrics: adapters.metrics.clone(),
-        settings: settings.api.clone(),
+        settings: Arc::new(settings.api.clone()),
         limiter: AppState::limiter_for(&settings.api),
         shutdown,
     }

@@ -42,7 +42,7 @@ async fn dynamodb() -> Subject {
     }
 }
 
-async fn next(stream: &mut futures::stream::BoxStream<'static, Event>) -> Event {
+async fn next(stream: &mut futures::stream::BoxStream<'static, Arc<Event>>) -> Arc<Event> {
     tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
         .expect("an event in time")

@@ -42,7 +42,8 @@ use tower_http::trace::TraceLayer;
 use crate::error::ApiError;
 use crate::handlers::{auth, conversations, events, ops, personas, requests};
 
-/// Everything a handler may reach. Cheap to clone: all shared handles.
+/// Everything a handler may reach. Cheap to clone (axum clones it for every handler and
+/// middleware of every request): all shared handles.
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
@@ -55,9 +56,9 @@ pub struct AppState {
     pub identity: Arc<dyn IdentityProvider>,
     /// The embedded issuer's public keys, served at `/.well-known/jwks.json`; `None` when
     /// tokens come from elsewhere.
-    pub jwks: Option<serde_json::Value>,
+    pub jwks: Option<Arc<serde_json::Value>>,
     pub metrics: Arc<Metrics>,
-    pub settings: ApiSettings,
+    pub settings: Arc<ApiSettings>,
     pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     /// Cancelled on shutdown: ends event streams and long polls so the server can drain.
     pub shutdown: CancellationToken,

@@ -15,10 +15,14 @@
 //! **Reads** run on a separate pool of read-only connections in blocking threads; in WAL mode
 //! they see the last commit and never wait for the writer.
 //!
-//! **Durability.** With [`Sync::Full`] (the default) every commit is fsynced before any of its
-//! callers is answered: an acknowledged write survives a crash of the process or of the machine.
-//! [`Sync::Normal`] skips that fsync (WAL still keeps the file consistent): a power cut may lose
-//! the last commits, a process crash loses nothing.
+//! **Durability.** Every commit survives a crash of the process (WAL). Against a crash of the
+//! machine, a write is either *durable* ([`Db::write`]: what the API acknowledges, e.g. an
+//! accepted request) or *relaxed* ([`Db::write_relaxed`]: a worker's progress, which a job
+//! simply redoes if it is lost). With [`Sync::Full`] (the default) a commit holding a durable
+//! write is fsynced before any of its callers is answered, and that fsync also makes every
+//! relaxed commit before it durable (the WAL is written in order); a commit of relaxed writes
+//! alone is not fsynced, so a power cut may roll a worker's last steps back to an earlier,
+//! consistent state, from which its jobs run again. [`Sync::Normal`] fsyncs no commit.
 //!
 //! No crate does group commit for rusqlite, so the writer is ours (about a hundred lines).
 
@@ -42,10 +46,10 @@ const MAX_GROUP: usize = 512;
 /// Writes waiting for the writer thread before callers wait to hand theirs in.
 const CHANNEL_DEPTH: usize = 4096;
 
-/// Whether a commit waits for the disk (`PRAGMA synchronous`).
+/// Whether commits of durable writes wait for the disk (`PRAGMA synchronous`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Sync {
-    /// Every commit is fsynced before its writers are answered.
+    /// A commit holding a durable write is fsynced before its writers are answered.
     #[default]
     Full,
     /// No fsync per commit: survives a process crash, may lose the last commits on power loss.
@@ -156,7 +160,7 @@ CREATE INDEX IF NOT EXISTS events_by_age ON events (created_ms);
 #[derive(Clone)]
 pub struct Db {
     readers: Pool,
-    writer: mpsc::Sender<Write>,
+    writer: mpsc::Sender<Pending>,
 }
 
 /// Changes to `SCHEMA` after the first release, applied in order to a database whose
@@ -193,6 +197,13 @@ type Write = Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>;
 /// Answers a caller: given the commit's error, if any.
 type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
 
+/// A write waiting for the writer thread.
+struct Pending {
+    run: Write,
+    /// Must be on disk before its caller is answered (see the module's "Durability").
+    durable: bool,
+}
+
 impl Db {
     /// Opens (creating if needed) `characterbot.db` in `data_dir` with every commit fsynced.
     pub async fn open(data_dir: &Path) -> Result<Db> {
@@ -204,13 +215,13 @@ impl Db {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join("characterbot.db");
         let writer_path = path.clone();
-        let conn = tokio::task::spawn_blocking(move || open_writer(&writer_path, sync))
+        let conn = tokio::task::spawn_blocking(move || open_writer(&writer_path))
             .await
             .map_err(|e| Error::Storage(format!("opening the database: {e}")))??;
         let (writer, inbox) = mpsc::channel(CHANNEL_DEPTH);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(conn, inbox))?;
+            .spawn(move || write_loop(conn, sync, inbox))?;
         let readers = Config::new(path)
             .builder(Runtime::Tokio1)
             .map_err(|e| Error::Config(e.to_string()))?
@@ -257,6 +268,25 @@ impl Db {
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
+        self.submit(f, true).await
+    }
+
+    /// Like [`Db::write`], for a write whose loss on a power cut is harmless because it is
+    /// redone (a worker's progress: a receive, a job's start or settlement, an event): its
+    /// commit is not fsynced unless a durable write shares it.
+    pub async fn write_relaxed<F, R>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.submit(f, false).await
+    }
+
+    async fn submit<F, R>(&self, f: F, durable: bool) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
         let (answer, answered) = oneshot::channel::<Result<R>>();
         let job: Write = Box::new(move |c: Option<&Connection>| {
             let out = c.map(f);
@@ -274,7 +304,7 @@ impl Db {
             (ok, reply)
         });
         self.writer
-            .send(job)
+            .send(Pending { run: job, durable })
             .await
             .map_err(|_| Error::Storage("the database writer has stopped".into()))?;
         answered
@@ -283,10 +313,10 @@ impl Db {
     }
 }
 
-fn open_writer(path: &Path, sync: Sync) -> Result<Connection> {
+fn open_writer(path: &Path) -> Result<Connection> {
     let c = Connection::open(path)?;
     c.execute_batch(PRAGMAS)?;
-    c.execute_batch(sync.pragma())?;
+    c.execute_batch(Sync::Full.pragma())?;
     c.execute_batch(SCHEMA)?;
     c.execute_batch("BEGIN IMMEDIATE")?;
     match migrate(&c) {
@@ -301,15 +331,31 @@ fn open_writer(path: &Path, sync: Sync) -> Result<Connection> {
 
 /// The writer thread: takes all waiting writes, runs each in its own savepoint of one
 /// transaction, commits, answers. Ends when every `Db` handle is gone.
-fn write_loop(c: Connection, mut inbox: mpsc::Receiver<Write>) {
+fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pending>) {
     let mut group: Vec<Write> = Vec::with_capacity(MAX_GROUP);
     let mut replies: Vec<Reply> = Vec::with_capacity(MAX_GROUP);
+    let mut fsyncing = true; // as `open_writer` left the connection
     while let Some(first) = inbox.blocking_recv() {
-        group.push(first);
+        let mut durable = first.durable;
+        group.push(first.run);
         while group.len() < MAX_GROUP {
             match inbox.try_recv() {
-                Ok(w) => group.push(w),
+                Ok(w) => {
+                    durable |= w.durable;
+                    group.push(w.run);
+                }
                 Err(_) => break,
+            }
+        }
+        // `synchronous` is set between transactions: FULL fsyncs the WAL at this commit (and so
+        // every earlier commit with it), NORMAL leaves that to a later one or a checkpoint.
+        let fsync = durable && sync == Sync::Full;
+        if fsync != fsyncing {
+            let pragma = if fsync { Sync::Full } else { Sync::Normal }.pragma();
+            if let Err(e) = c.execute_batch(pragma) {
+                tracing::error!(error = %e, "could not set PRAGMA synchronous");
+            } else {
+                fsyncing = fsync;
             }
         }
         if let Err(e) = c.execute_batch("BEGIN IMMEDIATE") {

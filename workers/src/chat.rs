@@ -69,9 +69,14 @@ impl Job for ChatJob {
                 "chat job got a request of another kind",
             ));
         };
-        let conversation = self
+        let context = self
             .store
-            .get_conversation(&ctx.user_id, conversation_id)
+            .chat_context(
+                &ctx.user_id,
+                conversation_id,
+                message_id,
+                self.history_messages,
+            )
             .await?
             .ok_or_else(|| {
                 permanent(
@@ -79,20 +84,13 @@ impl Job for ChatJob {
                     "the conversation no longer exists",
                 )
             })?;
-        let persona = self
-            .store
-            .get_persona(&ctx.user_id, &conversation.persona_id)
-            .await?
-            .ok_or_else(|| {
-                permanent(
-                    "persona_not_found",
-                    "the conversation's persona was deleted",
-                )
-            })?;
-        let history = self
-            .store
-            .history_before(conversation_id, message_id, self.history_messages)
-            .await?;
+        let persona = context.persona.ok_or_else(|| {
+            permanent(
+                "persona_not_found",
+                "the conversation's persona was deleted",
+            )
+        })?;
+        let history = context.history;
         let chat = ChatRequest {
             persona,
             history: fit_history(history, self.history_chars),

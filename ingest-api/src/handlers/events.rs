@@ -34,7 +34,7 @@ pub async fn stream(
         .map(|e| {
             Ok(Event::default()
                 .id(e.id.to_string())
-                .event(e.name)
+                .event(e.name.as_str())
                 .data(e.data.to_string()))
         })
         .take_until(shutdown);

@@ -37,11 +37,10 @@ pub async fn get(
             .await?
             .ok_or(ApiError::NotFound("request"))
     };
-    let record = read().await?;
-    if wait.is_zero() || record.status.is_final() {
-        return Ok(AppJson(record));
+    if wait.is_zero() {
+        return Ok(AppJson(read().await?));
     }
-    // Subscribe first, then read again, so a change between the two is not missed.
+    // Subscribe first, then read, so a change between the two is not missed.
     let mut events = state.events.subscribe(caller.id(), None).await?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut record = read().await?;
@@ -62,7 +61,7 @@ pub async fn get(
                 // A `request.updated` event carries the whole record, as committed: no need
                 // to read it back.
                 if event.name == "request.updated" {
-                    if let Ok(updated) = serde_json::from_value::<RequestRecord>(event.data) {
+                    if let Ok(updated) = RequestRecord::deserialize(&event.data) {
                         record = updated;
                         continue;
                     }

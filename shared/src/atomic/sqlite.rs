@@ -152,7 +152,7 @@ impl Atomic for SqliteAtomic {
         let (user_id, id) = (user_id.to_owned(), request_id.to_owned());
         let started = self
             .db
-            .write(move |c| {
+            .write_relaxed(move |c| {
                 let Some(record) = owned_request(c, &user_id, &id)? else {
                     return Ok(Started::Missing);
                 };
@@ -175,7 +175,7 @@ impl Atomic for SqliteAtomic {
         let (kind, ack) = (settle.kind, settle.ack.clone());
         let record = self
             .db
-            .write(move |c| {
+            .write_relaxed(move |c| {
                 let Settle {
                     kind: _,
                     user_id,

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -137,8 +138,8 @@ impl EventBus for DynamoEventBus {
         &self,
         user_id: &str,
         after: Option<u64>,
-    ) -> Result<BoxStream<'static, Event>> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
+    ) -> Result<BoxStream<'static, Arc<Event>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Arc<Event>>(256);
         let (client, table, user) = (self.client.clone(), self.table.clone(), user_id.to_owned());
         // Everything up to `start` is the past: already seen (`Last-Event-ID`), or before now.
         let start = after.unwrap_or_else(now_micros);
@@ -156,7 +157,7 @@ impl EventBus for DynamoEventBus {
                                 continue;
                             }
                             cursor = cursor.max(e.id);
-                            if tx.send(e).await.is_err() {
+                            if tx.send(Arc::new(e)).await.is_err() {
                                 return; // the stream was dropped
                             }
                         }

@@ -8,6 +8,8 @@
 pub mod dynamodb;
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
@@ -33,10 +35,11 @@ pub struct Event {
 pub trait EventBus: Send + Sync + 'static {
     async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()>;
 
-    /// The user's events from now on, preceded by those after `after` when given.
+    /// The user's events from now on, preceded by those after `after` when given. Shared
+    /// (`Arc`): one event fans out to every stream of its user without a copy each.
     async fn subscribe(
         &self,
         user_id: &str,
         after: Option<u64>,
-    ) -> Result<BoxStream<'static, Event>>;
+    ) -> Result<BoxStream<'static, Arc<Event>>>;
 }

@@ -118,7 +118,7 @@ impl SqliteEventBus {
 
     async fn prune(&self) -> Result<()> {
         self.db
-            .write(|tx| {
+            .write_relaxed(|tx| {
                 tx.execute(
                     "DELETE FROM events WHERE created_ms < ?1",
                     [now_ms() - RETENTION_MS],
@@ -152,7 +152,7 @@ impl EventBus for SqliteEventBus {
     async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()> {
         let (user_id, name, data) = (user_id.to_owned(), name.to_owned(), data.to_string());
         self.db
-            .write(move |c| insert_in(c, &user_id, &name, &data))
+            .write_relaxed(move |c| insert_in(c, &user_id, &name, &data))
             .await?;
         self.wake();
         Ok(())
@@ -162,7 +162,7 @@ impl EventBus for SqliteEventBus {
         &self,
         user_id: &str,
         after: Option<u64>,
-    ) -> Result<BoxStream<'static, Event>> {
+    ) -> Result<BoxStream<'static, Arc<Event>>> {
         // Subscribe before reading the backlog so nothing falls between the two; duplicates
         // from the overlap are dropped by id below.
         let live = BroadcastStream::new(self.fanout.subscribe());
@@ -180,7 +180,7 @@ impl EventBus for SqliteEventBus {
             let out = match item {
                 Ok(e) if e.user_id == user && e.id > seen => {
                     seen = e.id;
-                    Some((*e).clone())
+                    Some(e)
                 }
                 Ok(_) => None,
                 Err(lagged) => {
@@ -190,6 +190,7 @@ impl EventBus for SqliteEventBus {
             };
             futures::future::ready(out)
         });
+        let backlog = backlog.into_iter().map(Arc::new);
         Ok(futures::stream::iter(backlog).chain(live).boxed())
     }
 }

@@ -4,6 +4,7 @@
 //! or processes — never get the same delivery. Long polling is a loop: in-process senders wake
 //! waiting receivers through a `Notify`; senders in another process are seen by a short poll.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,6 +111,9 @@ pub struct SqliteQueue {
     db: Db,
     name: String,
     wake: Arc<Notify>,
+    /// The last receive got all it asked for: more is likely waiting, so the next one skips
+    /// the look before the write.
+    backlog: AtomicBool,
 }
 
 impl SqliteQueue {
@@ -118,6 +122,7 @@ impl SqliteQueue {
             db,
             name: name.into(),
             wake: Arc::new(Notify::new()),
+            backlog: AtomicBool::new(false),
         }
     }
 
@@ -131,7 +136,8 @@ impl SqliteQueue {
         // Look before taking the write lock: an idle poll then costs a read, and does not
         // queue up behind (or hold up) the API's writes.
         let queue = self.name.clone();
-        let ready = self
+        let ready = self.backlog.load(Ordering::Relaxed)
+            || self
             .db
             .call(move |c| {
                 Ok(c.query_row(
@@ -147,7 +153,7 @@ impl SqliteQueue {
         let queue = self.name.clone();
         let hide_ms = visibility.as_millis() as i64;
         self.db
-            .write(move |tx| {
+            .write_relaxed(move |tx| {
                 let now = now_ms();
                 let mut select = tx.prepare_cached(
                     "SELECT id, body, receive_count, attributes FROM queue_messages
@@ -184,6 +190,7 @@ impl SqliteQueue {
                 Ok(out)
             })
             .await
+            .inspect(|got| self.backlog.store(got.len() >= max, Ordering::Relaxed))
     }
 }
 
@@ -225,14 +232,14 @@ impl Queue for SqliteQueue {
 
     async fn delete(&self, receipt: &str) -> Result<()> {
         let receipt = receipt.to_owned();
-        self.db.write(move |c| delete_in(c, &receipt)).await
+        self.db.write_relaxed(move |c| delete_in(c, &receipt)).await
     }
 
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<()> {
         let receipt = receipt.to_owned();
         let changed = self
             .db
-            .write(move |c| change_visibility_in(c, &receipt, timeout))
+            .write_relaxed(move |c| change_visibility_in(c, &receipt, timeout))
             .await?;
         if timeout.is_zero() {
             self.wake();
@@ -246,7 +253,7 @@ impl Queue for SqliteQueue {
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
         let (delivery, reason) = (delivery.clone(), reason.to_owned());
         self.db
-            .write(move |c| dead_letter_in(c, &delivery, &reason))
+            .write_relaxed(move |c| dead_letter_in(c, &delivery, &reason))
             .await
     }
 

@@ -39,6 +39,15 @@ pub enum Transition {
     },
 }
 
+/// See [`Store::chat_context`].
+#[derive(Debug, Clone)]
+pub struct ChatContext {
+    pub conversation: Conversation,
+    pub persona: Option<Persona>,
+    /// Oldest first.
+    pub history: Vec<Message>,
+}
+
 /// What an `Idempotency-Key` lookup found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IdempotencyBegin {
@@ -116,6 +125,30 @@ pub trait Store: Send + Sync + 'static {
         message_id: &str,
         limit: usize,
     ) -> Result<Vec<Message>>;
+
+    /// What a chat job reads before calling the model: the user's conversation (absent: `None`
+    /// and nothing else), its persona (`None` if deleted) and up to `history_limit` messages
+    /// before `message_id`. One round trip where the backend can; this default makes three.
+    async fn chat_context(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        message_id: &str,
+        history_limit: usize,
+    ) -> Result<Option<ChatContext>> {
+        let Some(conversation) = self.get_conversation(user_id, conversation_id).await? else {
+            return Ok(None);
+        };
+        let persona = self.get_persona(user_id, &conversation.persona_id).await?;
+        let history = self
+            .history_before(conversation_id, message_id, history_limit)
+            .await?;
+        Ok(Some(ChatContext {
+            conversation,
+            persona,
+            history,
+        }))
+    }
 
     /// Records new requests, and their batch when there is one, in one step.
     async fn create_requests(

@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
-use super::{token, IdempotencyBegin, Store, Transition};
+use super::{token, ChatContext, IdempotencyBegin, Store, Transition};
 use crate::domain::{Batch, Conversation, Message, Page, Persona, RequestRecord, RequestStatus};
 use crate::sqlite::Db;
 use crate::time::now_ms;
@@ -106,6 +106,22 @@ pub(crate) fn insert_request(c: &Connection, user_id: &str, r: &RequestRecord) -
         now_ms()
     ])?;
     Ok(())
+}
+
+/// Up to `limit` messages before `message_id`, oldest first.
+fn history_in(c: &Connection, conv: &str, msg: &str, limit: usize) -> Result<Vec<Message>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT body FROM messages
+         WHERE conversation_id = ?1
+           AND turn < (SELECT turn FROM messages WHERE conversation_id = ?1 AND message_id = ?2)
+         ORDER BY turn DESC, sub DESC LIMIT ?3",
+    )?;
+    let mut out = stmt
+        .query_map(params![conv, msg, limit as i64], |r| r.get::<_, String>(0))?
+        .map(|b| from_json(&b?))
+        .collect::<Result<Vec<Message>>>()?;
+    out.reverse();
+    Ok(out)
 }
 
 /// The writes below run inside a caller's write (see [`crate::sqlite::Db::write`]), so the
@@ -499,19 +515,49 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Message>> {
         let (conv, msg) = (conversation_id.to_owned(), message_id.to_owned());
         self.db
+            .call(move |c| history_in(c, &conv, &msg, limit))
+            .await
+    }
+
+    async fn chat_context(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        message_id: &str,
+        history_limit: usize,
+    ) -> Result<Option<ChatContext>> {
+        let (user_id, conv, msg) = (
+            user_id.to_owned(),
+            conversation_id.to_owned(),
+            message_id.to_owned(),
+        );
+        self.db
             .call(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT body FROM messages
-                     WHERE conversation_id = ?1
-                       AND turn < (SELECT turn FROM messages WHERE conversation_id = ?1 AND message_id = ?2)
-                     ORDER BY turn DESC, sub DESC LIMIT ?3",
-                )?;
-                let mut out = stmt
-                    .query_map(params![conv, msg, limit as i64], |r| r.get::<_, String>(0))?
-                    .map(|b| from_json(&b?))
-                    .collect::<Result<Vec<Message>>>()?;
-                out.reverse();
-                Ok(out)
+                let conversation: Option<Conversation> = c
+                    .prepare_cached(
+                        "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
+                    )?
+                    .query_row(params![user_id, conv], |r| r.get::<_, String>(0))
+                    .optional()?
+                    .map(|b| from_json(&b))
+                    .transpose()?;
+                let Some(conversation) = conversation else {
+                    return Ok(None);
+                };
+                let persona: Option<Persona> = c
+                    .prepare_cached("SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2")?
+                    .query_row(params![user_id, conversation.persona_id], |r| {
+                        r.get::<_, String>(0)
+                    })
+                    .optional()?
+                    .map(|b| from_json(&b))
+                    .transpose()?;
+                let history = history_in(c, &conv, &msg, history_limit)?;
+                Ok(Some(ChatContext {
+                    conversation,
+                    persona,
+                    history,
+                }))
             })
             .await
     }
