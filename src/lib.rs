@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ingest_api::AppState;
+use ingest_api::{AppState, Shared};
 use shared::atomic::aws::AwsAtomic;
 use shared::atomic::sqlite::SqliteAtomic;
 use shared::atomic::Atomic;
@@ -255,7 +255,7 @@ pub fn api_state(
     settings: &Settings,
     shutdown: CancellationToken,
 ) -> AppState {
-    AppState {
+    AppState::new(Shared {
         store: adapters.store.clone(),
         atomic: adapters.atomic.clone(),
         persona_queue: adapters.persona_queue.clone(),
@@ -263,12 +263,12 @@ pub fn api_state(
         events: adapters.events.clone(),
         verifier: adapters.verifier.clone(),
         identity: adapters.identity.clone(),
-        jwks: adapters.jwks.clone().map(Arc::new),
+        jwks: adapters.jwks.clone(),
         metrics: adapters.metrics.clone(),
-        settings: Arc::new(settings.api.clone()),
-        limiter: AppState::limiter_for(&settings.api),
+        settings: settings.api.clone(),
+        limiter: Shared::limiter_for(&settings.api),
         shutdown,
-    }
+    })
 }
 
 /// The consume loop of one kind of worker.

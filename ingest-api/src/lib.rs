@@ -42,10 +42,27 @@ use tower_http::trace::TraceLayer;
 use crate::error::ApiError;
 use crate::handlers::{auth, conversations, events, ops, personas, requests};
 
-/// Everything a handler may reach. Cheap to clone (axum clones it for every handler and
-/// middleware of every request): all shared handles.
+/// Everything a handler may reach. axum clones the state for every handler and middleware of
+/// every request, so it is one `Arc` (one counter to bump) around [`Shared`]; fields read
+/// through it (`state.store`).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub store: Arc<dyn Store>,
     /// Accepts work: records and jobs in one step.
     pub atomic: Arc<dyn Atomic>,
@@ -56,15 +73,15 @@ pub struct AppState {
     pub identity: Arc<dyn IdentityProvider>,
     /// The embedded issuer's public keys, served at `/.well-known/jwks.json`; `None` when
     /// tokens come from elsewhere.
-    pub jwks: Option<Arc<serde_json::Value>>,
+    pub jwks: Option<serde_json::Value>,
     pub metrics: Arc<Metrics>,
-    pub settings: Arc<ApiSettings>,
+    pub settings: ApiSettings,
     pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     /// Cancelled on shutdown: ends event streams and long polls so the server can drain.
     pub shutdown: CancellationToken,
 }
 
-impl AppState {
+impl Shared {
     pub fn queue(&self, kind: RequestKind) -> &Arc<dyn Queue> {
         match kind {
             RequestKind::Persona => &self.persona_queue,

@@ -213,11 +213,12 @@ pub struct ApiSettings {
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerSettings {
-    /// Persona jobs one worker process runs at once.
+    /// Persona jobs one worker process runs at once. Jobs mostly wait on the model, and a
+    /// worker receives and settles them in groups, so this can be high.
     #[arg(
         long,
         env = "CHARACTERBOT_PERSONA_CONCURRENCY",
-        default_value_t = 4,
+        default_value_t = 32,
         global = true
     )]
     pub persona_concurrency: usize,
@@ -225,7 +226,7 @@ pub struct WorkerSettings {
     #[arg(
         long,
         env = "CHARACTERBOT_CHAT_CONCURRENCY",
-        default_value_t = 8,
+        default_value_t = 32,
         global = true
     )]
     pub chat_concurrency: usize,

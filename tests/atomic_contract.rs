@@ -1,0 +1,538 @@
+//! The `Atomic` contract (accept, start, settle), run against each implementation: the embedded
+//! one (one SQLite transaction) and the AWS one (DynamoDB and SQS on the moto server that
+//! `scripts/test` starts). What only a single transaction can promise — a failure half-way
+//! leaves nothing visible — is checked on the embedded backend alone, at the end: the AWS
+//! adapter does not promise it yet (issue #8: DynamoDB transaction + enqueue marker + sweeper).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::atomic::aws::AwsAtomic;
+use shared::atomic::sqlite::SqliteAtomic;
+use shared::atomic::{Accept, AcceptOutcome, Ack, Answer, Atomic, Settle, Started, UserMessage};
+use shared::domain::{
+    new_id, Conversation, ErrorBody, JobMessage, Message, Persona, PersonaDraft, PersonaSource,
+    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
+};
+use shared::events::dynamodb::DynamoEventBus;
+use shared::events::{EventBus, SqliteEventBus};
+use shared::queue::sqlite::SqliteQueue;
+use shared::queue::sqs::SqsQueue;
+use shared::queue::{Delivery, Outgoing, Queue};
+use shared::sqlite::Db;
+use shared::store::dynamodb::DynamoStore;
+use shared::store::sqlite::SqliteStore;
+use shared::store::{IdempotencyBegin, Store, Transition};
+
+struct Subject {
+    atomic: Arc<dyn Atomic>,
+    store: Arc<dyn Store>,
+    persona_queue: Arc<dyn Queue>,
+    chat_queue: Arc<dyn Queue>,
+    events: Arc<dyn EventBus>,
+    /// The embedded database, for injecting failures.
+    db: Option<Db>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn embedded() -> Subject {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).await.unwrap();
+    let persona_queue = Arc::new(SqliteQueue::new(db.clone(), "persona"));
+    let chat_queue = Arc::new(SqliteQueue::new(db.clone(), "chat"));
+    let events = SqliteEventBus::start(db.clone()).await.unwrap();
+    Subject {
+        atomic: Arc::new(SqliteAtomic::new(
+            db.clone(),
+            persona_queue.clone(),
+            chat_queue.clone(),
+            events.clone(),
+        )),
+        store: Arc::new(SqliteStore::new(db.clone())),
+        persona_queue,
+        chat_queue,
+        events,
+        db: Some(db),
+        _dir: Some(dir),
+    }
+}
+
+async fn aws() -> Subject {
+    let sdk = common::aws_test_sdk_config();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let sqs = aws_sdk_sqs::Client::new(&sdk);
+    let persona_queue: Arc<dyn Queue> = Arc::new(
+        SqsQueue::ensure(sqs.clone(), "persona", &format!("persona-{run}"), 10)
+            .await
+            .unwrap(),
+    );
+    let chat_queue: Arc<dyn Queue> = Arc::new(
+        SqsQueue::ensure(sqs, "chat", &format!("chat-{run}"), 10)
+            .await
+            .unwrap(),
+    );
+    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+    let table = format!("atomic-{run}");
+    DynamoStore::create_table(&dynamo, &table).await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(DynamoStore::new(dynamo.clone(), &table));
+    let events: Arc<dyn EventBus> = Arc::new(DynamoEventBus::new(dynamo, &table));
+    Subject {
+        atomic: Arc::new(AwsAtomic {
+            store: store.clone(),
+            persona_queue: persona_queue.clone(),
+            chat_queue: chat_queue.clone(),
+            events: events.clone(),
+        }),
+        store,
+        persona_queue,
+        chat_queue,
+        events,
+        db: None,
+        _dir: None,
+    }
+}
+
+fn persona_request() -> RequestRecord {
+    RequestRecord::new(
+        RequestKind::Persona,
+        RequestInput::Persona {
+            prompt: "Sherlock Holmes".into(),
+        },
+        None,
+    )
+}
+
+fn job(user: &str, r: &RequestRecord) -> Outgoing {
+    Outgoing::new(
+        serde_json::to_string(&JobMessage {
+            request_id: r.request_id.clone(),
+            user_id: user.into(),
+            kind: r.kind,
+        })
+        .unwrap(),
+    )
+}
+
+fn persona_accept(user: &str, r: &RequestRecord, answer: Option<Answer>) -> Accept {
+    Accept {
+        user_id: user.into(),
+        kind: RequestKind::Persona,
+        requests: vec![r.clone()],
+        jobs: vec![job(user, r)],
+        batch: None,
+        message: None,
+        answer,
+    }
+}
+
+fn persona(id: String) -> Persona {
+    Persona::from_draft(
+        id,
+        PersonaDraft {
+            name: "Sherlock Holmes".into(),
+            description: "d".into(),
+            personality: "p".into(),
+            speaking_style: "s".into(),
+            greeting: "g".into(),
+            source: PersonaSource::Famous,
+        },
+        "offline".into(),
+        "Sherlock Holmes".into(),
+    )
+}
+
+fn answer(key: &str, body: &str) -> Answer {
+    Answer {
+        key: key.into(),
+        fingerprint: "fp".into(),
+        status: 202,
+        body: body.into(),
+        ttl_ms: 86_400_000,
+    }
+}
+
+/// Receives until `n` deliveries arrived (bounded).
+async fn receive_n(q: &dyn Queue, n: usize) -> Vec<Delivery> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < n && tokio::time::Instant::now() < deadline {
+        got.extend(
+            q.receive(10, Duration::from_secs(30), Duration::from_secs(1))
+                .await
+                .unwrap(),
+        );
+    }
+    got
+}
+
+async fn a_conversation(s: &Subject, user: &str) -> String {
+    let conversation = Conversation {
+        conversation_id: new_id("conv"),
+        persona_id: new_id("per"),
+        persona_name: "Sherlock Holmes".into(),
+        created_at: shared::time::now_rfc3339(),
+    };
+    s.store
+        .create_conversation(user, &conversation)
+        .await
+        .unwrap();
+    conversation.conversation_id
+}
+
+fn chat_accept(user: &str, conv: &str, text: &str) -> (Accept, RequestRecord, Message) {
+    let message = Message {
+        message_id: new_id("msg"),
+        role: Role::User,
+        text: text.into(),
+        model: None,
+        created_at: shared::time::now_rfc3339(),
+    };
+    let request = RequestRecord::new(
+        RequestKind::Chat,
+        RequestInput::Chat {
+            conversation_id: conv.into(),
+            message_id: message.message_id.clone(),
+            text: text.into(),
+        },
+        None,
+    );
+    let accept = Accept {
+        user_id: user.into(),
+        kind: RequestKind::Chat,
+        requests: vec![request.clone()],
+        jobs: vec![job(user, &request)],
+        batch: None,
+        message: Some(UserMessage {
+            conversation_id: conv.into(),
+            message: message.clone(),
+        }),
+        answer: None,
+    };
+    (accept, request, message)
+}
+
+async fn an_accept_records_the_request_its_job_and_the_keys_answer(s: Subject) {
+    let r = persona_request();
+    let body = format!("{{\"request_id\":\"{}\"}}", r.request_id);
+    let day = 86_400_000;
+    assert!(matches!(
+        s.store
+            .idempotency_begin("alice", "k1", "fp", 5_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started { .. }
+    ));
+    let out = s
+        .atomic
+        .accept(persona_accept("alice", &r, Some(answer("k1", &body))))
+        .await
+        .unwrap();
+    assert_eq!(out, AcceptOutcome::Recorded);
+    let stored = s.store.get_request("alice", &r.request_id).await.unwrap();
+    assert_eq!(stored.map(|x| x.status), Some(RequestStatus::Queued));
+    assert!(s
+        .store
+        .get_request("bob", &r.request_id)
+        .await
+        .unwrap()
+        .is_none());
+    let jobs = receive_n(s.persona_queue.as_ref(), 1).await;
+    assert_eq!(jobs.len(), 1);
+    let msg: JobMessage = serde_json::from_str(&jobs[0].body).unwrap();
+    assert_eq!(msg.request_id, r.request_id);
+    // The key's answer was recorded with the work: a retry replays it.
+    assert_eq!(
+        s.store
+            .idempotency_begin("alice", "k1", "fp", 5_000, day)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Replay {
+            status: 202,
+            body: body.clone()
+        }
+    );
+}
+
+async fn a_chat_turn_is_accepted_only_in_the_users_own_conversation(s: Subject) {
+    let conv = a_conversation(&s, "alice").await;
+    let (mallory, request, _) = chat_accept("mallory", &conv, "Give me her secrets");
+    let refused = s.atomic.accept(mallory).await;
+    assert!(
+        matches!(refused, Err(shared::Error::NotFound)),
+        "{refused:?}"
+    );
+    assert!(s
+        .store
+        .get_request("mallory", &request.request_id)
+        .await
+        .unwrap()
+        .is_none());
+    let page = s
+        .store
+        .list_messages("alice", &conv, 10, None)
+        .await
+        .unwrap();
+    assert!(
+        page.items.is_empty(),
+        "nothing was added to her conversation"
+    );
+    assert!(
+        receive_n(s.chat_queue.as_ref(), 1).await.is_empty(),
+        "nothing was queued"
+    );
+
+    let (alice, request, message) = chat_accept("alice", &conv, "Who stole the pearl?");
+    assert_eq!(
+        s.atomic.accept(alice).await.unwrap(),
+        AcceptOutcome::Recorded
+    );
+    let page = s
+        .store
+        .list_messages("alice", &conv, 10, None)
+        .await
+        .unwrap();
+    assert_eq!(page.items, vec![message]);
+    let jobs = receive_n(s.chat_queue.as_ref(), 1).await;
+    let msg: JobMessage = serde_json::from_str(&jobs[0].body).unwrap();
+    assert_eq!(msg.request_id, request.request_id);
+}
+
+async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subject) {
+    let r = persona_request();
+    s.atomic
+        .accept(persona_accept("alice", &r, None))
+        .await
+        .unwrap();
+    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    let mut events = s.events.subscribe("alice", None).await.unwrap();
+
+    // Another user's job message names a request they cannot see.
+    assert!(matches!(
+        s.atomic.start("mallory", &r.request_id, 1).await.unwrap(),
+        Started::Missing
+    ));
+    let Started::Running(running) = s.atomic.start("alice", &r.request_id, 1).await.unwrap() else {
+        panic!("the request starts");
+    };
+    assert_eq!(
+        (running.status, running.attempts),
+        (RequestStatus::Running, 1)
+    );
+
+    let made = persona(format!("per_{}", r.request_id.trim_start_matches("req_")));
+    let succeed = |p: Persona| Settle {
+        kind: RequestKind::Persona,
+        user_id: "alice".into(),
+        request_id: r.request_id.clone(),
+        transition: Transition::Succeed {
+            result: Box::new(RequestResult::Persona(p)),
+            usage: Usage::default(),
+            model: "offline".into(),
+            latency_ms: 1,
+        },
+        ack: Ack::Delete,
+    };
+    let done = s
+        .atomic
+        .settle(&d, succeed(made.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RequestStatus::Succeeded);
+    assert_eq!(
+        s.store
+            .get_persona("alice", &made.persona_id)
+            .await
+            .unwrap(),
+        Some(made.clone())
+    );
+    // The message is gone: nothing comes back after its visibility timeout either.
+    let stats = s.persona_queue.stats().await.unwrap();
+    assert_eq!(stats.visible + stats.in_flight, 0, "{stats:?}");
+    // The client was told, in order: running, then succeeded.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut events),
+        )
+        .await
+        .expect("an event in time")
+        .expect("stream open");
+        if e.name == "request.updated" {
+            seen.push(e.data["status"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    assert_eq!(seen, ["running", "succeeded"]);
+
+    // A duplicate delivery settling again changes nothing and stores no second persona.
+    let mut twin = made.clone();
+    twin.name = "A twin".into();
+    let again = s.atomic.settle(&d, succeed(twin)).await.unwrap().unwrap();
+    assert_eq!(again.result, done.result);
+    assert!(matches!(
+        s.atomic.start("alice", &r.request_id, 2).await.unwrap(),
+        Started::Finished(_)
+    ));
+    let page = s.store.list_personas("alice", 10, None).await.unwrap();
+    assert_eq!(page.items, vec![made]);
+}
+
+async fn a_retry_puts_the_job_back_and_the_request_back_in_the_queue(s: Subject) {
+    let r = persona_request();
+    s.atomic
+        .accept(persona_accept("alice", &r, None))
+        .await
+        .unwrap();
+    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    s.atomic.start("alice", &r.request_id, 1).await.unwrap();
+    let retry = Settle {
+        kind: RequestKind::Persona,
+        user_id: "alice".into(),
+        request_id: r.request_id.clone(),
+        transition: Transition::Retry {
+            error: ErrorBody {
+                code: "model_unavailable".into(),
+                message: "overloaded".into(),
+            },
+        },
+        ack: Ack::Retry {
+            delay: Duration::ZERO,
+        },
+    };
+    let record = s.atomic.settle(&d, retry).await.unwrap().unwrap();
+    assert_eq!(record.status, RequestStatus::Queued);
+    let again = receive_n(s.persona_queue.as_ref(), 1).await;
+    assert_eq!(again.len(), 1, "handed back at once");
+    assert_eq!(again[0].receive_count, 2);
+}
+
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod embedded_atomic {
+            $( #[tokio::test] async fn $case() { super::$case(super::embedded().await).await } )*
+        }
+        mod aws_atomic {
+            $( #[tokio::test] async fn $case() { super::$case(super::aws().await).await } )*
+        }
+    };
+}
+
+contract!(
+    an_accept_records_the_request_its_job_and_the_keys_answer,
+    a_chat_turn_is_accepted_only_in_the_users_own_conversation,
+    start_and_settle_move_the_request_store_the_result_once_and_ack,
+    a_retry_puts_the_job_back_and_the_request_back_in_the_queue,
+);
+
+/// One transaction: a failure inside an accept leaves nothing of it visible, and a failure
+/// inside a settlement leaves the request and its message as they were.
+mod embedded_only {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failure_inside_an_accept_leaves_nothing_visible() {
+        let s = embedded().await;
+        let conv = a_conversation(&s, "alice").await;
+        let first = persona_request();
+        s.atomic
+            .accept(persona_accept("alice", &first, None))
+            .await
+            .unwrap();
+        receive_n(s.persona_queue.as_ref(), 1).await;
+        // A chat turn whose second request collides with an existing one: the insert fails
+        // after the message and the first request were written.
+        let (mut accept, second, message) = chat_accept("alice", &conv, "Hello?");
+        accept.requests.push(first.clone());
+        accept.answer = Some(answer("k9", "{}"));
+        assert!(s.atomic.accept(accept).await.is_err());
+        assert!(s
+            .store
+            .get_request("alice", &second.request_id)
+            .await
+            .unwrap()
+            .is_none());
+        let page = s
+            .store
+            .list_messages("alice", &conv, 10, None)
+            .await
+            .unwrap();
+        assert!(!page.items.contains(&message) && page.items.is_empty());
+        assert!(
+            receive_n(s.chat_queue.as_ref(), 1).await.is_empty(),
+            "no job"
+        );
+        assert!(
+            matches!(
+                s.store
+                    .idempotency_begin("alice", "k9", "fp", 5_000, 86_400_000)
+                    .await
+                    .unwrap(),
+                IdempotencyBegin::Started { .. }
+            ),
+            "no answer recorded: the client may retry"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failure_inside_a_settlement_leaves_the_request_and_its_message_as_they_were() {
+        let s = embedded().await;
+        let conv = a_conversation(&s, "alice").await;
+        let (accept, request, message) = chat_accept("alice", &conv, "Hello?");
+        s.atomic.accept(accept).await.unwrap();
+        let d = receive_n(s.chat_queue.as_ref(), 1).await.remove(0);
+        s.atomic
+            .start("alice", &request.request_id, 1)
+            .await
+            .unwrap();
+        // The queue refuses the delete, the settlement's last step: the reply and the new
+        // state written before it must go with it.
+        let db = s.db.clone().unwrap();
+        db.write(|c| {
+            Ok(c.execute_batch(
+                "CREATE TRIGGER refuse_delete BEFORE DELETE ON queue_messages
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+            )?)
+        })
+        .await
+        .unwrap();
+        let reply = Message {
+            message_id: new_id("msg"),
+            role: Role::Assistant,
+            text: "Elementary.".into(),
+            model: Some("offline".into()),
+            created_at: shared::time::now_rfc3339(),
+        };
+        let settle = Settle {
+            kind: RequestKind::Chat,
+            user_id: "alice".into(),
+            request_id: request.request_id.clone(),
+            transition: Transition::Succeed {
+                result: Box::new(RequestResult::Message(reply)),
+                usage: Usage::default(),
+                model: "offline".into(),
+                latency_ms: 1,
+            },
+            ack: Ack::Delete,
+        };
+        let failed = s.atomic.settle(&d, settle).await;
+        assert!(failed.is_err(), "{failed:?}");
+        let record = s
+            .store
+            .get_request("alice", &request.request_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.status, RequestStatus::Running, "state unchanged");
+        let page = s
+            .store
+            .list_messages("alice", &conv, 10, None)
+            .await
+            .unwrap();
+        assert_eq!(page.items, vec![message], "no reply stored");
+        let stats = s.chat_queue.stats().await.unwrap();
+        assert_eq!(stats.in_flight, 1, "the message waits for its redelivery");
+    }
+}
