@@ -102,7 +102,8 @@ impl Adapters {
         );
         let sqs = aws_sdk_sqs::Client::new(&sdk);
         let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
-        let store: Arc<dyn Store> = Arc::new(DynamoStore::new(dynamo.clone(), &a.table));
+        let dynamo_store = Arc::new(DynamoStore::new(dynamo.clone(), &a.table));
+        let store: Arc<dyn Store> = dynamo_store.clone();
         let persona_queue: Arc<dyn Queue> =
             Arc::new(SqsQueue::connect(sqs.clone(), "persona", &a.persona_queue).await?);
         let chat_queue: Arc<dyn Queue> =
@@ -110,10 +111,11 @@ impl Adapters {
         let events: Arc<dyn EventBus> = Arc::new(DynamoEventBus::new(dynamo, &a.table));
         Ok(Adapters {
             atomic: Arc::new(AwsAtomic {
-                store: store.clone(),
+                store: dynamo_store,
                 persona_queue: persona_queue.clone(),
                 chat_queue: chat_queue.clone(),
                 events: events.clone(),
+                sweep_after: Duration::from_secs(a.outbox_sweep_after_secs),
             }),
             store,
             persona_queue,

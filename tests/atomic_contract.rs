@@ -13,8 +13,9 @@ use shared::atomic::aws::AwsAtomic;
 use shared::atomic::sqlite::SqliteAtomic;
 use shared::atomic::{Accept, AcceptOutcome, Ack, Answer, Atomic, Settle, Started, UserMessage};
 use shared::domain::{
-    new_id, Conversation, ErrorBody, JobMessage, Message, Persona, PersonaDraft, PersonaSource,
-    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
+    new_id, Batch, Conversation, ErrorBody, JobMessage, Message, Persona, PersonaDraft,
+    PersonaSource, RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role,
+    Usage,
 };
 use shared::events::dynamodb::DynamoEventBus;
 use shared::events::{EventBus, SqliteEventBus};
@@ -34,6 +35,8 @@ struct Subject {
     events: Arc<dyn EventBus>,
     /// The embedded database, for injecting failures.
     db: Option<Db>,
+    /// The DynamoDB table (AWS).
+    table: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -55,6 +58,7 @@ async fn embedded() -> Subject {
         chat_queue,
         events,
         db: Some(db),
+        table: None,
         _dir: Some(dir),
     }
 }
@@ -76,11 +80,13 @@ async fn aws() -> Subject {
     let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
     let table = format!("atomic-{run}");
     DynamoStore::create_table(&dynamo, &table).await.unwrap();
-    let store: Arc<dyn Store> = Arc::new(DynamoStore::new(dynamo.clone(), &table));
+    let dynamo_store = Arc::new(DynamoStore::new(dynamo.clone(), &table));
+    let store: Arc<dyn Store> = dynamo_store.clone();
     let events: Arc<dyn EventBus> = Arc::new(DynamoEventBus::new(dynamo, &table));
     Subject {
         atomic: Arc::new(AwsAtomic {
-            store: store.clone(),
+            store: dynamo_store,
+            sweep_after: Duration::from_secs(30),
             persona_queue: persona_queue.clone(),
             chat_queue: chat_queue.clone(),
             events: events.clone(),
@@ -90,6 +96,7 @@ async fn aws() -> Subject {
         chat_queue,
         events,
         db: None,
+        table: Some(table),
         _dir: None,
     }
 }
@@ -409,6 +416,77 @@ async fn a_retry_puts_the_job_back_and_the_request_back_in_the_queue(s: Subject)
     assert_eq!(again[0].receive_count, 2);
 }
 
+async fn a_key_answered_once_replays_and_queues_nothing_more(s: Subject) {
+    let first = persona_request();
+    let body = format!("{{\"request_id\":\"{}\"}}", first.request_id);
+    s.atomic
+        .accept(persona_accept("alice", &first, Some(answer("k2", &body))))
+        .await
+        .unwrap();
+    // A racing twin (another id, same key) finds the answer and records nothing.
+    let twin = persona_request();
+    let out = s
+        .atomic
+        .accept(persona_accept("alice", &twin, Some(answer("k2", "{}"))))
+        .await
+        .unwrap();
+    assert_eq!(out, AcceptOutcome::Replay { status: 202, body });
+    assert!(s
+        .store
+        .get_request("alice", &twin.request_id)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        receive_n(s.persona_queue.as_ref(), 2).await.len(),
+        1,
+        "one job"
+    );
+}
+
+async fn a_batch_is_accepted_whole(s: Subject) {
+    let requests: Vec<RequestRecord> = (0..3)
+        .map(|_| {
+            let mut r = persona_request();
+            r.batch_id = Some("bat_1".into());
+            r
+        })
+        .collect();
+    let batch = Batch {
+        batch_id: "bat_1".into(),
+        total: 3,
+        succeeded: 0,
+        failed: 0,
+        pending: 3,
+        request_ids: requests.iter().map(|r| r.request_id.clone()).collect(),
+        created_at: shared::time::now_rfc3339(),
+    };
+    let accept = Accept {
+        user_id: "alice".into(),
+        kind: RequestKind::Persona,
+        jobs: requests.iter().map(|r| job("alice", r)).collect(),
+        requests: requests.clone(),
+        batch: Some(batch),
+        message: None,
+        answer: None,
+    };
+    assert_eq!(
+        s.atomic.accept(accept).await.unwrap(),
+        AcceptOutcome::Recorded
+    );
+    for r in &requests {
+        assert!(s
+            .store
+            .get_request("alice", &r.request_id)
+            .await
+            .unwrap()
+            .is_some());
+    }
+    let b = s.store.get_batch("alice", "bat_1").await.unwrap().unwrap();
+    assert_eq!((b.total, b.pending), (3, 3));
+    assert_eq!(receive_n(s.persona_queue.as_ref(), 3).await.len(), 3);
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded_atomic {
@@ -422,6 +500,8 @@ macro_rules! contract {
 
 contract!(
     an_accept_records_the_request_its_job_and_the_keys_answer,
+    a_key_answered_once_replays_and_queues_nothing_more,
+    a_batch_is_accepted_whole,
     a_chat_turn_is_accepted_only_in_the_users_own_conversation,
     start_and_settle_move_the_request_store_the_result_once_and_ack,
     a_retry_puts_the_job_back_and_the_request_back_in_the_queue,
@@ -534,5 +614,175 @@ mod embedded_only {
         assert_eq!(page.items, vec![message], "no reply stored");
         let stats = s.chat_queue.stats().await.unwrap();
         assert_eq!(stats.in_flight, 1, "the message waits for its redelivery");
+    }
+}
+
+/// The transactional outbox of the AWS adapter: what the DynamoDB transaction records is sent
+/// to SQS even when the sender dies right after it.
+mod aws_only {
+    use super::*;
+    use async_trait::async_trait;
+    use shared::queue::{DeadLetter, QueueStats};
+
+    /// A queue whose sends fail, as if the API process died before `SendMessage`.
+    struct DeadSender(Arc<dyn Queue>);
+
+    #[async_trait]
+    impl Queue for DeadSender {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        async fn send(&self, _: &[Outgoing]) -> shared::Result<()> {
+            Err(shared::Error::Queue(
+                "the process died before sending".into(),
+            ))
+        }
+        async fn receive(
+            &self,
+            max: usize,
+            v: Duration,
+            w: Duration,
+        ) -> shared::Result<Vec<Delivery>> {
+            self.0.receive(max, v, w).await
+        }
+        async fn delete(&self, receipt: &str) -> shared::Result<()> {
+            self.0.delete(receipt).await
+        }
+        async fn change_visibility(&self, receipt: &str, t: Duration) -> shared::Result<()> {
+            self.0.change_visibility(receipt, t).await
+        }
+        async fn dead_letter(&self, d: &Delivery, reason: &str) -> shared::Result<()> {
+            self.0.dead_letter(d, reason).await
+        }
+        async fn dead_letters(&self, limit: usize) -> shared::Result<Vec<DeadLetter>> {
+            self.0.dead_letters(limit).await
+        }
+        async fn stats(&self) -> shared::Result<QueueStats> {
+            self.0.stats().await
+        }
+    }
+
+    fn atomic_of(
+        s: &Subject,
+        store: Arc<DynamoStore>,
+        persona_queue: Arc<dyn Queue>,
+        after: Duration,
+    ) -> AwsAtomic {
+        AwsAtomic {
+            store,
+            persona_queue,
+            chat_queue: s.chat_queue.clone(),
+            events: s.events.clone(),
+            sweep_after: after,
+        }
+    }
+
+    async fn subject() -> (Subject, Arc<DynamoStore>) {
+        let sdk = common::aws_test_sdk_config();
+        let s = aws().await;
+        // The same table as the subject's store.
+        let table = s.table.clone().unwrap();
+        (
+            s,
+            Arc::new(DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), table)),
+        )
+    }
+
+    #[tokio::test]
+    async fn jobs_a_dead_sender_left_behind_are_sent_by_the_sweep_once() {
+        let (s, store) = subject().await;
+        let api = atomic_of(
+            &s,
+            store.clone(),
+            Arc::new(DeadSender(s.persona_queue.clone())),
+            Duration::ZERO,
+        );
+        let worker = atomic_of(&s, store, s.persona_queue.clone(), Duration::ZERO);
+        let r = persona_request();
+        let out = api.accept(persona_accept("alice", &r, None)).await.unwrap();
+        assert_eq!(
+            out,
+            AcceptOutcome::Recorded,
+            "recorded: the client gets its 202"
+        );
+        assert!(s
+            .store
+            .get_request("alice", &r.request_id)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(
+            receive_n(s.persona_queue.as_ref(), 1).await.is_empty(),
+            "not sent"
+        );
+
+        assert_eq!(worker.sweep(RequestKind::Persona).await.unwrap(), 1);
+        let jobs = receive_n(s.persona_queue.as_ref(), 2).await;
+        assert_eq!(jobs.len(), 1);
+        let msg: JobMessage = serde_json::from_str(&jobs[0].body).unwrap();
+        assert_eq!(msg.request_id, r.request_id);
+        assert_eq!(
+            worker.sweep(RequestKind::Persona).await.unwrap(),
+            0,
+            "sent once"
+        );
+        assert_eq!(worker.sweep(RequestKind::Chat).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_leaves_an_accept_to_its_sender_until_it_is_due() {
+        let (s, store) = subject().await;
+        let api = atomic_of(
+            &s,
+            store.clone(),
+            Arc::new(DeadSender(s.persona_queue.clone())),
+            Duration::from_secs(30),
+        );
+        let worker = atomic_of(&s, store, s.persona_queue.clone(), Duration::from_secs(30));
+        api.accept(persona_accept("alice", &persona_request(), None))
+            .await
+            .unwrap();
+        assert_eq!(
+            worker.sweep(RequestKind::Persona).await.unwrap(),
+            0,
+            "not due yet"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failure_inside_the_transaction_leaves_nothing_visible() {
+        let (s, _) = subject().await;
+        let existing = persona_request();
+        s.atomic
+            .accept(persona_accept("alice", &existing, None))
+            .await
+            .unwrap();
+        receive_n(s.persona_queue.as_ref(), 1).await;
+        let fresh = persona_request();
+        let mut accept = persona_accept("alice", &fresh, Some(answer("k3", "{}")));
+        // The second request collides with one already stored.
+        accept.requests.push(existing.clone());
+        accept.jobs.push(job("alice", &existing));
+        assert!(s.atomic.accept(accept).await.is_err());
+        assert!(s
+            .store
+            .get_request("alice", &fresh.request_id)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(
+            receive_n(s.persona_queue.as_ref(), 1).await.is_empty(),
+            "no job"
+        );
+        assert!(
+            matches!(
+                s.store
+                    .idempotency_begin("alice", "k3", "fp", 5_000, 86_400_000)
+                    .await
+                    .unwrap(),
+                IdempotencyBegin::Started { .. }
+            ),
+            "no answer recorded: the client may retry"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! The crash drill of issue #8: chat messages from many conversations, each client retrying a
 //! failed send with the same `Idempotency-Key`, while `characterbot serve` is killed with
-//! SIGKILL several times and restarted on the same data dir. Accepting a message is one step
-//! (records, job and the key's answer together), so afterwards:
+//! SIGKILL several times and restarted — on the embedded backend (same data dir) and on the AWS
+//! backend (SQS, DynamoDB and Cognito on the moto server of `scripts/test`). Accepting a message
+//! is one step (records, job and the key's answer together; on AWS the job through a DynamoDB
+//! outbox that a sweep sends if the sender died), so afterwards:
 //! - every accepted turn has exactly one user message and exactly one reply (no orphan, no twin);
 //! - no key is stuck: every send was eventually answered `202`;
 //! - a retry with a key returns the first answer (same request and message ids).
@@ -19,20 +21,27 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-const CONVERSATIONS: usize = 8;
-const MESSAGES_PER_CONVERSATION: usize = 50;
-const KILLS: usize = 3;
+/// How big a drill is.
+struct Size {
+    conversations: usize,
+    messages_per_conversation: usize,
+    kills: usize,
+}
 
-fn serve(dir: &std::path::Path, port: u16) -> Proc {
+/// `characterbot serve` with `env`, on `port`.
+fn serve(env: &[(String, String)], port: u16) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_characterbot"))
         .arg("serve")
-        .env("CHARACTERBOT_DATA_DIR", dir)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env_remove("AWS_PROFILE")
         .env("CHARACTERBOT_LISTEN", format!("127.0.0.1:{port}"))
         .env("CHARACTERBOT_RATE_LIMIT_PER_MINUTE", "0")
         .env("CHARACTERBOT_OFFLINE_DELAY_MS", "20")
         // Jobs a killed process held come back quickly.
         .env("CHARACTERBOT_VISIBILITY_TIMEOUT_SECS", "2")
         .env("CHARACTERBOT_IDEMPOTENCY_LOCK_SECS", "2")
+        .env("CHARACTERBOT_OUTBOX_SWEEP_AFTER_SECS", "1")
+        .env("CHARACTERBOT_RECEIVE_WAIT_SECS", "1")
         .env("CHARACTERBOT_PERSONA_MODEL", "offline")
         .env("CHARACTERBOT_CHAT_MODEL", "offline")
         .env("RUST_LOG", "off")
@@ -138,195 +147,314 @@ async fn wait_up(http: &reqwest::Client, base: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_serve_mid_load_loses_no_turn_and_stores_none_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    let server = Arc::new(Mutex::new(serve(dir.path(), port)));
-    wait_up(&http, &base).await;
+    let env = vec![(
+        "CHARACTERBOT_DATA_DIR".to_string(),
+        dir.path().display().to_string(),
+    )];
+    let drill = Drill::start(env, |http, base| async move {
+        let creds = json!({ "email": "drill@example.com", "password": "a long password" });
+        let res = http
+            .post(format!("{base}/v1/auth/signup"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        sign_in(&http, &base, &creds).await
+    })
+    .await;
+    let size = Size {
+        conversations: 8,
+        messages_per_conversation: 50,
+        kills: 3,
+    };
+    drill.run(size).await;
+}
 
-    let creds = json!({ "email": "drill@example.com", "password": "a long password" });
-    let res = http
-        .post(format!("{base}/v1/auth/signup"))
-        .json(&creds)
-        .send()
-        .await
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_serve_on_aws_mid_load_loses_no_turn_and_stores_none_twice() {
+    let endpoint = std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").expect("run with scripts/test");
+    let common::CognitoPool {
+        pool_id, client_id, ..
+    } = common::cognito_pool(false).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let env: Vec<(String, String)> = [
+        ("CHARACTERBOT_BACKEND", "aws".to_string()),
+        ("AWS_ENDPOINT_URL", endpoint.clone()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("CHARACTERBOT_AWS_TABLE", format!("drill-{run}")),
+        ("CHARACTERBOT_AWS_PERSONA_QUEUE", format!("persona-{run}")),
+        ("CHARACTERBOT_AWS_CHAT_QUEUE", format!("chat-{run}")),
+        ("CHARACTERBOT_COGNITO_USER_POOL_ID", pool_id.clone()),
+        ("CHARACTERBOT_COGNITO_CLIENT_ID", client_id),
+        (
+            "CHARACTERBOT_JWKS_URL",
+            format!("{endpoint}/{pool_id}/.well-known/jwks.json"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let init = Command::new(env!("CARGO_BIN_EXE_characterbot"))
+        .arg("aws-init")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env_remove("AWS_PROFILE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
         .unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED);
+    assert!(init.success(), "aws-init");
+    let drill = Drill::start(env, |http, base| async move {
+        let creds = json!({ "email": "drill@example.com", "password": "Correct-Horse-9!" });
+        let res = http
+            .post(format!("{base}/v1/auth/signup"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let res = http
+            .post(format!("{base}/v1/auth/confirm"))
+            .json(&json!({ "email": "drill@example.com", "code": "123456" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        sign_in(&http, &base, &creds).await
+    })
+    .await;
+    // Smaller: every step is a round trip to the emulator.
+    let size = Size {
+        conversations: 4,
+        messages_per_conversation: 15,
+        kills: 2,
+    };
+    drill.run(size).await;
+}
+
+async fn sign_in(http: &reqwest::Client, base: &str, creds: &Value) -> String {
     let tokens: Value = http
         .post(format!("{base}/v1/auth/signin"))
-        .json(&creds)
+        .json(creds)
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    let client = Arc::new(Client {
-        http: http.clone(),
-        base: base.clone(),
-        token: tokens["access_token"].as_str().unwrap().to_owned(),
-        retries: AtomicUsize::new(0),
-        accepted: AtomicUsize::new(0),
-    });
-    let (_, accepted) = client
-        .post(
-            "/v1/personas",
-            &json!({ "prompt": "Sherlock Holmes" }),
-            None,
-        )
-        .await
-        .unwrap();
-    let request_id = accepted["request_id"].as_str().unwrap();
-    let persona = client
-        .get(&format!("/v1/requests/{request_id}?wait=20"))
-        .await
-        .unwrap();
-    let persona_id = persona["result"]["persona"]["persona_id"].clone();
-    let mut conversations = Vec::new();
-    for _ in 0..CONVERSATIONS {
-        let (status, conv) = client
+    tokens["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A `characterbot serve` that the drill kills and restarts, and a signed-in client of it.
+struct Drill {
+    env: Vec<(String, String)>,
+    port: u16,
+    server: Arc<Mutex<Proc>>,
+    client: Arc<Client>,
+}
+
+impl Drill {
+    /// Starts the server and signs a user in with `sign_up_and_in` (which returns the token).
+    async fn start<F, Fut>(env: Vec<(String, String)>, sign_up_and_in: F) -> Drill
+    where
+        F: FnOnce(reqwest::Client, String) -> Fut,
+        Fut: std::future::Future<Output = String>,
+    {
+        let port = common::free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let server = Arc::new(Mutex::new(serve(&env, port)));
+        wait_up(&http, &base).await;
+        let token = sign_up_and_in(http.clone(), base.clone()).await;
+        let client = Arc::new(Client {
+            http,
+            base,
+            token,
+            retries: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
+        });
+        Drill {
+            env,
+            port,
+            server,
+            client,
+        }
+    }
+
+    async fn run(self, size: Size) {
+        let Drill {
+            env,
+            port,
+            server,
+            client,
+        } = self;
+        let (http, base) = (client.http.clone(), client.base.clone());
+        let (_, accepted) = client
             .post(
-                "/v1/conversations",
-                &json!({ "persona_id": persona_id }),
+                "/v1/personas",
+                &json!({ "prompt": "Sherlock Holmes" }),
                 None,
             )
             .await
             .unwrap();
-        assert_eq!(status, StatusCode::CREATED, "{conv}");
-        conversations.push(conv["conversation_id"].as_str().unwrap().to_owned());
-    }
-
-    // The load: each conversation sends its messages one after another.
-    let mut senders = tokio::task::JoinSet::new();
-    for conv in conversations.clone() {
-        let client = client.clone();
-        senders.spawn(async move {
-            let mut sent = Vec::new();
-            for i in 0..MESSAGES_PER_CONVERSATION {
-                let key = uuid::Uuid::new_v4().to_string();
-                sent.push(client.send(&conv, &format!("Question {i}?"), &key).await);
-            }
-            (conv, sent)
-        });
-    }
-    // The crashes: SIGKILL, then a restart on the same data dir, a few times mid-load (after
-    // a quarter, half and three quarters of the messages were accepted).
-    let killer = {
-        let (server, dir, http, base, client) = (
-            server.clone(),
-            dir.path().to_owned(),
-            http.clone(),
-            base.clone(),
-            client.clone(),
-        );
-        tokio::spawn(async move {
-            let total = CONVERSATIONS * MESSAGES_PER_CONVERSATION;
-            for k in 1..=KILLS {
-                while client.accepted.load(Ordering::Relaxed) < total * k / (KILLS + 1) {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                let mut s = server.lock().await;
-                let _ = s.0.kill();
-                let _ = s.0.wait();
-                *s = serve(&dir, port);
-                drop(s);
-                wait_up(&http, &base).await;
-            }
-        })
-    };
-    let mut sent: HashMap<String, Vec<Sent>> = HashMap::new();
-    while let Some(done) = senders.join_next().await {
-        let (conv, s) = done.unwrap();
-        sent.insert(conv, s);
-    }
-    killer.await.unwrap();
-    assert!(
-        client.retries.load(Ordering::Relaxed) > 0,
-        "the kills hit the load: some sends had to be retried"
-    );
-
-    // Every accepted turn is answered: its request succeeds.
-    for turns in sent.values() {
-        for s in turns {
-            let mut status = Value::Null;
-            for _ in 0..20 {
-                let r = client
-                    .get(&format!("/v1/requests/{}?wait=5", s.request_id))
-                    .await
-                    .unwrap();
-                status = r["status"].clone();
-                if status == "succeeded" || status == "failed" {
-                    break;
-                }
-            }
-            assert_eq!(status, "succeeded", "request {} (an orphan?)", s.request_id);
-        }
-    }
-    // Exactly one user message and one reply per accepted turn, in order, nothing else.
-    for (conv, turns) in &sent {
-        let mut items = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            let page = match &next {
-                Some(t) => client
-                    .get(&format!(
-                        "/v1/conversations/{conv}/messages?limit=100&next_token={t}"
-                    ))
-                    .await
-                    .unwrap(),
-                None => client
-                    .get(&format!("/v1/conversations/{conv}/messages?limit=100"))
-                    .await
-                    .unwrap(),
-            };
-            items.extend(page["items"].as_array().unwrap().iter().cloned());
-            match page["next_token"].as_str() {
-                Some(t) => next = Some(t.to_owned()),
-                None => break,
-            }
-        }
-        assert_eq!(
-            items.len(),
-            2 * turns.len(),
-            "one message and one reply per turn"
-        );
-        let user_ids: Vec<&str> = items
-            .iter()
-            .filter(|m| m["role"] == "user")
-            .map(|m| m["message_id"].as_str().unwrap())
-            .collect();
-        let expected: Vec<&str> = turns.iter().map(|s| s.message_id.as_str()).collect();
-        assert_eq!(user_ids, expected, "each accepted message once, in order");
-        let roles: HashSet<(usize, &str)> = items
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (i % 2, m["role"].as_str().unwrap()))
-            .collect();
-        assert_eq!(
-            roles,
-            HashSet::from([(0, "user"), (1, "assistant")]),
-            "each message followed by its reply"
-        );
-    }
-    // A retry with the same key returns the first answer.
-    for turns in sent.values() {
-        for s in turns.iter().step_by(10) {
-            let conv = sent
-                .iter()
-                .find(|(_, t)| t.contains(s))
-                .map(|(c, _)| c.clone())
-                .unwrap();
-            let again = client
-                .send(
-                    &conv,
-                    &format!("Question {}?", turns.iter().position(|t| t == s).unwrap()),
-                    &s.key,
+        let request_id = accepted["request_id"].as_str().unwrap();
+        let persona = client
+            .get(&format!("/v1/requests/{request_id}?wait=20"))
+            .await
+            .unwrap();
+        let persona_id = persona["result"]["persona"]["persona_id"].clone();
+        let mut conversations = Vec::new();
+        for _ in 0..size.conversations {
+            let (status, conv) = client
+                .post(
+                    "/v1/conversations",
+                    &json!({ "persona_id": persona_id }),
+                    None,
                 )
-                .await;
-            assert_eq!(&again, s, "the replayed answer is the first one");
+                .await
+                .unwrap();
+            assert_eq!(status, StatusCode::CREATED, "{conv}");
+            conversations.push(conv["conversation_id"].as_str().unwrap().to_owned());
+        }
+
+        // The load: each conversation sends its messages one after another.
+        let mut senders = tokio::task::JoinSet::new();
+        for conv in conversations.clone() {
+            let client = client.clone();
+            let per_conversation = size.messages_per_conversation;
+            senders.spawn(async move {
+                let mut sent = Vec::new();
+                for i in 0..per_conversation {
+                    let key = uuid::Uuid::new_v4().to_string();
+                    sent.push(client.send(&conv, &format!("Question {i}?"), &key).await);
+                }
+                (conv, sent)
+            });
+        }
+        // The crashes: SIGKILL, then a restart on the same data dir, a few times mid-load (after
+        // a quarter, half and three quarters of the messages were accepted).
+        let killer = {
+            let (server, env, http, base, client) = (
+                server.clone(),
+                env.clone(),
+                http.clone(),
+                base.clone(),
+                client.clone(),
+            );
+            let (kills, total) = (
+                size.kills,
+                size.conversations * size.messages_per_conversation,
+            );
+            tokio::spawn(async move {
+                for k in 1..=kills {
+                    while client.accepted.load(Ordering::Relaxed) < total * k / (kills + 1) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    let mut s = server.lock().await;
+                    let _ = s.0.kill();
+                    let _ = s.0.wait();
+                    *s = serve(&env, port);
+                    drop(s);
+                    wait_up(&http, &base).await;
+                }
+            })
+        };
+        let mut sent: HashMap<String, Vec<Sent>> = HashMap::new();
+        while let Some(done) = senders.join_next().await {
+            let (conv, s) = done.unwrap();
+            sent.insert(conv, s);
+        }
+        killer.await.unwrap();
+        assert!(
+            client.retries.load(Ordering::Relaxed) > 0,
+            "the kills hit the load: some sends had to be retried"
+        );
+
+        // Every accepted turn is answered: its request succeeds.
+        for turns in sent.values() {
+            for s in turns {
+                let mut status = Value::Null;
+                for _ in 0..20 {
+                    let r = client
+                        .get(&format!("/v1/requests/{}?wait=5", s.request_id))
+                        .await
+                        .unwrap();
+                    status = r["status"].clone();
+                    if status == "succeeded" || status == "failed" {
+                        break;
+                    }
+                }
+                assert_eq!(status, "succeeded", "request {} (an orphan?)", s.request_id);
+            }
+        }
+        // Exactly one user message and one reply per accepted turn, in order, nothing else.
+        for (conv, turns) in &sent {
+            let mut items = Vec::new();
+            let mut next: Option<String> = None;
+            loop {
+                let page = match &next {
+                    Some(t) => client
+                        .get(&format!(
+                            "/v1/conversations/{conv}/messages?limit=100&next_token={t}"
+                        ))
+                        .await
+                        .unwrap(),
+                    None => client
+                        .get(&format!("/v1/conversations/{conv}/messages?limit=100"))
+                        .await
+                        .unwrap(),
+                };
+                items.extend(page["items"].as_array().unwrap().iter().cloned());
+                match page["next_token"].as_str() {
+                    Some(t) => next = Some(t.to_owned()),
+                    None => break,
+                }
+            }
+            assert_eq!(
+                items.len(),
+                2 * turns.len(),
+                "one message and one reply per turn"
+            );
+            let user_ids: Vec<&str> = items
+                .iter()
+                .filter(|m| m["role"] == "user")
+                .map(|m| m["message_id"].as_str().unwrap())
+                .collect();
+            let expected: Vec<&str> = turns.iter().map(|s| s.message_id.as_str()).collect();
+            assert_eq!(user_ids, expected, "each accepted message once, in order");
+            let roles: HashSet<(usize, &str)> = items
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (i % 2, m["role"].as_str().unwrap()))
+                .collect();
+            assert_eq!(
+                roles,
+                HashSet::from([(0, "user"), (1, "assistant")]),
+                "each message followed by its reply"
+            );
+        }
+        // A retry with the same key returns the first answer.
+        for turns in sent.values() {
+            for s in turns.iter().step_by(10) {
+                let conv = sent
+                    .iter()
+                    .find(|(_, t)| t.contains(s))
+                    .map(|(c, _)| c.clone())
+                    .unwrap();
+                let again = client
+                    .send(
+                        &conv,
+                        &format!("Question {}?", turns.iter().position(|t| t == s).unwrap()),
+                        &s.key,
+                    )
+                    .await;
+                assert_eq!(&again, s, "the replayed answer is the first one");
+            }
         }
     }
 }

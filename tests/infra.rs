@@ -227,6 +227,7 @@ fn each_role_is_granted_the_calls_its_code_makes() {
     let store = [
         include_str!("../shared/src/store/dynamodb.rs"),
         include_str!("../shared/src/events/dynamodb.rs"),
+        include_str!("../shared/src/atomic/aws.rs"),
     ];
     let mut dynamo = actions("dynamodb", &store);
     // Tables are created by `aws-init` or the template, never by the running services.

@@ -118,6 +118,16 @@ pub struct AwsSettings {
         global = true
     )]
     pub chat_queue: String,
+    /// How long the jobs of an accept may wait in the outbox for the API process that
+    /// recorded them before a worker's sweep sends them (the API died between its DynamoDB
+    /// transaction and its SQS send), in seconds.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_OUTBOX_SWEEP_AFTER_SECS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub outbox_sweep_after_secs: u64,
     /// Cognito user pool id.
     #[arg(long, env = "CHARACTERBOT_COGNITO_USER_POOL_ID", global = true)]
     pub cognito_user_pool_id: Option<String>,

@@ -129,9 +129,11 @@ impl Builder {
             DynamoStore::create_table(&dynamo, &table)
                 .await
                 .expect("table");
-            adapters.store = std::sync::Arc::new(DynamoStore::new(dynamo, table));
+            let store = std::sync::Arc::new(DynamoStore::new(dynamo, table));
+            adapters.store = store.clone();
             adapters.atomic = std::sync::Arc::new(shared::atomic::aws::AwsAtomic {
-                store: adapters.store.clone(),
+                store,
+                sweep_after: Duration::from_secs(settings.aws.outbox_sweep_after_secs),
                 persona_queue: adapters.persona_queue.clone(),
                 chat_queue: adapters.chat_queue.clone(),
                 events: adapters.events.clone(),

@@ -75,6 +75,25 @@ pub struct Consumer {
     pub concurrency: usize,
 }
 
+/// How often a worker sweeps its queue's outbox for jobs an accept left unsent.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Every worker process sweeps (no leader: a job sent twice is harmless, since jobs are
+/// idempotent); see `shared::atomic::aws`.
+async fn sweep_outbox(atomic: Arc<dyn Atomic>, kind: RequestKind, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        match atomic.sweep(kind).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(%kind, accepts = n, "sent jobs left in the outbox"),
+            Err(e) => tracing::warn!(%kind, error = %e, "outbox sweep failed"),
+        }
+    }
+}
+
 /// How an attempt ended: `None` when shutdown interrupted it.
 type Outcome = Option<Result<JobOutput>>;
 
@@ -87,6 +106,11 @@ impl Consumer {
         let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let hard_stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let sweeper = AbortOnDropHandle::new(tokio::spawn(sweep_outbox(
+            self.atomic.clone(),
+            kind,
+            shutdown.clone(),
+        )));
         loop {
             while tasks.try_join_next().is_some() {}
             let first = tokio::select! {
@@ -145,6 +169,7 @@ impl Consumer {
             hard_stop.cancel();
             while tasks.join_next().await.is_some() {}
         }
+        drop(sweeper);
         tracing::info!(%kind, "worker stopped");
     }
 

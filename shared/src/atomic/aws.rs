@@ -1,35 +1,151 @@
-//! Accept, start and settle on the AWS backend, composed from the store, queue and event-bus
-//! ports in the order that loses nothing a client was told about.
+//! Accept, start and settle on the AWS backend.
 //!
-//! Accept: the records (conversation ownership checked), then `SendMessage`, then the
-//! idempotency key's answer; the `202` is sent only after all three. If the send fails, the
-//! requests are marked failed and the client gets a 5xx it may retry with the same key.
+//! **Accept** is a transactional outbox. One DynamoDB `TransactWriteItems` records everything
+//! the client is told about — the request(s), the chat turn's user message (with a check that
+//! the conversation is the caller's), the batch, the idempotency key's answer — together with an
+//! *outbox* item holding the jobs to send. Then the jobs go to SQS and the outbox item is
+//! deleted. A process that dies between the transaction and the send leaves the outbox item
+//! behind; every worker process sweeps the outbox of its queue (`sweep`) and sends what has
+//! waited longer than a setting (30 s), so the job still runs. Workers are idempotent, so a job
+//! sent twice (the sweeper raced a slow sender) is harmless.
 //!
-//! Not yet one unit of work: a process killed between the records and the send leaves a
-//! request with no job (issue #8 asks for DynamoDB `TransactWriteItems` with an "enqueue
-//! pending" marker and a sweeper that re-sends; that replaces this adapter's accept).
-//! Settle writes the result record, then the request, then acknowledges the message; every
-//! step is idempotent, so a worker killed between them is redelivered and converges.
+//! Outbox items live in a few partitions per queue (`OUTBOX#{kind}#{shard}`) sorted by when
+//! they are due, so a sweep is a handful of key-range queries, never a scan. A batch records its
+//! request items through the outbox too (they would not fit in one transaction: DynamoDB takes
+//! at most 100 items): its records ride in the outbox item and are written, each only if absent,
+//! before its jobs are sent.
+//!
+//! **Settle** (not yet one transaction on AWS) writes the result record, then the request, then
+//! acknowledges the message; every step is idempotent, so a worker killed between them is
+//! redelivered and converges on one result.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{ConditionCheck, Put, ReturnValue, TransactWriteItem, Update};
+use serde::{Deserialize, Serialize};
+
 use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
-use crate::domain::{ErrorBody, RequestInput, RequestKind, RequestRecord, RequestResult};
+use crate::domain::{RequestInput, RequestKind, RequestRecord, RequestResult};
 use crate::events::EventBus;
-use crate::queue::{Delivery, Queue};
+use crate::queue::{Attributes, Delivery, Outgoing, Queue};
+use crate::store::dynamodb::{
+    get_n, get_s, key, msg_sk, n, s, storage, user_pk, DynamoStore, Item,
+};
 use crate::store::{Store, Transition};
+use crate::time::now_ms;
 use crate::{Error, Result};
 
+/// Outbox partitions per queue: spreads the writes of busy accepts over several keys.
+const OUTBOX_SHARDS: u64 = 8;
+/// Outbox items one sweep takes from each partition.
+const SWEEP_PAGE: i32 = 25;
+
 pub struct AwsAtomic {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<DynamoStore>,
     pub persona_queue: Arc<dyn Queue>,
     pub chat_queue: Arc<dyn Queue>,
     pub events: Arc<dyn EventBus>,
+    /// How long an outbox item waits for its sender before a sweep sends it.
+    pub sweep_after: std::time::Duration,
+}
+
+/// What an outbox item holds: the jobs of one accept and, for a batch, the request records
+/// still to write.
+#[derive(Debug, Serialize, Deserialize)]
+struct Outbox {
+    user_id: String,
+    jobs: Vec<OutboxJob>,
+    #[serde(default)]
+    requests: Vec<RequestRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OutboxJob {
+    body: String,
+    attributes: Attributes,
+}
+
+fn outbox_pk(kind: RequestKind, shard: u64) -> String {
+    format!("OUTBOX#{kind}#{shard}")
+}
+
+fn put_if_absent(table: &str, item: Item) -> Result<TransactWriteItem> {
+    Ok(TransactWriteItem::builder()
+        .put(
+            Put::builder()
+                .table_name(table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(|e| Error::Storage(e.to_string()))?,
+        )
+        .build())
 }
 
 impl AwsAtomic {
+    /// Takes the conversation's next turn number (an atomic counter; a number taken by an
+    /// accept that then fails is skipped, which only leaves a gap in the sort keys).
+    async fn next_turn(&self, conv_pk: &str) -> Result<i64> {
+        let turns = self
+            .store
+            .client
+            .update_item()
+            .table_name(&self.store.table)
+            .set_key(Some(key(conv_pk, "META")))
+            .update_expression("ADD turns :one")
+            .expression_attribute_values(":one", n(1))
+            .return_values(ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| storage("count turn", e))?;
+        turns
+            .attributes
+            .as_ref()
+            .and_then(|a| get_n(a, "turns"))
+            .ok_or_else(|| Error::Storage("turn counter missing".into()))
+    }
+
+    /// Carries out an outbox item: writes a batch's request records (each only if absent, so a
+    /// second run never resets a request a worker already moved), sends the jobs, and deletes
+    /// the item.
+    async fn dispatch(&self, kind: RequestKind, pk: &str, sk: &str, outbox: Outbox) -> Result<()> {
+        let records = outbox
+            .requests
+            .iter()
+            .map(|r| DynamoStore::request_item(&outbox.user_id, r, 1))
+            .collect::<Result<Vec<Item>>>()?;
+        for chunk in records.chunks(16) {
+            let puts = chunk.iter().map(|item| self.store.put_new(item.clone()));
+            for written in futures::future::join_all(puts).await {
+                written?;
+            }
+        }
+        let jobs: Vec<Outgoing> = outbox
+            .jobs
+            .into_iter()
+            .map(|j| Outgoing {
+                body: j.body,
+                attributes: j.attributes,
+            })
+            .collect();
+        // SQS takes at most 10 messages per call.
+        for chunk in jobs.chunks(10) {
+            self.queue(kind).send(chunk).await?;
+        }
+        self.store
+            .client
+            .delete_item()
+            .table_name(&self.store.table)
+            .set_key(Some(key(pk, sk)))
+            .send()
+            .await
+            .map_err(|e| storage("clear outbox", e))?;
+        Ok(())
+    }
+
     fn queue(&self, kind: RequestKind) -> &Arc<dyn Queue> {
         match kind {
             RequestKind::Persona => &self.persona_queue,
@@ -83,53 +199,205 @@ impl AwsAtomic {
 #[async_trait]
 impl Atomic for AwsAtomic {
     async fn accept(&self, a: Accept) -> Result<AcceptOutcome> {
-        match &a.message {
-            Some(m) => {
-                let request = a
-                    .requests
-                    .first()
-                    .ok_or_else(|| Error::Internal("a chat message needs its request".into()))?;
-                if self
-                    .store
-                    .get_conversation(&a.user_id, &m.conversation_id)
-                    .await?
-                    .is_none()
-                {
-                    return Err(Error::NotFound);
-                }
-                self.store
-                    .add_user_message(&a.user_id, &m.conversation_id, &m.message, request)
-                    .await?;
+        let table = self.store.table.as_str();
+        let now = now_ms();
+        let mut items = Vec::new();
+        // Index in `items` of the conversation check and of the key's answer, to tell apart
+        // why a transaction was cancelled.
+        let (mut owner_check, mut answer_at) = (None, None);
+        if let Some(m) = &a.message {
+            // A cheap early "no" for another user's conversation (the transaction checks again),
+            // before a turn number is taken.
+            if self
+                .store
+                .get_conversation(&a.user_id, &m.conversation_id)
+                .await?
+                .is_none()
+            {
+                return Err(Error::NotFound);
             }
-            None => {
-                self.store
-                    .create_requests(&a.user_id, &a.requests, a.batch.as_ref())
-                    .await?
+            let conv_pk = format!("CONV#{}", m.conversation_id);
+            let turn = self.next_turn(&conv_pk).await?;
+            owner_check = Some(items.len());
+            items.push(
+                TransactWriteItem::builder()
+                    .condition_check(
+                        ConditionCheck::builder()
+                            .table_name(table)
+                            .set_key(Some(key(
+                                user_pk(&a.user_id),
+                                format!("CONV#{}", m.conversation_id),
+                            )))
+                            .condition_expression("attribute_exists(pk)")
+                            .build()
+                            .map_err(|e| Error::Storage(e.to_string()))?,
+                    )
+                    .build(),
+            );
+            let mut msg = key(&conv_pk, msg_sk(turn, 0));
+            msg.insert("body".into(), s(serde_json::to_string(&m.message)?));
+            items.push(put_if_absent(table, msg)?);
+            let mut index = key(&conv_pk, format!("MID#{}", m.message.message_id));
+            index.insert("turn".into(), n(turn));
+            items.push(put_if_absent(table, index)?);
+        }
+        // A batch's requests are written through the outbox (see the module's comment).
+        let deferred = a.batch.is_some();
+        if !deferred {
+            for r in &a.requests {
+                items.push(put_if_absent(
+                    table,
+                    DynamoStore::request_item(&a.user_id, r, 1)?,
+                )?);
             }
         }
-        let queue = self.queue(a.kind);
-        // SQS takes at most 10 messages per call.
-        for (jobs, requests) in a.jobs.chunks(10).zip(a.requests.chunks(10)) {
-            if let Err(e) = queue.send(jobs).await {
-                for r in requests {
-                    let error = ErrorBody {
-                        code: "enqueue_failed".into(),
-                        message: "the request could not be queued; send it again".into(),
-                    };
-                    let _ = self
-                        .store
-                        .transition(&r.request_id, Transition::Fail { error })
-                        .await;
-                }
-                return Err(e);
-            }
+        if let Some(b) = &a.batch {
+            let mut item = key(user_pk(&a.user_id), format!("BATCH#{}", b.batch_id));
+            item.insert("body".into(), s(serde_json::to_string(b)?));
+            items.push(put_if_absent(table, item)?);
         }
+        let outbox = Outbox {
+            user_id: a.user_id.clone(),
+            jobs: a
+                .jobs
+                .iter()
+                .map(|j| OutboxJob {
+                    body: j.body.clone(),
+                    attributes: j.attributes.clone(),
+                })
+                .collect(),
+            requests: if deferred {
+                a.requests.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        let first = a
+            .requests
+            .first()
+            .map(|r| r.request_id.clone())
+            .ok_or_else(|| Error::Internal("an accept without requests".into()))?;
+        let shard = first.bytes().map(u64::from).sum::<u64>() % OUTBOX_SHARDS;
+        let due = now + self.sweep_after.as_millis() as i64;
+        let (box_pk, box_sk) = (outbox_pk(a.kind, shard), format!("{due:015}#{first}"));
+        let mut item = key(&box_pk, &box_sk);
+        item.insert("body".into(), s(serde_json::to_string(&outbox)?));
+        items.push(put_if_absent(table, item)?);
         if let Some(x) = &a.answer {
-            self.store
-                .idempotency_complete(&a.user_id, &x.key, x.status, &x.body)
-                .await?;
+            answer_at = Some(items.len());
+            let expires = now + x.ttl_ms;
+            items.push(
+                TransactWriteItem::builder()
+                    .update(
+                        Update::builder()
+                            .table_name(table)
+                            .set_key(Some(key(user_pk(&a.user_id), format!("IDEM#{}", x.key))))
+                            .update_expression(
+                                "SET status_code = :status, response_body = :body, \
+                                 fingerprint = :fp, locked_ms = if_not_exists(locked_ms, :now), \
+                                 first_ms = if_not_exists(first_ms, :now), \
+                                 expires_ms = if_not_exists(expires_ms, :exp), \
+                                 expires_at = if_not_exists(expires_at, :exp_secs)",
+                            )
+                            .condition_expression("attribute_not_exists(status_code)")
+                            .expression_attribute_values(":status", n(x.status))
+                            .expression_attribute_values(":body", s(&x.body))
+                            .expression_attribute_values(":fp", s(&x.fingerprint))
+                            .expression_attribute_values(":now", n(now))
+                            .expression_attribute_values(":exp", n(expires))
+                            .expression_attribute_values(":exp_secs", n(expires / 1000))
+                            .build()
+                            .map_err(|e| Error::Storage(e.to_string()))?,
+                    )
+                    .build(),
+            );
+        }
+        if items.len() > 100 {
+            return Err(Error::Invalid(
+                "too much for one DynamoDB transaction (100 items)".into(),
+            ));
+        }
+        let written = self
+            .store
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        if let Err(e) = written {
+            let reasons: Vec<Option<String>> = match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().map(str::to_owned))
+                    .collect(),
+                _ => return Err(storage("accept", e)),
+            };
+            let failed = |at: Option<usize>| {
+                at.and_then(|i| reasons.get(i).cloned().flatten())
+                    .is_some_and(|code| code == "ConditionalCheckFailed")
+            };
+            if failed(answer_at) {
+                // Another call with the same key recorded its answer first: replay it.
+                let x = a
+                    .answer
+                    .as_ref()
+                    .map(|x| x.key.as_str())
+                    .unwrap_or_default();
+                let item = self
+                    .store
+                    .get(&user_pk(&a.user_id), &format!("IDEM#{x}"))
+                    .await?
+                    .ok_or_else(|| Error::Storage("idempotency answer vanished".into()))?;
+                return Ok(AcceptOutcome::Replay {
+                    status: get_n(&item, "status_code").unwrap_or(202) as u16,
+                    body: get_s(&item, "response_body").unwrap_or_default().to_owned(),
+                });
+            }
+            if failed(owner_check) {
+                return Err(Error::NotFound);
+            }
+            return Err(Error::Conflict(format!(
+                "the accept collided with existing records: {reasons:?}"
+            )));
+        }
+        // Accepted: the outbox guarantees the jobs from here on, so a failed send is not the
+        // client's problem.
+        if let Err(e) = self.dispatch(a.kind, &box_pk, &box_sk, outbox).await {
+            tracing::warn!(error = %e, "jobs not sent yet; the outbox sweep will send them");
         }
         Ok(AcceptOutcome::Recorded)
+    }
+
+    async fn sweep(&self, kind: RequestKind) -> Result<usize> {
+        let due = format!("{:015}", now_ms());
+        let mut sent = 0;
+        for shard in 0..OUTBOX_SHARDS {
+            let pk = outbox_pk(kind, shard);
+            let out = self
+                .store
+                .client
+                .query()
+                .table_name(&self.store.table)
+                .key_condition_expression("pk = :pk AND sk < :due")
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":due", s(&due))
+                .limit(SWEEP_PAGE)
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| storage("sweep outbox", e))?;
+            for item in out.items.unwrap_or_default() {
+                let (Some(sk), Some(raw)) = (get_s(&item, "sk"), get_s(&item, "body")) else {
+                    continue;
+                };
+                let outbox: Outbox = serde_json::from_str(raw)?;
+                tracing::warn!(outbox = %sk, jobs = outbox.jobs.len(), "sending jobs an accept left unsent");
+                self.dispatch(kind, &pk, sk, outbox).await?;
+                sent += 1;
+            }
+        }
+        Ok(sent)
     }
 
     async fn start(&self, user_id: &str, request_id: &str, attempt: u32) -> Result<Started> {

@@ -10,8 +10,8 @@
 //!   with the message still on the queue, or the new state with the message gone.
 //!
 //! Adapters: [`sqlite`] (one SQLite transaction: the embedded queue, store and events share
-//! the database) and [`aws`] (DynamoDB `TransactWriteItems`, then SQS, with an "enqueue
-//! pending" marker and a sweeper covering the gap between the two).
+//! the database) and [`aws`] (DynamoDB `TransactWriteItems` with an outbox item, then SQS; a
+//! sweep in every worker process sends what a dead sender left in the outbox).
 
 pub mod aws;
 pub mod sqlite;
@@ -117,4 +117,11 @@ pub trait Atomic: Send + Sync + 'static {
     /// records in one transaction, then the queue). Returns the request as it now stands, or
     /// `None` when it no longer exists (the message is acknowledged all the same).
     async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<Option<RequestRecord>>;
+
+    /// Sends the jobs of accepts whose sender died between recording and sending them; the
+    /// number of accepts it finished. Run periodically by every worker process of `kind`.
+    /// Nothing to do where the accept is a single transaction with the queue (embedded).
+    async fn sweep(&self, _kind: RequestKind) -> Result<usize> {
+        Ok(0)
+    }
 }

@@ -31,59 +31,59 @@ use crate::domain::{Batch, Conversation, Message, Page, Persona, RequestRecord, 
 use crate::time::{now_ms, now_secs};
 use crate::{Error, Result};
 
-type Item = HashMap<String, AttributeValue>;
+pub(crate) type Item = HashMap<String, AttributeValue>;
 
 /// How long finished requests are kept before DynamoDB's TTL removes them.
 const FINISHED_REQUEST_TTL_SECS: i64 = 30 * 86_400;
 
 pub struct DynamoStore {
-    client: Client,
-    table: String,
+    pub(crate) client: Client,
+    pub(crate) table: String,
 }
 
-fn storage(op: &str, e: impl std::error::Error) -> Error {
+pub(crate) fn storage(op: &str, e: impl std::error::Error) -> Error {
     Error::Storage(format!(
         "dynamodb {op}: {}",
         aws_sdk_dynamodb::error::DisplayErrorContext(e)
     ))
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
+pub(crate) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-fn n(v: impl ToString) -> AttributeValue {
+pub(crate) fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn get_s<'a>(item: &'a Item, k: &str) -> Option<&'a str> {
+pub(crate) fn get_s<'a>(item: &'a Item, k: &str) -> Option<&'a str> {
     item.get(k).and_then(|v| v.as_s().ok()).map(String::as_str)
 }
 
-fn get_n(item: &Item, k: &str) -> Option<i64> {
+pub(crate) fn get_n(item: &Item, k: &str) -> Option<i64> {
     item.get(k)
         .and_then(|v| v.as_n().ok())
         .and_then(|v| v.parse().ok())
 }
 
-fn body<T: serde::de::DeserializeOwned>(item: &Item) -> Result<T> {
+pub(crate) fn body<T: serde::de::DeserializeOwned>(item: &Item) -> Result<T> {
     let raw = get_s(item, "body").ok_or_else(|| Error::Storage("item without body".into()))?;
     serde_json::from_str(raw).map_err(|e| Error::Storage(format!("corrupt record: {e}")))
 }
 
-fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
+pub(crate) fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
     HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
 }
 
-fn user_pk(user: &str) -> String {
+pub(crate) fn user_pk(user: &str) -> String {
     format!("USER#{user}")
 }
 
-fn msg_sk(turn: i64, sub: i64) -> String {
+pub(crate) fn msg_sk(turn: i64, sub: i64) -> String {
     format!("MSG#{turn:012}#{sub}")
 }
 
-fn is_conditional_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
+pub(crate) fn is_conditional_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
     e: &aws_sdk_dynamodb::error::SdkError<E>,
 ) -> bool {
     e.as_service_error()
@@ -186,7 +186,7 @@ impl DynamoStore {
         Ok(())
     }
 
-    async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
+    pub(crate) async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
         Ok(self
             .client
             .get_item()
@@ -200,7 +200,7 @@ impl DynamoStore {
     }
 
     /// Puts an item unless one with its key exists; returns whether it was written.
-    async fn put_new(&self, item: Item) -> Result<bool> {
+    pub(crate) async fn put_new(&self, item: Item) -> Result<bool> {
         match self
             .client
             .put_item()
@@ -246,7 +246,7 @@ impl DynamoStore {
         })
     }
 
-    fn request_item(user_id: &str, r: &RequestRecord, version: i64) -> Result<Item> {
+    pub(crate) fn request_item(user_id: &str, r: &RequestRecord, version: i64) -> Result<Item> {
         let mut item = key(format!("REQ#{}", r.request_id), "REQ");
         item.insert("user_id".into(), s(user_id));
         item.insert("status".into(), s(r.status.as_str()));
