@@ -108,13 +108,14 @@ impl Adapters {
             Arc::new(SqsQueue::connect(sqs.clone(), "persona", &a.persona_queue).await?);
         let chat_queue: Arc<dyn Queue> =
             Arc::new(SqsQueue::connect(sqs, "chat", &a.chat_queue).await?);
-        let events: Arc<dyn EventBus> = Arc::new(DynamoEventBus::new(dynamo, &a.table));
+        let dynamo_events = Arc::new(DynamoEventBus::new(dynamo, &a.table));
+        let events: Arc<dyn EventBus> = dynamo_events.clone();
         Ok(Adapters {
             atomic: Arc::new(AwsAtomic {
                 store: dynamo_store,
                 persona_queue: persona_queue.clone(),
                 chat_queue: chat_queue.clone(),
-                events: events.clone(),
+                events: dynamo_events,
                 sweep_after: Duration::from_secs(a.outbox_sweep_after_secs),
             }),
             store,

@@ -82,14 +82,15 @@ async fn aws() -> Subject {
     DynamoStore::create_table(&dynamo, &table).await.unwrap();
     let dynamo_store = Arc::new(DynamoStore::new(dynamo.clone(), &table));
     let store: Arc<dyn Store> = dynamo_store.clone();
-    let events: Arc<dyn EventBus> = Arc::new(DynamoEventBus::new(dynamo, &table));
+    let dynamo_events = Arc::new(DynamoEventBus::new(dynamo, &table));
+    let events: Arc<dyn EventBus> = dynamo_events.clone();
     Subject {
         atomic: Arc::new(AwsAtomic {
             store: dynamo_store,
             sweep_after: Duration::from_secs(30),
             persona_queue: persona_queue.clone(),
             chat_queue: chat_queue.clone(),
-            events: events.clone(),
+            events: dynamo_events,
         }),
         store,
         persona_queue,
@@ -487,6 +488,36 @@ async fn a_batch_is_accepted_whole(s: Subject) {
     assert_eq!(receive_n(s.persona_queue.as_ref(), 3).await.len(), 3);
 }
 
+async fn a_result_a_twin_stored_first_stands(s: Subject) {
+    let r = persona_request();
+    s.atomic
+        .accept(persona_accept("alice", &r, None))
+        .await
+        .unwrap();
+    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    s.atomic.start("alice", &r.request_id, 1).await.unwrap();
+    let id = format!("per_{}", r.request_id.trim_start_matches("req_"));
+    let mut twin = persona(id.clone());
+    twin.name = "The twin's".into();
+    s.store.put_persona("alice", &twin).await.unwrap();
+    let settle = Settle {
+        kind: RequestKind::Persona,
+        user_id: "alice".into(),
+        request_id: r.request_id.clone(),
+        transition: Transition::Succeed {
+            result: Box::new(RequestResult::Persona(persona(id.clone()))),
+            usage: Usage::default(),
+            model: "offline".into(),
+            latency_ms: 1,
+        },
+        ack: Ack::Delete,
+    };
+    let done = s.atomic.settle(&d, settle).await.unwrap().unwrap();
+    assert_eq!(done.status, RequestStatus::Succeeded);
+    assert_eq!(done.result, Some(RequestResult::Persona(twin.clone())));
+    assert_eq!(s.store.get_persona("alice", &id).await.unwrap(), Some(twin));
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded_atomic {
@@ -502,6 +533,7 @@ contract!(
     an_accept_records_the_request_its_job_and_the_keys_answer,
     a_key_answered_once_replays_and_queues_nothing_more,
     a_batch_is_accepted_whole,
+    a_result_a_twin_stored_first_stands,
     a_chat_turn_is_accepted_only_in_the_users_own_conversation,
     start_and_settle_move_the_request_store_the_result_once_and_ack,
     a_retry_puts_the_job_back_and_the_request_back_in_the_queue,
@@ -662,6 +694,14 @@ mod aws_only {
         }
     }
 
+    fn atomic_of_events(s: &Subject) -> Arc<DynamoEventBus> {
+        let sdk = common::aws_test_sdk_config();
+        Arc::new(DynamoEventBus::new(
+            aws_sdk_dynamodb::Client::new(&sdk),
+            s.table.clone().unwrap(),
+        ))
+    }
+
     fn atomic_of(
         s: &Subject,
         store: Arc<DynamoStore>,
@@ -672,7 +712,7 @@ mod aws_only {
             store,
             persona_queue,
             chat_queue: s.chat_queue.clone(),
-            events: s.events.clone(),
+            events: atomic_of_events(s),
             sweep_after: after,
         }
     }

@@ -1,7 +1,7 @@
 //! The pipeline with its queue on SQS and its store on DynamoDB (the moto server of
 //! `scripts/test`), through the same HTTP API and the same workers as the embedded default:
-//! the adapters change, nothing else does. Events and auth are still the embedded ones here;
-//! their AWS counterparts come with the rest of issue #4.
+//! the adapters change, nothing else does. Events go through DynamoDB too; auth is still the
+//! embedded issuer here (Cognito is tested in `aws_backend.rs` and `verifier_contract.rs`).
 
 mod common;
 

@@ -129,14 +129,17 @@ impl Builder {
             DynamoStore::create_table(&dynamo, &table)
                 .await
                 .expect("table");
-            let store = std::sync::Arc::new(DynamoStore::new(dynamo, table));
+            let store = std::sync::Arc::new(DynamoStore::new(dynamo.clone(), &table));
             adapters.store = store.clone();
+            let events =
+                std::sync::Arc::new(shared::events::dynamodb::DynamoEventBus::new(dynamo, table));
+            adapters.events = events.clone();
             adapters.atomic = std::sync::Arc::new(shared::atomic::aws::AwsAtomic {
                 store,
                 sweep_after: Duration::from_secs(settings.aws.outbox_sweep_after_secs),
                 persona_queue: adapters.persona_queue.clone(),
                 chat_queue: adapters.chat_queue.clone(),
-                events: adapters.events.clone(),
+                events,
             });
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

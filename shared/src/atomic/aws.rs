@@ -15,9 +15,10 @@
 //! at most 100 items): its records ride in the outbox item and are written, each only if absent,
 //! before its jobs are sent.
 //!
-//! **Settle** (not yet one transaction on AWS) writes the result record, then the request, then
-//! acknowledges the message; every step is idempotent, so a worker killed between them is
-//! redelivered and converges on one result.
+//! **Settle** is one transaction for the records — the result record (only if absent), the
+//! request over the version read (optimistic concurrency) and its `request.updated` event —
+//! then the queue operation on the message. A worker killed in between leaves the request
+//! finished and the message to be redelivered, found a duplicate and deleted.
 
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestInput, RequestKind, RequestRecord, RequestResult};
+use crate::events::dynamodb::DynamoEventBus;
 use crate::events::EventBus;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
 use crate::store::dynamodb::{
@@ -47,7 +49,8 @@ pub struct AwsAtomic {
     pub store: Arc<DynamoStore>,
     pub persona_queue: Arc<dyn Queue>,
     pub chat_queue: Arc<dyn Queue>,
-    pub events: Arc<dyn EventBus>,
+    /// Events are written inside the settlement's transaction, so this is the DynamoDB bus.
+    pub events: Arc<DynamoEventBus>,
     /// How long an outbox item waits for its sender before a sweep sends it.
     pub sweep_after: std::time::Duration,
 }
@@ -164,18 +167,148 @@ impl AwsAtomic {
         }
     }
 
-    async fn store_result(
+    /// The records of a settlement in one transaction: the result record (persona or reply,
+    /// only if absent), the request over the version read, and its `request.updated` event.
+    /// A twin's result that stands already is taken instead; a request that moved meanwhile
+    /// is read again.
+    async fn settle_records(
+        &self,
+        user_id: &str,
+        request_id: &str,
+        transition: Transition,
+    ) -> Result<Option<RequestRecord>> {
+        let table = self.store.table.as_str();
+        let mut transition = transition;
+        // The result record to write, and where it goes; `None` once a twin's stands.
+        let mut pending: Option<Item> = None;
+        let mut first = true;
+        for _ in 0..10 {
+            let Some(item) = self.store.get(&format!("REQ#{request_id}"), "REQ").await? else {
+                return Ok(None);
+            };
+            if get_s(&item, "user_id") != Some(user_id) {
+                return Ok(None);
+            }
+            let version = get_n(&item, "version").unwrap_or(0);
+            let mut record: RequestRecord = crate::store::dynamodb::body(&item)?;
+            if record.status.is_final() {
+                return Ok(Some(record));
+            }
+            if first {
+                first = false;
+                if let Transition::Succeed { result, .. } = &transition {
+                    pending = Some(self.result_item(user_id, &record, result).await?);
+                }
+            }
+            if !transition.clone().apply(&mut record) {
+                return Ok(Some(record));
+            }
+            let mut items = Vec::new();
+            let effect_at = pending.as_ref().map(|_| items.len());
+            if let Some(effect) = &pending {
+                items.push(put_if_absent(table, effect.clone())?);
+            }
+            let request_at = items.len();
+            items.push(
+                TransactWriteItem::builder()
+                    .put(
+                        Put::builder()
+                            .table_name(table)
+                            .set_item(Some(DynamoStore::request_item(
+                                user_id,
+                                &record,
+                                version + 1,
+                            )?))
+                            .condition_expression("version = :v")
+                            .expression_attribute_values(":v", n(version))
+                            .build()
+                            .map_err(|e| Error::Storage(e.to_string()))?,
+                    )
+                    .build(),
+            );
+            let data = serde_json::to_string(&record)?;
+            items.push(
+                TransactWriteItem::builder()
+                    .put(
+                        Put::builder()
+                            .table_name(table)
+                            .set_item(Some(self.events.event_item(
+                                user_id,
+                                "request.updated",
+                                &data,
+                            )))
+                            .build()
+                            .map_err(|e| Error::Storage(e.to_string()))?,
+                    )
+                    .build(),
+            );
+            let written = self
+                .store
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items))
+                .send()
+                .await;
+            let Err(e) = written else {
+                return Ok(Some(record));
+            };
+            let reasons: Vec<Option<String>> = match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().map(str::to_owned))
+                    .collect(),
+                _ => return Err(storage("settle", e)),
+            };
+            let failed = |at: Option<usize>| {
+                at.and_then(|i| reasons.get(i).cloned().flatten())
+                    .is_some_and(|code| code == "ConditionalCheckFailed")
+            };
+            if failed(effect_at) {
+                // A twin delivery stored its result first: that one stands.
+                let effect = pending.take().unwrap_or_default();
+                let (pk, sk) = (
+                    get_s(&effect, "pk").unwrap_or_default().to_owned(),
+                    get_s(&effect, "sk").unwrap_or_default().to_owned(),
+                );
+                let stored = self
+                    .store
+                    .get(&pk, &sk)
+                    .await?
+                    .ok_or_else(|| Error::Storage("a result vanished".into()))?;
+                if let Transition::Succeed { result, .. } = &mut transition {
+                    **result = match **result {
+                        RequestResult::Persona(_) => {
+                            RequestResult::Persona(crate::store::dynamodb::body(&stored)?)
+                        }
+                        RequestResult::Message(_) => {
+                            RequestResult::Message(crate::store::dynamodb::body(&stored)?)
+                        }
+                    };
+                }
+            } else if !failed(Some(request_at)) {
+                return Err(Error::Storage(format!("settle cancelled: {reasons:?}")));
+            }
+            // Either way, read the request again and write over its new version.
+        }
+        Err(Error::Storage(
+            "request kept changing under the settlement".into(),
+        ))
+    }
+
+    /// The item a succeeded job's result is stored as: the persona, or the reply in the turn
+    /// of the user message it answers.
+    async fn result_item(
         &self,
         user_id: &str,
         record: &RequestRecord,
-        result: RequestResult,
-    ) -> Result<RequestResult> {
+        result: &RequestResult,
+    ) -> Result<Item> {
         Ok(match (result, &record.input) {
             (RequestResult::Persona(p), _) => {
-                self.store.put_persona(user_id, &p).await?;
-                // Read back: if a twin delivery stored first, its persona is the one that stands.
-                let stored = self.store.get_persona(user_id, &p.persona_id).await?;
-                RequestResult::Persona(stored.unwrap_or(p))
+                let mut item = key(user_pk(user_id), format!("PERSONA#{}", p.persona_id));
+                item.insert("body".into(), s(serde_json::to_string(p)?));
+                item
             }
             (
                 RequestResult::Message(m),
@@ -184,11 +317,18 @@ impl AwsAtomic {
                     message_id,
                     ..
                 },
-            ) => RequestResult::Message(
-                self.store
-                    .put_reply(conversation_id, message_id, &m)
-                    .await?,
-            ),
+            ) => {
+                let conv_pk = format!("CONV#{conversation_id}");
+                let turn = self
+                    .store
+                    .get(&conv_pk, &format!("MID#{message_id}"))
+                    .await?
+                    .and_then(|i| get_n(&i, "turn"))
+                    .ok_or(Error::NotFound)?;
+                let mut item = key(&conv_pk, msg_sk(turn, 1));
+                item.insert("body".into(), s(serde_json::to_string(m)?));
+                item
+            }
             (RequestResult::Message(_), RequestInput::Persona { .. }) => {
                 return Err(Error::Internal("a reply for a persona request".into()))
             }
@@ -423,31 +563,11 @@ impl Atomic for AwsAtomic {
             transition,
             ack,
         } = settle;
-        let record = match self.store.get_request(&user_id, &request_id).await? {
-            Some(record) if record.status.is_final() => Some(record),
-            Some(record) => {
-                let transition = match transition {
-                    Transition::Succeed {
-                        result,
-                        usage,
-                        model,
-                        latency_ms,
-                    } => Transition::Succeed {
-                        result: Box::new(self.store_result(&user_id, &record, *result).await?),
-                        usage,
-                        model,
-                        latency_ms,
-                    },
-                    other => other,
-                };
-                let (record, applied) = self.store.transition(&request_id, transition).await?;
-                if applied {
-                    self.publish(&user_id, &record).await;
-                }
-                Some(record)
-            }
-            None => None,
-        };
+        let record = self
+            .settle_records(&user_id, &request_id, transition)
+            .await?;
+        // Then the message: if this worker dies first, the redelivery finds the request
+        // finished and only deletes it.
         let queue = self.queue(kind);
         match ack {
             Ack::Delete => queue.delete(&delivery.receipt).await?,

@@ -8,7 +8,7 @@
 //! other hosts may be a little behind in clock, so each poll looks back [`LOOKBACK`] and skips
 //! ids it has already sent.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -113,21 +113,36 @@ impl DynamoEventBus {
     }
 }
 
+impl DynamoEventBus {
+    /// The item of a new event, for a writer that puts it inside its own transaction
+    /// (`shared::atomic::aws`); `publish` puts it alone.
+    pub fn event_item(
+        &self,
+        user_id: &str,
+        name: &str,
+        data: &str,
+    ) -> HashMap<String, AttributeValue> {
+        let id = self.next_id();
+        HashMap::from([
+            ("pk".into(), AttributeValue::S(format!("EVT#{user_id}"))),
+            ("sk".into(), AttributeValue::S(sk(id))),
+            ("name".into(), AttributeValue::S(name.to_owned())),
+            ("data".into(), AttributeValue::S(data.to_owned())),
+            (
+                "expires_at".into(),
+                AttributeValue::N(((id / 1_000_000) as i64 + RETENTION_MS / 1000).to_string()),
+            ),
+        ])
+    }
+}
+
 #[async_trait]
 impl EventBus for DynamoEventBus {
     async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()> {
-        let id = self.next_id();
         self.client
             .put_item()
             .table_name(&self.table)
-            .item("pk", AttributeValue::S(format!("EVT#{user_id}")))
-            .item("sk", AttributeValue::S(sk(id)))
-            .item("name", AttributeValue::S(name.to_owned()))
-            .item("data", AttributeValue::S(data.to_string()))
-            .item(
-                "expires_at",
-                AttributeValue::N(((id / 1_000_000) as i64 + RETENTION_MS / 1000).to_string()),
-            )
+            .set_item(Some(self.event_item(user_id, name, &data.to_string())))
             .send()
             .await
             .map_err(|e| storage("publish event", e))?;
