@@ -25,7 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{ConditionCheck, Put, ReturnValue, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{ConditionCheck, Put, TransactWriteItem, Update};
 use serde::{Deserialize, Serialize};
 
 use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
@@ -71,6 +71,33 @@ struct OutboxJob {
     attributes: Attributes,
 }
 
+/// Why a transaction was cancelled: a reason code per item, in order.
+struct Cancelled(Vec<Option<String>>);
+
+impl Cancelled {
+    /// The reasons of a cancelled transaction; any other error is returned as one.
+    fn of(
+        e: aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError>,
+        op: &str,
+    ) -> Result<Cancelled> {
+        match e.as_service_error() {
+            Some(TransactWriteItemsError::TransactionCanceledException(c)) => Ok(Cancelled(
+                c.cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().map(str::to_owned))
+                    .collect(),
+            )),
+            _ => Err(storage(op, e)),
+        }
+    }
+
+    /// Whether the item at `at` failed its condition.
+    fn failed(&self, at: Option<usize>) -> bool {
+        at.and_then(|i| self.0.get(i).cloned().flatten())
+            .is_some_and(|code| code == "ConditionalCheckFailed")
+    }
+}
+
 fn outbox_pk(kind: RequestKind, shard: u64) -> String {
     format!("OUTBOX#{kind}#{shard}")
 }
@@ -89,28 +116,6 @@ fn put_if_absent(table: &str, item: Item) -> Result<TransactWriteItem> {
 }
 
 impl AwsAtomic {
-    /// Takes the conversation's next turn number (an atomic counter; a number taken by an
-    /// accept that then fails is skipped, which only leaves a gap in the sort keys).
-    async fn next_turn(&self, conv_pk: &str) -> Result<i64> {
-        let turns = self
-            .store
-            .client
-            .update_item()
-            .table_name(&self.store.table)
-            .set_key(Some(key(conv_pk, "META")))
-            .update_expression("ADD turns :one")
-            .expression_attribute_values(":one", n(1))
-            .return_values(ReturnValue::UpdatedNew)
-            .send()
-            .await
-            .map_err(|e| storage("count turn", e))?;
-        turns
-            .attributes
-            .as_ref()
-            .and_then(|a| get_n(a, "turns"))
-            .ok_or_else(|| Error::Storage("turn counter missing".into()))
-    }
-
     /// Carries out an outbox item: writes a batch's request records (each only if absent, so a
     /// second run never resets a request a worker already moved), sends the jobs, and deletes
     /// the item.
@@ -252,19 +257,8 @@ impl AwsAtomic {
             let Err(e) = written else {
                 return Ok(Some(record));
             };
-            let reasons: Vec<Option<String>> = match e.as_service_error() {
-                Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
-                    .cancellation_reasons()
-                    .iter()
-                    .map(|r| r.code().map(str::to_owned))
-                    .collect(),
-                _ => return Err(storage("settle", e)),
-            };
-            let failed = |at: Option<usize>| {
-                at.and_then(|i| reasons.get(i).cloned().flatten())
-                    .is_some_and(|code| code == "ConditionalCheckFailed")
-            };
-            if failed(effect_at) {
+            let cancelled = Cancelled::of(e, "settle")?;
+            if cancelled.failed(effect_at) {
                 // A twin delivery stored its result first: that one stands.
                 let effect = pending.take().unwrap_or_default();
                 let (pk, sk) = (
@@ -286,8 +280,11 @@ impl AwsAtomic {
                         }
                     };
                 }
-            } else if !failed(Some(request_at)) {
-                return Err(Error::Storage(format!("settle cancelled: {reasons:?}")));
+            } else if !cancelled.failed(Some(request_at)) {
+                return Err(Error::Storage(format!(
+                    "settle cancelled: {:?}",
+                    cancelled.0
+                )));
             }
             // Either way, read the request again and write over its new version.
         }
@@ -357,7 +354,7 @@ impl Atomic for AwsAtomic {
                 return Err(Error::NotFound);
             }
             let conv_pk = format!("CONV#{}", m.conversation_id);
-            let turn = self.next_turn(&conv_pk).await?;
+            let turn = self.store.next_turn(&conv_pk).await?;
             owner_check = Some(items.len());
             items.push(
                 TransactWriteItem::builder()
@@ -465,19 +462,8 @@ impl Atomic for AwsAtomic {
             .send()
             .await;
         if let Err(e) = written {
-            let reasons: Vec<Option<String>> = match e.as_service_error() {
-                Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
-                    .cancellation_reasons()
-                    .iter()
-                    .map(|r| r.code().map(str::to_owned))
-                    .collect(),
-                _ => return Err(storage("accept", e)),
-            };
-            let failed = |at: Option<usize>| {
-                at.and_then(|i| reasons.get(i).cloned().flatten())
-                    .is_some_and(|code| code == "ConditionalCheckFailed")
-            };
-            if failed(answer_at) {
+            let cancelled = Cancelled::of(e, "accept")?;
+            if cancelled.failed(answer_at) {
                 // Another call with the same key recorded its answer first: replay it.
                 let x = a
                     .answer
@@ -494,11 +480,12 @@ impl Atomic for AwsAtomic {
                     body: get_s(&item, "response_body").unwrap_or_default().to_owned(),
                 });
             }
-            if failed(owner_check) {
+            if cancelled.failed(owner_check) {
                 return Err(Error::NotFound);
             }
             return Err(Error::Conflict(format!(
-                "the accept collided with existing records: {reasons:?}"
+                "the accept collided with existing records: {:?}",
+                cancelled.0
             )));
         }
         // Accepted: the outbox guarantees the jobs from here on, so a failed send is not the

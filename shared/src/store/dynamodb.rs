@@ -261,6 +261,28 @@ impl DynamoStore {
         Ok(item)
     }
 
+    /// Takes the next turn number of the conversation whose partition is `conv_pk` (an atomic
+    /// counter; a number taken by a write that then fails is skipped, which only leaves a gap
+    /// in the sort keys).
+    pub(crate) async fn next_turn(&self, conv_pk: &str) -> Result<i64> {
+        let turns = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(conv_pk, "META")))
+            .update_expression("ADD turns :one")
+            .expression_attribute_values(":one", n(1))
+            .return_values(ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| storage("count turn", e))?;
+        turns
+            .attributes
+            .as_ref()
+            .and_then(|a| get_n(a, "turns"))
+            .ok_or_else(|| Error::Storage("turn counter missing".into()))
+    }
+
     async fn turn_of(&self, conversation_id: &str, message_id: &str) -> Result<Option<i64>> {
         Ok(self
             .get(
@@ -354,22 +376,7 @@ impl Store for DynamoStore {
         request: &RequestRecord,
     ) -> Result<()> {
         let conv_pk = format!("CONV#{conversation_id}");
-        let turns = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(&conv_pk, "META")))
-            .update_expression("ADD turns :one")
-            .expression_attribute_values(":one", n(1))
-            .return_values(ReturnValue::UpdatedNew)
-            .send()
-            .await
-            .map_err(|e| storage("count turn", e))?;
-        let turn = turns
-            .attributes
-            .as_ref()
-            .and_then(|a| get_n(a, "turns"))
-            .ok_or_else(|| Error::Storage("turn counter missing".into()))?;
+        let turn = self.next_turn(&conv_pk).await?;
         let mut msg = key(&conv_pk, msg_sk(turn, 0));
         msg.insert("body".into(), s(serde_json::to_string(message)?));
         let mut index = key(&conv_pk, format!("MID#{}", message.message_id));
