@@ -93,6 +93,57 @@ async fn a_reconnecting_client_is_replayed_what_it_missed(s: Subject) {
     assert_eq!(next(&mut resumed).await.name, "d", "live after the replay");
 }
 
+async fn a_watch_gets_its_requests_news_until_it_finishes(s: Subject) {
+    let mut watch = s.api.watch_request("dave", "req_1").await.unwrap();
+    let update = |id: &str, status: &str| json!({ "request_id": id, "status": status });
+    s.worker
+        .publish("dave", "request.updated", update("req_2", "running"))
+        .await
+        .unwrap();
+    s.worker
+        .publish("dave", "request.updated", update("req_1", "running"))
+        .await
+        .unwrap();
+    s.worker
+        .publish(
+            "dave",
+            "message.delta",
+            json!({ "request_id": "req_1", "text": "Hi" }),
+        )
+        .await
+        .unwrap();
+    s.worker
+        .publish("dave", "request.updated", update("req_1", "succeeded"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let e = next(&mut watch).await;
+        got.push((
+            e.name.clone(),
+            e.data["request_id"].clone(),
+            e.data["status"].clone(),
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            (
+                "request.updated".to_string(),
+                json!("req_1"),
+                json!("running")
+            ),
+            ("message.delta".to_string(), json!("req_1"), json!(null)),
+            (
+                "request.updated".to_string(),
+                json!("req_1"),
+                json!("succeeded")
+            ),
+        ],
+        "only req_1's events, in order"
+    );
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded_events {
@@ -107,4 +158,5 @@ macro_rules! contract {
 contract!(
     a_stream_gets_its_users_events_from_another_process_in_order,
     a_reconnecting_client_is_replayed_what_it_missed,
+    a_watch_gets_its_requests_news_until_it_finishes,
 );

@@ -40,8 +40,8 @@ pub async fn get(
     if wait.is_zero() {
         return Ok(AppJson(read().await?));
     }
-    // Subscribe first, then read, so a change between the two is not missed.
-    let mut events = state.events.subscribe(caller.id(), None).await?;
+    // Watch first, then read, so a change between the two is not missed.
+    let mut events = state.events.watch_request(caller.id(), &id).await?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut record = read().await?;
     while !record.status.is_final() {

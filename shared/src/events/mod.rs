@@ -42,4 +42,27 @@ pub trait EventBus: Send + Sync + 'static {
         user_id: &str,
         after: Option<u64>,
     ) -> Result<BoxStream<'static, Arc<Event>>>;
+
+    /// The user's events about one request (those whose data names it as `request_id`), from
+    /// now on — what a long poll waits for. Events committed just before the call may or may
+    /// not arrive, so a caller reads the request after subscribing. This default filters the
+    /// user's stream; an adapter that can route by request does better.
+    async fn watch_request(
+        &self,
+        user_id: &str,
+        request_id: &str,
+    ) -> Result<BoxStream<'static, Arc<Event>>> {
+        use futures::StreamExt;
+        let id = request_id.to_owned();
+        Ok(self
+            .subscribe(user_id, None)
+            .await?
+            .filter(move |e| futures::future::ready(request_of(e) == Some(id.as_str())))
+            .boxed())
+    }
+}
+
+/// The request an event is about, if it names one.
+pub fn request_of(event: &Event) -> Option<&str> {
+    event.data.get("request_id").and_then(|v| v.as_str())
 }

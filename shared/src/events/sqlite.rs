@@ -2,17 +2,18 @@
 //! that reads new rows and fans them out in memory, so an API process sees what worker
 //! processes publish. Events get increasing ids, so `Last-Event-ID` replays what was missed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection};
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{Event, EventBus, RETENTION_MS};
+use super::{request_of, Event, EventBus, RETENTION_MS};
 use crate::sqlite::Db;
 use crate::time::now_ms;
 use crate::Result;
@@ -24,6 +25,9 @@ pub struct SqliteEventBus {
     db: Db,
     fanout: broadcast::Sender<Arc<Event>>,
     wake: Arc<Notify>,
+    /// Long polls waiting on one request each, by request id: an event wakes only the waiters
+    /// of its request instead of every stream of the process.
+    watchers: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Arc<Event>>>>>,
 }
 
 impl SqliteEventBus {
@@ -34,6 +38,7 @@ impl SqliteEventBus {
             db,
             fanout,
             wake: Arc::new(Notify::new()),
+            watchers: Mutex::new(HashMap::new()),
         });
         let mut last = bus
             .db
@@ -58,7 +63,9 @@ impl SqliteEventBus {
                     Ok(events) => {
                         for e in events {
                             last = e.id;
-                            let _ = bus.fanout.send(Arc::new(e));
+                            let e = Arc::new(e);
+                            bus.tell_watchers(&e);
+                            let _ = bus.fanout.send(e);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "event tailer could not read events"),
@@ -66,12 +73,47 @@ impl SqliteEventBus {
                 if now_ms() - last_prune > 60_000 {
                     last_prune = now_ms();
                     let _ = bus.prune().await;
+                    bus.forget_gone_watchers();
                 }
                 drop(bus);
                 let _ = tokio::time::timeout(TAIL_POLL, notified).await;
             }
         });
         Ok(bus)
+    }
+
+    /// Hands an event to the waiters of its request. A request that finished gets no more
+    /// news: its waiters are dropped with it.
+    fn tell_watchers(&self, e: &Arc<Event>) {
+        let Some(id) = request_of(e) else { return };
+        let Ok(mut watchers) = self.watchers.lock() else {
+            return;
+        };
+        let finished = e.name == "request.updated"
+            && matches!(
+                e.data.get("status").and_then(|s| s.as_str()),
+                Some("succeeded" | "failed")
+            );
+        if finished {
+            for w in watchers.remove(id).unwrap_or_default() {
+                let _ = w.send(e.clone());
+            }
+        } else if let Some(ws) = watchers.get_mut(id) {
+            ws.retain(|w| w.send(e.clone()).is_ok());
+            if ws.is_empty() {
+                watchers.remove(id);
+            }
+        }
+    }
+
+    /// Drops the waiters of long polls that ended before their request changed again.
+    fn forget_gone_watchers(&self) {
+        if let Ok(mut watchers) = self.watchers.lock() {
+            watchers.retain(|_, ws| {
+                ws.retain(|w| !w.is_closed());
+                !ws.is_empty()
+            });
+        }
     }
 
     async fn max_seq(&self) -> Result<u64> {
@@ -192,6 +234,20 @@ impl EventBus for SqliteEventBus {
         });
         let backlog = backlog.into_iter().map(Arc::new);
         Ok(futures::stream::iter(backlog).chain(live).boxed())
+    }
+
+    async fn watch_request(
+        &self,
+        _user_id: &str,
+        request_id: &str,
+    ) -> Result<BoxStream<'static, Arc<Event>>> {
+        // Routed by request id alone: the API reads the request as the caller's right after
+        // watching and answers 404 (dropping this stream unread) when it is not theirs.
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut watchers) = self.watchers.lock() {
+            watchers.entry(request_id.to_owned()).or_default().push(tx);
+        }
+        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed())
     }
 }
 
