@@ -161,6 +161,44 @@ fn answer(key: &str, body: &str) -> Answer {
     }
 }
 
+/// A successful settlement of alice's request with `result`, deleting the message.
+fn succeed(kind: RequestKind, request_id: &str, result: RequestResult) -> Settle {
+    Settle {
+        kind,
+        user_id: "alice".into(),
+        request_id: request_id.into(),
+        transition: Transition::Succeed {
+            result: Box::new(result),
+            usage: Usage::default(),
+            model: "offline".into(),
+            latency_ms: 1,
+        },
+        ack: Ack::Delete,
+    }
+}
+
+/// Whether alice's key is free to be claimed: no answer was recorded for it.
+async fn key_is_unanswered(s: &Subject, key: &str) -> bool {
+    matches!(
+        s.store
+            .idempotency_begin("alice", key, "fp", 5_000, 86_400_000)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started { .. }
+    )
+}
+
+async fn stored_request(s: &Subject, user: &str, request_id: &str) -> Option<RequestRecord> {
+    s.store.get_request(user, request_id).await.unwrap()
+}
+
+async fn messages(s: &Subject, conv: &str) -> shared::domain::Page<Message> {
+    s.store
+        .list_messages("alice", conv, 10, None)
+        .await
+        .unwrap()
+}
+
 /// Receives until `n` deliveries arrived (bounded).
 async fn receive_n(q: &dyn Queue, n: usize) -> Vec<Delivery> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -238,14 +276,9 @@ async fn an_accept_records_the_request_its_job_and_the_keys_answer(s: Subject) {
         .await
         .unwrap();
     assert_eq!(out, AcceptOutcome::Recorded);
-    let stored = s.store.get_request("alice", &r.request_id).await.unwrap();
+    let stored = stored_request(&s, "alice", &r.request_id).await;
     assert_eq!(stored.map(|x| x.status), Some(RequestStatus::Queued));
-    assert!(s
-        .store
-        .get_request("bob", &r.request_id)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(stored_request(&s, "bob", &r.request_id).await.is_none());
     let jobs = receive_n(s.persona_queue.as_ref(), 1).await;
     assert_eq!(jobs.len(), 1);
     let msg: JobMessage = serde_json::from_str(&jobs[0].body).unwrap();
@@ -271,17 +304,10 @@ async fn a_chat_turn_is_accepted_only_in_the_users_own_conversation(s: Subject) 
         matches!(refused, Err(shared::Error::NotFound)),
         "{refused:?}"
     );
-    assert!(s
-        .store
-        .get_request("mallory", &request.request_id)
+    assert!(stored_request(&s, "mallory", &request.request_id)
         .await
-        .unwrap()
         .is_none());
-    let page = s
-        .store
-        .list_messages("alice", &conv, 10, None)
-        .await
-        .unwrap();
+    let page = messages(&s, &conv).await;
     assert!(
         page.items.is_empty(),
         "nothing was added to her conversation"
@@ -296,11 +322,7 @@ async fn a_chat_turn_is_accepted_only_in_the_users_own_conversation(s: Subject) 
         s.atomic.accept(alice).await.unwrap(),
         AcceptOutcome::Recorded
     );
-    let page = s
-        .store
-        .list_messages("alice", &conv, 10, None)
-        .await
-        .unwrap();
+    let page = messages(&s, &conv).await;
     assert_eq!(page.items, vec![message]);
     let jobs = receive_n(s.chat_queue.as_ref(), 1).await;
     let msg: JobMessage = serde_json::from_str(&jobs[0].body).unwrap();
@@ -330,17 +352,12 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
     );
 
     let made = persona(format!("per_{}", r.request_id.trim_start_matches("req_")));
-    let succeed = |p: Persona| Settle {
-        kind: RequestKind::Persona,
-        user_id: "alice".into(),
-        request_id: r.request_id.clone(),
-        transition: Transition::Succeed {
-            result: Box::new(RequestResult::Persona(p)),
-            usage: Usage::default(),
-            model: "offline".into(),
-            latency_ms: 1,
-        },
-        ack: Ack::Delete,
+    let succeed = |p: Persona| {
+        succeed(
+            RequestKind::Persona,
+            &r.request_id,
+            RequestResult::Persona(p),
+        )
     };
     let done = s
         .atomic
@@ -432,11 +449,8 @@ async fn a_key_answered_once_replays_and_queues_nothing_more(s: Subject) {
         .await
         .unwrap();
     assert_eq!(out, AcceptOutcome::Replay { status: 202, body });
-    assert!(s
-        .store
-        .get_request("alice", &twin.request_id)
+    assert!(stored_request(&s, "alice", &twin.request_id)
         .await
-        .unwrap()
         .is_none());
     assert_eq!(
         receive_n(s.persona_queue.as_ref(), 2).await.len(),
@@ -476,12 +490,7 @@ async fn a_batch_is_accepted_whole(s: Subject) {
         AcceptOutcome::Recorded
     );
     for r in &requests {
-        assert!(s
-            .store
-            .get_request("alice", &r.request_id)
-            .await
-            .unwrap()
-            .is_some());
+        assert!(stored_request(&s, "alice", &r.request_id).await.is_some());
     }
     let b = s.store.get_batch("alice", "bat_1").await.unwrap().unwrap();
     assert_eq!((b.total, b.pending), (3, 3));
@@ -500,18 +509,11 @@ async fn a_result_a_twin_stored_first_stands(s: Subject) {
     let mut twin = persona(id.clone());
     twin.name = "The twin's".into();
     s.store.put_persona("alice", &twin).await.unwrap();
-    let settle = Settle {
-        kind: RequestKind::Persona,
-        user_id: "alice".into(),
-        request_id: r.request_id.clone(),
-        transition: Transition::Succeed {
-            result: Box::new(RequestResult::Persona(persona(id.clone()))),
-            usage: Usage::default(),
-            model: "offline".into(),
-            latency_ms: 1,
-        },
-        ack: Ack::Delete,
-    };
+    let settle = succeed(
+        RequestKind::Persona,
+        &r.request_id,
+        RequestResult::Persona(persona(id.clone())),
+    );
     let done = s.atomic.settle(&d, settle).await.unwrap().unwrap();
     assert_eq!(done.status, RequestStatus::Succeeded);
     assert_eq!(done.result, Some(RequestResult::Persona(twin.clone())));
@@ -560,30 +562,17 @@ mod embedded_only {
         accept.requests.push(first.clone());
         accept.answer = Some(answer("k9", "{}"));
         assert!(s.atomic.accept(accept).await.is_err());
-        assert!(s
-            .store
-            .get_request("alice", &second.request_id)
+        assert!(stored_request(&s, "alice", &second.request_id)
             .await
-            .unwrap()
             .is_none());
-        let page = s
-            .store
-            .list_messages("alice", &conv, 10, None)
-            .await
-            .unwrap();
+        let page = messages(&s, &conv).await;
         assert!(!page.items.contains(&message) && page.items.is_empty());
         assert!(
             receive_n(s.chat_queue.as_ref(), 1).await.is_empty(),
             "no job"
         );
         assert!(
-            matches!(
-                s.store
-                    .idempotency_begin("alice", "k9", "fp", 5_000, 86_400_000)
-                    .await
-                    .unwrap(),
-                IdempotencyBegin::Started { .. }
-            ),
+            key_is_unanswered(&s, "k9").await,
             "no answer recorded: the client may retry"
         );
     }
@@ -617,32 +606,18 @@ mod embedded_only {
             model: Some("offline".into()),
             created_at: shared::time::now_rfc3339(),
         };
-        let settle = Settle {
-            kind: RequestKind::Chat,
-            user_id: "alice".into(),
-            request_id: request.request_id.clone(),
-            transition: Transition::Succeed {
-                result: Box::new(RequestResult::Message(reply)),
-                usage: Usage::default(),
-                model: "offline".into(),
-                latency_ms: 1,
-            },
-            ack: Ack::Delete,
-        };
+        let settle = succeed(
+            RequestKind::Chat,
+            &request.request_id,
+            RequestResult::Message(reply),
+        );
         let failed = s.atomic.settle(&d, settle).await;
         assert!(failed.is_err(), "{failed:?}");
-        let record = s
-            .store
-            .get_request("alice", &request.request_id)
+        let record = stored_request(&s, "alice", &request.request_id)
             .await
-            .unwrap()
             .unwrap();
         assert_eq!(record.status, RequestStatus::Running, "state unchanged");
-        let page = s
-            .store
-            .list_messages("alice", &conv, 10, None)
-            .await
-            .unwrap();
+        let page = messages(&s, &conv).await;
         assert_eq!(page.items, vec![message], "no reply stored");
         let stats = s.chat_queue.stats().await.unwrap();
         assert_eq!(stats.in_flight, 1, "the message waits for its redelivery");
@@ -745,12 +720,7 @@ mod aws_only {
             AcceptOutcome::Recorded,
             "recorded: the client gets its 202"
         );
-        assert!(s
-            .store
-            .get_request("alice", &r.request_id)
-            .await
-            .unwrap()
-            .is_some());
+        assert!(stored_request(&s, "alice", &r.request_id).await.is_some());
         assert!(
             receive_n(s.persona_queue.as_ref(), 1).await.is_empty(),
             "not sent"
@@ -804,24 +774,15 @@ mod aws_only {
         accept.requests.push(existing.clone());
         accept.jobs.push(job("alice", &existing));
         assert!(s.atomic.accept(accept).await.is_err());
-        assert!(s
-            .store
-            .get_request("alice", &fresh.request_id)
+        assert!(stored_request(&s, "alice", &fresh.request_id)
             .await
-            .unwrap()
             .is_none());
         assert!(
             receive_n(s.persona_queue.as_ref(), 1).await.is_empty(),
             "no job"
         );
         assert!(
-            matches!(
-                s.store
-                    .idempotency_begin("alice", "k3", "fp", 5_000, 86_400_000)
-                    .await
-                    .unwrap(),
-                IdempotencyBegin::Started { .. }
-            ),
+            key_is_unanswered(&s, "k3").await,
             "no answer recorded: the client may retry"
         );
     }
