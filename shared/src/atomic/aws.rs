@@ -116,6 +116,21 @@ fn put_if_absent(table: &str, item: Item) -> Result<TransactWriteItem> {
 }
 
 impl AwsAtomic {
+    /// Runs a transaction: `None` when it committed, the reasons when DynamoDB cancelled it.
+    async fn transact(&self, items: Vec<TransactWriteItem>, op: &str) -> Result<Option<Cancelled>> {
+        match self
+            .store
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(e) => Cancelled::of(e, op).map(Some),
+        }
+    }
+
     /// Carries out an outbox item: writes a batch's request records (each only if absent, so a
     /// second run never resets a request a worker already moved), sends the jobs, and deletes
     /// the item.
@@ -247,17 +262,9 @@ impl AwsAtomic {
                     )
                     .build(),
             );
-            let written = self
-                .store
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(items))
-                .send()
-                .await;
-            let Err(e) = written else {
+            let Some(cancelled) = self.transact(items, "settle").await? else {
                 return Ok(Some(record));
             };
-            let cancelled = Cancelled::of(e, "settle")?;
             if cancelled.failed(effect_at) {
                 // A twin delivery stored its result first: that one stands.
                 let effect = pending.take().unwrap_or_default();
@@ -454,15 +461,7 @@ impl Atomic for AwsAtomic {
                 "too much for one DynamoDB transaction (100 items)".into(),
             ));
         }
-        let written = self
-            .store
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .send()
-            .await;
-        if let Err(e) = written {
-            let cancelled = Cancelled::of(e, "accept")?;
+        if let Some(cancelled) = self.transact(items, "accept").await? {
             if cancelled.failed(answer_at) {
                 // Another call with the same key recorded its answer first: replay it.
                 let x = a
