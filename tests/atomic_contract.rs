@@ -199,6 +199,18 @@ async fn messages(s: &Subject, conv: &str) -> shared::domain::Page<Message> {
         .unwrap()
 }
 
+/// Alice's persona request, accepted, delivered and started: the request and its delivery.
+async fn running_persona_job(s: &Subject) -> (RequestRecord, Delivery) {
+    let r = persona_request();
+    s.atomic
+        .accept(persona_accept("alice", &r, None))
+        .await
+        .unwrap();
+    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    s.atomic.start("alice", &r.request_id, 1).await.unwrap();
+    (r, d)
+}
+
 /// Receives until `n` deliveries arrived (bounded).
 async fn receive_n(q: &dyn Queue, n: usize) -> Vec<Delivery> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -406,13 +418,7 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
 }
 
 async fn a_retry_puts_the_job_back_and_the_request_back_in_the_queue(s: Subject) {
-    let r = persona_request();
-    s.atomic
-        .accept(persona_accept("alice", &r, None))
-        .await
-        .unwrap();
-    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
-    s.atomic.start("alice", &r.request_id, 1).await.unwrap();
+    let (r, d) = running_persona_job(&s).await;
     let retry = Settle {
         kind: RequestKind::Persona,
         user_id: "alice".into(),
@@ -498,13 +504,7 @@ async fn a_batch_is_accepted_whole(s: Subject) {
 }
 
 async fn a_result_a_twin_stored_first_stands(s: Subject) {
-    let r = persona_request();
-    s.atomic
-        .accept(persona_accept("alice", &r, None))
-        .await
-        .unwrap();
-    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
-    s.atomic.start("alice", &r.request_id, 1).await.unwrap();
+    let (r, d) = running_persona_job(&s).await;
     let id = format!("per_{}", r.request_id.trim_start_matches("req_"));
     let mut twin = persona(id.clone());
     twin.name = "The twin's".into();

@@ -153,13 +153,8 @@ async fn killing_serve_mid_load_loses_no_turn_and_stores_none_twice() {
     )];
     let drill = Drill::start(env, |http, base| async move {
         let creds = json!({ "email": "drill@example.com", "password": "a long password" });
-        let res = http
-            .post(format!("{base}/v1/auth/signup"))
-            .json(&creds)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::CREATED);
+        let status = post_public(&http, &base, "/v1/auth/signup", &creds).await;
+        assert_eq!(status, StatusCode::CREATED);
         sign_in(&http, &base, &creds).await
     })
     .await;
@@ -208,20 +203,11 @@ async fn killing_serve_on_aws_mid_load_loses_no_turn_and_stores_none_twice() {
     assert!(init.success(), "aws-init");
     let drill = Drill::start(env, |http, base| async move {
         let creds = json!({ "email": "drill@example.com", "password": "Correct-Horse-9!" });
-        let res = http
-            .post(format!("{base}/v1/auth/signup"))
-            .json(&creds)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::CREATED);
-        let res = http
-            .post(format!("{base}/v1/auth/confirm"))
-            .json(&json!({ "email": "drill@example.com", "code": "123456" }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
+        let status = post_public(&http, &base, "/v1/auth/signup", &creds).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let confirm = json!({ "email": "drill@example.com", "code": "123456" });
+        let status = post_public(&http, &base, "/v1/auth/confirm", &confirm).await;
+        assert_eq!(status, StatusCode::OK);
         sign_in(&http, &base, &creds).await
     })
     .await;
@@ -232,6 +218,16 @@ async fn killing_serve_on_aws_mid_load_loses_no_turn_and_stores_none_twice() {
         kills: 2,
     };
     drill.run(size).await;
+}
+
+/// `POST` without a token; the status.
+async fn post_public(http: &reqwest::Client, base: &str, path: &str, body: &Value) -> StatusCode {
+    http.post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
 }
 
 async fn sign_in(http: &reqwest::Client, base: &str, creds: &Value) -> String {
