@@ -174,6 +174,7 @@ fn succeed(kind: RequestKind, request_id: &str, result: RequestResult) -> Settle
             latency_ms: 1,
         },
         ack: Ack::Delete,
+        last_fragment: None,
     }
 }
 
@@ -417,6 +418,61 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
     assert_eq!(page.items, vec![made]);
 }
 
+async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s: Subject) {
+    let conv = a_conversation(&s, "alice").await;
+    let (accept, r, _) = chat_accept("alice", &conv, "Hello?");
+    s.atomic.accept(accept).await.unwrap();
+    let d = receive_n(s.chat_queue.as_ref(), 1).await.remove(0);
+    s.atomic.start("alice", &r.request_id, 1).await.unwrap();
+    let mut events = s.events.subscribe("alice", None).await.unwrap();
+    let reply = Message {
+        message_id: new_id("msg"),
+        role: Role::Assistant,
+        text: "Elementary.".into(),
+        model: Some("offline".into()),
+        created_at: shared::time::now_rfc3339(),
+    };
+    let mut settle = succeed(
+        RequestKind::Chat,
+        &r.request_id,
+        RequestResult::Message(reply.clone()),
+    );
+    settle.last_fragment = Some("Elementary.".into());
+    s.atomic.settle(&d, settle.clone()).await.unwrap();
+    // A twin settling again (its own last fragment included) pushes nothing more.
+    s.atomic.settle(&d, settle).await.unwrap();
+    s.events
+        .publish("alice", "marker", serde_json::json!({}))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut events),
+        )
+        .await
+        .expect("an event in time")
+        .expect("stream open");
+        if e.name == "marker" {
+            break;
+        }
+        let what = match e.name.as_str() {
+            "message.delta" => e.data["text"].as_str().unwrap_or_default().to_owned(),
+            _ => e.data["status"].as_str().unwrap_or_default().to_owned(),
+        };
+        assert_eq!(e.data["request_id"], r.request_id.as_str());
+        seen.push((e.name.clone(), what));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("message.delta".to_string(), "Elementary.".to_string()),
+            ("request.updated".to_string(), "succeeded".to_string()),
+        ]
+    );
+}
+
 async fn a_retry_puts_the_job_back_and_the_request_back_in_the_queue(s: Subject) {
     let (r, d) = running_persona_job(&s).await;
     let retry = Settle {
@@ -432,6 +488,7 @@ async fn a_retry_puts_the_job_back_and_the_request_back_in_the_queue(s: Subject)
         ack: Ack::Retry {
             delay: Duration::ZERO,
         },
+        last_fragment: None,
     };
     let record = s.atomic.settle(&d, retry).await.unwrap().unwrap();
     assert_eq!(record.status, RequestStatus::Queued);
@@ -539,6 +596,7 @@ contract!(
     a_chat_turn_is_accepted_only_in_the_users_own_conversation,
     start_and_settle_move_the_request_store_the_result_once_and_ack,
     a_retry_puts_the_job_back_and_the_request_back_in_the_queue,
+    a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it,
 );
 
 /// One transaction: a failure inside an accept leaves nothing of it visible, and a failure

@@ -26,7 +26,9 @@
 //!
 //! No crate does group commit for rusqlite, so the writer is ours (about a hundred lines).
 
-use std::path::Path;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 
 use deadpool_sqlite::rusqlite::Connection;
 use deadpool_sqlite::{Config, Hook, HookError, Pool, Runtime};
@@ -161,6 +163,14 @@ CREATE INDEX IF NOT EXISTS events_by_age ON events (created_ms);
 pub struct Db {
     readers: Pool,
     writer: mpsc::Sender<Pending>,
+    /// The database file; also what names this database in each thread's [`Db::read_here`]
+    /// connections, which go when the last handle does.
+    path: Arc<PathBuf>,
+}
+
+thread_local! {
+    /// This thread's read-only connection to each open database (see [`Db::read_here`]).
+    static HERE: RefCell<Vec<(Weak<PathBuf>, Connection)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Changes to `SCHEMA` after the first release, applied in order to a database whose
@@ -222,7 +232,7 @@ impl Db {
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || write_loop(conn, sync, inbox))?;
-        let readers = Config::new(path)
+        let readers = Config::new(path.clone())
             .builder(Runtime::Tokio1)
             .map_err(|e| Error::Config(e.to_string()))?
             .max_size(8)
@@ -241,7 +251,11 @@ impl Db {
             }))
             .build()
             .map_err(|e| Error::Config(format!("sqlite pool: {e}")))?;
-        Ok(Db { readers, writer })
+        Ok(Db {
+            readers,
+            writer,
+            path: Arc::new(path),
+        })
     }
 
     /// Runs `f` on a read-only pooled connection in a blocking thread.
@@ -258,6 +272,30 @@ impl Db {
         conn.interact(f)
             .await
             .map_err(|e| Error::Storage(format!("sqlite worker thread: {e}")))?
+    }
+
+    /// Runs a short read, a few rows found by key, on the calling thread with that thread's own
+    /// read-only connection. The hot reads of a chat turn (the request, the job's context) take
+    /// tens of microseconds; handing each to a blocking thread and back ([`Db::call`]) cost
+    /// more than the read, in wake-ups. Anything that may scan or return many rows uses
+    /// [`Db::call`], so a runtime thread is never held for long.
+    pub fn read_here<F, R>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R>,
+    {
+        HERE.with_borrow_mut(|conns| {
+            conns.retain(|(db, _)| db.strong_count() > 0);
+            let mine =
+                |(db, _): &(Weak<PathBuf>, Connection)| db.as_ptr() == Arc::as_ptr(&self.path);
+            let i = match conns.iter().position(mine) {
+                Some(i) => i,
+                None => {
+                    conns.push((Arc::downgrade(&self.path), open_reader(&self.path)?));
+                    conns.len() - 1
+                }
+            };
+            f(&conns[i].1)
+        })
     }
 
     /// Runs `f` as one atomic write: its changes are committed (with other writes waiting at
@@ -313,6 +351,13 @@ impl Db {
     }
 }
 
+fn open_reader(path: &Path) -> Result<Connection> {
+    let c = Connection::open(path)?;
+    c.execute_batch(PRAGMAS)?;
+    c.execute_batch("PRAGMA query_only = ON")?;
+    Ok(c)
+}
+
 fn open_writer(path: &Path) -> Result<Connection> {
     let c = Connection::open(path)?;
     c.execute_batch(PRAGMAS)?;
@@ -327,6 +372,11 @@ fn open_writer(path: &Path) -> Result<Connection> {
         }
     }
     Ok(c)
+}
+
+/// Runs one of the writer's transaction-control statements from the statement cache: parsing them anew for every write was a measurable share of the writer's time.
+fn run_cached(c: &Connection, sql: &str) -> deadpool_sqlite::rusqlite::Result<()> {
+    c.prepare_cached(sql)?.raw_execute().map(|_| ())
 }
 
 /// The writer thread: takes all waiting writes, runs each in its own savepoint of one
@@ -352,13 +402,14 @@ fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pending>) {
         let fsync = durable && sync == Sync::Full;
         if fsync != fsyncing {
             let pragma = if fsync { Sync::Full } else { Sync::Normal }.pragma();
+            // Not from the statement cache: this pragma takes effect when it is prepared.
             if let Err(e) = c.execute_batch(pragma) {
                 tracing::error!(error = %e, "could not set PRAGMA synchronous");
             } else {
                 fsyncing = fsync;
             }
         }
-        if let Err(e) = c.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = run_cached(&c, "BEGIN IMMEDIATE") {
             let e = e.to_string();
             for w in group.drain(..) {
                 let (_, reply) = w(None);
@@ -367,7 +418,12 @@ fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pending>) {
             continue;
         }
         for w in group.drain(..) {
-            if c.execute_batch("SAVEPOINT w").is_err() {
+            // Cached statements: parsing these two anew for every write was a measurable
+            // share of the writer's time.
+            if c.prepare_cached("SAVEPOINT w")
+                .and_then(|mut s| s.execute([]))
+                .is_err()
+            {
                 replies.push(w(None).1);
                 continue;
             }
@@ -376,18 +432,19 @@ fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pending>) {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w(Some(&c))));
             let ok = matches!(ran, Ok((true, _)));
             let end = if ok {
-                "RELEASE w"
+                c.prepare_cached("RELEASE w")
+                    .and_then(|mut s| s.execute([]).map(|_| ()))
             } else {
-                "ROLLBACK TO w; RELEASE w"
+                c.execute_batch("ROLLBACK TO w; RELEASE w")
             };
-            if let Err(e) = c.execute_batch(end) {
+            if let Err(e) = end {
                 tracing::error!(error = %e, "sqlite savepoint could not be closed");
             }
             if let Ok((_, reply)) = ran {
                 replies.push(reply);
             }
         }
-        let commit = c.execute_batch("COMMIT").map_err(|e| e.to_string());
+        let commit = run_cached(&c, "COMMIT").map_err(|e| e.to_string());
         if commit.is_err() {
             let _ = c.execute_batch("ROLLBACK");
         }

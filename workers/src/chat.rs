@@ -4,16 +4,19 @@
 //! answered, cut to a message count and a character budget. The reply is keyed by the user
 //! message it answers and stored by the settlement only if none exists, so a conversation gets
 //! exactly one reply per message however often the job is delivered. Text fragments of a streaming model are
-//! pushed to the user's event stream as `message.delta` while the reply is being written.
+//! pushed to the user's event stream as `message.delta` while the reply is being written; the
+//! last one goes out with the settlement, just before the `request.updated` that ends it.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use shared::atomic::delta_data;
 use shared::domain::{Message, RequestInput, RequestKind, RequestRecord, RequestResult, Role};
 use shared::events::EventBus;
 use shared::models::{ChatModel, ChatRequest};
 use shared::store::Store;
 use shared::{Error, Result};
+use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::consumer::{Job, JobContext, JobOutput};
 
@@ -98,29 +101,40 @@ impl Job for ChatJob {
         };
 
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let (events, user_id, request_id) = (
-            self.events.clone(),
-            ctx.user_id.clone(),
-            request.request_id.clone(),
-        );
-        let forward = tokio::spawn(async move {
+        let (events, user_id, request_id) = (&self.events, &ctx.user_id, &request.request_id);
+        // Forwarded in this task, beside the model call: a fast reply then costs no extra task
+        // or wake-up. Fragments that arrived while the last one was being published go out as
+        // one event, so a fast model costs a few writes, not one per word. What is left when
+        // the model is done (all of the reply, when it came at once) is returned, and goes out
+        // with the settlement instead of in a write of its own.
+        let forward = async move {
             while let Some(mut text) = rx.recv().await {
-                // Fragments that arrived while the last one was being published go out as one
-                // event: a fast model then costs a few writes, not one per word.
-                while let Ok(more) = rx.try_recv() {
-                    text.push_str(&more);
+                loop {
+                    match rx.try_recv() {
+                        Ok(more) => text.push_str(&more),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return Some(text),
+                    }
                 }
-                let data = serde_json::json!({ "request_id": request_id, "text": text });
-                if let Err(e) = events.publish(&user_id, "message.delta", data).await {
+                let data = delta_data(request_id, &text);
+                if let Err(e) = events.publish(user_id, "message.delta", data).await {
                     tracing::warn!(error = %e, "could not push a reply fragment");
                 }
             }
-        });
-        let out = self.model.reply(&chat, Some(tx)).await;
-        // The sender is gone once `reply` returns: wait until every fragment is published, so
-        // deltas reach clients before the final `request.updated`.
-        let _ = forward.await;
-        let out = out?;
+            None
+        };
+        let (out, last_fragment) = tokio::join!(self.model.reply(&chat, Some(tx)), forward);
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                // No settlement will carry the rest: push it now, as before the failure.
+                if let Some(text) = last_fragment {
+                    let data = delta_data(request_id, &text);
+                    let _ = events.publish(user_id, "message.delta", data).await;
+                }
+                return Err(e);
+            }
+        };
 
         let reply = Message {
             message_id: reply_id_for(&request.request_id),
@@ -130,6 +144,7 @@ impl Job for ChatJob {
             created_at: shared::time::now_rfc3339(),
         };
         Ok(JobOutput {
+            last_fragment,
             result: RequestResult::Message(reply),
             usage: out.usage,
             model: out.model,

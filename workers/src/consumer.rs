@@ -56,6 +56,8 @@ pub struct JobOutput {
     pub result: RequestResult,
     pub usage: Usage,
     pub model: String,
+    /// The end of a streamed reply not pushed yet: the settlement publishes it.
+    pub last_fragment: Option<String>,
 }
 
 #[async_trait]
@@ -251,7 +253,6 @@ impl Consumer {
             }
         };
 
-        let heartbeat = self.heartbeat(delivery.receipt.clone());
         let ctx = JobContext {
             user_id: msg.user_id.clone(),
             attempt: delivery.receive_count,
@@ -266,13 +267,15 @@ impl Consumer {
                     retry_after: None,
                 }))
             ),
+            never = self.keep_hidden(&delivery.receipt) => match never {},
         };
-        drop(heartbeat);
 
         // Each outcome settles in one step: the request's state, its result record, the event
         // and what becomes of the message (see `shared::atomic`).
+        let mut last_fragment = None;
         let (transition, ack, result) = match outcome {
-            Some(Ok(out)) => {
+            Some(Ok(mut out)) => {
+                last_fragment = out.last_fragment.take();
                 let latency = attempt_started.elapsed();
                 self.count_tokens(&out);
                 self.metrics
@@ -326,7 +329,8 @@ impl Consumer {
                 (Transition::Retry { error }, ack, "released")
             }
         };
-        self.settle(delivery, msg, transition, ack).await?;
+        self.settle(delivery, msg, transition, ack, last_fragment)
+            .await?;
         self.metrics.job(kind, result);
         if result == "succeeded" {
             tracing::info!("request succeeded");
@@ -340,6 +344,7 @@ impl Consumer {
         msg: &JobMessage,
         transition: Transition,
         ack: Ack,
+        last_fragment: Option<String>,
     ) -> Result<()> {
         let settle = Settle {
             kind: self.job.kind(),
@@ -347,6 +352,7 @@ impl Consumer {
             request_id: msg.request_id.clone(),
             transition,
             ack,
+            last_fragment,
         };
         self.atomic.settle(delivery, settle).await.map(|_| ())
     }
@@ -356,7 +362,7 @@ impl Consumer {
         tracing::error!(code = %error.code, reason = %error.message, "dead-lettering the job");
         let reason = error.message.clone();
         let ack = Ack::DeadLetter { reason };
-        self.settle(delivery, msg, Transition::Fail { error }, ack)
+        self.settle(delivery, msg, Transition::Fail { error }, ack, None)
             .await?;
         self.metrics.job(self.job.kind().as_str(), "dead_lettered");
         Ok(())
@@ -412,19 +418,16 @@ impl Consumer {
     }
 
     /// Keeps the message hidden while the job runs, so a long job is not handed to a second
-    /// worker. Stops when the returned handle is dropped, so a job future that is itself
-    /// dropped (a killed worker task) leaves no heartbeat behind to hide its message forever.
-    fn heartbeat(&self, receipt: String) -> AbortOnDropHandle<()> {
-        let queue = self.queue.clone();
+    /// worker. Never ends: it runs beside the job in the job's own task, so when the job ends,
+    /// or its task is killed, the heartbeat goes with it and cannot hide the message forever.
+    async fn keep_hidden(&self, receipt: &str) -> std::convert::Infallible {
         let vis = self.settings.visibility_timeout();
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(vis / 3).await;
-                if let Err(e) = queue.change_visibility(&receipt, vis).await {
-                    tracing::warn!(error = %e, "visibility heartbeat failed");
-                }
+        loop {
+            tokio::time::sleep(vis / 3).await;
+            if let Err(e) = self.queue.change_visibility(receipt, vis).await {
+                tracing::warn!(error = %e, "visibility heartbeat failed");
             }
-        }))
+        }
     }
 
     fn count_tokens(&self, out: &JobOutput) {

@@ -48,6 +48,7 @@ impl Job for PersonaJob {
             prompt.clone(),
         );
         Ok(JobOutput {
+            last_fragment: None,
             result: RequestResult::Persona(persona),
             usage: out.usage,
             model: out.model,

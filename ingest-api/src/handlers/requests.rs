@@ -55,13 +55,9 @@ pub async fn get(
             _ = tokio::time::sleep(nap) => {}
             event = events.next() => {
                 let Some(event) = event else { break };
-                if event.data.get("request_id").and_then(|v| v.as_str()) != Some(id.as_str()) {
-                    continue;
-                }
-                // A `request.updated` event carries the whole record, as committed: no need
-                // to read it back.
-                if event.name == "request.updated" {
-                    if let Ok(updated) = RequestRecord::deserialize(&event.data) {
+                // An update carries the whole record, as committed: no need to read it back.
+                if let Ok(updated) = RequestRecord::deserialize(&event.data) {
+                    if updated.request_id == id {
                         record = updated;
                         continue;
                     }

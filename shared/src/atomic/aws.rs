@@ -28,7 +28,7 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{ConditionCheck, Put, TransactWriteItem, Update};
 use serde::{Deserialize, Serialize};
 
-use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
+use super::{delta_data, Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestInput, RequestKind, RequestRecord, RequestResult};
 use crate::events::dynamodb::DynamoEventBus;
 use crate::events::EventBus;
@@ -196,6 +196,7 @@ impl AwsAtomic {
         user_id: &str,
         request_id: &str,
         transition: Transition,
+        last_fragment: Option<&str>,
     ) -> Result<Option<RequestRecord>> {
         let table = self.store.table.as_str();
         let mut transition = transition;
@@ -246,22 +247,27 @@ impl AwsAtomic {
                     )
                     .build(),
             );
+            // Event items take increasing ids as they are made: the delta sorts first.
+            let mut events = Vec::new();
+            if let Some(text) = last_fragment {
+                let data = delta_data(request_id, text).to_string();
+                events.push(self.events.event_item(user_id, "message.delta", &data));
+            }
             let data = serde_json::to_string(&record)?;
-            items.push(
-                TransactWriteItem::builder()
-                    .put(
-                        Put::builder()
-                            .table_name(table)
-                            .set_item(Some(self.events.event_item(
-                                user_id,
-                                "request.updated",
-                                &data,
-                            )))
-                            .build()
-                            .map_err(|e| Error::Storage(e.to_string()))?,
-                    )
-                    .build(),
-            );
+            events.push(self.events.event_item(user_id, "request.updated", &data));
+            for event in events {
+                items.push(
+                    TransactWriteItem::builder()
+                        .put(
+                            Put::builder()
+                                .table_name(table)
+                                .set_item(Some(event))
+                                .build()
+                                .map_err(|e| Error::Storage(e.to_string()))?,
+                        )
+                        .build(),
+                );
+            }
             let Some(cancelled) = self.transact(items, "settle").await? else {
                 return Ok(Some(record));
             };
@@ -548,9 +554,10 @@ impl Atomic for AwsAtomic {
             request_id,
             transition,
             ack,
+            last_fragment,
         } = settle;
         let record = self
-            .settle_records(&user_id, &request_id, transition)
+            .settle_records(&user_id, &request_id, transition, last_fragment.as_deref())
             .await?;
         // Then the message: if this worker dies first, the redelivery finds the request
         // finished and only deletes it.

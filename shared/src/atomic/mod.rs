@@ -5,7 +5,7 @@
 //!   is answered only after that, so an accepted request can never be stored without its job
 //!   (an orphan nobody answers) nor queued without its record.
 //! - **Settle** (workers): the request's new state, its result record (persona or reply), the
-//!   `request.updated` event and what happens to the queue message (delete, retry later, hand
+//!   `request.updated` event (after the reply's last `message.delta`, if one was left) and what happens to the queue message (delete, retry later, hand
 //!   back, dead-letter) are one step, so a worker killed half-way leaves either the old state
 //!   with the message still on the queue, or the new state with the message gone.
 //!
@@ -91,6 +91,15 @@ pub struct Settle {
     /// the request then carries that one.
     pub transition: Transition,
     pub ack: Ack,
+    /// The end of a streamed reply that was not pushed yet when the job finished (all of it,
+    /// for a reply that came at once): published as the request's `message.delta` in the
+    /// same step, just before its `request.updated`, instead of in a write of its own.
+    pub last_fragment: Option<String>,
+}
+
+/// The `message.delta` event's data: a piece of the reply a request is writing.
+pub fn delta_data(request_id: &str, text: &str) -> serde_json::Value {
+    serde_json::json!({ "request_id": request_id, "text": text })
 }
 
 /// What `start` found.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
+use super::{delta_data, Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestInput, RequestKind, RequestRecord, RequestResult};
 use crate::events::sqlite::{insert_in as publish_in, SqliteEventBus};
 use crate::queue::sqlite::{
@@ -182,6 +182,7 @@ impl Atomic for SqliteAtomic {
                     request_id,
                     transition,
                     ack,
+                    last_fragment,
                 } = settle;
                 let record = match owned_request(c, &user_id, &request_id)? {
                     Some(record) if record.status.is_final() => Some(record),
@@ -202,6 +203,10 @@ impl Atomic for SqliteAtomic {
                         };
                         let (record, applied) = transition_in(c, &request_id, transition)?;
                         if applied {
+                            if let Some(text) = &last_fragment {
+                                let data = delta_data(&request_id, text).to_string();
+                                publish_in(c, &user_id, "message.delta", &data)?;
+                            }
                             publish_update(c, &user_id, &record)?;
                         }
                         Some(record)

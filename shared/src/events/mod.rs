@@ -43,10 +43,11 @@ pub trait EventBus: Send + Sync + 'static {
         after: Option<u64>,
     ) -> Result<BoxStream<'static, Arc<Event>>>;
 
-    /// The user's events about one request (those whose data names it as `request_id`), from
-    /// now on — what a long poll waits for. Events committed just before the call may or may
-    /// not arrive, so a caller reads the request after subscribing. This default filters the
-    /// user's stream; an adapter that can route by request does better.
+    /// The updates (`request.updated`) of one request of the user, from now on — what a long
+    /// poll waits for; its other news (`message.delta`) is left out, so a waiter wakes only when
+    /// the record changed. Events committed just before the call may or may not arrive, so a
+    /// caller reads the request after subscribing. This default filters the user's stream; an
+    /// adapter that can route by request does better.
     async fn watch_request(
         &self,
         user_id: &str,
@@ -57,10 +58,16 @@ pub trait EventBus: Send + Sync + 'static {
         Ok(self
             .subscribe(user_id, None)
             .await?
-            .filter(move |e| futures::future::ready(request_of(e) == Some(id.as_str())))
+            .filter(move |e| {
+                let update = e.name == REQUEST_UPDATED && request_of(e) == Some(id.as_str());
+                futures::future::ready(update)
+            })
             .boxed())
     }
 }
+
+/// The event that carries a request's record each time it changes.
+pub const REQUEST_UPDATED: &str = "request.updated";
 
 /// The request an event is about, if it names one.
 pub fn request_of(event: &Event) -> Option<&str> {

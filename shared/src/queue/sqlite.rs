@@ -135,18 +135,13 @@ impl SqliteQueue {
     async fn try_receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>> {
         // Look before taking the write lock: an idle poll then costs a read, and does not
         // queue up behind (or hold up) the API's writes.
-        let queue = self.name.clone();
         let ready = self.backlog.load(Ordering::Relaxed)
-            || self
-            .db
-            .call(move |c| {
-                Ok(c.query_row(
+            || self.db.read_here(|c| {
+                Ok(c.prepare_cached(
                     "SELECT EXISTS (SELECT 1 FROM queue_messages WHERE queue = ?1 AND visible_ms <= ?2)",
-                    params![queue, now_ms()],
-                    |r| r.get::<_, bool>(0),
-                )?)
-            })
-            .await?;
+                )?
+                .query_row(params![self.name, now_ms()], |r| r.get::<_, bool>(0))?)
+            })?;
         if !ready {
             return Ok(Vec::new());
         }

@@ -82,14 +82,13 @@ async fn one_body<T>(db: &Db, sql: &'static str, a: &str, b: &str) -> Result<Opt
 where
     T: serde::de::DeserializeOwned + Send + 'static,
 {
-    let (a, b) = (a.to_owned(), b.to_owned());
-    db.call(move |c| {
-        c.query_row(sql, params![a, b], |r| r.get::<_, String>(0))
+    db.read_here(|c| {
+        c.prepare_cached(sql)?
+            .query_row(params![a, b], |r| r.get::<_, String>(0))
             .optional()?
             .map(|body| from_json(&body))
             .transpose()
     })
-    .await
 }
 
 pub(crate) fn insert_request(c: &Connection, user_id: &str, r: &RequestRecord) -> Result<()> {
@@ -531,35 +530,33 @@ impl Store for SqliteStore {
             conversation_id.to_owned(),
             message_id.to_owned(),
         );
-        self.db
-            .call(move |c| {
-                let conversation: Option<Conversation> = c
-                    .prepare_cached(
-                        "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
-                    )?
-                    .query_row(params![user_id, conv], |r| r.get::<_, String>(0))
-                    .optional()?
-                    .map(|b| from_json(&b))
-                    .transpose()?;
-                let Some(conversation) = conversation else {
-                    return Ok(None);
-                };
-                let persona: Option<Persona> = c
-                    .prepare_cached("SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2")?
-                    .query_row(params![user_id, conversation.persona_id], |r| {
-                        r.get::<_, String>(0)
-                    })
-                    .optional()?
-                    .map(|b| from_json(&b))
-                    .transpose()?;
-                let history = history_in(c, &conv, &msg, history_limit)?;
-                Ok(Some(ChatContext {
-                    conversation,
-                    persona,
-                    history,
-                }))
-            })
-            .await
+        self.db.read_here(|c| {
+            let conversation: Option<Conversation> = c
+                .prepare_cached(
+                    "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
+                )?
+                .query_row(params![user_id, conv], |r| r.get::<_, String>(0))
+                .optional()?
+                .map(|b| from_json(&b))
+                .transpose()?;
+            let Some(conversation) = conversation else {
+                return Ok(None);
+            };
+            let persona: Option<Persona> = c
+                .prepare_cached("SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2")?
+                .query_row(params![user_id, conversation.persona_id], |r| {
+                    r.get::<_, String>(0)
+                })
+                .optional()?
+                .map(|b| from_json(&b))
+                .transpose()?;
+            let history = history_in(c, &conv, &msg, history_limit)?;
+            Ok(Some(ChatContext {
+                conversation,
+                persona,
+                history,
+            }))
+        })
     }
 
     async fn create_requests(
