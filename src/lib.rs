@@ -270,6 +270,7 @@ pub fn api_state(
         metrics: adapters.metrics.clone(),
         settings: settings.api.clone(),
         limiter: Shared::limiter_for(&settings.api),
+        throttle: Shared::throttle_for(&settings.api),
         shutdown,
     })
 }

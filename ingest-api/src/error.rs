@@ -33,6 +33,15 @@ pub enum ApiError {
     Unprocessable { code: &'static str, message: String },
     #[error("too many requests; retry in {} s", .retry_after.as_secs().max(1))]
     RateLimited { retry_after: Duration },
+    /// 429: too many failed sign-ins or refreshes from this account or address.
+    #[error("too many failed attempts; retry in {} s", .retry_after.as_secs().max(1))]
+    TooManyAttempts { retry_after: Duration },
+    /// 503: the server is at its bound for this work (password hashing); nothing was done.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
     /// 503: a dependency (store, queue) is unavailable; safe to retry.
     #[error("{0}")]
     Unavailable(String),
@@ -61,6 +70,10 @@ impl ApiError {
             }
             ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::TooManyAttempts { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
+            }
+            ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -84,8 +97,13 @@ impl IntoResponse for ApiError {
         };
         let body = Json(serde_json::json!({ "error": { "code": code, "message": message } }));
         let mut response = (status, body).into_response();
-        if let ApiError::RateLimited { retry_after } = self {
-            if let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
+        if let ApiError::RateLimited { retry_after }
+        | ApiError::TooManyAttempts { retry_after }
+        | ApiError::Busy { retry_after, .. } = self
+        {
+            // Rounded up: a client that waits what it is told is not refused again.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
         }
@@ -117,6 +135,14 @@ impl From<shared::Error> for ApiError {
                 message,
             },
             E::Storage(m) | E::Queue(m) => ApiError::Unavailable(m),
+            E::Busy {
+                message,
+                retry_after,
+            } => ApiError::Busy {
+                message,
+                retry_after,
+            },
+            E::Throttled { retry_after } => ApiError::TooManyAttempts { retry_after },
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -5,8 +5,11 @@
 //! - [`Caller`]: the authenticated user, put in the request by the auth middleware.
 //! - [`Claim`]: the call's `Idempotency-Key`, if any, and the ids derived from it.
 //! - [`Trace`]: the ids that follow a request into the queue and the worker's logs.
+//! - [`ClientAddr`]: where the request came from, for the sign-in throttle.
 
-use axum::extract::{FromRequest, FromRequestParts};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -15,6 +18,7 @@ use shared::domain::Ids;
 
 use crate::error::ApiError;
 use crate::middleware::IdempotencyClaim;
+use crate::AppState;
 
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
@@ -135,6 +139,34 @@ impl Trace {
     }
 }
 
+/// Longest `x-request-id` taken from a client.
+const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// Whether a client's `x-request-id` is a plain id: 1 to 64 of `A-Z a-z 0-9 . _ -`. Anything
+/// else (spaces, `key=value` text, kilobytes) would be forged into logs, echoed and queued.
+pub fn safe_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Layer function: drops an `x-request-id` that is not [`safe_request_id`], so the request-id
+/// layer makes a new one.
+pub async fn drop_unsafe_request_id(mut req: axum::extract::Request) -> axum::extract::Request {
+    let unsafe_id = req
+        .headers()
+        .get_all("x-request-id")
+        .iter()
+        .enumerate()
+        .any(|(i, v)| i > 0 || !safe_request_id(v.as_bytes()));
+    if unsafe_id {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
+}
+
 /// Layer function: works out the request's `Trace` once, so that the log span and the queued
 /// message carry the same (possibly new) trace id.
 pub async fn tag_trace(mut req: axum::extract::Request) -> axum::extract::Request {
@@ -183,5 +215,36 @@ mod tests {
         let made = trace_id(&junk);
         assert_eq!(made.len(), 32);
         assert_ne!(made, trace_id(&HeaderMap::new()), "a new id each time");
+    }
+}
+
+/// The client's address: the peer's, or, when the API is told to trust its load balancer, the
+/// last entry of `X-Forwarded-For` (the one the balancer appended; earlier entries are the
+/// client's to forge). `None` when neither is known (a router driven in-process).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        if state.settings.trust_forwarded_for {
+            let forwarded = parts
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .next_back()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|ip| ip.trim().parse().ok());
+            if forwarded.is_some() {
+                return Ok(ClientAddr(forwarded));
+            }
+        }
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+        Ok(ClientAddr(peer.map(|c| c.0.ip())))
     }
 }

@@ -17,12 +17,13 @@ pub mod extract;
 pub mod handlers;
 pub mod middleware;
 pub mod openapi;
+pub mod throttle;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::Request;
+use axum::http::{header, HeaderValue, Request};
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
@@ -37,10 +38,12 @@ use shared::queue::Queue;
 use shared::store::Store;
 use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
 use crate::handlers::{auth, conversations, events, ops, personas, requests};
+use crate::throttle::Throttle;
 
 /// Everything a handler may reach. axum clones the state for every handler and middleware of
 /// every request, so it is one `Arc` (one counter to bump) around [`Shared`]; fields read
@@ -77,6 +80,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub settings: ApiSettings,
     pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    /// Failed sign-ins and refreshes, per account and per address.
+    pub throttle: Arc<Throttle>,
     /// Cancelled on shutdown: ends event streams and long polls so the server can drain.
     pub shutdown: CancellationToken,
 }
@@ -87,6 +92,14 @@ impl Shared {
             RequestKind::Persona => &self.persona_queue,
             RequestKind::Chat => &self.chat_queue,
         }
+    }
+
+    /// The sign-in throttle of the configured thresholds.
+    pub fn throttle_for(settings: &ApiSettings) -> Arc<Throttle> {
+        Arc::new(Throttle::new(
+            settings.auth_failures_per_account,
+            settings.auth_failures_per_address,
+        ))
     }
 
     /// The per-user limiter for the configured rate, if any.
@@ -157,6 +170,13 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_request(extract::tag_trace))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Outermost: a client's `x-request-id` that is not a plain id is dropped (and a new
+        // one made) before anything logs, echoes or queues it.
+        .layer(axum::middleware::map_request(extract::drop_unsafe_request_id))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
         .with_state(state)
 }
 
@@ -165,7 +185,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
     middleware::spawn_limiter_housekeeping(&state);
     let shutdown = state.shutdown.clone();
     tracing::info!(addr = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state))
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

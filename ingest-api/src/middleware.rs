@@ -190,7 +190,19 @@ pub async fn idempotency(
 /// Counts every response by method, route template and status, and times it.
 pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().to_string();
+    // A label from a fixed set: a client can send any method name, and each new label value
+    // is a new series (and, through EMF, a new billed CloudWatch metric).
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+    .to_owned();
     let route = req
         .extensions()
         .get::<MatchedPath>()

@@ -219,6 +219,32 @@ pub struct ApiSettings {
         global = true
     )]
     pub idempotency_ttl_hours: u64,
+    /// Failed sign-ins (or refreshes) of one account that are free; each further one locks
+    /// the account out for twice as long as the last (1 s … 15 min, `429`); 0 = no lockout.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AUTH_FAILURES_PER_ACCOUNT",
+        default_value_t = 5,
+        global = true
+    )]
+    pub auth_failures_per_account: u32,
+    /// The same, counted per client address across accounts.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AUTH_FAILURES_PER_ADDRESS",
+        default_value_t = 20,
+        global = true
+    )]
+    pub auth_failures_per_address: u32,
+    /// Take the client's address from the last entry of `X-Forwarded-For` (behind a load
+    /// balancer that appends it, such as the ALB); otherwise the peer address is used.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_TRUST_FORWARDED_FOR",
+        default_value_t = false,
+        global = true
+    )]
+    pub trust_forwarded_for: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -375,6 +401,15 @@ pub struct AuthSettings {
         global = true
     )]
     pub leeway_secs: u64,
+    /// Threads hashing passwords (argon2, ~19 MiB each); 0 = one per core. Four hashes per
+    /// thread may wait; beyond that sign-in and sign-up answer `503` with `Retry-After`.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AUTH_HASH_THREADS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub auth_hash_threads: usize,
     /// Shortest pause between two JWKS fetches caused by unknown key ids, in seconds.
     #[arg(
         long,

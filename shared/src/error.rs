@@ -35,6 +35,17 @@ pub enum Error {
     /// credentials. `code` is the machine-readable code shown to the client.
     #[error("{message}")]
     ModelPermanent { code: String, message: String },
+    /// The server is at its bound for this kind of work (e.g. password hashing): nothing was
+    /// done; the caller may try again after `retry_after`.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
+    /// Too many failed attempts (sign-in, refresh) from this account or address: refused
+    /// without being tried until `retry_after` has passed.
+    #[error("too many failed attempts; retry in {} s", .retry_after.as_secs().max(1))]
+    Throttled { retry_after: Duration },
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),
     #[error("internal error: {0}")]
@@ -46,7 +57,11 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::ModelTransient { .. } | Error::Storage(_) | Error::Queue(_) | Error::Io(_)
+            Error::ModelTransient { .. }
+                | Error::Storage(_)
+                | Error::Queue(_)
+                | Error::Io(_)
+                | Error::Busy { .. }
         )
     }
 
@@ -60,6 +75,8 @@ impl Error {
             Error::Invalid(_) => "invalid".into(),
             Error::Unauthorized(_) => "unauthorized".into(),
             Error::NotConfirmed(_) => "user_not_confirmed".into(),
+            Error::Busy { .. } => "busy".into(),
+            Error::Throttled { .. } => "too_many_attempts".into(),
             _ => "internal".into(),
         }
     }

@@ -25,6 +25,7 @@
 //! - [`metrics`]  the Prometheus registry shared by API and workers; [`emf`] writes the same
 //!   metrics in CloudWatch Embedded Metric Format.
 //! - [`sqlite`]   the connection pool and schema behind every embedded adapter.
+//! - [`private_fs`] the data dir `0700` and its database files `0600`.
 //! - [`time`]     timestamps, one format everywhere.
 
 pub mod atomic;
@@ -36,6 +37,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod models;
+pub mod private_fs;
 pub mod queue;
 pub mod sqlite;
 pub mod store;

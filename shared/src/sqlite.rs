@@ -222,8 +222,17 @@ impl Db {
 
     /// Opens `characterbot.db` in `data_dir`, brings its schema up, and starts the writer.
     pub async fn open_with(data_dir: &Path, sync: Sync) -> Result<Db> {
-        std::fs::create_dir_all(data_dir)?;
+        crate::private_fs::private_dir(data_dir)?;
         let path = data_dir.join("characterbot.db");
+        // SQLite gives the `-wal` and `-shm` files the database file's mode: make that 0600
+        // first (and mend the files of an older release, made 0644).
+        crate::private_fs::private_file(&path)?;
+        for suffix in ["-wal", "-shm"] {
+            let side = data_dir.join(format!("characterbot.db{suffix}"));
+            if side.exists() {
+                crate::private_fs::private_file(&side)?;
+            }
+        }
         let writer_path = path.clone();
         let conn = tokio::task::spawn_blocking(move || open_writer(&writer_path))
             .await

@@ -1,13 +1,17 @@
 //! Sign-up, sign-in and token refresh. These are the only `/v1` routes without a bearer token.
+//! Failed sign-ins and refreshes count against the account (or token) and the client's address
+//! (`crate::throttle`); a locked-out caller gets `429` before any password is checked.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderName, StatusCode};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use shared::auth::Tokens;
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
-use crate::extract::AppJson;
+use crate::extract::{AppJson, ClientAddr};
+use crate::throttle::Key;
 use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -39,6 +43,12 @@ pub struct RefreshRequest {
     pub refresh_token: String,
 }
 
+/// Token responses must not be cached by anything in between (RFC 6749 §5.1).
+const NO_STORE: [(HeaderName, &str); 2] = [
+    (header::CACHE_CONTROL, "no-store"),
+    (header::PRAGMA, "no-cache"),
+];
+
 fn auth_error(e: shared::Error) -> ApiError {
     match e {
         shared::Error::Invalid(message) => ApiError::BadRequest {
@@ -54,7 +64,7 @@ fn auth_error(e: shared::Error) -> ApiError {
 }
 
 #[utoipa::path(post, path = "/v1/auth/signup", tag = "auth", request_body = Credentials,
-    responses((status = 201, body = SignedUp), (status = 400), (status = 409)))]
+    responses((status = 201, body = SignedUp), (status = 400), (status = 409), (status = 503, description = "too many sign-ups at once")))]
 pub async fn sign_up(
     State(state): State<AppState>,
     AppJson(body): AppJson<Credentials>,
@@ -83,30 +93,59 @@ pub async fn confirm(
 }
 
 #[utoipa::path(post, path = "/v1/auth/signin", tag = "auth", request_body = Credentials,
-    responses((status = 200, body = Tokens), (status = 401)))]
+    responses((status = 200, body = Tokens), (status = 401), (status = 429, description = "too many failed attempts"), (status = 503, description = "too many sign-ins at once")))]
 pub async fn sign_in(
     State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
     AppJson(body): AppJson<Credentials>,
-) -> Result<AppJson<Tokens>, ApiError> {
-    let tokens = state
-        .identity
-        .sign_in(body.email.trim(), &body.password)
-        .await
-        .map_err(auth_error)?;
-    Ok(AppJson(tokens))
+) -> Result<([(HeaderName, &'static str); 2], AppJson<Tokens>), ApiError> {
+    let email = body.email.trim();
+    let keys = throttle_keys(Key::Account(email.to_lowercase()), addr);
+    let tokens = throttled(&state, &keys, state.identity.sign_in(email, &body.password)).await?;
+    Ok((NO_STORE, AppJson(tokens)))
+}
+
+/// The keys a sign-in or refresh counts against: the account first, then the address.
+fn throttle_keys(account: Key, addr: Option<std::net::IpAddr>) -> Vec<Key> {
+    std::iter::once(account)
+        .chain(addr.map(Key::Address))
+        .collect()
+}
+
+/// Runs `attempt` unless one of `keys` is locked out; counts its failure, or clears the
+/// account's count on success.
+async fn throttled<T>(
+    state: &AppState,
+    keys: &[Key],
+    attempt: impl std::future::Future<Output = shared::Result<T>>,
+) -> Result<T, ApiError> {
+    state
+        .throttle
+        .check(keys)
+        .map_err(|retry_after| ApiError::TooManyAttempts { retry_after })?;
+    match attempt.await {
+        Ok(out) => {
+            state.throttle.succeeded(&keys[0]);
+            Ok(out)
+        }
+        Err(e @ shared::Error::Unauthorized(_)) => {
+            state.throttle.failed(keys);
+            Err(auth_error(e))
+        }
+        Err(e) => Err(auth_error(e)),
+    }
 }
 
 #[utoipa::path(post, path = "/v1/auth/refresh", tag = "auth", request_body = RefreshRequest,
-    responses((status = 200, body = Tokens), (status = 401)))]
+    responses((status = 200, body = Tokens), (status = 401), (status = 429, description = "too many failed attempts"), (status = 503, description = "too many sign-ins at once")))]
 pub async fn refresh(
     State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
     AppJson(body): AppJson<RefreshRequest>,
-) -> Result<AppJson<Tokens>, ApiError> {
-    Ok(AppJson(
-        state
-            .identity
-            .refresh(&body.refresh_token)
-            .await
-            .map_err(auth_error)?,
-    ))
+) -> Result<([(HeaderName, &'static str); 2], AppJson<Tokens>), ApiError> {
+    // Counted by the token's hash: the token itself is a secret, and this map is memory.
+    let token = Sha256::digest(body.refresh_token.as_bytes());
+    let keys = throttle_keys(Key::Account(format!("refresh:{token:x}")), addr);
+    let refresh = state.identity.refresh(&body.refresh_token);
+    Ok((NO_STORE, AppJson(throttled(&state, &keys, refresh).await?)))
 }

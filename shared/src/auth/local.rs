@@ -10,9 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use async_trait::async_trait;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -24,6 +21,7 @@ use rsa::traits::PublicKeyParts;
 use rsa::RsaPrivateKey;
 use sha2::{Digest, Sha256};
 
+use super::hashing::PasswordHashing;
 use super::{Claims, IdentityProvider, JwksSource, Tokens};
 use crate::config::AuthSettings;
 use crate::sqlite::Db;
@@ -46,7 +44,7 @@ impl SigningKey {
     /// together agree on one key: the file is published with a hard link, which fails if
     /// another process got there first, and then that key is read.
     pub fn load_or_create(dir: &Path) -> Result<SigningKey> {
-        std::fs::create_dir_all(dir)?;
+        crate::private_fs::private_dir(dir)?;
         let path = dir.join(KEY_FILE);
         if !path.exists() {
             let key = RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
@@ -134,17 +132,11 @@ pub struct LocalIssuer {
     db: Db,
     key: Arc<SigningKey>,
     settings: AuthSettings,
+    /// Every argon2 hash runs here: a few threads, a short queue (see `super::hashing`).
+    hashing: PasswordHashing,
     /// Verified against when the e-mail is unknown, so that a wrong e-mail takes as long as a
     /// wrong password and sign-in does not reveal who has an account.
     dummy_hash: String,
-}
-
-fn hash_password(password: &str) -> Result<String> {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| Error::Internal(format!("hashing a password: {e}")))
 }
 
 fn refresh_hash(token: &str) -> String {
@@ -179,12 +171,19 @@ pub fn validate_password(password: &str) -> Result<()> {
 }
 
 impl LocalIssuer {
+    /// Blocks for one hash (the dummy one): call it at start-up.
     pub fn new(db: Db, key: Arc<SigningKey>, settings: AuthSettings) -> Result<Self> {
+        let hashing = match settings.auth_hash_threads {
+            0 => PasswordHashing::per_core()?,
+            n => PasswordHashing::new(n, n * 4)?,
+        };
+        let dummy_hash = super::hashing::hash_now("not-a-real-password")?;
         Ok(LocalIssuer {
             db,
             key,
             settings,
-            dummy_hash: hash_password("not-a-real-password")?,
+            hashing,
+            dummy_hash,
         })
     }
 
@@ -218,18 +217,6 @@ impl LocalIssuer {
             token_type: "Bearer".into(),
         })
     }
-
-    async fn verify_password(hash: String, password: String) -> Result<bool> {
-        tokio::task::spawn_blocking(move || {
-            let parsed = PasswordHash::new(&hash)
-                .map_err(|e| Error::Storage(format!("stored password hash: {e}")))?;
-            Ok(Argon2::default()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok())
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-    }
 }
 
 #[async_trait]
@@ -237,11 +224,7 @@ impl IdentityProvider for LocalIssuer {
     async fn sign_up(&self, email: &str, password: &str) -> Result<String> {
         validate_email(email)?;
         validate_password(password)?;
-        let password = password.to_owned();
-        // Argon2 is deliberately slow; keep it off the async threads.
-        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+        let hash = self.hashing.hash(password.to_owned()).await?;
         let user_id = uuid::Uuid::new_v4().to_string();
         let (id, email) = (user_id.clone(), email.to_lowercase());
         self.db
@@ -280,7 +263,7 @@ impl IdentityProvider for LocalIssuer {
             Some((id, hash)) => (Some(id), hash),
             None => (None, self.dummy_hash.clone()),
         };
-        let ok = Self::verify_password(hash, password.to_owned()).await?;
+        let ok = self.hashing.verify(hash, password.to_owned()).await?;
         let Some(user_id) = user_id.filter(|_| ok) else {
             return Err(Error::Unauthorized("incorrect email or password".into()));
         };

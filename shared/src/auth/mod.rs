@@ -7,6 +7,7 @@
 //! both worlds.
 
 pub mod cognito;
+pub mod hashing;
 pub mod local;
 
 use std::collections::HashMap;
@@ -161,8 +162,12 @@ impl JwksVerifier {
 
     /// Verifies signature, issuer, expiry and app client, and that the token is of `token_use`.
     pub async fn verify_claims(&self, token: &str, token_use: &str) -> Result<Claims> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| unauthorized(format!("malformed token: {e}")))?;
+        // The library's own text ("unknown variant `none`", "InvalidSignature") goes to the
+        // log, not to the client: it helps an attacker more than a user.
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            tracing::debug!(error = %e, "malformed token");
+            unauthorized("malformed token")
+        })?;
         // Pinned: a token may not choose its own algorithm (`none`, or HS256 keyed with our
         // public key).
         if header.alg != Algorithm::RS256 {
@@ -180,7 +185,15 @@ impl JwksVerifier {
         // not `aud`.
         validation.validate_aud = false;
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
-            .map_err(|e| unauthorized(format!("invalid token: {e}")))?
+            .map_err(|e| {
+                tracing::debug!(error = %e, "token refused");
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                        unauthorized("token has expired")
+                    }
+                    _ => unauthorized("invalid token"),
+                }
+            })?
             .claims;
         if claims.token_use != token_use {
             return Err(unauthorized(format!("expected an {token_use} token")));

@@ -1,0 +1,242 @@
+//! Password hashing with a bound on memory.
+//!
+//! Argon2 (the default parameters: 19 MiB, two passes) is slow and memory-hard on purpose, so
+//! an unbounded number of hashes at once is a way to exhaust the server's memory without an
+//! account: each sign-in ran in its own blocking task with its own 19 MiB, and the allocator
+//! kept what it was given (~5 GiB after bursts of 96 failed sign-ins). Here a fixed set of
+//! threads (about one per core) does every hash, each reusing one buffer for the whole life of
+//! the process, and a short queue holds what waits for them. When the queue is full the caller
+//! is told to come back (`Error::Busy`, a `503` with `Retry-After`) instead of being queued.
+//!
+//! Written by hand because `argon2`'s `PasswordHasher` allocates its memory per hash; the
+//! crate's `hash_password_into_with_memory` takes a caller's buffer, and the PHC string around
+//! it is built and checked here with the crate's own types (`PasswordHash`, `Output`, whose
+//! comparison is constant-time).
+
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use tokio::sync::oneshot;
+
+use crate::{Error, Result};
+
+/// How long a caller turned away by a full queue is told to wait.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+type Job = Box<dyn FnOnce(&mut Vec<Block>) + Send>;
+
+/// A fixed pool of hashing threads behind a bounded queue.
+pub struct PasswordHashing {
+    jobs: SyncSender<Job>,
+}
+
+impl PasswordHashing {
+    /// `threads` hashing threads (at least one), and room for `queue` hashes waiting for them.
+    pub fn new(threads: usize, queue: usize) -> Result<Self> {
+        let (jobs, inbox) = sync_channel::<Job>(queue);
+        let inbox = Arc::new(Mutex::new(inbox));
+        for i in 0..threads.max(1) {
+            let inbox = inbox.clone();
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    // This thread's one buffer, grown to the largest hash it has run.
+                    let mut memory = Vec::new();
+                    loop {
+                        let job = match inbox.lock() {
+                            Ok(inbox) => inbox.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&mut memory),
+                            Err(_) => return, // the pool was dropped
+                        }
+                    }
+                })?;
+        }
+        Ok(PasswordHashing { jobs })
+    }
+
+    /// One thread per core, and a queue of four hashes per thread.
+    pub fn per_core() -> Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        PasswordHashing::new(cores, cores * 4)
+    }
+
+    /// A new PHC string (`$argon2id$v=19$m=19456,t=2,p=1$salt$hash`) for `password`.
+    pub async fn hash(&self, password: String) -> Result<String> {
+        self.run(move |memory| hash_with(memory, &password)).await
+    }
+
+    /// Whether `password` matches the PHC string `hash`.
+    pub async fn verify(&self, hash: String, password: String) -> Result<bool> {
+        self.run(move |memory| verify_with(memory, &hash, &password))
+            .await
+    }
+
+    async fn run<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Vec<Block>) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let job: Job = Box::new(move |memory| {
+            let _ = answer.send(f(memory));
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(Error::Busy {
+                    message: "too many sign-ins at once; retry shortly".into(),
+                    retry_after: RETRY_AFTER,
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(Error::Internal(
+                    "the password hashing threads stopped".into(),
+                ))
+            }
+        }
+        answered
+            .await
+            .map_err(|_| Error::Internal("a password hash was dropped".into()))?
+    }
+}
+
+/// A hash made on the calling thread with a buffer of its own (the dummy hash at start-up).
+pub fn hash_now(password: &str) -> Result<String> {
+    hash_with(&mut Vec::new(), password)
+}
+
+/// The buffer for `params`, reused when it is big enough.
+fn memory_for<'m>(memory: &'m mut Vec<Block>, params: &Params) -> &'m mut [Block] {
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    &mut memory[..blocks]
+}
+
+fn hash_with(memory: &mut Vec<Block>, password: &str) -> Result<String> {
+    let failed = |e: &dyn std::fmt::Display| Error::Internal(format!("hashing a password: {e}"));
+    let params = Params::default();
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+    let salt = SaltString::generate(&mut OsRng);
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(|e| failed(&e))?;
+    let output = Output::init_with(Params::DEFAULT_OUTPUT_LEN, |out| {
+        argon
+            .hash_password_into_with_memory(
+                password.as_bytes(),
+                salt_bytes,
+                out,
+                memory_for(memory, &params),
+            )
+            .map_err(Into::into)
+    })
+    .map_err(|e| failed(&e))?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(&params).map_err(|e| failed(&e))?,
+        salt: Some(salt.as_salt()),
+        hash: Some(output),
+    };
+    Ok(phc.to_string())
+}
+
+fn verify_with(memory: &mut Vec<Block>, hash: &str, password: &str) -> Result<bool> {
+    let bad = |e: &dyn std::fmt::Display| Error::Storage(format!("stored password hash: {e}"));
+    let phc = PasswordHash::new(hash).map_err(|e| bad(&e))?;
+    let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
+        return Err(bad(&"no salt or hash"));
+    };
+    let algorithm = Algorithm::try_from(phc.algorithm).map_err(|e| bad(&e))?;
+    let version = phc
+        .version
+        .map(Version::try_from)
+        .transpose()
+        .map_err(|e| bad(&e))?
+        .unwrap_or_default();
+    let params = Params::try_from(&phc).map_err(|e| bad(&e))?;
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(|e| bad(&e))?;
+    let argon = Argon2::new(algorithm, version, params.clone());
+    let computed = Output::init_with(expected.len(), |out| {
+        argon
+            .hash_password_into_with_memory(
+                password.as_bytes(),
+                salt_bytes,
+                out,
+                memory_for(memory, &params),
+            )
+            .map_err(Into::into)
+    })
+    .map_err(|e| bad(&e))?;
+    // `Output`'s equality is constant-time.
+    Ok(computed == expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn hashes_verify_both_ways_with_the_argon2_crate() {
+        let pool = PasswordHashing::new(1, 4).unwrap();
+        let ours = pool.hash("correct horse".into()).await.unwrap();
+        assert!(
+            ours.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{ours}"
+        );
+        // Ours verifies with the crate's own verifier, and the crate's with ours.
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"correct horse", &parsed)
+            .is_ok());
+        let salt = SaltString::generate(&mut OsRng);
+        let theirs = Argon2::default()
+            .hash_password(b"battery staple", &salt)
+            .unwrap()
+            .to_string();
+        assert!(pool
+            .verify(theirs.clone(), "battery staple".into())
+            .await
+            .unwrap());
+        assert!(!pool.verify(theirs, "battery stable".into()).await.unwrap());
+        assert!(!pool.verify(ours, "correct horse!".into()).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_turns_callers_away_instead_of_queueing_them() {
+        let pool = Arc::new(PasswordHashing::new(1, 1).unwrap());
+        let hash = pool.hash("a password".into()).await.unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (pool, hash) = (pool.clone(), hash.clone());
+            calls.spawn(async move { pool.verify(hash, "wrong password".into()).await });
+        }
+        let (mut busy, mut answered) = (0, 0);
+        while let Some(r) = calls.join_next().await {
+            match r.unwrap() {
+                Ok(false) => answered += 1,
+                Err(Error::Busy { retry_after, .. }) => {
+                    assert!(retry_after >= Duration::from_secs(1));
+                    busy += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // One running and one waiting at most get an answer from the burst.
+        assert!(busy >= 6, "busy {busy}, answered {answered}");
+        assert!(answered >= 1);
+        // Once the burst is over the pool answers again.
+        assert!(pool.verify(hash, "a password".into()).await.unwrap());
+    }
+}

@@ -1,0 +1,244 @@
+//! What an attacker without an account can do to the API, bounded: password guessing is locked
+//! out per account and per address, and a flood of sign-ins waits for a few hashing threads or
+//! is turned away with `503`, never piling up memory.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestApp;
+use reqwest::StatusCode;
+use serde_json::json;
+
+/// A sign-in's status, error code and `Retry-After` (seconds).
+async fn sign_in(app: &TestApp, email: &str, password: &str) -> (StatusCode, String, Option<u64>) {
+    let res = app
+        .http
+        .post(app.url("/v1/auth/signin"))
+        .json(&json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .expect("sent");
+    let status = res.status();
+    let retry_after = res
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let body: serde_json::Value = res.json().await.unwrap_or_default();
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code, retry_after)
+}
+
+#[tokio::test]
+async fn password_guessing_locks_the_account_out_then_lets_its_owner_back_in() {
+    let app = TestApp::builder().without_workers().start().await;
+    let carol = app.user("carol").await;
+    // Five failures are free; the sixth starts a lockout of one second.
+    for i in 0..6 {
+        let (status, code, _) = sign_in(&app, &carol.email, "wrong password").await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::UNAUTHORIZED, "unauthorized"),
+            "try {i}"
+        );
+    }
+    let (status, code, retry_after) = sign_in(&app, &carol.email, "wrong password").await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
+    );
+    let wait = retry_after.expect("Retry-After");
+    assert!((1..=2).contains(&wait), "{wait}");
+    // Locked out means not tried: even the right password waits.
+    let (status, _, _) = sign_in(&app, &carol.email, "correct horse battery").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // Another account from the same address is not locked out.
+    let dave = app.user("dave").await;
+    let (status, _, _) = sign_in(&app, &dave.email, "correct horse battery").await;
+    assert_eq!(status, StatusCode::OK);
+
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let (status, _, _) = sign_in(&app, &carol.email, "correct horse battery").await;
+    assert_eq!(status, StatusCode::OK, "after the wait the owner gets in");
+    // And the success cleared the count: a typo is a plain 401 again.
+    let (status, _, _) = sign_in(&app, &carol.email, "wrong password").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn guessing_across_accounts_locks_the_address_out() {
+    let app = TestApp::builder()
+        .without_workers()
+        .arg("--auth-failures-per-address", "3")
+        .start()
+        .await;
+    let erin = app.user("erin").await;
+    for i in 0..4 {
+        let (status, _, _) = sign_in(&app, &format!("guess{i}@example.com"), "password1").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, code, retry_after) = sign_in(&app, "guess9@example.com", "password1").await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
+    );
+    assert!(retry_after.is_some());
+    // The address is locked, whoever it tries.
+    let (status, _, _) = sign_in(&app, &erin.email, "correct horse battery").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn a_refresh_token_guessed_at_is_locked_out() {
+    let app = TestApp::builder().without_workers().start().await;
+    for i in 0..6 {
+        let (status, _) = app
+            .post(
+                None,
+                "/v1/auth/refresh",
+                json!({ "refresh_token": "guessed" }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "try {i}");
+    }
+    let (status, body) = app
+        .post(
+            None,
+            "/v1/auth/refresh",
+            json!({ "refresh_token": "guessed" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+}
+
+#[tokio::test]
+async fn a_flood_of_sign_ins_is_bounded_by_the_hashing_threads() {
+    // No lockouts here, so that every attempt reaches the password check.
+    let app = TestApp::builder()
+        .without_workers()
+        .arg("--auth-failures-per-account", "0")
+        .arg("--auth-failures-per-address", "0")
+        .arg("--auth-hash-threads", "1")
+        .start()
+        .await;
+    let frank = app.user("frank").await;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (http, url) = (app.http.clone(), app.url("/v1/auth/signin"));
+        flood.spawn(async move {
+            let res = http
+                .post(url)
+                .json(
+                    &json!({ "email": format!("nobody{i}@example.com"), "password": "password1" }),
+                )
+                .send()
+                .await
+                .expect("sent");
+            (res.status(), res.headers().contains_key("retry-after"))
+        });
+    }
+    let (mut refused, mut busy) = (0, 0);
+    while let Some(r) = flood.join_next().await {
+        match r.unwrap() {
+            (StatusCode::UNAUTHORIZED, _) => refused += 1,
+            (StatusCode::SERVICE_UNAVAILABLE, true) => busy += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // One thread and a queue of four: most of the burst is turned away at once.
+    assert!(refused >= 1 && busy >= 30, "401: {refused}, 503: {busy}");
+    let (status, _, _) = sign_in(&app, &frank.email, "correct horse battery").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the owner signs in once the flood is over"
+    );
+}
+
+#[tokio::test]
+async fn data_files_are_readable_by_the_service_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let db = shared::sqlite::Db::open(&data).await.unwrap();
+    db.write(|c| {
+        c.execute_batch("CREATE TABLE probe (x); INSERT INTO probe VALUES (1);")?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    shared::auth::local::SigningKey::load_or_create(&data.join("keys")).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data dir");
+    assert_eq!(mode(&data.join("keys")), 0o700, "the keys dir");
+    for file in [
+        "characterbot.db",
+        "characterbot.db-wal",
+        "characterbot.db-shm",
+    ] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_id_that_is_not_a_plain_id_is_replaced() {
+    let app = TestApp::builder().without_workers().start().await;
+    let id_of = |value: &str| {
+        let req = app
+            .http
+            .get(app.url("/healthz"))
+            .header("x-request-id", value);
+        async move {
+            let res = req.send().await.unwrap();
+            res.headers()["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(
+        id_of("mobile-7f3a.2_b").await,
+        "mobile-7f3a.2_b",
+        "a plain id is kept"
+    );
+    for forged in ["a b", "user=admin level=error", &"x".repeat(65), "id\tx"] {
+        let got = id_of(forged).await;
+        assert_ne!(got, forged);
+        assert!(!got.is_empty() && got.len() <= 64, "{got}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_methods_share_one_metric_label_and_responses_are_hardened() {
+    let app = TestApp::builder().without_workers().start().await;
+    for i in 0..20 {
+        let method = reqwest::Method::from_bytes(format!("PROBE{i}").as_bytes()).unwrap();
+        app.http
+            .request(method, app.url("/v1/personas"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let res = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    let metrics = res.text().await.unwrap();
+    assert!(!metrics.contains("PROBE"), "attacker text became labels");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+
+    // Token answers are not to be cached; a refused token's answer names no library detail.
+    let user = app.user("gina").await;
+    let res = app
+        .http
+        .post(app.url("/v1/auth/signin"))
+        .json(&json!({ "email": user.email, "password": "correct horse battery" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let alg_none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.";
+    let (status, body) = app.get(Some(alg_none), "/v1/personas").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert_eq!(message, "malformed token", "{body}");
+}
