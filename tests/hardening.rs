@@ -242,3 +242,101 @@ async fn unknown_methods_share_one_metric_label_and_responses_are_hardened() {
     let message = body["error"]["message"].as_str().unwrap();
     assert_eq!(message, "malformed token", "{body}");
 }
+
+/// Reads until the server closes the connection; what it sent, or `None` if it kept the
+/// connection open for `patience`.
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    patience: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(patience, read).await.ok()?;
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::builder()
+        .without_workers()
+        .arg("--header-read-timeout-secs", "1")
+        .arg("--body-read-timeout-secs", "1")
+        .start()
+        .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let patience = Duration::from_secs(5);
+
+    // Connected, sends nothing.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        read_until_closed(&mut idle, patience).await.is_some(),
+        "an idle connection stayed open"
+    );
+
+    // Half its headers, then silence.
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"POST /v1/auth/signin HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut half, patience).await.is_some(),
+        "half-sent headers held the connection"
+    );
+
+    // One request answered, then kept alive with nothing more.
+    let mut kept = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = read_until_closed(&mut kept, patience)
+        .await
+        .expect("a kept-alive idle connection stayed open");
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+
+    // Headers promise a body that never comes.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(
+        b"POST /v1/auth/signin HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"email\":",
+    )
+    .await
+    .unwrap();
+    let answered = read_until_closed(&mut slow, patience)
+        .await
+        .expect("a never-arriving body held the connection");
+    assert!(answered.starts_with("HTTP/1.1 408"), "{answered}");
+    assert!(answered.contains("request_timeout"), "{answered}");
+}
+
+#[tokio::test]
+async fn a_refusal_of_the_requests_form_does_not_use_up_its_idempotency_key() {
+    let app = TestApp::builder().without_workers().start().await;
+    let user = app.user("hana").await;
+    let post = |content_type: &'static str, body: &'static str| {
+        app.http
+            .post(app.url("/v1/personas"))
+            .bearer_auth(&user.token)
+            .header("idempotency-key", "order-1")
+            .header("content-type", content_type)
+            .body(body)
+    };
+    let (status, _) = app.send(post("text/plain", "Sherlock Holmes")).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (status, _) = app.send(post("application/json", "{\"prompt\": ")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Fixed, with the same key: accepted, and from then on replayed.
+    let fixed = "{\"prompt\": \"Sherlock Holmes\"}";
+    let (status, first) = app.send(post("application/json", fixed)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let (status, again) = app.send(post("application/json", fixed)).await;
+    assert_eq!((status, again), (StatusCode::ACCEPTED, first));
+}

@@ -26,6 +26,9 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String },
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 408: the body stopped arriving.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// 422: well-formed but not acceptable.
@@ -49,7 +52,27 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// Put into the response of a request refused before its handler could look at it (a body
+/// that is not JSON, too large, too slow; a malformed path or query): not an answer to
+/// remember under an `Idempotency-Key`, since the client will fix the request and retry.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused;
+
 impl ApiError {
+    /// Whether this error is such a refusal (see [`Refused`]).
+    fn is_refusal(&self) -> bool {
+        match self {
+            ApiError::PayloadTooLarge(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::RequestTimeout => true,
+            ApiError::BadRequest { code, .. } => matches!(
+                *code,
+                "malformed_json" | "invalid_body" | "invalid_query" | "invalid_path"
+            ),
+            _ => false,
+        }
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             code,
@@ -65,6 +88,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
@@ -97,6 +121,9 @@ impl IntoResponse for ApiError {
         };
         let body = Json(serde_json::json!({ "error": { "code": code, "message": message } }));
         let mut response = (status, body).into_response();
+        if self.is_refusal() {
+            response.extensions_mut().insert(Refused);
+        }
         if let ApiError::RateLimited { retry_after }
         | ApiError::TooManyAttempts { retry_after }
         | ApiError::Busy { retry_after, .. } = self
@@ -162,9 +189,22 @@ impl From<JsonRejection> for ApiError {
             other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError::PayloadTooLarge("request body is too large".into())
             }
+            JsonRejection::BytesRejection(e) if timed_out(&e) => ApiError::RequestTimeout,
             other => ApiError::bad_request("invalid_body", other.body_text()),
         }
     }
+}
+
+/// Whether reading the body failed because it stopped arriving (the body-read timeout).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 impl From<QueryRejection> for ApiError {

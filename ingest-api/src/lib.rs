@@ -21,6 +21,7 @@ pub mod throttle;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Request};
@@ -37,8 +38,10 @@ use shared::metrics::Metrics;
 use shared::queue::Queue;
 use shared::store::Store;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
@@ -153,6 +156,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("route") })
         .route_layer(from_fn_with_state(state.clone(), middleware::track))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        // A body that stops arriving ends the request with `408` instead of holding it.
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            state.settings.body_read_timeout_secs.max(1),
+        )))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             let id = req
                 .headers()
@@ -181,12 +188,78 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves the API on `listener` until `state.shutdown` is cancelled, then drains.
+///
+/// Written out with hyper's own connection builder rather than `axum::serve`, which has no
+/// timer and so no timeouts: a client could open connections and never finish (or never
+/// start) its headers, and hold them as long as it liked.
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+
     middleware::spawn_limiter_housekeeping(&state);
     let shutdown = state.shutdown.clone();
+    let header_timeout = Duration::from_secs(state.settings.header_read_timeout_secs.max(1));
     tracing::info!(addr = %listener.local_addr()?, "api listening");
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let app = router(state);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(header_timeout)
+        .keep_alive_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was taken:
+                    // wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service =
+            app.clone()
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    req.map(axum::body::Body::new)
+                });
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            // The builder reads the first bytes to tell HTTP/1 from HTTP/2 before any of
+            // hyper's timers run: a connection that sends nothing is dropped here. (`peek`, not
+            // `readable`: the latter may wake with nothing to read.)
+            let mut first = [0u8; 1];
+            tokio::select! {
+                // Not yet a connection to drain: shutdown need not wait for it.
+                _ = stopping.cancelled() => return,
+                peeked = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => {
+                    if !matches!(peeked, Ok(Ok(n)) if n > 0) {
+                        return;
+                    }
+                }
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    // Stop accepting; let the connections in flight finish their requests (streams and long
+    // polls end on the same cancellation).
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

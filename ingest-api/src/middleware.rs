@@ -20,7 +20,7 @@ use shared::auth::AuthUser;
 use shared::metrics::{HttpLabels, RouteLabels};
 use shared::store::IdempotencyBegin;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Refused};
 use crate::AppState;
 
 const MAX_KEY_LEN: usize = 255;
@@ -100,7 +100,8 @@ fn valid_key(key: &str) -> bool {
 /// Idempotency keys, as Stripe and the IETF draft define them: scoped to the user; the first
 /// answer (2xx or 4xx) is stored and replayed for a repeat with the same body; the same key
 /// with another method, path or body is a 422; a repeat while the first is still being handled
-/// is a 409. A 5xx answer is not stored, so the client may retry with the same key.
+/// is a 409. A 5xx answer is not stored, nor a refusal of the request's form (`413`, `415`, `408`,
+/// a body or query that does not parse), so the client may retry with the same key.
 pub async fn idempotency(
     State(state): State<AppState>,
     req: Request,
@@ -166,7 +167,9 @@ pub async fn idempotency(
             });
             let response = next.run(req).await;
             let status = response.status();
-            if status.is_server_error() {
+            // Neither a failure nor a refusal of the request's form is the key's answer: the
+            // client may retry (or fix the body and retry) with the same key.
+            if status.is_server_error() || response.extensions().get::<Refused>().is_some() {
                 state.store.idempotency_release(&user.user_id, &key).await?;
                 return Ok(response);
             }

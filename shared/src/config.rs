@@ -245,6 +245,24 @@ pub struct ApiSettings {
         global = true
     )]
     pub trust_forwarded_for: bool,
+    /// Longest wait for a request's headers, in seconds, counted from when the server starts
+    /// waiting for them: on a new connection, and on a kept-alive one between requests (so it
+    /// is also the idle timeout). The connection is closed past it.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_HEADER_READ_TIMEOUT_SECS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub header_read_timeout_secs: u64,
+    /// Longest wait for the next piece of a request body, in seconds (`408` past it).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_BODY_READ_TIMEOUT_SECS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub body_read_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Args)]
