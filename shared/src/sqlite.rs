@@ -12,8 +12,9 @@
 //! made them. Writers of *other* processes on the same file still take turns on SQLite's lock
 //! (the writer thread waits on `busy_timeout`, never an async task).
 //!
-//! **Reads** run on a separate pool of read-only connections in blocking threads; in WAL mode
-//! they see the last commit and never wait for the writer.
+//! **Reads** use read-only connections; in WAL mode they see the last commit and never wait
+//! for the writer. Short reads by key run on the calling thread's own connection
+//! ([`Db::read_here`]); anything longer on a pool in blocking threads ([`Db::call`]).
 //!
 //! **Durability.** Every commit survives a crash of the process (WAL). Against a crash of the
 //! machine, a write is either *durable* ([`Db::write`]: what the API acknowledges, e.g. an
