@@ -271,6 +271,8 @@ pub fn api_state(
         settings: settings.api.clone(),
         limiter: Shared::limiter_for(&settings.api),
         throttle: Shared::throttle_for(&settings.api),
+        tokens: Default::default(),
+        slots: Default::default(),
         shutdown,
     })
 }

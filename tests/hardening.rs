@@ -340,3 +340,109 @@ async fn a_refusal_of_the_requests_form_does_not_use_up_its_idempotency_key() {
     let (status, again) = app.send(post("application/json", fixed)).await;
     assert_eq!((status, again), (StatusCode::ACCEPTED, first));
 }
+
+#[tokio::test]
+async fn a_user_holds_a_bounded_number_of_streams_and_a_stream_ends_in_time() {
+    let app = TestApp::builder()
+        .without_workers()
+        .arg("--max-streams-per-user", "3")
+        .arg("--stream-max-secs", "2")
+        .start()
+        .await;
+    let ivy = app.user("ivy").await;
+    let open = || {
+        app.http
+            .get(app.url("/v1/events"))
+            .bearer_auth(&ivy.token)
+            .send()
+    };
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let res = open().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        streams.push(res);
+    }
+    let res = open().await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    // A long poll counts too.
+    let (status, _) = app.get(Some(&ivy.token), "/v1/requests/req_x?wait=1").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // Another user is not affected.
+    let jon = app.user("jon").await;
+    let res = app
+        .http
+        .get(app.url("/v1/events"))
+        .bearer_auth(&jon.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    // Closing one gives its slot back.
+    drop(streams.pop());
+    let mut reopened = None;
+    for _ in 0..50 {
+        let res = open().await.unwrap();
+        if res.status() == StatusCode::OK {
+            reopened = Some(res);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reopened = reopened.expect("the slot came back");
+
+    // Every stream ends cleanly after its lifetime (2 s here), and its slot comes back.
+    let ended = tokio::time::timeout(Duration::from_secs(10), reopened.bytes()).await;
+    assert!(
+        matches!(ended, Ok(Ok(_))),
+        "the stream did not end: {ended:?}"
+    );
+    drop(streams);
+    let mut back = false;
+    for _ in 0..50 {
+        if open().await.unwrap().status() == StatusCode::OK {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back);
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::builder()
+        .without_workers()
+        .arg("--max-connections", "2")
+        .start()
+        .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // Half a request: the connection is open and counted, and not yet timed out.
+        c.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        held.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut extra, Duration::from_secs(5))
+        .await
+        .expect("the extra connection was held open");
+    assert!(answer.is_empty(), "it was served: {answer}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let res = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "served again once others closed"
+    );
+}

@@ -36,6 +36,9 @@ pub enum ApiError {
     Unprocessable { code: &'static str, message: String },
     #[error("too many requests; retry in {} s", .retry_after.as_secs().max(1))]
     RateLimited { retry_after: Duration },
+    /// 429: the user holds as many event streams and long polls as allowed.
+    #[error("too many open event streams and long polls (at most {0}); close one first")]
+    TooManyStreams(usize),
     /// 429: too many failed sign-ins or refreshes from this account or address.
     #[error("too many failed attempts; retry in {} s", .retry_after.as_secs().max(1))]
     TooManyAttempts { retry_after: Duration },
@@ -94,6 +97,7 @@ impl ApiError {
             }
             ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
             ApiError::TooManyAttempts { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
             }

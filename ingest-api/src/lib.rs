@@ -17,7 +17,9 @@ pub mod extract;
 pub mod handlers;
 pub mod middleware;
 pub mod openapi;
+pub mod slots;
 pub mod throttle;
+pub mod token_cache;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -46,7 +48,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
 use crate::handlers::{auth, conversations, events, ops, personas, requests};
+use crate::slots::Slots;
 use crate::throttle::Throttle;
+use crate::token_cache::TokenCache;
 
 /// Everything a handler may reach. axum clones the state for every handler and middleware of
 /// every request, so it is one `Arc` (one counter to bump) around [`Shared`]; fields read
@@ -85,6 +89,10 @@ pub struct Shared {
     pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     /// Failed sign-ins and refreshes, per account and per address.
     pub throttle: Arc<Throttle>,
+    /// Access tokens already verified (of admitted requests).
+    pub tokens: TokenCache,
+    /// Event streams and long polls open, per user.
+    pub slots: Arc<Slots>,
     /// Cancelled on shutdown: ends event streams and long polls so the server can drain.
     pub shutdown: CancellationToken,
 }
@@ -199,6 +207,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
     middleware::spawn_limiter_housekeeping(&state);
     let shutdown = state.shutdown.clone();
     let header_timeout = Duration::from_secs(state.settings.header_read_timeout_secs.max(1));
+    let max_connections = state.settings.max_connections;
     tracing::info!(addr = %listener.local_addr()?, "api listening");
     let app = router(state);
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -212,6 +221,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
         .keep_alive_interval(header_timeout)
         .keep_alive_timeout(header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -226,6 +236,12 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
                 }
             },
         };
+        // Past the connection limit a new connection is closed at once: the client sees a
+        // reset and retries, and the server keeps serving those it has.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "connection limit reached; closing a new connection");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service =
             app.clone()
@@ -238,6 +254,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let stopping = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             // The builder reads the first bytes to tell HTTP/1 from HTTP/2 before any of
             // hyper's timers run: a connection that sends nothing is dropped here. (`peek`, not
             // `readable`: the latter may wake with nothing to read.)

@@ -21,6 +21,7 @@ use shared::metrics::{HttpLabels, RouteLabels};
 use shared::store::IdempotencyBegin;
 
 use crate::error::{ApiError, Refused};
+use crate::token_cache::TokenCache;
 use crate::AppState;
 
 const MAX_KEY_LEN: usize = 255;
@@ -79,15 +80,25 @@ pub async fn authenticate(
     let token = bearer(&req).ok_or_else(|| {
         ApiError::Unauthorized("missing `Authorization: Bearer <access token>` header".into())
     })?;
-    let user: AuthUser = state.verifier.verify(&token).await.map_err(|e| match e {
-        shared::Error::Unauthorized(reason) => ApiError::Unauthorized(reason),
-        other => ApiError::from(other),
-    })?;
+    let key = TokenCache::key(&token);
+    let cached = state.tokens.get(&key);
+    let fresh = cached.is_none();
+    let user: AuthUser = match cached {
+        Some(user) => user,
+        None => state.verifier.verify(&token).await.map_err(|e| match e {
+            shared::Error::Unauthorized(reason) => ApiError::Unauthorized(reason),
+            other => ApiError::from(other),
+        })?,
+    };
     if let Some(limiter) = &state.limiter {
         if let Err(not_until) = limiter.check_key(&user.user_id) {
             let retry_after = not_until.wait_time_from(DefaultClock::default().now());
             return Err(ApiError::RateLimited { retry_after });
         }
+    }
+    // Remembered only once admitted: see `crate::token_cache`.
+    if fresh {
+        state.tokens.put(key, user.clone());
     }
     req.extensions_mut().insert(user);
     Ok(next.run(req).await)

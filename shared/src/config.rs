@@ -263,6 +263,31 @@ pub struct ApiSettings {
         global = true
     )]
     pub body_read_timeout_secs: u64,
+    /// Event streams and long polls one user may hold open at once (`429` past it).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_STREAMS_PER_USER",
+        default_value_t = 10,
+        global = true
+    )]
+    pub max_streams_per_user: usize,
+    /// Longest life of an event stream, in seconds; it then ends cleanly and the client
+    /// reconnects with `Last-Event-ID` (EventSource does so by itself).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_STREAM_MAX_SECS",
+        default_value_t = 900,
+        global = true
+    )]
+    pub stream_max_secs: u64,
+    /// Open connections the API accepts at once; past it new connections are closed at once.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,9 +1,12 @@
 //! `GET /v1/events`: the user's server-sent event stream. Every change of one of the user's
 //! requests arrives as `request.updated` (data: the request record), and text fragments of a
 //! reply being written as `message.delta` (data: `{request_id, text}`). Each event has an id;
-//! a client reconnecting with `Last-Event-ID` is sent what it missed.
+//! a client reconnecting with `Last-Event-ID` is sent what it missed. A user holds at most
+//! `CHARACTERBOT_MAX_STREAMS_PER_USER` streams and long polls at once, and a stream ends after
+//! `CHARACTERBOT_STREAM_MAX_SECS` (the client reconnects).
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -28,16 +31,27 @@ pub async fn stream(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    let max = state.settings.max_streams_per_user;
+    let slot = state
+        .slots
+        .take(caller.id(), max)
+        .ok_or(ApiError::TooManyStreams(max))?;
     let events = state.events.subscribe(caller.id(), after).await?;
+    // Ends on shutdown, or when the stream has lived its time: the client reconnects with
+    // `Last-Event-ID` and misses nothing, and no connection is held forever.
     let shutdown = state.shutdown.clone().cancelled_owned();
+    let lifetime = tokio::time::sleep(Duration::from_secs(state.settings.stream_max_secs.max(1)));
+    let end = futures::future::select(Box::pin(shutdown), Box::pin(lifetime));
     let stream = events
-        .map(|e| {
+        .map(move |e| {
+            // The slot lives as long as the stream; dropping the stream gives it back.
+            let _held = &slot;
             Ok(Event::default()
                 .id(e.id.to_string())
                 .event(e.name.as_str())
                 .data(e.data.to_string()))
         })
-        .take_until(shutdown);
+        .take_until(end);
     // A first comment flushes the headers at once, so clients know they are subscribed.
     let hello = futures::stream::once(async { Ok(Event::default().comment("subscribed")) });
     Ok(Sse::new(hello.chain(stream)).keep_alive(KeepAlive::default()))

@@ -40,6 +40,11 @@ pub async fn get(
     if wait.is_zero() {
         return Ok(AppJson(read().await?));
     }
+    let max = state.settings.max_streams_per_user;
+    let _slot = state
+        .slots
+        .take(caller.id(), max)
+        .ok_or(ApiError::TooManyStreams(max))?;
     // Watch first, then read, so a change between the two is not missed.
     let mut events = state.events.watch_request(caller.id(), &id).await?;
     let deadline = tokio::time::Instant::now() + wait;

@@ -48,6 +48,8 @@ pub struct Claims {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthUser {
     pub user_id: String,
+    /// When the token expires (its `exp`, seconds since the epoch).
+    pub expires_at: i64,
 }
 
 /// Tokens handed out at sign-in, shaped like Cognito's `AuthenticationResult`.
@@ -100,14 +102,7 @@ pub struct JwksVerifier {
     source: Arc<dyn JwksSource>,
     keys: RwLock<HashMap<String, Arc<DecodingKey>>>,
     last_fetch: Mutex<Option<Instant>>,
-    /// Access tokens already verified, by SHA-256 of the token, until they expire. A client
-    /// sends the same token for an hour; checking its RSA signature once instead of on every
-    /// request saves most of the cost of authentication.
-    verified: std::sync::Mutex<HashMap<[u8; 32], (AuthUser, i64)>>,
 }
-
-/// Most verified tokens remembered; past it, expired entries are dropped, then all.
-const VERIFIED_CACHE_MAX: usize = 10_000;
 
 fn unauthorized(reason: impl Into<String>) -> Error {
     Error::Unauthorized(reason.into())
@@ -129,7 +124,6 @@ impl JwksVerifier {
             source,
             keys: RwLock::new(HashMap::new()),
             last_fetch: Mutex::new(None),
-            verified: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -211,33 +205,14 @@ impl JwksVerifier {
 
 #[async_trait]
 impl TokenVerifier for JwksVerifier {
+    /// Checks the signature every time: verified tokens are remembered by the API, which knows
+    /// whether their requests were admitted (`ingest_api::token_cache`).
     async fn verify(&self, token: &str) -> Result<AuthUser> {
-        use sha2::{Digest, Sha256};
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let now = crate::time::now_secs();
-        if let Ok(cache) = self.verified.lock() {
-            if let Some((user, exp)) = cache.get(&digest) {
-                if *exp > now {
-                    return Ok(user.clone());
-                }
-            }
-        }
         let claims = self.verify_claims(token, "access").await?;
-        let user = AuthUser {
+        Ok(AuthUser {
             user_id: claims.sub,
-        };
-        if let Ok(mut cache) = self.verified.lock() {
-            if cache.len() >= VERIFIED_CACHE_MAX {
-                cache.retain(|_, (_, exp)| *exp > now);
-                if cache.len() >= VERIFIED_CACHE_MAX {
-                    cache.clear();
-                }
-            }
-            // Only up to the real expiry: the leeway is for clock skew at the first check,
-            // not a licence to keep accepting the token.
-            cache.insert(digest, (user.clone(), claims.exp));
-        }
-        Ok(user)
+            expires_at: claims.exp,
+        })
     }
 }
 
