@@ -378,6 +378,11 @@ pub async fn run(
     if matches!(role, Role::Serve | Role::Api) {
         let listener = tokio::net::TcpListener::bind(&settings.api.listen).await?;
         let state = api_state(&adapters, &settings, shutdown.clone());
+        if let Some(addr) = &settings.api.metrics_listen {
+            let metrics = tokio::net::TcpListener::bind(addr).await?;
+            let state = state.clone();
+            tasks.spawn(async move { Ok(ingest_api::serve_metrics(metrics, state).await?) });
+        }
         tasks.spawn(async move { Ok(ingest_api::serve(listener, state).await?) });
     }
     let mut outcome = Ok(());

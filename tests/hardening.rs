@@ -446,3 +446,31 @@ async fn connections_past_the_limit_are_closed_at_once() {
         "served again once others closed"
     );
 }
+
+#[tokio::test]
+async fn metrics_can_live_on_an_address_of_their_own() {
+    let app = TestApp::builder()
+        .without_workers()
+        .arg("--metrics-listen", "127.0.0.1:0")
+        .start()
+        .await;
+    let (status, _) = app.get(None, "/metrics").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not on the public listener");
+    let state = characterbot::api_state(
+        &app.adapters,
+        &app.settings,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(ingest_api::serve_metrics(listener, state));
+    let res = app
+        .http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("# TYPE"), "{text}");
+}

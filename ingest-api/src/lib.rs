@@ -157,8 +157,14 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(ops::jwks))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi));
+    // With an address of its own (`CHARACTERBOT_METRICS_LISTEN`), `/metrics` is served only
+    // there: the public listener answers it `404`.
+    let public = if state.settings.metrics_listen.is_none() {
+        public.route("/metrics", get(ops::metrics))
+    } else {
+        public
+    };
     public
         .merge(authenticated)
         .fallback(|| async { ApiError::NotFound("route") })
@@ -201,15 +207,35 @@ pub fn router(state: AppState) -> Router {
 /// timer and so no timeouts: a client could open connections and never finish (or never
 /// start) its headers, and hold them as long as it liked.
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    middleware::spawn_limiter_housekeeping(&state);
+    tracing::info!(addr = %listener.local_addr()?, "api listening");
+    serve_router(listener, router(state.clone()), &state).await
+}
+
+/// Serves `/metrics` alone on `listener` (the `CHARACTERBOT_METRICS_LISTEN` address), with the
+/// same timeouts and shutdown as the API.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    let app = Router::new()
+        .route("/metrics", get(ops::metrics))
+        .with_state(state.clone());
+    serve_router(listener, app, &state).await
+}
+
+async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    state: &AppState,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto;
 
-    middleware::spawn_limiter_housekeeping(&state);
     let shutdown = state.shutdown.clone();
     let header_timeout = Duration::from_secs(state.settings.header_read_timeout_secs.max(1));
     let max_connections = state.settings.max_connections;
-    tracing::info!(addr = %listener.local_addr()?, "api listening");
-    let app = router(state);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

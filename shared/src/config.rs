@@ -288,6 +288,10 @@ pub struct ApiSettings {
         global = true
     )]
     pub max_connections: usize,
+    /// Serve `/metrics` on this address only (e.g. `127.0.0.1:9090`, or a port the load
+    /// balancer does not route), instead of on the API's own.
+    #[arg(long, env = "CHARACTERBOT_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
