@@ -474,3 +474,25 @@ async fn metrics_can_live_on_an_address_of_their_own() {
     let text = res.text().await.unwrap();
     assert!(text.contains("# TYPE"), "{text}");
 }
+
+#[tokio::test]
+async fn a_client_that_sends_its_whole_large_body_first_reads_a_413() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::builder().without_workers().start().await;
+    let user = app.user("kim").await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let body = vec![b'x'; 5 * 1024 * 1024];
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/personas HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        user.token,
+        body.len()
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    c.write_all(&body).await.expect("the whole body is taken");
+    let answer = read_until_closed(&mut c, Duration::from_secs(10))
+        .await
+        .expect("answered and closed");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+}

@@ -170,6 +170,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("route") })
         .route_layer(from_fn_with_state(state.clone(), middleware::track))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), middleware::refuse_large_bodies))
         // A body that stops arriving ends the request with `408` instead of holding it.
         .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
             state.settings.body_read_timeout_secs.max(1),
