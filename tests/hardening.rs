@@ -496,3 +496,86 @@ async fn a_client_that_sends_its_whole_large_body_first_reads_a_413() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("payload_too_large"), "{answer}");
 }
+
+/// A refresh's status and, on success, the new tokens.
+async fn refresh(app: &TestApp, token: &str) -> (StatusCode, serde_json::Value) {
+    app.post(None, "/v1/auth/refresh", json!({ "refresh_token": token }))
+        .await
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_reused_one_ends_its_session() {
+    let app = TestApp::builder().without_workers().start().await;
+    let lee = app.user("lee").await;
+    let first = lee.tokens["refresh_token"].as_str().unwrap().to_owned();
+    let (status, next) = refresh(&app, &first).await;
+    assert_eq!(status, StatusCode::OK);
+    let second = next["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(second, first, "a refresh hands out a new refresh token");
+    let (status, next) = refresh(&app, &second).await;
+    assert_eq!(status, StatusCode::OK);
+    let third = next["refresh_token"].as_str().unwrap().to_owned();
+
+    // The first token comes back (copied by someone): refused, and the session is over for
+    // the holder of its newest token too.
+    let (status, body) = refresh(&app, &first).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, _) = refresh(&app, &third).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Signing in starts a new session.
+    let again = app
+        .post(
+            None,
+            "/v1/auth/signin",
+            json!({ "email": lee.email, "password": "correct horse battery" }),
+        )
+        .await;
+    assert_eq!(again.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn signing_out_ends_the_session_and_sessions_are_capped() {
+    let app = TestApp::builder()
+        .without_workers()
+        .arg("--max-sessions-per-user", "2")
+        .start()
+        .await;
+    let max = app.user("max").await;
+    let sign_in = || async {
+        let (status, tokens) = app
+            .post(
+                None,
+                "/v1/auth/signin",
+                json!({ "email": max.email, "password": "correct horse battery" }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        tokens["refresh_token"].as_str().unwrap().to_owned()
+    };
+    // `user()` signed in once; two more sign-ins: the first session is the one that ends.
+    let oldest = max.tokens["refresh_token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let middle = sign_in().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let newest = sign_in().await;
+    assert_eq!(refresh(&app, &oldest).await.0, StatusCode::UNAUTHORIZED);
+    let (status, next) = refresh(&app, &middle).await;
+    assert_eq!(status, StatusCode::OK);
+    let middle = next["refresh_token"].as_str().unwrap().to_owned();
+
+    // Signing out ends that session only, and says nothing about unknown tokens.
+    let (status, _) = app
+        .post(None, "/v1/auth/signout", json!({ "refresh_token": middle }))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(refresh(&app, &middle).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(refresh(&app, &newest).await.0, StatusCode::OK);
+    let (status, _) = app
+        .post(
+            None,
+            "/v1/auth/signout",
+            json!({ "refresh_token": "unknown" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}

@@ -260,6 +260,30 @@ async fn unknown_key_ids_refetch_the_keys_at_most_once_per_cooldown(s: Subject) 
     assert_eq!(counting.fetches.load(Ordering::SeqCst), 2);
 }
 
+async fn signing_out_everywhere_ends_every_session(s: Subject) {
+    let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
+    let id = s.identity.sign_up(&email, PASSWORD).await.unwrap();
+    s.identity.confirm(&email, "123456").await.unwrap();
+    let phone = s.identity.sign_in(&email, PASSWORD).await.unwrap();
+    let laptop = s.identity.sign_in(&email, PASSWORD).await.unwrap();
+    // Both sessions work (a refresh hands back the session's current refresh token).
+    let phone = s.identity.refresh(&phone.refresh_token).await.unwrap();
+    let laptop = s.identity.refresh(&laptop.refresh_token).await.unwrap();
+    s.identity
+        .sign_out_everywhere(&id, &phone.access_token)
+        .await
+        .unwrap();
+    for token in [phone.refresh_token, laptop.refresh_token] {
+        assert!(
+            matches!(
+                s.identity.refresh(&token).await,
+                Err(Error::Unauthorized(_))
+            ),
+            "a session outlived the sign-out"
+        );
+    }
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod local_issuer {
@@ -276,4 +300,5 @@ contract!(
     only_access_tokens_of_this_issuer_and_app_client_pass,
     altered_and_malformed_tokens_are_refused,
     unknown_key_ids_refetch_the_keys_at_most_once_per_cooldown,
+    signing_out_everywhere_ends_every_session,
 );

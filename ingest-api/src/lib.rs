@@ -144,6 +144,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/conversations/{id}/messages",
             post(conversations::post_message).get(conversations::list_messages),
         )
+        .route("/v1/auth/signout/all", post(auth::sign_out_everywhere))
         .route("/v1/requests/{id}", get(requests::get))
         .route("/v1/events", get(events::stream))
         // Layers run outside-in: authenticate (added last) runs before idempotency.
@@ -154,6 +155,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/confirm", post(auth::confirm))
         .route("/v1/auth/signin", post(auth::sign_in))
         .route("/v1/auth/refresh", post(auth::refresh))
+        .route("/v1/auth/signout", post(auth::sign_out))
         .route("/.well-known/jwks.json", get(ops::jwks))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

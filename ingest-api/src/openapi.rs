@@ -27,6 +27,7 @@ pub struct ErrorResponse {
     ),
     paths(
         handlers::auth::sign_up, handlers::auth::confirm, handlers::auth::sign_in, handlers::auth::refresh,
+        handlers::auth::sign_out, handlers::auth::sign_out_everywhere,
         handlers::personas::create, handlers::personas::create_batch, handlers::personas::list,
         handlers::personas::get, handlers::personas::delete, handlers::personas::get_batch,
         handlers::conversations::create, handlers::conversations::list, handlers::conversations::get,
@@ -38,7 +39,7 @@ pub struct ErrorResponse {
     components(schemas(
         ErrorResponse, ErrorBody, Accepted, Persona, PersonaSource, Conversation, Message, Role,
         RequestRecord, RequestKind, RequestStatus, RequestInput, RequestResult, Usage, Batch,
-        auth::Credentials, auth::SignedUp, auth::ConfirmRequest, auth::Confirmed, auth::RefreshRequest, shared::auth::Tokens,
+        auth::Credentials, auth::SignedUp, auth::ConfirmRequest, auth::Confirmed, auth::RefreshRequest, auth::SignOutRequest, shared::auth::Tokens,
         personas::CreatePersona, personas::CreateBatch, personas::BatchAccepted,
         conversations::CreateConversation, conversations::PostMessage, conversations::MessageAccepted,
     )),

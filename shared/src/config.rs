@@ -457,6 +457,15 @@ pub struct AuthSettings {
         global = true
     )]
     pub auth_hash_threads: usize,
+    /// Sessions (sign-ins with a live refresh token) one user may have at once on the
+    /// embedded issuer; signing in once more ends the oldest.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_MAX_SESSIONS_PER_USER",
+        default_value_t = 10,
+        global = true
+    )]
+    pub max_sessions_per_user: usize,
     /// Shortest pause between two JWKS fetches caused by unknown key ids, in seconds.
     #[arg(
         long,

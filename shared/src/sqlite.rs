@@ -189,6 +189,14 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX IF EXISTS queue_ready;
      CREATE INDEX IF NOT EXISTS queue_ready_in_order ON queue_messages (queue, visible_ms, sent_ms);
      CREATE INDEX IF NOT EXISTS queue_by_receipt ON queue_messages (receipt);",
+    // 4: sessions. A refresh token belongs to a family (the sign-in it descends from); using
+    // it marks it used and hands out the next one; a used one coming back ends the family.
+    "ALTER TABLE refresh_tokens ADD COLUMN family TEXT;
+     ALTER TABLE refresh_tokens ADD COLUMN used_ms INTEGER;
+     ALTER TABLE refresh_tokens ADD COLUMN created_ms INTEGER NOT NULL DEFAULT 0;
+     UPDATE refresh_tokens SET family = token_hash WHERE family IS NULL;
+     CREATE INDEX IF NOT EXISTS refresh_tokens_by_family ON refresh_tokens (family);
+     CREATE INDEX IF NOT EXISTS refresh_tokens_by_user ON refresh_tokens (user_id, created_ms);",
 ];
 
 fn migrate(c: &Connection) -> Result<()> {

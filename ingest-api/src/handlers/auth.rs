@@ -3,14 +3,14 @@
 //! (`crate::throttle`); a locked-out caller gets `429` before any password is checked.
 
 use axum::extract::State;
-use axum::http::{header, HeaderName, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::auth::Tokens;
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
-use crate::extract::{AppJson, ClientAddr};
+use crate::extract::{AppJson, Caller, ClientAddr};
 use crate::throttle::Key;
 use crate::AppState;
 
@@ -148,4 +148,50 @@ pub async fn refresh(
     let keys = throttle_keys(Key::Account(format!("refresh:{token:x}")), addr);
     let refresh = state.identity.refresh(&body.refresh_token);
     Ok((NO_STORE, AppJson(throttled(&state, &keys, refresh).await?)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SignOutRequest {
+    pub refresh_token: String,
+}
+
+/// Ends one session: its refresh token, and every token refreshed from it, stop working.
+/// Access tokens already issued stay valid until they expire (at most
+/// `CHARACTERBOT_ACCESS_TOKEN_TTL_SECS`): they are checked by signature, not looked up.
+#[utoipa::path(post, path = "/v1/auth/signout", tag = "auth", request_body = SignOutRequest,
+    responses((status = 204, description = "the session is over (also for an unknown token)")))]
+pub async fn sign_out(
+    State(state): State<AppState>,
+    AppJson(body): AppJson<SignOutRequest>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .identity
+        .sign_out(&body.refresh_token)
+        .await
+        .map_err(auth_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ends every session of the caller (on Cognito, `GlobalSignOut`).
+#[utoipa::path(post, path = "/v1/auth/signout/all", tag = "auth",
+    responses((status = 204, description = "every session of the caller is over")),
+    security(("bearer" = [])))]
+pub async fn sign_out_everywhere(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .map(|(_, token)| token.trim())
+        .unwrap_or_default();
+    state
+        .identity
+        .sign_out_everywhere(caller.id(), token)
+        .await
+        .map_err(auth_error)?;
+    tracing::info!(user_id = caller.id(), "signed out everywhere");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -216,4 +216,29 @@ impl IdentityProvider for CognitoIdentity {
             .map_err(map_error)?;
         tokens(out.authentication_result(), Some(refresh_token))
     }
+
+    async fn sign_out(&self, refresh_token: &str) -> Result<()> {
+        // Revokes the refresh token and the access tokens issued from it (the app client must
+        // have token revocation on, Cognito's default for new clients).
+        let mut req = self
+            .client
+            .revoke_token()
+            .client_id(&self.client_id)
+            .token(refresh_token);
+        if let Some(secret) = &self.client_secret {
+            req = req.client_secret(secret);
+        }
+        req.send().await.map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn sign_out_everywhere(&self, _user_id: &str, access_token: &str) -> Result<()> {
+        self.client
+            .global_sign_out()
+            .access_token(access_token)
+            .send()
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
 }

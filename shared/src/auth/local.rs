@@ -267,39 +267,128 @@ impl IdentityProvider for LocalIssuer {
         let Some(user_id) = user_id.filter(|_| ok) else {
             return Err(Error::Unauthorized("incorrect email or password".into()));
         };
-        let refresh = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let refresh = new_refresh_token();
         let (hash, uid) = (refresh_hash(&refresh), user_id.clone());
+        // A session lasts this long from its sign-in, however often it is refreshed.
         let expires = now_ms() + self.settings.refresh_token_ttl_days as i64 * 86_400_000;
+        let max_sessions = self.settings.max_sessions_per_user.max(1) as i64;
         self.db
             .write(move |tx| {
                 tx.execute(
-                    "INSERT INTO refresh_tokens (token_hash, user_id, expires_ms) VALUES (?1, ?2, ?3)",
-                    params![hash, uid, expires],
+                    "INSERT INTO refresh_tokens (token_hash, user_id, expires_ms, family, created_ms)
+                     VALUES (?1, ?2, ?3, ?1, ?4)",
+                    params![hash, uid, expires, now_ms()],
                 )?;
                 tx.execute("DELETE FROM refresh_tokens WHERE expires_ms < ?1", [now_ms()])?;
+                // Past the cap, the sessions signed in longest ago end.
+                tx.execute(
+                    "DELETE FROM refresh_tokens WHERE user_id = ?1 AND family NOT IN (
+                         SELECT family FROM refresh_tokens WHERE user_id = ?1
+                         GROUP BY family ORDER BY MIN(created_ms) DESC LIMIT ?2)",
+                    params![uid, max_sessions],
+                )?;
                 Ok(())
             })
             .await?;
         self.tokens_for(&user_id, &email, refresh)
     }
 
+    /// Rotates: the token is used up and the next one of its session comes back. A token
+    /// used a second time means it was copied (by an attacker, or the client kept an old one):
+    /// the whole session ends, for whoever holds its newest token too.
     async fn refresh(&self, refresh_token: &str) -> Result<Tokens> {
         let hash = refresh_hash(refresh_token);
-        let row = self
+        let next = new_refresh_token();
+        let next_hash = refresh_hash(&next);
+        let outcome = self
             .db
-            .call(move |c| {
-                Ok(c.query_row(
-                    "SELECT u.user_id, u.email FROM refresh_tokens t JOIN users u ON u.user_id = t.user_id
-                     WHERE t.token_hash = ?1 AND t.expires_ms > ?2",
+            .write(move |tx| {
+                let row = tx
+                    .query_row(
+                        "SELECT t.user_id, u.email, t.family, t.used_ms, t.expires_ms
+                         FROM refresh_tokens t JOIN users u ON u.user_id = t.user_id
+                         WHERE t.token_hash = ?1",
+                        [&hash],
+                        |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, String>(2)?,
+                                r.get::<_, Option<i64>>(3)?,
+                                r.get::<_, i64>(4)?,
+                            ))
+                        },
+                    )
+                    .optional()?;
+                let Some((user_id, email, family, used, expires)) = row else {
+                    return Ok(Rotation::Invalid);
+                };
+                if expires <= now_ms() {
+                    return Ok(Rotation::Invalid);
+                }
+                if used.is_some() {
+                    // Committed, not rolled back: the session ends even though this call fails.
+                    tx.execute("DELETE FROM refresh_tokens WHERE family = ?1", [&family])?;
+                    return Ok(Rotation::Reused { user_id });
+                }
+                tx.execute(
+                    "UPDATE refresh_tokens SET used_ms = ?2 WHERE token_hash = ?1",
                     params![hash, now_ms()],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-                )
-                .optional()?)
+                )?;
+                tx.execute(
+                    "INSERT INTO refresh_tokens (token_hash, user_id, expires_ms, family, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![next_hash, user_id, expires, family, now_ms()],
+                )?;
+                Ok(Rotation::Next { user_id, email })
             })
             .await?;
-        let (user_id, email) =
-            row.ok_or_else(|| Error::Unauthorized("refresh token is invalid or expired".into()))?;
-        // Like Cognito without rotation: new access and ID tokens, the same refresh token.
-        self.tokens_for(&user_id, &email, refresh_token.to_owned())
+        match outcome {
+            Rotation::Next { user_id, email } => self.tokens_for(&user_id, &email, next),
+            Rotation::Reused { user_id } => {
+                tracing::warn!(%user_id, "a used refresh token came back; its session is ended");
+                Err(Error::Unauthorized(
+                    "refresh token was already used; sign in again".into(),
+                ))
+            }
+            Rotation::Invalid => Err(Error::Unauthorized(
+                "refresh token is invalid or expired".into(),
+            )),
+        }
     }
+
+    async fn sign_out(&self, refresh_token: &str) -> Result<()> {
+        let hash = refresh_hash(refresh_token);
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "DELETE FROM refresh_tokens WHERE family =
+                         (SELECT family FROM refresh_tokens WHERE token_hash = ?1)",
+                    [hash],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn sign_out_everywhere(&self, user_id: &str, _access_token: &str) -> Result<()> {
+        let user_id = user_id.to_owned();
+        self.db
+            .write(move |tx| {
+                tx.execute("DELETE FROM refresh_tokens WHERE user_id = ?1", [user_id])?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// What a refresh found.
+enum Rotation {
+    Next { user_id: String, email: String },
+    Reused { user_id: String },
+    Invalid,
+}
+
+fn new_refresh_token() -> String {
+    URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
 }

@@ -81,6 +81,11 @@ pub trait IdentityProvider: Send + Sync + 'static {
     }
     async fn sign_in(&self, email: &str, password: &str) -> Result<Tokens>;
     async fn refresh(&self, refresh_token: &str) -> Result<Tokens>;
+    /// Ends the session of `refresh_token`: it, and every token refreshed from it, stops
+    /// working. An unknown token is not an error (the session is over either way).
+    async fn sign_out(&self, refresh_token: &str) -> Result<()>;
+    /// Ends every session of the user whose access token this is.
+    async fn sign_out_everywhere(&self, user_id: &str, access_token: &str) -> Result<()>;
 }
 
 /// Where a verifier gets its keys: the embedded issuer's key file, or a Cognito pool's JWKS URL.
