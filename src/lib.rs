@@ -45,6 +45,52 @@ use workers::chat::ChatJob;
 use workers::persona::PersonaJob;
 use workers::{Consumer, Job};
 
+/// The SDK clients of the AWS backend, each with deadlines on its calls.
+pub struct AwsClients {
+    pub sqs: aws_sdk_sqs::Client,
+    pub dynamo: aws_sdk_dynamodb::Client,
+    pub cognito: aws_sdk_cognitoidentityprovider::Client,
+}
+
+impl AwsClients {
+    pub fn new(sdk: &aws_config::SdkConfig, settings: &Settings) -> AwsClients {
+        let a = &settings.aws;
+        // Every call has a deadline, so a hung connection cannot hold a worker slot or an API
+        // request: an attempt gets `aws_attempt_timeout_secs` (SQS's long-poll receive that
+        // much more than its wait), the call with its retries `aws_operation_timeout_secs`.
+        let attempt = Duration::from_secs(a.aws_attempt_timeout_secs.max(1));
+        let operation = Duration::from_secs(a.aws_operation_timeout_secs.max(1));
+        let timeouts = |attempt: Duration, operation: Duration| {
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3).min(attempt))
+                .operation_attempt_timeout(attempt)
+                .operation_timeout(operation.max(attempt))
+                .build()
+        };
+        let receive_wait = Duration::from_secs(settings.worker.receive_wait_secs.min(20));
+        let sqs = aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(sdk)
+                .timeout_config(timeouts(attempt + receive_wait, operation + receive_wait))
+                .build(),
+        );
+        let dynamo = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(sdk)
+                .timeout_config(timeouts(attempt, operation))
+                .build(),
+        );
+        let cognito = aws_sdk_cognitoidentityprovider::Client::from_conf(
+            aws_sdk_cognitoidentityprovider::config::Builder::from(sdk)
+                .timeout_config(timeouts(attempt, operation))
+                .build(),
+        );
+        AwsClients {
+            sqs,
+            dynamo,
+            cognito,
+        }
+    }
+}
+
 /// The ports of one backend.
 #[derive(Clone)]
 pub struct Adapters {
@@ -100,8 +146,11 @@ impl Adapters {
             Duration::from_secs(auth.jwks_refetch_cooldown_secs),
             Arc::new(shared::auth::cognito::HttpJwks::new(jwks_url)?),
         );
-        let sqs = aws_sdk_sqs::Client::new(&sdk);
-        let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+        let AwsClients {
+            sqs,
+            dynamo,
+            cognito,
+        } = AwsClients::new(&sdk, settings);
         let dynamo_store = Arc::new(DynamoStore::new(dynamo.clone(), &a.table));
         let store: Arc<dyn Store> = dynamo_store.clone();
         let persona_queue: Arc<dyn Queue> =
@@ -124,7 +173,7 @@ impl Adapters {
             events,
             verifier: Arc::new(verifier),
             identity: Arc::new(shared::auth::cognito::CognitoIdentity::new(
-                aws_sdk_cognitoidentityprovider::Client::new(&sdk),
+                cognito,
                 client_id,
                 a.cognito_client_secret.clone(),
             )),

@@ -579,3 +579,47 @@ async fn signing_out_ends_the_session_and_sessions_are_capped() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn an_aws_call_to_a_server_that_never_answers_ends_at_its_deadline() {
+    // Accepts connections and reads, never answers: a hung endpoint.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", hung.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = hung.accept().await {
+            held.push(conn);
+        }
+    });
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+            aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "test"),
+        ))
+        .endpoint_url(endpoint)
+        .build();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = common::settings(
+        dir.path(),
+        &[
+            "--aws-attempt-timeout-secs",
+            "1",
+            "--aws-operation-timeout-secs",
+            "2",
+            "--receive-wait-secs",
+            "1",
+        ],
+    );
+    let clients = characterbot::AwsClients::new(&sdk, &settings);
+    // Each call ends by itself, with an error, at its deadline (2 s; SQS's 1 s more for its
+    // receive wait): the outer bound only keeps a regression from hanging the test run.
+    let bound = Duration::from_secs(30);
+    let dynamo = tokio::time::timeout(bound, clients.dynamo.list_tables().send()).await;
+    assert!(matches!(dynamo, Ok(Err(_))), "DynamoDB call hung");
+    let cognito = clients.cognito.list_user_pools().max_results(1).send();
+    let cognito = tokio::time::timeout(bound, cognito).await;
+    assert!(matches!(cognito, Ok(Err(_))), "Cognito call hung");
+    let sqs = tokio::time::timeout(bound, clients.sqs.list_queues().send()).await;
+    assert!(matches!(sqs, Ok(Err(_))), "SQS call hung");
+}

@@ -128,6 +128,23 @@ pub struct AwsSettings {
         global = true
     )]
     pub outbox_sweep_after_secs: u64,
+    /// Longest one attempt of an SQS, DynamoDB or Cognito call may take, in seconds (an SQS
+    /// receive gets its long-poll wait on top).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AWS_ATTEMPT_TIMEOUT_SECS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub aws_attempt_timeout_secs: u64,
+    /// Longest one call may take with its retries, in seconds.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AWS_OPERATION_TIMEOUT_SECS",
+        default_value_t = 15,
+        global = true
+    )]
+    pub aws_operation_timeout_secs: u64,
     /// Cognito user pool id.
     #[arg(long, env = "CHARACTERBOT_COGNITO_USER_POOL_ID", global = true)]
     pub cognito_user_pool_id: Option<String>,
