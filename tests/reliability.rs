@@ -308,6 +308,48 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_aga
 }
 
 #[tokio::test]
+async fn a_finished_requests_message_that_keeps_coming_back_is_dropped_not_dead_lettered() {
+    let (app, alice, conv) = app(&[("--max-receives", "2")]).await;
+    let stop = CancellationToken::new();
+    let first = app.start_worker_until(RequestKind::Chat, &offline(), stop.clone());
+    let request_id = say(&app, &alice, &conv, "Answer me once").await;
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(done["status"], "succeeded");
+    stop.cancel();
+    first.await.unwrap();
+    // Its delete was lost: the message is back, and is received past `max_receives` by
+    // workers that die before doing anything.
+    let body = serde_json::to_string(&JobMessage {
+        request_id: request_id.clone(),
+        user_id: alice.user_id.clone(),
+        kind: RequestKind::Chat,
+    })
+    .unwrap();
+    app.adapters.chat_queue.send(&[body.into()]).await.unwrap();
+    for _ in 0..2 {
+        let got = app
+            .adapters
+            .chat_queue
+            .receive(1, Duration::ZERO, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+    }
+    app.start_worker(RequestKind::Chat, &offline());
+    queue_drained(&app).await;
+    assert!(
+        app.adapters
+            .chat_queue
+            .dead_letters(10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a finished request was dead-lettered"
+    );
+    assert_eq!(status_of(&app, &alice, &request_id).await, done);
+}
+
+#[tokio::test]
 async fn shutdown_hands_in_flight_messages_back_and_the_next_worker_finishes_them() {
     let (app, alice, conv) = app(&[
         ("--shutdown-grace-secs", "0"),

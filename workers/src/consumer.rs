@@ -1,7 +1,8 @@
 //! The consume loop, written once for both kinds of job.
 //!
-//! For each delivery: mark the request running (or skip it if it already finished: a
-//! duplicate), keep the message hidden with a heartbeat while the job runs, retry transient
+//! For each delivery: keep the message hidden with a heartbeat from the moment it is received,
+//! mark the request running (or drop the message if the request already finished: a
+//! duplicate, however often it was delivered), retry transient
 //! failures a few times in-process (exponential back-off, full jitter, `Retry-After` honoured),
 //! and then settle the delivery exactly one way, in one step (`shared::atomic`: the request's
 //! state, its result record, the event and the message together):
@@ -225,19 +226,27 @@ impl Consumer {
     ) -> Result<()> {
         let kind = self.job.kind().as_str();
         let max = self.settings.max_receives;
-        if delivery.receive_count > max {
-            // Earlier deliveries never settled: their workers died mid-job.
-            let error = ErrorBody {
-                code: "max_attempts_exceeded".into(),
-                message: format!("the job was started {max} times without finishing; giving up"),
-            };
-            return self.give_up(delivery, msg, error).await;
-        }
-        let record = match self
-            .atomic
-            .start(&msg.user_id, &msg.request_id, delivery.receive_count)
-            .await?
-        {
+        // Hidden from the moment it is received, not only once the job runs: the store calls
+        // before it may be slow too. The same heartbeat runs on beside the job below.
+        let hidden = self.keep_hidden(&delivery.receipt);
+        tokio::pin!(hidden);
+        // The request's state first: a finished request whose message came back (its delete
+        // was lost) is a duplicate to drop, never a job to dead-letter.
+        let started = tokio::select! {
+            started = self.atomic.start(&msg.user_id, &msg.request_id, delivery.receive_count) => started?,
+            never = &mut hidden => match never {},
+        };
+        let record = match started {
+            Started::Running(_) if delivery.receive_count > max => {
+                // Earlier deliveries never settled: their workers died mid-job.
+                let error = ErrorBody {
+                    code: "max_attempts_exceeded".into(),
+                    message: format!(
+                        "the job was started {max} times without finishing; giving up"
+                    ),
+                };
+                return self.give_up(delivery, msg, error).await;
+            }
             Started::Running(record) => record,
             Started::Finished(record) => {
                 tracing::info!(
@@ -267,7 +276,7 @@ impl Consumer {
                     retry_after: None,
                 }))
             ),
-            never = self.keep_hidden(&delivery.receipt) => match never {},
+            never = &mut hidden => match never {},
         };
 
         // Each outcome settles in one step: the request's state, its result record, the event
