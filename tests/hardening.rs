@@ -623,3 +623,105 @@ async fn an_aws_call_to_a_server_that_never_answers_ends_at_its_deadline() {
     let sqs = tokio::time::timeout(bound, clients.sqs.list_queues().send()).await;
     assert!(matches!(sqs, Ok(Err(_))), "SQS call hung");
 }
+
+/// A fake of SQS's JSON protocol: finds queues, and answers `SendMessageBatch` with the entries
+/// `fail` picks (given the call's number and the entry's body) as failed, `SenderFault` as it says.
+struct FakeSqs {
+    url: String,
+    fail: fn(usize, &str) -> Option<bool>,
+    calls: std::sync::atomic::AtomicUsize,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl wiremock::Respond for FakeSqs {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let target = request.headers["x-amz-target"].to_str().unwrap_or_default();
+        let req: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        let answer = if target.ends_with("GetQueueUrl") {
+            let name = req["QueueName"].as_str().unwrap_or_default();
+            json!({ "QueueUrl": format!("{}/queue/{name}", self.url) })
+        } else {
+            let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (mut ok, mut failed) = (Vec::new(), Vec::new());
+            for e in req["Entries"].as_array().unwrap() {
+                let id = e["Id"].as_str().unwrap();
+                let text = e["MessageBody"].as_str().unwrap();
+                match (self.fail)(call, text) {
+                    Some(sender_fault) => failed.push(json!({
+                        "Id": id, "SenderFault": sender_fault,
+                        "Code": "InternalError", "Message": "try again"
+                    })),
+                    None => {
+                        self.sent.lock().unwrap().push(text.to_owned());
+                        ok.push(json!({ "Id": id, "MessageId": format!("m-{text}"), "MD5OfMessageBody": "x" }));
+                    }
+                }
+            }
+            json!({ "Successful": ok, "Failed": failed })
+        };
+        wiremock::ResponseTemplate::new(200)
+            .insert_header("content-type", "application/x-amz-json-1.0")
+            .set_body_string(answer.to_string())
+    }
+}
+
+async fn fake_sqs(
+    fail: fn(usize, &str) -> Option<bool>,
+) -> (
+    wiremock::MockServer,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let server = wiremock::MockServer::start().await;
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(FakeSqs {
+            url: server.uri(),
+            fail,
+            calls: Default::default(),
+            sent: sent.clone(),
+        })
+        .mount(&server)
+        .await;
+    (server, sent)
+}
+
+async fn sqs_queue_at(endpoint: &str) -> shared::queue::sqs::SqsQueue {
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+            aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "test"),
+        ))
+        .endpoint_url(endpoint)
+        .build();
+    shared::queue::sqs::SqsQueue::connect(aws_sdk_sqs::Client::new(&sdk), "persona", "jobs")
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn entries_sqs_failed_on_its_side_are_sent_again_and_later_chunks_are_not_dropped() {
+    use shared::queue::Queue;
+    // The first two calls fail every odd message on SQS's side.
+    let (endpoint, sent) =
+        fake_sqs(|call, body| (call < 2 && body.parse::<u32>().unwrap() % 2 == 1).then_some(false))
+            .await;
+    let queue = sqs_queue_at(&endpoint.uri()).await;
+    let messages: Vec<shared::queue::Outgoing> = (0..25).map(|i| i.to_string().into()).collect();
+    queue.send(&messages).await.unwrap();
+    let mut got: Vec<u32> = sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b.parse().unwrap())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..25).collect::<Vec<_>>(), "every message sent, once");
+
+    // An entry refused as the sender's fault fails the send, but the other chunks still go.
+    let (server, sent) = fake_sqs(|_, body| (body == "3").then_some(true)).await;
+    let queue = sqs_queue_at(&server.uri()).await;
+    assert!(queue.send(&messages).await.is_err());
+    let got = sent.lock().unwrap().len();
+    assert_eq!(got, 24, "all but the refused one were sent");
+}

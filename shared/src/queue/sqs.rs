@@ -14,6 +14,7 @@ use aws_sdk_sqs::types::{
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
     SendMessageBatchRequestEntry,
 };
+use backon::{BackoffBuilder, ExponentialBuilder};
 
 use super::{Attributes, DeadLetter, Delivery, Outgoing, Queue, QueueStats};
 use crate::{Error, Result};
@@ -48,6 +49,74 @@ fn secs(d: Duration) -> i32 {
 }
 
 impl SqsQueue {
+    /// Sends up to ten messages with `SendMessageBatch`, which answers `200` even when some
+    /// entries failed. Entries that failed on SQS's side (`SenderFault: false`: throttling, an
+    /// internal error) are sent again, with jittered exponential back-off, a few times; an
+    /// entry refused as the sender's fault (too large, bad attributes) fails at once.
+    async fn send_chunk(&self, chunk: &[Outgoing]) -> Result<()> {
+        let mut pending: Vec<usize> = (0..chunk.len()).collect();
+        let mut pauses = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(1))
+            .with_max_times(4)
+            .with_jitter()
+            .build();
+        loop {
+            let entries = pending
+                .iter()
+                .map(|&i| {
+                    let m = &chunk[i];
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(&m.body)
+                        .set_message_attributes(Some(to_sqs(&m.attributes)?))
+                        .build()
+                        .map_err(|e| Error::Queue(e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = self
+                .client
+                .send_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| queue_error("send", e))?;
+            let mut again = Vec::new();
+            for failed in &out.failed {
+                let reason = failed.message.as_deref().unwrap_or("no reason");
+                if failed.sender_fault {
+                    return Err(Error::Queue(format!(
+                        "sqs send: entry refused ({}): {reason}",
+                        failed.code
+                    )));
+                }
+                let i = failed
+                    .id
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|i| *i < chunk.len())
+                    .ok_or_else(|| {
+                        Error::Queue(format!("sqs send: unknown entry {}", failed.id))
+                    })?;
+                again.push(i);
+            }
+            if again.is_empty() {
+                return Ok(());
+            }
+            let Some(pause) = pauses.next() else {
+                return Err(Error::Queue(format!(
+                    "sqs send: {} of {} entries still failing after retries",
+                    again.len(),
+                    chunk.len()
+                )));
+            };
+            tracing::warn!(failed = again.len(), retry_in = ?pause, "sqs send: entries failed; sending them again");
+            tokio::time::sleep(pause).await;
+            pending = again;
+        }
+    }
+
     /// Creates (or finds) the queue `name` and its dead-letter queue `name-dlq`, with a redrive
     /// policy of `redrive_after` receives, and returns the adapter.
     pub async fn ensure(
@@ -181,37 +250,17 @@ impl Queue for SqsQueue {
         &self.name
     }
 
+    /// Every chunk of ten is tried, so one refused chunk does not leave the later ones unsent;
+    /// the first error is reported once all were tried. (What an accept could not send stays in
+    /// its outbox and is sent by a sweep: see `crate::atomic::aws`.)
     async fn send(&self, messages: &[Outgoing]) -> Result<()> {
+        let mut first_error = None;
         for chunk in messages.chunks(MAX_BATCH) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(&m.body)
-                        .set_message_attributes(Some(to_sqs(&m.attributes)?))
-                        .build()
-                        .map_err(|e| Error::Queue(e.to_string()))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let out = self
-                .client
-                .send_message_batch()
-                .queue_url(&self.url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| queue_error("send", e))?;
-            if let Some(failed) = out.failed.first() {
-                return Err(Error::Queue(format!(
-                    "sqs send: entry {} refused: {}",
-                    failed.id,
-                    failed.message.as_deref().unwrap_or("no reason")
-                )));
+            if let Err(e) = self.send_chunk(chunk).await {
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     async fn receive(
