@@ -333,7 +333,10 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
 async fn idempotency_keys_claim_replay_and_release(s: Subject) {
     let st = s.store.as_ref();
     let day = 86_400_000;
-    let IdempotencyBegin::Started { first_ms } = st
+    let IdempotencyBegin::Started {
+        first_ms,
+        claim: first_claim,
+    } = st
         .idempotency_begin("alice", "k", "fp1", 60_000, day)
         .await
         .unwrap()
@@ -353,25 +356,45 @@ async fn idempotency_keys_claim_replay_and_release(s: Subject) {
             .unwrap(),
         IdempotencyBegin::Mismatch
     );
+    let bob_started = st
+        .idempotency_begin("bob", "k", "fp2", 60_000, day)
+        .await
+        .unwrap();
     assert!(
-        matches!(
-            st.idempotency_begin("bob", "k", "fp2", 60_000, day)
-                .await
-                .unwrap(),
-            IdempotencyBegin::Started { .. }
-        ),
+        matches!(bob_started, IdempotencyBegin::Started { .. }),
         "per user"
     );
     // The handler died: the claim is abandoned after the lock time, and taken over with the
     // time of the first claim, so ids derived from the key come out the same.
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let IdempotencyBegin::Started {
+        first_ms: taken_over_first,
+        claim,
+    } = st
+        .idempotency_begin("alice", "k", "fp1", 0, day)
+        .await
+        .unwrap()
+    else {
+        panic!("an abandoned claim is taken over");
+    };
+    assert_eq!(taken_over_first, first_ms);
+    assert_ne!(claim, first_claim);
+    // The first handler, not dead after all, finishes late: its claim is gone, so it neither
+    // answers nor releases the key for the new claim.
+    st.idempotency_complete("alice", "k", first_claim, 500, "{\"late\":true}")
+        .await
+        .unwrap();
+    st.idempotency_release("alice", "k", first_claim)
+        .await
+        .unwrap();
     assert_eq!(
-        st.idempotency_begin("alice", "k", "fp1", 0, day)
+        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
             .await
             .unwrap(),
-        IdempotencyBegin::Started { first_ms }
+        IdempotencyBegin::InFlight,
+        "the new claim still holds the key, unanswered"
     );
-    st.idempotency_complete("alice", "k", 202, "{\"ok\":true}")
+    st.idempotency_complete("alice", "k", claim, 202, "{\"ok\":true}")
         .await
         .unwrap();
     assert_eq!(
@@ -383,14 +406,20 @@ async fn idempotency_keys_claim_replay_and_release(s: Subject) {
             body: "{\"ok\":true}".into()
         }
     );
-    st.idempotency_release("alice", "k").await.unwrap(); // answered keys are not released
+    st.idempotency_release("alice", "k", claim).await.unwrap(); // answered keys are not released
     assert!(matches!(
         st.idempotency_begin("alice", "k", "fp1", 60_000, day)
             .await
             .unwrap(),
         IdempotencyBegin::Replay { .. }
     ));
-    st.idempotency_release("bob", "k").await.unwrap();
+    let IdempotencyBegin::Started {
+        claim: bob_claim, ..
+    } = bob_started
+    else {
+        panic!("bob's key is started");
+    };
+    st.idempotency_release("bob", "k", bob_claim).await.unwrap();
     assert!(matches!(
         st.idempotency_begin("bob", "k", "fp3", 60_000, day)
             .await
@@ -404,10 +433,14 @@ async fn expired_idempotency_keys_are_forgotten(s: Subject) {
     let st = s.store.as_ref();
     // Kept for 1 ms: expired by the time it is asked again, whether or not the backend has
     // deleted it yet (DynamoDB's TTL sweeps up to days late, so reads must check the time).
-    st.idempotency_begin("alice", "k", "fp1", 60_000, 1)
+    let IdempotencyBegin::Started { claim, .. } = st
+        .idempotency_begin("alice", "k", "fp1", 60_000, 1)
         .await
-        .unwrap();
-    st.idempotency_complete("alice", "k", 202, "{}")
+        .unwrap()
+    else {
+        panic!("a new key is started");
+    };
+    st.idempotency_complete("alice", "k", claim, 202, "{}")
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -539,10 +572,14 @@ mod dynamodb_ttl {
         );
 
         // An idempotency key: as long as its answer is kept.
-        st.idempotency_begin("alice", "k", "fp", 60_000, 2 * 3_600_000)
+        let IdempotencyBegin::Started { claim, .. } = st
+            .idempotency_begin("alice", "k", "fp", 60_000, 2 * 3_600_000)
             .await
-            .unwrap();
-        st.idempotency_complete("alice", "k", 202, "{}")
+            .unwrap()
+        else {
+            panic!("a new key is started");
+        };
+        st.idempotency_complete("alice", "k", claim, 202, "{}")
             .await
             .unwrap();
         let at = expires_at(&item(&client, &table, "USER#alice", "IDEM#k").await).unwrap();

@@ -168,7 +168,7 @@ pub async fn idempotency(
             code: "idempotency_key_reused",
             message: "this Idempotency-Key was used for a different request".into(),
         }),
-        IdempotencyBegin::Started { first_ms } => {
+        IdempotencyBegin::Started { first_ms, claim } => {
             let mut req = Request::from_parts(parts, Body::from(bytes));
             req.extensions_mut().insert(IdempotencyClaim {
                 key: key.clone(),
@@ -181,7 +181,10 @@ pub async fn idempotency(
             // Neither a failure nor a refusal of the request's form is the key's answer: the
             // client may retry (or fix the body and retry) with the same key.
             if status.is_server_error() || response.extensions().get::<Refused>().is_some() {
-                state.store.idempotency_release(&user.user_id, &key).await?;
+                state
+                    .store
+                    .idempotency_release(&user.user_id, &key, claim)
+                    .await?;
                 return Ok(response);
             }
             if response.extensions().get::<AnswerRecorded>().is_some() {
@@ -194,7 +197,7 @@ pub async fn idempotency(
             let text = String::from_utf8_lossy(&bytes).into_owned();
             state
                 .store
-                .idempotency_complete(&user.user_id, &key, status.as_u16(), &text)
+                .idempotency_complete(&user.user_id, &key, claim, status.as_u16(), &text)
                 .await?;
             Ok(Response::from_parts(parts, Body::from(bytes)))
         }

@@ -714,7 +714,12 @@ impl Store for DynamoStore {
                     .expression_attribute_values(":now", n(now)),
             };
             match put.send().await {
-                Ok(_) => return Ok(IdempotencyBegin::Started { first_ms }),
+                Ok(_) => {
+                    return Ok(IdempotencyBegin::Started {
+                        first_ms,
+                        claim: now,
+                    })
+                }
                 Err(e) if is_conditional_failure(&e) => continue,
                 Err(e) => return Err(storage("claim idempotency key", e)),
             }
@@ -726,29 +731,43 @@ impl Store for DynamoStore {
         &self,
         user_id: &str,
         key_: &str,
+        claim: i64,
         status: u16,
         body_: &str,
     ) -> Result<()> {
-        self.client
+        // Only over this handler's own claim: without the condition, a handler whose claim was
+        // taken over would overwrite the new claim's answer, or (the item gone) create one with
+        // no fingerprint and no expiry that would answer `409` for good.
+        match self
+            .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(user_pk(user_id), format!("IDEM#{key_}"))))
             .update_expression("SET status_code = :s, response_body = :b")
+            .condition_expression("locked_ms = :c")
             .expression_attribute_values(":s", n(status))
             .expression_attribute_values(":b", s(body_))
+            .expression_attribute_values(":c", n(claim))
             .send()
             .await
-            .map_err(|e| storage("complete idempotency key", e))?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_conditional_failure(&e) => {
+                tracing::warn!("an idempotency claim was taken over; its answer is not stored");
+                Ok(())
+            }
+            Err(e) => Err(storage("complete idempotency key", e)),
+        }
     }
 
-    async fn idempotency_release(&self, user_id: &str, key_: &str) -> Result<()> {
+    async fn idempotency_release(&self, user_id: &str, key_: &str, claim: i64) -> Result<()> {
         match self
             .client
             .delete_item()
             .table_name(&self.table)
             .set_key(Some(key(user_pk(user_id), format!("IDEM#{key_}"))))
-            .condition_expression("attribute_not_exists(status_code)")
+            .condition_expression("attribute_not_exists(status_code) AND locked_ms = :c")
+            .expression_attribute_values(":c", n(claim))
             .send()
             .await
         {

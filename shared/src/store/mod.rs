@@ -53,8 +53,10 @@ pub struct ChatContext {
 pub enum IdempotencyBegin {
     /// First use (or an abandoned claim taken over): the caller handles the request and then
     /// completes or releases the key. `first_ms` is when the key was first claimed, the same
-    /// on a takeover, so ids derived from it come out the same on a retry.
-    Started { first_ms: i64 },
+    /// on a takeover, so ids derived from it come out the same on a retry. `claim` names this
+    /// claim (the time it was taken, in ms; a takeover is always later): completing or
+    /// releasing the key takes it, so a handler whose claim was taken over changes nothing.
+    Started { first_ms: i64, claim: i64 },
     /// Already answered: replay this status and body.
     Replay { status: u16, body: String },
     /// The first request with this key is still being handled.
@@ -178,16 +180,18 @@ pub trait Store: Send + Sync + 'static {
         lock_ms: i64,
         ttl_ms: i64,
     ) -> Result<IdempotencyBegin>;
-    /// Stores the answer to replay for the key.
+    /// Stores the answer to replay for the key, if `claim` still holds it.
     async fn idempotency_complete(
         &self,
         user_id: &str,
         key: &str,
+        claim: i64,
         status: u16,
         body: &str,
     ) -> Result<()>;
-    /// Forgets a claim whose request failed without an answer worth replaying.
-    async fn idempotency_release(&self, user_id: &str, key: &str) -> Result<()>;
+    /// Forgets a claim whose request failed without an answer worth replaying, if `claim`
+    /// still holds the key.
+    async fn idempotency_release(&self, user_id: &str, key: &str, claim: i64) -> Result<()>;
 
     /// Cheap round trip for readiness checks.
     async fn ping(&self) -> Result<()>;

@@ -691,7 +691,10 @@ impl Store for SqliteStore {
                      VALUES (?1, ?2, ?3, NULL, NULL, ?4, ?5, ?6)",
                     params![user_id, key, fp, now, now + ttl_ms, first_ms],
                 )?;
-                Ok(IdempotencyBegin::Started { first_ms })
+                Ok(IdempotencyBegin::Started {
+                    first_ms,
+                    claim: now,
+                })
             })
             .await
     }
@@ -700,6 +703,7 @@ impl Store for SqliteStore {
         &self,
         user_id: &str,
         key: &str,
+        claim: i64,
         status: u16,
         body: &str,
     ) -> Result<()> {
@@ -708,8 +712,8 @@ impl Store for SqliteStore {
             .write(move |tx| {
                 tx.execute(
                     "UPDATE idempotency_keys SET status_code = ?3, response_body = ?4
-                     WHERE user_id = ?1 AND key = ?2",
-                    params![user_id, key, status, body],
+                     WHERE user_id = ?1 AND key = ?2 AND locked_ms = ?5",
+                    params![user_id, key, status, body, claim],
                 )?;
                 // Expired keys are dropped here, on the write path, so the table stays small
                 // without a sweeper task.
@@ -722,13 +726,14 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn idempotency_release(&self, user_id: &str, key: &str) -> Result<()> {
+    async fn idempotency_release(&self, user_id: &str, key: &str, claim: i64) -> Result<()> {
         let (user_id, key) = (user_id.to_owned(), key.to_owned());
         self.db
             .write(move |tx| {
                 tx.execute(
-                    "DELETE FROM idempotency_keys WHERE user_id = ?1 AND key = ?2 AND status_code IS NULL",
-                    params![user_id, key],
+                    "DELETE FROM idempotency_keys
+                     WHERE user_id = ?1 AND key = ?2 AND status_code IS NULL AND locked_ms = ?3",
+                    params![user_id, key, claim],
                 )?;
                 Ok(())
             })
