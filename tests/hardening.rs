@@ -725,3 +725,78 @@ async fn entries_sqs_failed_on_its_side_are_sent_again_and_later_chunks_are_not_
     let got = sent.lock().unwrap().len();
     assert_eq!(got, 24, "all but the refused one were sent");
 }
+
+#[tokio::test]
+async fn aws_init_can_be_rerun_and_mends_what_it_finds() {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let sdk = common::aws_test_sdk_config();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let sqs = aws_sdk_sqs::Client::new(&sdk);
+    let name = format!("rerun-{run}");
+    shared::queue::sqs::SqsQueue::ensure(sqs.clone(), "persona", &name, 3)
+        .await
+        .unwrap();
+    // A rerun after `max_receives` changed: the queue is updated, not an error.
+    shared::queue::sqs::SqsQueue::ensure(sqs.clone(), "persona", &name, 7)
+        .await
+        .expect("a rerun with other attributes");
+    let url = sqs
+        .get_queue_url()
+        .queue_name(&name)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let redrive = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::RedrivePolicy)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()
+        .remove(&QueueAttributeName::RedrivePolicy)
+        .unwrap();
+    let redrive: serde_json::Value = serde_json::from_str(&redrive).unwrap();
+    assert_eq!(
+        redrive["maxReceiveCount"].to_string().trim_matches('"'),
+        "7"
+    );
+
+    // A table made without TTL (by hand, say) gets it on a rerun.
+    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+    let table = format!("rerun-{run}");
+    shared::store::dynamodb::DynamoStore::create_table(&dynamo, &table)
+        .await
+        .unwrap();
+    dynamo
+        .update_time_to_live()
+        .table_name(&table)
+        .time_to_live_specification(
+            aws_sdk_dynamodb::types::TimeToLiveSpecification::builder()
+                .attribute_name("expires_at")
+                .enabled(false)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    shared::store::dynamodb::DynamoStore::ensure_table(&dynamo, &table)
+        .await
+        .unwrap();
+    let ttl = dynamo
+        .describe_time_to_live()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap()
+        .time_to_live_description
+        .and_then(|d| d.time_to_live_status);
+    assert_eq!(
+        ttl,
+        Some(aws_sdk_dynamodb::types::TimeToLiveStatus::Enabled)
+    );
+}

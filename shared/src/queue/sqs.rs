@@ -125,16 +125,15 @@ impl SqsQueue {
         name: &str,
         redrive_after: u32,
     ) -> Result<SqsQueue> {
-        let dlq_url = client
-            .create_queue()
-            .queue_name(format!("{name}-dlq"))
-            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
-            .attributes(QueueAttributeName::SqsManagedSseEnabled, "true")
-            .send()
-            .await
-            .map_err(|e| queue_error("create dead-letter queue", e))?
-            .queue_url
-            .unwrap_or_default();
+        let dlq_url = create_or_update(
+            &client,
+            &format!("{name}-dlq"),
+            HashMap::from([
+                (QueueAttributeName::MessageRetentionPeriod, "1209600".into()),
+                (QueueAttributeName::SqsManagedSseEnabled, "true".into()),
+            ]),
+        )
+        .await?;
         let dlq_arn = client
             .get_queue_attributes()
             .queue_url(&dlq_url)
@@ -149,16 +148,15 @@ impl SqsQueue {
             "deadLetterTargetArn": dlq_arn,
             "maxReceiveCount": redrive_after.to_string(),
         });
-        let url = client
-            .create_queue()
-            .queue_name(name)
-            .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
-            .attributes(QueueAttributeName::SqsManagedSseEnabled, "true")
-            .send()
-            .await
-            .map_err(|e| queue_error("create queue", e))?
-            .queue_url
-            .unwrap_or_default();
+        let url = create_or_update(
+            &client,
+            name,
+            HashMap::from([
+                (QueueAttributeName::RedrivePolicy, redrive.to_string()),
+                (QueueAttributeName::SqsManagedSseEnabled, "true".into()),
+            ]),
+        )
+        .await?;
         Ok(SqsQueue {
             client,
             name: kind.to_owned(),
@@ -242,6 +240,47 @@ fn from_sqs(
         .filter(|(k, _)| !except.contains(&k.as_str()))
         .filter_map(|(k, v)| Some((k.clone(), v.string_value.clone()?)))
         .collect()
+}
+
+/// Creates queue `name` with `attributes`, or, when it exists with other attributes (a rerun
+/// of `aws-init` after a setting changed), sets them on it; returns its URL.
+async fn create_or_update(
+    client: &aws_sdk_sqs::Client,
+    name: &str,
+    attributes: HashMap<QueueAttributeName, String>,
+) -> Result<String> {
+    let created = client
+        .create_queue()
+        .queue_name(name)
+        .set_attributes(Some(attributes.clone()))
+        .send()
+        .await;
+    match created {
+        Ok(out) => Ok(out.queue_url.unwrap_or_default()),
+        Err(e)
+            if e.as_service_error().is_some_and(|s| {
+                s.is_queue_name_exists() || s.meta().code() == Some("QueueAlreadyExists")
+            }) =>
+        {
+            let url = client
+                .get_queue_url()
+                .queue_name(name)
+                .send()
+                .await
+                .map_err(|e| queue_error(&format!("find queue {name}"), e))?
+                .queue_url
+                .unwrap_or_default();
+            client
+                .set_queue_attributes()
+                .queue_url(&url)
+                .set_attributes(Some(attributes))
+                .send()
+                .await
+                .map_err(|e| queue_error(&format!("update queue {name}"), e))?;
+            Ok(url)
+        }
+        Err(e) => Err(queue_error(&format!("create queue {name}"), e)),
+    }
 }
 
 #[async_trait]

@@ -126,24 +126,73 @@ impl DynamoStore {
 
     /// Creates the table (on-demand, TTL on `expires_at`) unless it exists; for first-time
     /// setups and emulators.
+    /// Creates the table if it does not exist, waits until it is `ACTIVE`, and makes sure its
+    /// TTL is on (a rerun mends a table whose TTL was never turned on).
     pub async fn ensure_table(client: &Client, table: &str) -> Result<()> {
-        if client
+        let exists = client
             .describe_table()
             .table_name(table)
             .send()
             .await
-            .is_ok()
-        {
-            return Ok(());
+            .is_ok();
+        if !exists {
+            return Self::create_table(client, table).await;
         }
-        Self::create_table(client, table).await
+        Self::wait_active(client, table).await?;
+        Self::ensure_ttl(client, table).await
     }
 
-    /// Creates the table (on-demand, TTL on `expires_at`).
+    /// Waits until the table is `ACTIVE` (a new table is `CREATING` for a while, and refuses
+    /// `UpdateTimeToLive` until then).
+    async fn wait_active(client: &Client, table: &str) -> Result<()> {
+        use aws_sdk_dynamodb::client::Waiters;
+        client
+            .wait_until_table_exists()
+            .table_name(table)
+            .wait(std::time::Duration::from_secs(300))
+            .await
+            .map_err(|e| storage("wait for the table to be ACTIVE", e))?;
+        Ok(())
+    }
+
+    /// Turns TTL on `expires_at` on unless it is on (or being turned on) already.
+    async fn ensure_ttl(client: &Client, table: &str) -> Result<()> {
+        use aws_sdk_dynamodb::types::{TimeToLiveSpecification, TimeToLiveStatus};
+        let status = client
+            .describe_time_to_live()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| storage("read TTL", e))?
+            .time_to_live_description
+            .and_then(|d| d.time_to_live_status);
+        if matches!(
+            status,
+            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
+        ) {
+            return Ok(());
+        }
+        client
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .attribute_name("expires_at")
+                    .enabled(true)
+                    .build()
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            )
+            .send()
+            .await
+            .map_err(|e| storage("enable TTL", e))?;
+        Ok(())
+    }
+
+    /// Creates the table (on-demand), waits until it is `ACTIVE`, and turns TTL on
+    /// `expires_at` on.
     pub async fn create_table(client: &Client, table: &str) -> Result<()> {
         use aws_sdk_dynamodb::types::{
             AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-            TimeToLiveSpecification,
         };
         let attr = |name: &str| {
             AttributeDefinition::builder()
@@ -170,20 +219,8 @@ impl DynamoStore {
             .send()
             .await
             .map_err(|e| storage("create table", e))?;
-        client
-            .update_time_to_live()
-            .table_name(table)
-            .time_to_live_specification(
-                TimeToLiveSpecification::builder()
-                    .attribute_name("expires_at")
-                    .enabled(true)
-                    .build()
-                    .map_err(|e| Error::Config(e.to_string()))?,
-            )
-            .send()
-            .await
-            .map_err(|e| storage("enable TTL", e))?;
-        Ok(())
+        Self::wait_active(client, table).await?;
+        Self::ensure_ttl(client, table).await
     }
 
     pub(crate) async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
