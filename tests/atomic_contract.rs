@@ -178,6 +178,16 @@ fn succeed(kind: RequestKind, request_id: &str, result: RequestResult) -> Settle
     }
 }
 
+/// The next event of a stream (bounded).
+async fn next_event(
+    events: &mut futures::stream::BoxStream<'static, Arc<shared::events::Event>>,
+) -> Arc<shared::events::Event> {
+    tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(events))
+        .await
+        .expect("an event in time")
+        .expect("stream open")
+}
+
 /// Whether alice's key is free to be claimed: no answer was recorded for it.
 async fn key_is_unanswered(s: &Subject, key: &str) -> bool {
     matches!(
@@ -392,13 +402,7 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
     // The client was told, in order: running, then succeeded.
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let e = tokio::time::timeout(
-            Duration::from_secs(10),
-            futures::StreamExt::next(&mut events),
-        )
-        .await
-        .expect("an event in time")
-        .expect("stream open");
+        let e = next_event(&mut events).await;
         if e.name == "request.updated" {
             seen.push(e.data["status"].as_str().unwrap_or_default().to_owned());
         }
@@ -447,13 +451,7 @@ async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s:
         .unwrap();
     let mut seen = Vec::new();
     loop {
-        let e = tokio::time::timeout(
-            Duration::from_secs(10),
-            futures::StreamExt::next(&mut events),
-        )
-        .await
-        .expect("an event in time")
-        .expect("stream open");
+        let e = next_event(&mut events).await;
         if e.name == "marker" {
             break;
         }

@@ -79,6 +79,19 @@ async fn say(app: &TestApp, user: &User, conv: &str, text: &str) -> String {
 
 /// The request is failed before its message is moved (so a crash between the two still leaves
 /// the client an answer); wait for the move.
+/// The chat message is received `times` times by workers that die before settling anything.
+async fn received_by_dying_workers(app: &TestApp, times: usize) {
+    for _ in 0..times {
+        let got = app
+            .adapters
+            .chat_queue
+            .receive(1, Duration::ZERO, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+    }
+}
+
 async fn dead_letters(app: &TestApp, n: usize) -> Vec<shared::queue::DeadLetter> {
     for _ in 0..100 {
         let dead = app.adapters.chat_queue.dead_letters(10).await.unwrap();
@@ -286,15 +299,7 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_aga
     let (app, alice, conv) = app(&[("--max-receives", "2")]).await;
     let request_id = say(&app, &alice, &conv, "Crash me").await;
     // Two workers received it and died before settling anything.
-    for _ in 0..2 {
-        let got = app
-            .adapters
-            .chat_queue
-            .receive(1, Duration::ZERO, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(got.len(), 1);
-    }
+    received_by_dying_workers(&app, 2).await;
     let model = Arc::new(Fails {
         calls: AtomicUsize::new(0),
         make: || Error::Internal("must not run".into()),
@@ -326,15 +331,7 @@ async fn a_finished_requests_message_that_keeps_coming_back_is_dropped_not_dead_
     })
     .unwrap();
     app.adapters.chat_queue.send(&[body.into()]).await.unwrap();
-    for _ in 0..2 {
-        let got = app
-            .adapters
-            .chat_queue
-            .receive(1, Duration::ZERO, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(got.len(), 1);
-    }
+    received_by_dying_workers(&app, 2).await;
     app.start_worker(RequestKind::Chat, &offline());
     queue_drained(&app).await;
     assert!(

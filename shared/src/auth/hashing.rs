@@ -121,6 +121,27 @@ fn memory_for<'m>(memory: &'m mut Vec<Block>, params: &Params) -> &'m mut [Block
     &mut memory[..blocks]
 }
 
+/// The `len`-byte argon2 output of `password` and `salt`, computed in `memory`.
+fn digest(
+    argon: &Argon2,
+    params: &Params,
+    password: &str,
+    salt: &[u8],
+    len: usize,
+    memory: &mut Vec<Block>,
+) -> argon2::password_hash::Result<Output> {
+    Output::init_with(len, |out| {
+        argon
+            .hash_password_into_with_memory(
+                password.as_bytes(),
+                salt,
+                out,
+                memory_for(memory, params),
+            )
+            .map_err(Into::into)
+    })
+}
+
 fn hash_with(memory: &mut Vec<Block>, password: &str) -> Result<String> {
     let failed = |e: &dyn std::fmt::Display| Error::Internal(format!("hashing a password: {e}"));
     let params = Params::default();
@@ -128,16 +149,14 @@ fn hash_with(memory: &mut Vec<Block>, password: &str) -> Result<String> {
     let salt = SaltString::generate(&mut OsRng);
     let mut salt_bytes = [0u8; 64];
     let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(|e| failed(&e))?;
-    let output = Output::init_with(Params::DEFAULT_OUTPUT_LEN, |out| {
-        argon
-            .hash_password_into_with_memory(
-                password.as_bytes(),
-                salt_bytes,
-                out,
-                memory_for(memory, &params),
-            )
-            .map_err(Into::into)
-    })
+    let output = digest(
+        &argon,
+        &params,
+        password,
+        salt_bytes,
+        Params::DEFAULT_OUTPUT_LEN,
+        memory,
+    )
     .map_err(|e| failed(&e))?;
     let phc = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
@@ -166,16 +185,14 @@ fn verify_with(memory: &mut Vec<Block>, hash: &str, password: &str) -> Result<bo
     let mut salt_bytes = [0u8; 64];
     let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(|e| bad(&e))?;
     let argon = Argon2::new(algorithm, version, params.clone());
-    let computed = Output::init_with(expected.len(), |out| {
-        argon
-            .hash_password_into_with_memory(
-                password.as_bytes(),
-                salt_bytes,
-                out,
-                memory_for(memory, &params),
-            )
-            .map_err(Into::into)
-    })
+    let computed = digest(
+        &argon,
+        &params,
+        password,
+        salt_bytes,
+        expected.len(),
+        memory,
+    )
     .map_err(|e| bad(&e))?;
     // `Output`'s equality is constant-time.
     Ok(computed == expected)
