@@ -591,14 +591,7 @@ async fn an_aws_call_to_a_server_that_never_answers_ends_at_its_deadline() {
             held.push(conn);
         }
     });
-    let sdk = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
-            aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "test"),
-        ))
-        .endpoint_url(endpoint)
-        .build();
+    let sdk = common::sdk_config_at(&endpoint);
     let dir = tempfile::tempdir().unwrap();
     let settings = common::settings(
         dir.path(),
@@ -686,14 +679,7 @@ async fn fake_sqs(
 }
 
 async fn sqs_queue_at(endpoint: &str) -> shared::queue::sqs::SqsQueue {
-    let sdk = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
-            aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "test"),
-        ))
-        .endpoint_url(endpoint)
-        .build();
+    let sdk = common::sdk_config_at(endpoint);
     shared::queue::sqs::SqsQueue::connect(aws_sdk_sqs::Client::new(&sdk), "persona", "jobs")
         .await
         .unwrap()

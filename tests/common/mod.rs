@@ -415,11 +415,17 @@ pub fn aws_test_sdk_config() -> aws_config::SdkConfig {
     let endpoint = std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").expect(
         "CHARACTERBOT_TEST_AWS_ENDPOINT is not set: run the tests with `scripts/test`, which starts the moto server",
     );
+    sdk_config_at(&endpoint)
+}
+
+/// An SDK configuration with test credentials that sends every call to `endpoint` (moto, a
+/// fake, or a server that never answers).
+pub fn sdk_config_at(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
-            aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "moto"),
+            aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "test"),
         ))
         .endpoint_url(endpoint)
         .build()

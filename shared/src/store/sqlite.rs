@@ -525,11 +525,8 @@ impl Store for SqliteStore {
         message_id: &str,
         history_limit: usize,
     ) -> Result<Option<ChatContext>> {
-        let (user_id, conv, msg) = (
-            user_id.to_owned(),
-            conversation_id.to_owned(),
-            message_id.to_owned(),
-        );
+        // On this thread (`Db::read_here`): nothing needs copying into a closure of its own.
+        let (conv, msg) = (conversation_id, message_id);
         self.db.read_here(|c| {
             let conversation: Option<Conversation> = c
                 .prepare_cached(
@@ -550,7 +547,7 @@ impl Store for SqliteStore {
                 .optional()?
                 .map(|b| from_json(&b))
                 .transpose()?;
-            let history = history_in(c, &conv, &msg, history_limit)?;
+            let history = history_in(c, conv, msg, history_limit)?;
             Ok(Some(ChatContext {
                 conversation,
                 persona,
