@@ -10,6 +10,11 @@
 //! of one token verification, and the process's peak memory. The external-load comparison with
 //! the reference stack is `scripts/bench-ingest`.
 
+/// The same allocator as the `characterbot` binary, so the figures are the product's.
+#[global_allocator]
+static GLOBAL: characterbot::allocator::Allocator = characterbot::allocator::Allocator {};
+characterbot::tune_before_main!();
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,8 +140,14 @@ async fn chat_round_trips(
     Ok((all, wall))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_bench())
+}
+
+async fn run_bench() -> anyhow::Result<()> {
     let mut args = Args::parse();
     let dir = tempfile::tempdir()?;
     args.settings.data_dir = dir.path().to_path_buf();

@@ -10,7 +10,9 @@
 //! - [`api_state`], [`consumer`]: the API state and a worker's consume loop from those.
 //! - [`run`]       runs `serve`, `api` or one `worker` until the shutdown token is cancelled.
 //! - [`client`]    `characterbot batch`, the batch client with a progress bar.
+//! - [`allocator`] the process's allocator (mimalloc) and its tuning.
 
+pub mod allocator;
 pub mod client;
 
 use std::sync::Arc;
@@ -369,8 +371,8 @@ pub async fn aws_init(settings: &Settings) -> anyhow::Result<()> {
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let a = &settings.aws;
     DynamoStore::ensure_table(&aws_sdk_dynamodb::Client::new(&sdk), &a.table).await?;
-    // The queue's own redrive is a backstop a little past the consume loop's dead-lettering.
-    let redrive = settings.worker.max_receives + 2;
+    // The queue's own redrive is a backstop well past the consume loop's dead-lettering.
+    let redrive = shared::queue::redrive_after(settings.worker.max_receives);
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     for (kind, name) in [("persona", &a.persona_queue), ("chat", &a.chat_queue)] {
         SqsQueue::ensure(sqs.clone(), kind, name, redrive).await?;

@@ -1,6 +1,11 @@
 //! The `characterbot` binary: parses the command line, sets up logging and signals, and runs
 //! what was asked. Everything else lives in the library crates.
 
+/// mimalloc, tuned: why, in `characterbot::allocator`.
+#[global_allocator]
+static GLOBAL: characterbot::allocator::Allocator = characterbot::allocator::Allocator {};
+characterbot::tune_before_main!();
+
 use clap::{Parser, Subcommand, ValueEnum};
 use shared::config::{LogFormat, Settings};
 use shared::domain::RequestKind;
@@ -94,8 +99,14 @@ fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_command())
+}
+
+async fn run_command() -> anyhow::Result<()> {
     let (role, settings) = match Cli::parse().command {
         Command::Serve { settings } => (characterbot::Role::Serve, settings),
         Command::Api { settings } => (characterbot::Role::Api, settings),

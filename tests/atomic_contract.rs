@@ -218,7 +218,7 @@ async fn running_persona_job(s: &Subject) -> (RequestRecord, Delivery) {
         .await
         .unwrap();
     let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
-    s.atomic.start("alice", &r.request_id, 1).await.unwrap();
+    s.atomic.start("alice", &r.request_id).await.unwrap();
     (r, d)
 }
 
@@ -363,10 +363,10 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
 
     // Another user's job message names a request they cannot see.
     assert!(matches!(
-        s.atomic.start("mallory", &r.request_id, 1).await.unwrap(),
+        s.atomic.start("mallory", &r.request_id).await.unwrap(),
         Started::Missing
     ));
-    let Started::Running(running) = s.atomic.start("alice", &r.request_id, 1).await.unwrap() else {
+    let Started::Running(running) = s.atomic.start("alice", &r.request_id).await.unwrap() else {
         panic!("the request starts");
     };
     assert_eq!(
@@ -415,7 +415,7 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
     let again = s.atomic.settle(&d, succeed(twin)).await.unwrap().unwrap();
     assert_eq!(again.result, done.result);
     assert!(matches!(
-        s.atomic.start("alice", &r.request_id, 2).await.unwrap(),
+        s.atomic.start("alice", &r.request_id).await.unwrap(),
         Started::Finished(_)
     ));
     let page = s.store.list_personas("alice", 10, None).await.unwrap();
@@ -427,7 +427,7 @@ async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s:
     let (accept, r, _) = chat_accept("alice", &conv, "Hello?");
     s.atomic.accept(accept).await.unwrap();
     let d = receive_n(s.chat_queue.as_ref(), 1).await.remove(0);
-    s.atomic.start("alice", &r.request_id, 1).await.unwrap();
+    s.atomic.start("alice", &r.request_id).await.unwrap();
     let mut events = s.events.subscribe("alice", None).await.unwrap();
     let reply = Message {
         message_id: new_id("msg"),
@@ -640,10 +640,7 @@ mod embedded_only {
         let (accept, request, message) = chat_accept("alice", &conv, "Hello?");
         s.atomic.accept(accept).await.unwrap();
         let d = receive_n(s.chat_queue.as_ref(), 1).await.remove(0);
-        s.atomic
-            .start("alice", &request.request_id, 1)
-            .await
-            .unwrap();
+        s.atomic.start("alice", &request.request_id).await.unwrap();
         // The queue refuses the delete, the settlement's last step: the reply and the new
         // state written before it must go with it.
         let db = s.db.clone().unwrap();

@@ -89,6 +89,13 @@ async fn received_by_dying_workers(app: &TestApp, times: usize) {
             .await
             .unwrap();
         assert_eq!(got.len(), 1);
+        // Each started the job (where it had not finished), then died before settling it.
+        let job: JobMessage = serde_json::from_str(&got[0].body).unwrap();
+        app.adapters
+            .atomic
+            .start(&job.user_id, &job.request_id)
+            .await
+            .unwrap();
     }
 }
 
@@ -384,5 +391,55 @@ async fn shutdown_hands_in_flight_messages_back_and_the_next_worker_finishes_the
     let done = app.finished(&alice, &request_id).await;
     assert_eq!(done["status"], "succeeded");
     assert!(done.get("error").is_none(), "{done}");
+    assert_eq!(
+        done["attempts"], 1,
+        "the interrupted attempt was given back"
+    );
     assert_eq!(app.messages(&alice, &conv).await.len(), 2);
+}
+
+#[tokio::test]
+async fn hand_backs_on_shutdown_never_use_up_a_jobs_attempts() {
+    // Two attempts allowed; the job is interrupted by three shutdowns (three deploys) first.
+    let (app, alice, conv) = app(&[
+        ("--shutdown-grace-secs", "0"),
+        ("--visibility-timeout-secs", "60"),
+        ("--max-receives", "2"),
+    ])
+    .await;
+    let request_id = say(&app, &alice, &conv, "Patience").await;
+    for _ in 0..3 {
+        let started = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        let worker = app.start_worker_until(
+            RequestKind::Chat,
+            &with_chat(Arc::new(Hangs(started.clone()))),
+            stop.clone(),
+        );
+        tokio::time::timeout(Duration::from_secs(10), started.notified())
+            .await
+            .expect("job started");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), worker)
+            .await
+            .expect("worker stopped")
+            .unwrap();
+        let record = status_of(&app, &alice, &request_id).await;
+        assert_eq!(
+            (record["status"].as_str(), record["attempts"].as_u64()),
+            (Some("queued"), Some(0)),
+            "{record}"
+        );
+    }
+    app.start_worker(RequestKind::Chat, &offline());
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 1);
+    assert!(app
+        .adapters
+        .chat_queue
+        .dead_letters(10)
+        .await
+        .unwrap()
+        .is_empty());
 }

@@ -258,10 +258,7 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
         "owner scoped"
     );
 
-    let (started, applied) = st
-        .transition(a, Transition::Start { attempt: 1 })
-        .await
-        .unwrap();
+    let (started, applied) = st.transition(a, Transition::Start).await.unwrap();
     assert!(applied);
     assert_eq!(
         (started.status, started.attempts),
@@ -295,12 +292,25 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
         .unwrap();
     assert!(!applied);
     assert_eq!(after.status, RequestStatus::Succeeded);
-    assert!(
-        !st.transition(a, Transition::Start { attempt: 2 })
-            .await
-            .unwrap()
-            .1
+    assert!(!st.transition(a, Transition::Start).await.unwrap().1);
+    // A hand-back on shutdown queues the request again and takes its attempt back.
+    st.transition(b, Transition::Start).await.unwrap();
+    let (released, applied) = st
+        .transition(
+            b,
+            Transition::Release {
+                error: error("interrupted"),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(applied);
+    assert_eq!(
+        (released.status, released.attempts),
+        (RequestStatus::Queued, 0)
     );
+    let (again, _) = st.transition(b, Transition::Start).await.unwrap();
+    assert_eq!(again.attempts, 1);
     st.transition(
         b,
         Transition::Fail {
@@ -311,8 +321,7 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
     .unwrap();
     assert!(!st.transition(b, succeed).await.unwrap().1);
     assert!(matches!(
-        st.transition("req_nope", Transition::Start { attempt: 1 })
-            .await,
+        st.transition("req_nope", Transition::Start).await,
         Err(Error::NotFound)
     ));
 
@@ -547,9 +556,7 @@ mod dynamodb_ttl {
             expires_at(&item(&client, &table, &req_pk, "REQ").await),
             None
         );
-        st.transition(&id, Transition::Start { attempt: 1 })
-            .await
-            .unwrap();
+        st.transition(&id, Transition::Start).await.unwrap();
         assert_eq!(
             expires_at(&item(&client, &table, &req_pk, "REQ").await),
             None

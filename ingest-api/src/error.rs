@@ -165,6 +165,10 @@ impl From<shared::Error> for ApiError {
                 code: "user_not_confirmed",
                 message,
             },
+            E::PasswordResetRequired(message) => ApiError::Forbidden {
+                code: "password_reset_required",
+                message,
+            },
             E::Storage(m) | E::Queue(m) => ApiError::Unavailable(m),
             E::Busy {
                 message,
@@ -220,5 +224,31 @@ impl From<QueryRejection> for ApiError {
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
         ApiError::bad_request("invalid_path", r.body_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Status and body a domain error becomes.
+    async fn answer(e: shared::Error) -> (StatusCode, serde_json::Value) {
+        let response = ApiError::from(e).into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).expect("json body"))
+    }
+
+    #[tokio::test]
+    async fn a_required_password_reset_is_a_403_with_its_own_code() {
+        let (status, body) = answer(shared::Error::PasswordResetRequired(
+            "set a new password".into(),
+        ))
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(body["error"]["code"], "password_reset_required");
+        assert_eq!(body["error"]["message"], "set a new password");
     }
 }

@@ -350,7 +350,8 @@ pub struct WorkerSettings {
         global = true
     )]
     pub receive_wait_secs: u64,
-    /// Deliveries of one message before it is dead-lettered and its request failed.
+    /// Attempts (starts) of one job before it is dead-lettered and its request failed; a
+    /// shutdown's hand-back is not an attempt.
     #[arg(
         long,
         env = "CHARACTERBOT_MAX_RECEIVES",

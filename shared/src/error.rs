@@ -19,6 +19,10 @@ pub enum Error {
     /// The account exists but is not confirmed yet.
     #[error("{0}")]
     NotConfirmed(String),
+    /// The account's password was reset by an administrator (or by Cognito after a leak): it
+    /// signs in again only after a new password is set.
+    #[error("{0}")]
+    PasswordResetRequired(String),
     #[error("storage error: {0}")]
     Storage(String),
     #[error("queue error: {0}")]
@@ -75,6 +79,7 @@ impl Error {
             Error::Invalid(_) => "invalid".into(),
             Error::Unauthorized(_) => "unauthorized".into(),
             Error::NotConfirmed(_) => "user_not_confirmed".into(),
+            Error::PasswordResetRequired(_) => "password_reset_required".into(),
             Error::Busy { .. } => "busy".into(),
             Error::Throttled { .. } => "too_many_attempts".into(),
             _ => "internal".into(),

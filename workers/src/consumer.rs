@@ -13,8 +13,13 @@
 //! | permanent error                   | failed    | deleted                               |
 //! | transient error, attempts left    | queued    | hidden for a growing, jittered delay  |
 //! | transient error, last attempt     | failed    | dead-lettered                         |
-//! | delivered more than `max_receives` times (earlier workers died) | failed | dead-lettered |
+//! | started more than `max_receives` times (earlier workers died) | failed | dead-lettered |
 //! | shutdown before the job finished  | queued    | made visible again at once            |
+//!
+//! Attempts are counted by the request (each start adds one; a shutdown's hand-back takes its
+//! attempt back), not by the queue's receive count: deploys and restarts never use up a job's
+//! attempts. SQS's own redrive policy still counts every receive; it is set above
+//! `max_receives` (infra/template.yaml) as a backstop for messages no worker can even read.
 //!
 //! A job computes; it stores nothing itself. Its result is stored by the settlement, keyed by
 //! the request (a persona) or by the user message it answers (a reply), so a delivery settled
@@ -197,7 +202,7 @@ impl Consumer {
             "job",
             %kind,
             request_id = %msg.request_id,
-            attempt = delivery.receive_count,
+            delivery = delivery.receive_count,
             trace_id = attribute(attr::TRACE_ID),
             http_request_id = attribute(attr::HTTP_REQUEST_ID),
         );
@@ -233,11 +238,13 @@ impl Consumer {
         // The request's state first: a finished request whose message came back (its delete
         // was lost) is a duplicate to drop, never a job to dead-letter.
         let started = tokio::select! {
-            started = self.atomic.start(&msg.user_id, &msg.request_id, delivery.receive_count) => started?,
+            started = self.atomic.start(&msg.user_id, &msg.request_id) => started?,
             never = &mut hidden => match never {},
         };
+        // Attempts are counted by the request, not by the queue's receive count: a delivery
+        // handed back on shutdown, or before it started, costs the job nothing.
         let record = match started {
-            Started::Running(_) if delivery.receive_count > max => {
+            Started::Running(record) if record.attempts > max => {
                 // Earlier deliveries never settled: their workers died mid-job.
                 let error = ErrorBody {
                     code: "max_attempts_exceeded".into(),
@@ -264,7 +271,7 @@ impl Consumer {
 
         let ctx = JobContext {
             user_id: msg.user_id.clone(),
-            attempt: delivery.receive_count,
+            attempt: record.attempts,
         };
         let budget = Duration::from_secs(self.settings.job_timeout_secs.max(1));
         let attempt_started = Instant::now();
@@ -302,8 +309,8 @@ impl Consumer {
                 };
                 (transition, Ack::Delete, "succeeded")
             }
-            Some(Err(e)) if e.is_transient() && delivery.receive_count < max => {
-                let delay = self.queue_backoff(delivery.receive_count, &e);
+            Some(Err(e)) if e.is_transient() && record.attempts < max => {
+                let delay = self.queue_backoff(record.attempts, &e);
                 tracing::warn!(error = %e, retry_in = ?delay, "transient failure; the job goes back to the queue");
                 let error = ErrorBody {
                     code: e.code(),
@@ -314,7 +321,7 @@ impl Consumer {
             Some(Err(e)) if e.is_transient() => {
                 let error = ErrorBody {
                     code: e.code(),
-                    message: format!("gave up after {} attempts: {e}", delivery.receive_count),
+                    message: format!("gave up after {} attempts: {e}", record.attempts),
                 };
                 return self.give_up(delivery, msg, error).await;
             }
@@ -335,7 +342,7 @@ impl Consumer {
                 let ack = Ack::Retry {
                     delay: Duration::ZERO,
                 };
-                (Transition::Retry { error }, ack, "released")
+                (Transition::Release { error }, ack, "released")
             }
         };
         self.settle(delivery, msg, transition, ack, last_fragment)
@@ -411,10 +418,10 @@ impl Consumer {
     }
 
     /// How long a failed job waits in the queue before its next delivery: exponential in the
-    /// delivery count, capped, with full jitter, and never shorter than a `Retry-After`.
-    fn queue_backoff(&self, receive_count: u32, error: &Error) -> Duration {
+    /// attempt count, capped, with full jitter, and never shorter than a `Retry-After`.
+    fn queue_backoff(&self, attempts: u32, error: &Error) -> Duration {
         let base = self.settings.retry_base_ms as f64;
-        let cap = (base * 2f64.powi(receive_count.saturating_sub(1).min(30) as i32))
+        let cap = (base * 2f64.powi(attempts.saturating_sub(1).min(30) as i32))
             .min(self.settings.retry_max_ms as f64);
         let delay = Duration::from_millis((cap * rand::random::<f64>()) as u64);
         match error {

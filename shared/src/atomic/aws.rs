@@ -532,17 +532,14 @@ impl Atomic for AwsAtomic {
         Ok(sent)
     }
 
-    async fn start(&self, user_id: &str, request_id: &str, attempt: u32) -> Result<Started> {
+    async fn start(&self, user_id: &str, request_id: &str) -> Result<Started> {
         let Some(record) = self.store.get_request(user_id, request_id).await? else {
             return Ok(Started::Missing);
         };
         if record.status.is_final() {
             return Ok(Started::Finished(record));
         }
-        let (record, _) = self
-            .store
-            .transition(request_id, Transition::Start { attempt })
-            .await?;
+        let (record, _) = self.store.transition(request_id, Transition::Start).await?;
         self.publish(user_id, &record).await;
         Ok(Started::Running(record))
     }

@@ -105,7 +105,7 @@ pub fn delta_data(request_id: &str, text: &str) -> serde_json::Value {
 /// What `start` found.
 #[derive(Debug, Clone)]
 pub enum Started {
-    /// The request is now running (this delivery's attempt); push was told.
+    /// The request is now running (its `attempts` counts this one); push was told.
     Running(RequestRecord),
     /// The request had already finished: the delivery is a duplicate.
     Finished(RequestRecord),
@@ -118,9 +118,9 @@ pub trait Atomic: Send + Sync + 'static {
     /// Records and queues everything in `accept`, or nothing.
     async fn accept(&self, accept: Accept) -> Result<AcceptOutcome>;
 
-    /// Marks a request running for delivery number `attempt` and publishes the change, in one
-    /// step; tells a duplicate delivery apart.
-    async fn start(&self, user_id: &str, request_id: &str, attempt: u32) -> Result<Started>;
+    /// Marks a request running, one attempt more, and publishes the change, in one step; tells
+    /// a duplicate delivery apart.
+    async fn start(&self, user_id: &str, request_id: &str) -> Result<Started>;
 
     /// Applies `settle` to the request and to `delivery`'s message in one step (on AWS: the
     /// records in one transaction, then the queue). Returns the request as it now stands, or

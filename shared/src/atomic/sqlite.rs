@@ -148,7 +148,7 @@ impl Atomic for SqliteAtomic {
         Ok(out)
     }
 
-    async fn start(&self, user_id: &str, request_id: &str, attempt: u32) -> Result<Started> {
+    async fn start(&self, user_id: &str, request_id: &str) -> Result<Started> {
         let (user_id, id) = (user_id.to_owned(), request_id.to_owned());
         let started = self
             .db
@@ -159,7 +159,7 @@ impl Atomic for SqliteAtomic {
                 if record.status.is_final() {
                     return Ok(Started::Finished(record));
                 }
-                let (record, _) = transition_in(c, &id, Transition::Start { attempt })?;
+                let (record, _) = transition_in(c, &id, Transition::Start)?;
                 publish_update(c, &user_id, &record)?;
                 Ok(Started::Running(record))
             })

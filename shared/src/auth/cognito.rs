@@ -5,7 +5,8 @@
 //! Cognito's errors become ours: `UsernameExistsException` → conflict,
 //! `UserNotConfirmedException` → not confirmed (403), `NotAuthorizedException` and
 //! `UserNotFoundException` → unauthorized (the same message, so sign-in does not reveal who has
-//! an account), bad passwords, parameters and codes → invalid.
+//! an account), `PasswordResetRequiredException` → password reset required (403, with what to
+//! do instead), bad passwords, parameters and codes → invalid.
 
 use async_trait::async_trait;
 use aws_sdk_cognitoidentityprovider::error::{ProvideErrorMetadata, SdkError};
@@ -91,6 +92,14 @@ where
         "NotAuthorizedException" | "UserNotFoundException" => {
             Error::Unauthorized("incorrect email, password or token".into())
         }
+        // An administrator reset the password (or Cognito did, after a leak): the old one no
+        // longer signs in, whether or not it is right. The client's to fix, not ours: a 403
+        // that says how, where it used to fall through to a 500.
+        "PasswordResetRequiredException" => Error::PasswordResetRequired(
+            "a password reset is required: set a new password with the code Cognito sends \
+             (ForgotPassword), then sign in"
+                .into(),
+        ),
         "InvalidPasswordException" | "InvalidParameterException" => Error::Invalid(message),
         "CodeMismatchException" | "ExpiredCodeException" => {
             Error::Invalid("the confirmation code is wrong or has expired".into())
@@ -240,5 +249,55 @@ impl IdentityProvider for CognitoIdentity {
             .await
             .map_err(map_error)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_cognitoidentityprovider::error::ErrorMetadata;
+    use aws_sdk_cognitoidentityprovider::operation::initiate_auth::InitiateAuthError;
+
+    /// What `map_error` makes of a Cognito error with this code, as a sign-in gets it.
+    fn from_cognito(code: &str) -> Error {
+        let meta = ErrorMetadata::builder()
+            .code(code)
+            .message("from cognito")
+            .build();
+        map_error(SdkError::service_error(
+            InitiateAuthError::generic(meta),
+            (),
+        ))
+    }
+
+    #[test]
+    fn a_required_password_reset_is_the_clients_to_fix_not_a_server_error() {
+        let e = from_cognito("PasswordResetRequiredException");
+        assert!(
+            matches!(&e, Error::PasswordResetRequired(m) if m.contains("password reset")),
+            "{e:?}"
+        );
+        assert_eq!(e.code(), "password_reset_required");
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn sign_in_errors_keep_their_meaning() {
+        assert!(matches!(
+            from_cognito("NotAuthorizedException"),
+            Error::Unauthorized(_)
+        ));
+        assert!(matches!(
+            from_cognito("UserNotConfirmedException"),
+            Error::NotConfirmed(_)
+        ));
+        assert!(matches!(
+            from_cognito("TooManyRequestsException"),
+            Error::Storage(_)
+        ));
+        // What the mapping does not know stays a server error, with Cognito's code for the log.
+        assert!(
+            matches!(from_cognito("SomethingNewException"), Error::Internal(m) if m.contains("SomethingNewException"))
+        );
     }
 }

@@ -101,6 +101,14 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
+/// Receives after which a queue's own redrive policy (SQS) dead-letters a message: the backstop
+/// for messages no worker can settle. Well above `max_receives`, because the consume loop counts
+/// attempts by the request and hands messages back on shutdown for free, while the queue counts
+/// every receive: a job interrupted by a few deploys must still get all its attempts.
+pub fn redrive_after(max_receives: u32) -> u32 {
+    max_receives.saturating_mul(4)
+}
+
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// The queue's name (`persona`, `chat`), for logs and metrics.

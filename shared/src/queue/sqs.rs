@@ -3,8 +3,8 @@
 //! SQS gives the semantics the port describes natively (visibility timeout, receive count,
 //! receipts); this adapter maps names and limits: batches of at most 10, long polls of at most
 //! 20 s, visibility in whole seconds. The consume loop dead-letters explicitly (so the request is
-//! failed with a reason); the queue's redrive policy, set a little above `max_receives`, is the
-//! backstop for a consumer that cannot.
+//! failed with a reason); the queue's redrive policy, set well above `max_receives`
+//! ([`super::redrive_after`]), is the backstop for a consumer that cannot.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -19,12 +19,16 @@ use crate::Result;
 /// A state change of a request. Changes that would move a finished request are refused.
 #[derive(Debug, Clone)]
 pub enum Transition {
-    /// A worker starts delivery number `attempt`.
-    Start {
-        attempt: u32,
-    },
+    /// A worker starts the job: one more attempt. Counted by the store, not from the queue's
+    /// receive count, so a delivery handed back unstarted (or interrupted) costs no attempt.
+    Start,
     /// The attempt failed transiently; the job will be tried again.
     Retry {
+        error: ErrorBody,
+    },
+    /// The worker stopped (shutdown) before the attempt finished and handed the message back:
+    /// queued again, and the attempt is not counted, so deploys never use up a job's attempts.
+    Release {
         error: ErrorBody,
     },
     Succeed {
@@ -207,12 +211,17 @@ impl Transition {
             return false;
         }
         match self {
-            Transition::Start { attempt } => {
+            Transition::Start => {
                 record.status = RequestStatus::Running;
-                record.attempts = record.attempts.max(attempt);
+                record.attempts += 1;
             }
             Transition::Retry { error } => {
                 record.status = RequestStatus::Queued;
+                record.error = Some(error);
+            }
+            Transition::Release { error } => {
+                record.status = RequestStatus::Queued;
+                record.attempts = record.attempts.saturating_sub(1);
                 record.error = Some(error);
             }
             Transition::Succeed {
