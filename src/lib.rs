@@ -23,9 +23,10 @@ use ingest_api::{AppState, Shared};
 use shared::atomic::aws::AwsAtomic;
 use shared::atomic::sqlite::SqliteAtomic;
 use shared::atomic::Atomic;
+use shared::auth::cognito::RefreshCall;
 use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
 use shared::auth::{IdentityProvider, JwksVerifier, TokenVerifier};
-use shared::config::{Backend, ChatModelChoice, PersonaModelChoice, Settings};
+use shared::config::{Backend, ChatModelChoice, CognitoRefresh, PersonaModelChoice, Settings};
 use shared::domain::RequestKind;
 use shared::emf::EmfWriter;
 use shared::events::dynamodb::DynamoEventBus;
@@ -174,11 +175,17 @@ impl Adapters {
             chat_queue,
             events,
             verifier: Arc::new(verifier),
-            identity: Arc::new(shared::auth::cognito::CognitoIdentity::new(
-                cognito,
-                client_id,
-                a.cognito_client_secret.clone(),
-            )),
+            identity: Arc::new(
+                shared::auth::cognito::CognitoIdentity::new(
+                    cognito,
+                    client_id,
+                    a.cognito_client_secret.clone(),
+                )
+                .with_refresh_call(match a.cognito_refresh {
+                    CognitoRefresh::GetTokens => RefreshCall::GetTokensFromRefreshToken,
+                    CognitoRefresh::InitiateAuth => RefreshCall::InitiateAuth,
+                }),
+            ),
             jwks: None,
             metrics: Metrics::new(),
         })

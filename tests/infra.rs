@@ -267,6 +267,14 @@ fn every_setting_and_command_in_the_template_exists() {
 }
 
 #[test]
+fn refresh_tokens_rotate_as_the_api_renews_them() {
+    // The API's default (`CHARACTERBOT_COGNITO_REFRESH=get-tokens`) completes rotations; the
+    // template must not pin the older call that rotation refuses.
+    assert!(TEMPLATE.contains("RefreshTokenRotation:\n        Feature: ENABLED\n"));
+    assert!(!TEMPLATE.contains("CHARACTERBOT_COGNITO_REFRESH"));
+}
+
+#[test]
 fn names_and_password_rules_follow_the_code() {
     for kind in ["persona", "chat"] {
         // `SqsQueue::connect` finds the dead-letter queue as `<queue name>-dlq`.

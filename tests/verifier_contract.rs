@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::jwk::JwkSet;
-use shared::auth::cognito::{issuer, CognitoIdentity, HttpJwks};
+use shared::auth::cognito::{issuer, CognitoIdentity, HttpJwks, RefreshCall};
 use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
 use shared::auth::{IdentityProvider, JwksSource, JwksVerifier, TokenVerifier};
 use shared::sqlite::Db;
@@ -90,7 +90,11 @@ async fn cognito() -> Subject {
     let pool = common::cognito_pool(false).await;
     let jwks_url = format!("{endpoint}/{}/.well-known/jwks.json", pool.pool_id);
     Subject {
-        identity: Arc::new(CognitoIdentity::new(pool.idp, &pool.client_id, None)),
+        // moto lacks GetTokensFromRefreshToken; rotation is tested on a fake in tests/cognito.rs.
+        identity: Arc::new(
+            CognitoIdentity::new(pool.idp, &pool.client_id, None)
+                .with_refresh_call(RefreshCall::InitiateAuth),
+        ),
         source: Arc::new(HttpJwks::new(jwks_url).unwrap()),
         issuer: issuer("us-east-1", &pool.pool_id),
         client_id: pool.client_id,

@@ -7,6 +7,13 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+/// See [`AwsSettings::cognito_refresh`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CognitoRefresh {
+    GetTokens,
+    InitiateAuth,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
     /// SQLite queue and store, local token issuer: one machine, no cloud.
@@ -159,6 +166,18 @@ pub struct AwsSettings {
         global = true
     )]
     pub cognito_client_secret: Option<String>,
+    /// How sessions are renewed: `get-tokens` (`GetTokensFromRefreshToken`: rotates refresh
+    /// tokens where the app client has rotation on, as the template sets it) or `initiate-auth`
+    /// (`REFRESH_TOKEN_AUTH`: app clients without rotation, on emulators that lack the newer
+    /// call, such as moto).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_COGNITO_REFRESH",
+        value_enum,
+        default_value_t = CognitoRefresh::GetTokens,
+        global = true
+    )]
+    pub cognito_refresh: CognitoRefresh,
     /// URL of the pool's key set; default `https://cognito-idp.{region}.amazonaws.com/{pool}/.well-known/jwks.json`.
     #[arg(long, env = "CHARACTERBOT_JWKS_URL", global = true)]
     pub jwks_url: Option<String>,

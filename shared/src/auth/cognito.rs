@@ -1,6 +1,13 @@
 //! Amazon Cognito: the identity provider on AWS (`SignUp`, `ConfirmSignUp`, `InitiateAuth`
-//! with `USER_PASSWORD_AUTH` and `REFRESH_TOKEN_AUTH`), and [`HttpJwks`], the key source that
-//! lets the one [`JwksVerifier`](super::JwksVerifier) check the pool's tokens.
+//! with `USER_PASSWORD_AUTH`, `GetTokensFromRefreshToken`, `RevokeToken`, `GlobalSignOut`), and
+//! [`HttpJwks`], the key source that lets the one [`JwksVerifier`](super::JwksVerifier) check
+//! the pool's tokens.
+//!
+//! Refresh tokens rotate: the template turns rotation on for the app client, so each refresh
+//! hands back a new refresh token and Cognito invalidates the old one (after a grace period for
+//! client retries), and reusing it then fails. Rotation can only be completed with
+//! `GetTokensFromRefreshToken`; [`RefreshCall::InitiateAuth`] is for app clients without
+//! rotation on emulators that lack the newer call (moto).
 //!
 //! Cognito's errors become ours: `UsernameExistsException` → conflict,
 //! `UserNotConfirmedException` → not confirmed (403), `NotAuthorizedException` and
@@ -68,6 +75,19 @@ pub struct CognitoIdentity {
     client: aws_sdk_cognitoidentityprovider::Client,
     client_id: String,
     client_secret: Option<String>,
+    refresh_call: RefreshCall,
+}
+
+/// Which Cognito call renews a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RefreshCall {
+    /// `GetTokensFromRefreshToken`: works with rotation on or off, and is the only call that
+    /// completes a rotation.
+    #[default]
+    GetTokensFromRefreshToken,
+    /// `InitiateAuth` with `REFRESH_TOKEN_AUTH`: refused by app clients with rotation on; for
+    /// emulators without the newer call.
+    InitiateAuth,
 }
 
 fn map_error<E, R>(e: SdkError<E, R>) -> Error
@@ -143,7 +163,14 @@ impl CognitoIdentity {
             client,
             client_id: client_id.into(),
             client_secret,
+            refresh_call: RefreshCall::default(),
         }
+    }
+
+    /// Renews sessions with `call` instead of the default.
+    pub fn with_refresh_call(mut self, call: RefreshCall) -> Self {
+        self.refresh_call = call;
+        self
     }
 
     /// `SECRET_HASH`: Base64(HMAC-SHA256(client secret, username + client id)), required by
@@ -212,17 +239,31 @@ impl IdentityProvider for CognitoIdentity {
     }
 
     async fn refresh(&self, refresh_token: &str) -> Result<Tokens> {
-        // App clients with a secret need SECRET_HASH of the user's `sub` here, which a refresh
-        // token does not reveal; use a public app client (no secret) for mobile apps.
+        if self.refresh_call == RefreshCall::InitiateAuth {
+            // App clients with a secret would need SECRET_HASH of the user's `sub` here, which
+            // a refresh token does not reveal: this call is for public app clients only.
+            let out = self
+                .client
+                .initiate_auth()
+                .client_id(&self.client_id)
+                .auth_flow(AuthFlowType::RefreshTokenAuth)
+                .auth_parameters("REFRESH_TOKEN", refresh_token)
+                .send()
+                .await
+                .map_err(map_error)?;
+            return tokens(out.authentication_result(), Some(refresh_token));
+        }
         let out = self
             .client
-            .initiate_auth()
+            .get_tokens_from_refresh_token()
             .client_id(&self.client_id)
-            .auth_flow(AuthFlowType::RefreshTokenAuth)
-            .auth_parameters("REFRESH_TOKEN", refresh_token)
+            .refresh_token(refresh_token)
+            .set_client_secret(self.client_secret.clone())
             .send()
             .await
             .map_err(map_error)?;
+        // With rotation on, the answer carries the new refresh token; with it off, none, and
+        // the session's token stays the one it was.
         tokens(out.authentication_result(), Some(refresh_token))
     }
 
