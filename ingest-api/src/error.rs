@@ -108,23 +108,28 @@ impl ApiError {
     }
 }
 
+/// What a `5xx` answer left out for the client, for the log (see `IntoResponse` below).
+#[derive(Debug, Clone)]
+pub struct ServerErrorDetail(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let message = match &self {
-            ApiError::Internal(detail) => {
-                // The detail is for operators, not clients.
-                tracing::error!(%detail, "internal error");
-                "internal error".to_string()
-            }
-            ApiError::Unavailable(detail) => {
-                tracing::warn!(%detail, "dependency unavailable");
-                "the service is temporarily unavailable; retry shortly".to_string()
-            }
-            other => other.to_string(),
+        // The detail of a server-side failure is for operators, not clients: it rides on the
+        // response for `middleware::log_server_errors`, which logs it inside the request's span.
+        let (message, detail) = match &self {
+            ApiError::Internal(detail) => ("internal error".to_string(), Some(detail.clone())),
+            ApiError::Unavailable(detail) => (
+                "the service is temporarily unavailable; retry shortly".to_string(),
+                Some(detail.clone()),
+            ),
+            other => (other.to_string(), None),
         };
         let body = Json(serde_json::json!({ "error": { "code": code, "message": message } }));
         let mut response = (status, body).into_response();
+        if let Some(detail) = detail {
+            response.extensions_mut().insert(ServerErrorDetail(detail));
+        }
         if self.is_refusal() {
             response.extensions_mut().insert(Refused);
         }
@@ -239,6 +244,24 @@ mod tests {
             .await
             .expect("body");
         (status, serde_json::from_slice(&body).expect("json body"))
+    }
+
+    #[tokio::test]
+    async fn a_server_error_tells_the_client_nothing_and_leaves_the_detail_for_the_log() {
+        let response = ApiError::Internal("disk on fire at /var/db".into()).into_response();
+        assert_eq!(
+            response
+                .extensions()
+                .get::<ServerErrorDetail>()
+                .map(|d| d.0.as_str()),
+            Some("disk on fire at /var/db")
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        assert!(!String::from_utf8_lossy(&body).contains("disk"));
+        let refused = ApiError::bad_request("empty_prompt", "empty").into_response();
+        assert!(refused.extensions().get::<ServerErrorDetail>().is_none());
     }
 
     #[tokio::test]

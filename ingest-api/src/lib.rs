@@ -8,9 +8,15 @@
 //! - [`router`]      every route and the layers around them (the API map is in this file).
 //! - [`handlers`]    one module per resource; short functions of extractors.
 //! - [`extract`]     JSON/path/query extractors with our errors, and the `Caller` extractor.
-//! - [`middleware`]  authentication and rate limit, idempotency keys, request metrics.
+//! - [`middleware`]  authentication and rate limit, idempotency keys, request metrics, the
+//!   log of server errors.
 //! - [`error`]       `ApiError`, the one error type, and its JSON shape.
 //! - [`openapi`]     the OpenAPI 3.1 document served at `/openapi.json`.
+//! - [`slots`]       the per-user cap on event streams and long polls.
+//! - [`throttle`]    lockouts of failed sign-ins and refreshes, per account and per address.
+//! - [`token_cache`] the LRU of verified access tokens.
+//! - [`serve`]       the accept loop: header-read, idle and body timeouts, connection limit,
+//!   graceful shutdown.
 
 pub mod error;
 pub mod extract;
@@ -171,6 +177,7 @@ pub fn router(state: AppState) -> Router {
         .merge(authenticated)
         .fallback(|| async { ApiError::NotFound("route") })
         .route_layer(from_fn_with_state(state.clone(), middleware::track))
+        .layer(axum::middleware::from_fn(middleware::log_server_errors))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .layer(from_fn_with_state(state.clone(), middleware::refuse_large_bodies))
         // A body that stops arriving ends the request with `408` instead of holding it.

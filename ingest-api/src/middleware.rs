@@ -5,7 +5,8 @@
 //!    caller into the request for the [`Caller`](crate::extract::Caller) extractor.
 //! 2. [`idempotency`]: replays the stored answer of a repeated `Idempotency-Key`.
 //!
-//! And on every route, [`track`] counts requests and latency for `/metrics`.
+//! And on every route, [`track`] counts requests and latency for `/metrics`, and
+//! [`log_server_errors`] logs the detail of `5xx` answers.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use shared::auth::AuthUser;
 use shared::metrics::{HttpLabels, RouteLabels};
 use shared::store::IdempotencyBegin;
 
-use crate::error::{ApiError, Refused};
+use crate::error::{ApiError, Refused, ServerErrorDetail};
 use crate::token_cache::TokenCache;
 use crate::AppState;
 
@@ -237,6 +238,20 @@ pub async fn refuse_large_bodies(
 }
 
 /// Counts every response by method, route template and status, and times it.
+/// Logs what a `5xx` answer left out for the client (an error's detail): here, in the
+/// request's span, rather than as a side effect of turning an error into a response.
+pub async fn log_server_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    if let Some(ServerErrorDetail(detail)) = response.extensions().get() {
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(%detail, "dependency unavailable");
+        } else {
+            tracing::error!(%detail, status = response.status().as_u16(), "internal error");
+        }
+    }
+    response
+}
+
 pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     // A label from a fixed set: a client can send any method name, and each new label value

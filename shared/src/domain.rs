@@ -358,15 +358,6 @@ pub struct Batch {
     pub created_at: String,
 }
 
-/// The body of a queue message: ids only. Payloads live in the store, so a message is tiny and
-/// a redelivered one reads the current state instead of a stale copy.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobMessage {
-    pub request_id: String,
-    pub user_id: String,
-    pub kind: RequestKind,
-}
-
 /// One page of a listing; `next_token` is opaque to clients.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Page<T> {

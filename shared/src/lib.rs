@@ -7,7 +7,9 @@
 //!
 //! Layout:
 //! - [`domain`]   records the product is about (users, personas, conversations, messages,
-//!   requests, batches) and the job message that travels on the queue.
+//!   requests, batches).
+//! - [`job`]      the API → worker contract: a job, encoded into a queue message by the API
+//!   and decoded from a delivery by a worker.
 //! - [`error`]    the one error type of this crate, with the transient/permanent split that
 //!   drives retries.
 //! - [`config`]   every setting, as `clap` arguments with environment fallbacks.
@@ -35,6 +37,7 @@ pub mod domain;
 pub mod emf;
 pub mod error;
 pub mod events;
+pub mod job;
 pub mod metrics;
 pub mod models;
 pub mod private_fs;

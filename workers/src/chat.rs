@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use shared::atomic::delta_data;
 use shared::domain::{Message, RequestInput, RequestKind, RequestRecord, RequestResult, Role};
+use shared::events::Event;
 use shared::events::EventBus;
 use shared::models::{ChatModel, ChatRequest};
 use shared::store::Store;
@@ -116,8 +116,10 @@ impl Job for ChatJob {
                         Err(TryRecvError::Disconnected) => return Some(text),
                     }
                 }
-                let data = delta_data(request_id, &text);
-                if let Err(e) = events.publish(user_id, "message.delta", data).await {
+                if let Err(e) = events
+                    .publish(user_id, &Event::delta(request_id, &text))
+                    .await
+                {
                     tracing::warn!(error = %e, "could not push a reply fragment");
                 }
             }
@@ -129,8 +131,9 @@ impl Job for ChatJob {
             Err(e) => {
                 // No settlement will carry the rest: push it now, as before the failure.
                 if let Some(text) = last_fragment {
-                    let data = delta_data(request_id, &text);
-                    let _ = events.publish(user_id, "message.delta", data).await;
+                    let _ = events
+                        .publish(user_id, &Event::delta(request_id, &text))
+                        .await;
                 }
                 return Err(e);
             }

@@ -2,24 +2,12 @@
 //!
 //! For each delivery: keep the message hidden with a heartbeat from the moment it is received,
 //! mark the request running (or drop the message if the request already finished: a
-//! duplicate, however often it was delivered), retry transient
-//! failures a few times in-process (exponential back-off, full jitter, `Retry-After` honoured),
-//! and then settle the delivery exactly one way, in one step (`shared::atomic`: the request's
-//! state, its result record, the event and the message together):
-//!
-//! | outcome                           | request   | message                               |
-//! |-----------------------------------|-----------|---------------------------------------|
-//! | success                           | succeeded | deleted                               |
-//! | permanent error                   | failed    | deleted                               |
-//! | transient error, attempts left    | queued    | hidden for a growing, jittered delay  |
-//! | transient error, last attempt     | failed    | dead-lettered                         |
-//! | started more than `max_receives` times (earlier workers died) | failed | dead-lettered |
-//! | shutdown before the job finished  | queued    | made visible again at once            |
-//!
-//! Attempts are counted by the request (each start adds one; a shutdown's hand-back takes its
-//! attempt back), not by the queue's receive count: deploys and restarts never use up a job's
-//! attempts. SQS's own redrive policy still counts every receive; it is set above
-//! `max_receives` (infra/template.yaml) as a backstop for messages no worker can even read.
+//! duplicate, however often it was delivered), run the job with a few in-process retries of
+//! transient failures (exponential back-off, full jitter, `Retry-After` honoured), and then
+//! settle the delivery exactly one way, in one step (`shared::atomic`: the request's state, its
+//! result record, the event and the message together). Which way is decided by
+//! [`crate::settlement::decide`], a pure function with its table and tests; this loop only
+//! receives, heartbeats, runs and applies.
 //!
 //! A job computes; it stores nothing itself. Its result is stored by the settlement, keyed by
 //! the request (a persona) or by the user message it answers (a reply), so a delivery settled
@@ -32,10 +20,13 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use shared::atomic::{Ack, Atomic, Settle, Started};
 use shared::config::WorkerSettings;
-use shared::domain::{ErrorBody, JobMessage, RequestKind, RequestRecord, RequestResult, Usage};
+use shared::domain::{ErrorBody, RequestKind, RequestRecord, RequestResult, Usage};
+use shared::job::Job as QueuedJob;
 use shared::metrics::{KindLabels, Metrics, ModelLabels, TokenLabels};
-use shared::queue::{attr, Delivery, Queue};
+use shared::queue::{Delivery, Queue};
 use shared::store::Transition;
+
+use crate::settlement::{decide, Limits, Outcome, Settlement};
 use shared::{Error, Result};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -57,7 +48,7 @@ pub struct JobContext {
 }
 
 /// What a finished job leaves on its request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobOutput {
     pub result: RequestResult,
     pub usage: Usage,
@@ -101,9 +92,6 @@ async fn sweep_outbox(atomic: Arc<dyn Atomic>, kind: RequestKind, shutdown: Canc
         }
     }
 }
-
-/// How an attempt ended: `None` when shutdown interrupted it.
-type Outcome = Option<Result<JobOutput>>;
 
 impl Consumer {
     /// Consumes until `shutdown` is cancelled, then lets in-flight jobs finish for the grace
@@ -185,11 +173,15 @@ impl Consumer {
     pub async fn handle(&self, delivery: Delivery, cancel: CancellationToken) {
         let kind = self.job.kind();
         let started = Instant::now();
-        let msg: JobMessage = match serde_json::from_str(&delivery.body) {
+        let msg = match QueuedJob::decode(&delivery) {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(%kind, error = %e, "queue message is not a job; dead-lettering it");
-                let reason = crate::Error::BadMessage(e.to_string()).to_string();
+                let detail = match e {
+                    shared::Error::Invalid(detail) => detail,
+                    other => other.to_string(),
+                };
+                let reason = crate::Error::BadMessage(detail).to_string();
                 if let Err(e) = self.queue.dead_letter(&delivery, &reason).await {
                     tracing::error!(error = %e, "could not dead-letter a malformed message");
                 }
@@ -197,14 +189,13 @@ impl Consumer {
                 return;
             }
         };
-        let attribute = |name| delivery.attributes.get(name).map(String::as_str);
         let span = tracing::info_span!(
             "job",
             %kind,
             request_id = %msg.request_id,
             delivery = delivery.receive_count,
-            trace_id = attribute(attr::TRACE_ID),
-            http_request_id = attribute(attr::HTTP_REQUEST_ID),
+            trace_id = msg.trace.trace_id.as_deref(),
+            http_request_id = msg.trace.http_request_id.as_deref(),
         );
         let result = self
             .process(&delivery, &msg, cancel)
@@ -226,11 +217,10 @@ impl Consumer {
     async fn process(
         &self,
         delivery: &Delivery,
-        msg: &JobMessage,
+        msg: &QueuedJob,
         cancel: CancellationToken,
     ) -> Result<()> {
-        let kind = self.job.kind().as_str();
-        let max = self.settings.max_receives;
+        let limits = Limits::from(&self.settings);
         // Hidden from the moment it is received, not only once the job runs: the store calls
         // before it may be slow too. The same heartbeat runs on beside the job below.
         let hidden = self.keep_hidden(&delivery.receipt);
@@ -241,26 +231,14 @@ impl Consumer {
             started = self.atomic.start(&msg.user_id, &msg.request_id) => started?,
             never = &mut hidden => match never {},
         };
-        // Attempts are counted by the request, not by the queue's receive count: a delivery
-        // handed back on shutdown, or before it started, costs the job nothing.
         let record = match started {
-            Started::Running(record) if record.attempts > max => {
-                // Earlier deliveries never settled: their workers died mid-job.
-                let error = ErrorBody {
-                    code: "max_attempts_exceeded".into(),
-                    message: format!(
-                        "the job was started {max} times without finishing; giving up"
-                    ),
-                };
-                return self.give_up(delivery, msg, error).await;
-            }
             Started::Running(record) => record,
             Started::Finished(record) => {
                 tracing::info!(
                     status = record.status.as_str(),
                     "request already finished; duplicate delivery dropped"
                 );
-                self.metrics.job(kind, "duplicate");
+                self.metrics.job(self.job.kind().as_str(), "duplicate");
                 return self.queue.delete(&delivery.receipt).await;
             }
             Started::Missing => {
@@ -268,39 +246,74 @@ impl Consumer {
                 return self.queue.delete(&delivery.receipt).await;
             }
         };
-
-        let ctx = JobContext {
-            user_id: msg.user_id.clone(),
-            attempt: record.attempts,
-        };
-        let budget = Duration::from_secs(self.settings.job_timeout_secs.max(1));
         let attempt_started = Instant::now();
-        let outcome: Outcome = tokio::select! {
-            _ = cancel.cancelled() => None,
-            r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => Some(
-                r.unwrap_or_else(|_| Err(Error::ModelTransient {
-                    message: format!("the job did not finish within {}s", budget.as_secs()),
-                    retry_after: None,
-                }))
-            ),
-            never = &mut hidden => match never {},
+        let outcome = if record.attempts > limits.max_attempts {
+            // Earlier attempts never settled: their workers died mid-job.
+            Outcome::Exhausted
+        } else {
+            let ctx = JobContext {
+                user_id: msg.user_id.clone(),
+                attempt: record.attempts,
+            };
+            let budget = Duration::from_secs(self.settings.job_timeout_secs.max(1));
+            tokio::select! {
+                _ = cancel.cancelled() => Outcome::Interrupted,
+                r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => match r {
+                    Ok(Ok(out)) => Outcome::Succeeded(Box::new(out)),
+                    Ok(Err(e)) => Outcome::Failed(e),
+                    Err(_) => Outcome::Failed(Error::ModelTransient {
+                        message: format!("the job did not finish within {}s", budget.as_secs()),
+                        retry_after: None,
+                    }),
+                },
+                never = &mut hidden => match never {},
+            }
         };
+        let settlement = decide(outcome, record.attempts, &limits, rand::random::<f64>());
+        self.apply(delivery, msg, settlement, attempt_started.elapsed())
+            .await
+    }
 
-        // Each outcome settles in one step: the request's state, its result record, the event
-        // and what becomes of the message (see `shared::atomic`).
+    /// Applies a settlement in one step (the request's state, its result record, the event
+    /// and what becomes of the message: see `shared::atomic`), then logs and counts it.
+    async fn apply(
+        &self,
+        delivery: &Delivery,
+        msg: &QueuedJob,
+        settlement: Settlement,
+        latency: Duration,
+    ) -> Result<()> {
+        let kind = self.job.kind();
+        let (transition, ack, last_fragment, outcome) = self.parts(settlement, latency);
+        let settle = Settle {
+            kind,
+            user_id: msg.user_id.clone(),
+            request_id: msg.request_id.clone(),
+            transition,
+            ack,
+            last_fragment,
+        };
+        self.atomic.settle(delivery, settle).await?;
+        self.metrics.job(kind.as_str(), outcome);
+        if outcome == "succeeded" {
+            tracing::info!("request succeeded");
+        }
+        Ok(())
+    }
+
+    /// A settlement as the request's transition, the message's ack, the reply's unpushed end
+    /// and the outcome's metric label; logs the failures and observes the model call.
+    fn parts(
+        &self,
+        settlement: Settlement,
+        latency: Duration,
+    ) -> (Transition, Ack, Option<String>, &'static str) {
         let mut last_fragment = None;
-        let (transition, ack, result) = match outcome {
-            Some(Ok(mut out)) => {
-                last_fragment = out.last_fragment.take();
-                let latency = attempt_started.elapsed();
-                self.count_tokens(&out);
-                self.metrics
-                    .model_latency
-                    .get_or_create(&ModelLabels {
-                        kind: kind.into(),
-                        model: out.model.clone(),
-                    })
-                    .observe(latency.as_secs_f64());
+        let (transition, ack, outcome) = match settlement {
+            Settlement::Succeed(out) => {
+                let out = *out;
+                last_fragment = out.last_fragment.clone();
+                self.observe_model(&out, latency);
                 let transition = Transition::Succeed {
                     result: Box::new(out.result),
                     usage: out.usage,
@@ -309,31 +322,22 @@ impl Consumer {
                 };
                 (transition, Ack::Delete, "succeeded")
             }
-            Some(Err(e)) if e.is_transient() && record.attempts < max => {
-                let delay = self.queue_backoff(record.attempts, &e);
-                tracing::warn!(error = %e, retry_in = ?delay, "transient failure; the job goes back to the queue");
-                let error = ErrorBody {
-                    code: e.code(),
-                    message: e.to_string(),
-                };
+            Settlement::Retry { delay, error } => {
+                tracing::warn!(error = %error.message, retry_in = ?delay, "transient failure; the job goes back to the queue");
                 (Transition::Retry { error }, Ack::Retry { delay }, "retried")
             }
-            Some(Err(e)) if e.is_transient() => {
-                let error = ErrorBody {
-                    code: e.code(),
-                    message: format!("gave up after {} attempts: {e}", record.attempts),
-                };
-                return self.give_up(delivery, msg, error).await;
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "permanent failure; request failed");
-                let error = ErrorBody {
-                    code: e.code(),
-                    message: e.to_string(),
-                };
+            Settlement::Fail { error } => {
+                tracing::warn!(error = %error.message, "permanent failure; request failed");
                 (Transition::Fail { error }, Ack::Delete, "failed")
             }
-            None => {
+            Settlement::DeadLetter { error } => {
+                tracing::error!(code = %error.code, reason = %error.message, "dead-lettering the job");
+                let ack = Ack::DeadLetter {
+                    reason: error.message.clone(),
+                };
+                (Transition::Fail { error }, ack, "dead_lettered")
+            }
+            Settlement::Release => {
                 tracing::info!("shutting down; message handed back to the queue");
                 let error = ErrorBody {
                     code: "interrupted".into(),
@@ -345,43 +349,7 @@ impl Consumer {
                 (Transition::Release { error }, ack, "released")
             }
         };
-        self.settle(delivery, msg, transition, ack, last_fragment)
-            .await?;
-        self.metrics.job(kind, result);
-        if result == "succeeded" {
-            tracing::info!("request succeeded");
-        }
-        Ok(())
-    }
-
-    async fn settle(
-        &self,
-        delivery: &Delivery,
-        msg: &JobMessage,
-        transition: Transition,
-        ack: Ack,
-        last_fragment: Option<String>,
-    ) -> Result<()> {
-        let settle = Settle {
-            kind: self.job.kind(),
-            user_id: msg.user_id.clone(),
-            request_id: msg.request_id.clone(),
-            transition,
-            ack,
-            last_fragment,
-        };
-        self.atomic.settle(delivery, settle).await.map(|_| ())
-    }
-
-    /// Fails the request for good and moves its message to the dead-letter queue.
-    async fn give_up(&self, delivery: &Delivery, msg: &JobMessage, error: ErrorBody) -> Result<()> {
-        tracing::error!(code = %error.code, reason = %error.message, "dead-lettering the job");
-        let reason = error.message.clone();
-        let ack = Ack::DeadLetter { reason };
-        self.settle(delivery, msg, Transition::Fail { error }, ack, None)
-            .await?;
-        self.metrics.job(self.job.kind().as_str(), "dead_lettered");
-        Ok(())
+        (transition, ack, last_fragment, outcome)
     }
 
     async fn run_with_retries(
@@ -417,22 +385,6 @@ impl Consumer {
             .await
     }
 
-    /// How long a failed job waits in the queue before its next delivery: exponential in the
-    /// attempt count, capped, with full jitter, and never shorter than a `Retry-After`.
-    fn queue_backoff(&self, attempts: u32, error: &Error) -> Duration {
-        let base = self.settings.retry_base_ms as f64;
-        let cap = (base * 2f64.powi(attempts.saturating_sub(1).min(30) as i32))
-            .min(self.settings.retry_max_ms as f64);
-        let delay = Duration::from_millis((cap * rand::random::<f64>()) as u64);
-        match error {
-            Error::ModelTransient {
-                retry_after: Some(after),
-                ..
-            } => delay.max(*after),
-            _ => delay,
-        }
-    }
-
     /// Keeps the message hidden while the job runs, so a long job is not handed to a second
     /// worker. Never ends: it runs beside the job in the job's own task, so when the job ends,
     /// or its task is killed, the heartbeat goes with it and cannot hide the message forever.
@@ -446,8 +398,16 @@ impl Consumer {
         }
     }
 
-    fn count_tokens(&self, out: &JobOutput) {
+    /// The model call's latency and tokens, by kind and model.
+    fn observe_model(&self, out: &JobOutput, latency: Duration) {
         let kind = self.job.kind().as_str();
+        self.metrics
+            .model_latency
+            .get_or_create(&ModelLabels {
+                kind: kind.into(),
+                model: out.model.clone(),
+            })
+            .observe(latency.as_secs_f64());
         for (direction, n) in [
             ("input", out.usage.input_tokens),
             ("output", out.usage.output_tokens),

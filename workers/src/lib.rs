@@ -5,7 +5,9 @@
 //!
 //! Layout:
 //! - [`consumer`]  the consume loop shared by both kinds: concurrency, visibility heartbeat,
-//!   in-process retries, queue back-off, dead-lettering, graceful shutdown.
+//!   in-process retries, graceful shutdown; it applies what [`settlement`] decides.
+//! - [`settlement`] how an attempt settles (succeed, retry after a back-off, fail,
+//!   dead-letter, release): a pure decision and its table.
 //! - [`persona`]   the persona job: prompt → validated persona record.
 //! - [`chat`]      the chat job: persona + bounded history + message → one reply.
 //! - [`error`]     this crate's error type.
@@ -14,6 +16,7 @@ pub mod chat;
 pub mod consumer;
 pub mod error;
 pub mod persona;
+pub mod settlement;
 
 pub use consumer::{Consumer, Job, JobContext, JobOutput};
 pub use error::Error;

@@ -139,7 +139,7 @@ pub async fn post_message(
     let work = Accept {
         user_id: caller.id().to_owned(),
         kind: RequestKind::Chat,
-        jobs: vec![job_for(caller.id(), &request, &trace)?],
+        jobs: vec![job_for(caller.id(), &request, &trace)],
         requests: vec![request],
         batch: None,
         message: Some(UserMessage {

@@ -48,8 +48,8 @@ pub async fn stream(
             let _held = &slot;
             Ok(Event::default()
                 .id(e.id.to_string())
-                .event(e.name.as_str())
-                .data(e.data.to_string()))
+                .event(e.event.name())
+                .data(&e.data))
         })
         .take_until(end);
     // A first comment flushes the headers at once, so clients know they are subscribed.

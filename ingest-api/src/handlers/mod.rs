@@ -12,8 +12,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::atomic::{Accept, AcceptOutcome, Answer};
-use shared::domain::{JobMessage, RequestKind, RequestRecord, RequestStatus};
-use shared::queue::{attr, Outgoing};
+use shared::domain::{RequestKind, RequestRecord, RequestStatus};
+use shared::job::{Job, TraceContext};
+use shared::queue::Outgoing;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::ApiError;
@@ -82,22 +83,18 @@ pub fn check_text(
     Ok(trimmed.to_owned())
 }
 
-/// The job message of a request, with its request and trace ids as message attributes.
-pub fn job_for(
-    user_id: &str,
-    request: &RequestRecord,
-    trace: &Trace,
-) -> Result<Outgoing, ApiError> {
-    let body = serde_json::to_string(&JobMessage {
+/// The queue message of a request's job, traced to this call.
+pub fn job_for(user_id: &str, request: &RequestRecord, trace: &Trace) -> Outgoing {
+    Job {
         request_id: request.request_id.clone(),
         user_id: user_id.to_owned(),
         kind: request.kind,
-    })
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Outgoing::new(body)
-        .with(attr::REQUEST_ID, &request.request_id)
-        .with(attr::HTTP_REQUEST_ID, &trace.http_request_id)
-        .with(attr::TRACE_ID, &trace.trace_id))
+        trace: TraceContext {
+            http_request_id: Some(trace.http_request_id.clone()),
+            trace_id: Some(trace.trace_id.clone()),
+        },
+    }
+    .encode()
 }
 
 /// Accepts work in one step (records, jobs and the idempotency key's answer: see

@@ -67,7 +67,7 @@ pub async fn create(
     let work = Accept {
         user_id: caller.id().to_owned(),
         kind: RequestKind::Persona,
-        jobs: vec![job_for(caller.id(), &request, &trace)?],
+        jobs: vec![job_for(caller.id(), &request, &trace)],
         requests: vec![request],
         batch: None,
         message: None,
@@ -143,7 +143,7 @@ pub async fn create_batch(
     let jobs = requests
         .iter()
         .map(|r| job_for(caller.id(), r, &trace))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
     let total = requests.len();
     let work = Accept {
         user_id: caller.id().to_owned(),

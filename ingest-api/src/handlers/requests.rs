@@ -61,9 +61,9 @@ pub async fn get(
             event = events.next() => {
                 let Some(event) = event else { break };
                 // An update carries the whole record, as committed: no need to read it back.
-                if let Ok(updated) = RequestRecord::deserialize(&event.data) {
+                if let shared::events::Event::RequestUpdated(updated) = &event.event {
                     if updated.request_id == id {
-                        record = updated;
+                        record = (**updated).clone();
                         continue;
                     }
                 }

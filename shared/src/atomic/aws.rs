@@ -28,10 +28,10 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{ConditionCheck, Put, TransactWriteItem, Update};
 use serde::{Deserialize, Serialize};
 
-use super::{delta_data, Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
+use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestInput, RequestKind, RequestRecord, RequestResult};
 use crate::events::dynamodb::DynamoEventBus;
-use crate::events::EventBus;
+use crate::events::{Event, EventBus};
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
 use crate::store::dynamodb::{
     get_n, get_s, key, msg_sk, n, s, storage, user_pk, DynamoStore, Item,
@@ -177,13 +177,9 @@ impl AwsAtomic {
     }
 
     async fn publish(&self, user_id: &str, record: &RequestRecord) {
-        match serde_json::to_value(record) {
-            Ok(data) => {
-                if let Err(e) = self.events.publish(user_id, "request.updated", data).await {
-                    tracing::warn!(error = %e, "could not push a request update");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "request is not serializable"),
+        let event = Event::updated(record);
+        if let Err(e) = self.events.publish(user_id, &event).await {
+            tracing::warn!(error = %e, "could not push a request update");
         }
     }
 
@@ -250,11 +246,11 @@ impl AwsAtomic {
             // Event items take increasing ids as they are made: the delta sorts first.
             let mut events = Vec::new();
             if let Some(text) = last_fragment {
-                let data = delta_data(request_id, text).to_string();
-                events.push(self.events.event_item(user_id, "message.delta", &data));
+                let (name, data) = Event::delta(request_id, text).to_parts()?;
+                events.push(self.events.event_item(user_id, name, &data));
             }
-            let data = serde_json::to_string(&record)?;
-            events.push(self.events.event_item(user_id, "request.updated", &data));
+            let (name, data) = Event::updated(&record).to_parts()?;
+            events.push(self.events.event_item(user_id, name, &data));
             for event in events {
                 items.push(
                     TransactWriteItem::builder()

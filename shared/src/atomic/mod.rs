@@ -97,11 +97,6 @@ pub struct Settle {
     pub last_fragment: Option<String>,
 }
 
-/// The `message.delta` event's data: a piece of the reply a request is writing.
-pub fn delta_data(request_id: &str, text: &str) -> serde_json::Value {
-    serde_json::json!({ "request_id": request_id, "text": text })
-}
-
 /// What `start` found.
 #[derive(Debug, Clone)]
 pub enum Started {

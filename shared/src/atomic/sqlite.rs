@@ -7,9 +7,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
-use super::{delta_data, Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
+use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestInput, RequestKind, RequestRecord, RequestResult};
-use crate::events::sqlite::{insert_in as publish_in, SqliteEventBus};
+use crate::events::sqlite::{insert_event_in as publish_in, SqliteEventBus};
+use crate::events::Event;
 use crate::queue::sqlite::{
     change_visibility_in, dead_letter_in, delete_in, enqueue_in, SqliteQueue,
 };
@@ -64,12 +65,7 @@ fn owned_request(c: &Connection, user_id: &str, request_id: &str) -> Result<Opti
 }
 
 fn publish_update(c: &Connection, user_id: &str, record: &RequestRecord) -> Result<()> {
-    publish_in(
-        c,
-        user_id,
-        "request.updated",
-        &serde_json::to_string(record)?,
-    )
+    publish_in(c, user_id, &Event::updated(record))
 }
 
 /// Stores a succeeded job's result as its own record (the persona, or the reply to the
@@ -204,8 +200,7 @@ impl Atomic for SqliteAtomic {
                         let (record, applied) = transition_in(c, &request_id, transition)?;
                         if applied {
                             if let Some(text) = &last_fragment {
-                                let data = delta_data(&request_id, text).to_string();
-                                publish_in(c, &user_id, "message.delta", &data)?;
+                                publish_in(c, &user_id, &Event::delta(&request_id, text))?;
                             }
                             publish_update(c, &user_id, &record)?;
                         }

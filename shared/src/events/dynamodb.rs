@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::Client;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
-use super::{Event, EventBus, RETENTION_MS};
+use super::{Event, EventBus, Published, RETENTION_MS};
 use crate::{Error, Result};
 
 /// How often an open stream looks for new events.
@@ -76,7 +76,7 @@ impl DynamoEventBus {
         table: &str,
         user_id: &str,
         after: u64,
-    ) -> Result<Vec<Event>> {
+    ) -> Result<Vec<Published>> {
         let mut events = Vec::new();
         let mut start = None;
         loop {
@@ -98,12 +98,12 @@ impl DynamoEventBus {
                         .cloned()
                         .unwrap_or_default()
                 };
-                events.push(Event {
-                    id: get("sk").parse().unwrap_or_default(),
-                    user_id: user_id.to_owned(),
-                    name: get("name"),
-                    data: serde_json::from_str(&get("data")).unwrap_or(serde_json::Value::Null),
-                });
+                let id = get("sk").parse().unwrap_or_default();
+                if let Some(e) =
+                    Published::from_stored(id, user_id.to_owned(), &get("name"), get("data"))
+                {
+                    events.push(e);
+                }
             }
             start = out.last_evaluated_key;
             if start.is_none() {
@@ -138,11 +138,12 @@ impl DynamoEventBus {
 
 #[async_trait]
 impl EventBus for DynamoEventBus {
-    async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()> {
+    async fn publish(&self, user_id: &str, event: &Event) -> Result<()> {
+        let (name, data) = event.to_parts()?;
         self.client
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(self.event_item(user_id, name, &data.to_string())))
+            .set_item(Some(self.event_item(user_id, name, &data)))
             .send()
             .await
             .map_err(|e| storage("publish event", e))?;
@@ -153,8 +154,8 @@ impl EventBus for DynamoEventBus {
         &self,
         user_id: &str,
         after: Option<u64>,
-    ) -> Result<BoxStream<'static, Arc<Event>>> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Arc<Event>>(256);
+    ) -> Result<BoxStream<'static, Arc<Published>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Arc<Published>>(256);
         let (client, table, user) = (self.client.clone(), self.table.clone(), user_id.to_owned());
         // Everything up to `start` is the past: already seen (`Last-Event-ID`), or before now.
         let start = after.unwrap_or_else(now_micros);

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::RequestRecord;
 use crate::Result;
 
 pub use sqlite::SqliteEventBus;
@@ -21,19 +22,107 @@ pub use sqlite::SqliteEventBus;
 /// How long events stay replayable.
 pub const RETENTION_MS: i64 = 60 * 60 * 1000;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Event {
+/// What a client is told, as one type: its SSE `event:` name and JSON `data:` come from
+/// [`Event::to_parts`], and everything that reads stored events turns them back with
+/// [`Event::from_parts`], so the name of an event and the shape of its data are written once.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// `request.updated`: a request's record, each time it changes. Boxed: a record is large
+    /// next to a delta.
+    RequestUpdated(Box<RequestRecord>),
+    /// `message.delta`: a piece of the reply a request is writing.
+    MessageDelta(Delta),
+}
+
+/// The data of a `message.delta` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub request_id: String,
+    pub text: String,
+}
+
+const REQUEST_UPDATED: &str = "request.updated";
+const MESSAGE_DELTA: &str = "message.delta";
+
+impl Event {
+    pub fn updated(record: &RequestRecord) -> Event {
+        Event::RequestUpdated(Box::new(record.clone()))
+    }
+
+    pub fn delta(request_id: &str, text: &str) -> Event {
+        Event::MessageDelta(Delta {
+            request_id: request_id.to_owned(),
+            text: text.to_owned(),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::RequestUpdated(_) => REQUEST_UPDATED,
+            Event::MessageDelta(_) => MESSAGE_DELTA,
+        }
+    }
+
+    /// The event's name and its data as JSON text: how it is stored and sent.
+    pub fn to_parts(&self) -> Result<(&'static str, String)> {
+        let data = match self {
+            Event::RequestUpdated(record) => serde_json::to_string(record)?,
+            Event::MessageDelta(delta) => serde_json::to_string(delta)?,
+        };
+        Ok((self.name(), data))
+    }
+
+    /// The event stored as `name` and `data`; `None` for a name this version does not know
+    /// (a newer writer's, during a rolling deploy) or data that does not parse.
+    pub fn from_parts(name: &str, data: &str) -> Option<Event> {
+        let event = match name {
+            REQUEST_UPDATED => {
+                serde_json::from_str(data).map(|r| Event::RequestUpdated(Box::new(r)))
+            }
+            MESSAGE_DELTA => serde_json::from_str(data).map(Event::MessageDelta),
+            _ => return None,
+        };
+        event
+            .inspect_err(|e| tracing::warn!(%name, error = %e, "stored event does not parse"))
+            .ok()
+    }
+
+    /// The request the event is about.
+    pub fn request_id(&self) -> &str {
+        match self {
+            Event::RequestUpdated(record) => &record.request_id,
+            Event::MessageDelta(delta) => &delta.request_id,
+        }
+    }
+}
+
+/// An event as subscribers get it: with its id and owner, and its data as the JSON text it was
+/// stored as, so fanning it out to many streams serialises nothing again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
     /// Increasing id; the SSE `id:` field.
     pub id: u64,
     pub user_id: String,
-    /// `request.updated`, `message.delta`, …
-    pub name: String,
-    pub data: serde_json::Value,
+    pub event: Event,
+    pub data: String,
+}
+
+impl Published {
+    /// A stored event, or `None` when this version cannot read it (see [`Event::from_parts`]).
+    pub fn from_stored(id: u64, user_id: String, name: &str, data: String) -> Option<Published> {
+        let event = Event::from_parts(name, &data)?;
+        Some(Published {
+            id,
+            user_id,
+            event,
+            data,
+        })
+    }
 }
 
 #[async_trait]
 pub trait EventBus: Send + Sync + 'static {
-    async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()>;
+    async fn publish(&self, user_id: &str, event: &Event) -> Result<()>;
 
     /// The user's events from now on, preceded by those after `after` when given. Shared
     /// (`Arc`): one event fans out to every stream of its user without a copy each.
@@ -41,7 +130,7 @@ pub trait EventBus: Send + Sync + 'static {
         &self,
         user_id: &str,
         after: Option<u64>,
-    ) -> Result<BoxStream<'static, Arc<Event>>>;
+    ) -> Result<BoxStream<'static, Arc<Published>>>;
 
     /// The updates (`request.updated`) of one request of the user, from now on — what a long
     /// poll waits for; its other news (`message.delta`) is left out, so a waiter wakes only when
@@ -52,24 +141,40 @@ pub trait EventBus: Send + Sync + 'static {
         &self,
         user_id: &str,
         request_id: &str,
-    ) -> Result<BoxStream<'static, Arc<Event>>> {
+    ) -> Result<BoxStream<'static, Arc<Published>>> {
         use futures::StreamExt;
         let id = request_id.to_owned();
         Ok(self
             .subscribe(user_id, None)
             .await?
             .filter(move |e| {
-                let update = e.name == REQUEST_UPDATED && request_of(e) == Some(id.as_str());
+                let update = matches!(&e.event, Event::RequestUpdated(r) if r.request_id == id);
                 futures::future::ready(update)
             })
             .boxed())
     }
 }
 
-/// The event that carries a request's record each time it changes.
-pub const REQUEST_UPDATED: &str = "request.updated";
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The request an event is about, if it names one.
-pub fn request_of(event: &Event) -> Option<&str> {
-    event.data.get("request_id").and_then(|v| v.as_str())
+    #[test]
+    fn an_event_reads_back_as_it_was_stored() {
+        let delta = Event::delta("req_1", "Elementary");
+        let (name, data) = delta.to_parts().unwrap();
+        assert_eq!(name, "message.delta");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&data).unwrap(),
+            serde_json::json!({ "request_id": "req_1", "text": "Elementary" })
+        );
+        assert_eq!(Event::from_parts(name, &data), Some(delta));
+    }
+
+    #[test]
+    fn what_this_version_cannot_read_is_left_out() {
+        assert_eq!(Event::from_parts("request.renamed", "{}"), None);
+        assert_eq!(Event::from_parts("message.delta", "not json"), None);
+        assert!(Published::from_stored(1, "alice".into(), "message.delta", "{}".into()).is_none());
+    }
 }

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{request_of, Event, EventBus, REQUEST_UPDATED, RETENTION_MS};
+use super::{Event, EventBus, Published, RETENTION_MS};
 use crate::sqlite::Db;
 use crate::time::now_ms;
 use crate::Result;
@@ -27,11 +27,11 @@ const BACKLOG_BATCH: usize = 1000;
 
 pub struct SqliteEventBus {
     db: Db,
-    fanout: broadcast::Sender<Arc<Event>>,
+    fanout: broadcast::Sender<Arc<Published>>,
     wake: Arc<Notify>,
     /// Long polls waiting on one request each, by request id: an event wakes only the waiters
     /// of its request instead of every stream of the process.
-    watchers: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Arc<Event>>>>>,
+    watchers: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Arc<Published>>>>>,
 }
 
 impl SqliteEventBus {
@@ -56,10 +56,10 @@ impl SqliteEventBus {
                 // never sent old news.
                 let mut more = false;
                 match bus.read_new(last).await {
-                    Ok(events) => {
-                        more = events.len() == TAIL_BATCH;
-                        for e in events {
-                            last = e.id;
+                    Ok(read) => {
+                        more = read.rows == TAIL_BATCH;
+                        last = last.max(read.last);
+                        for e in read.events {
                             let e = Arc::new(e);
                             bus.tell_watchers(&e);
                             let _ = bus.fanout.send(e);
@@ -85,19 +85,15 @@ impl SqliteEventBus {
 
     /// Hands a request's update to the waiters of that request. A request that finished gets no more
     /// news: its waiters are dropped with it.
-    fn tell_watchers(&self, e: &Arc<Event>) {
-        if e.name != REQUEST_UPDATED {
+    fn tell_watchers(&self, e: &Arc<Published>) {
+        let Event::RequestUpdated(record) = &e.event else {
             return;
-        }
-        let Some(id) = request_of(e) else { return };
+        };
+        let id = record.request_id.as_str();
         let Ok(mut watchers) = self.watchers.lock() else {
             return;
         };
-        let finished = matches!(
-            e.data.get("status").and_then(|s| s.as_str()),
-            Some("succeeded" | "failed")
-        );
-        if finished {
+        if record.status.is_final() {
             for w in watchers.remove(id).unwrap_or_default() {
                 let _ = w.send(e.clone());
             }
@@ -132,17 +128,18 @@ impl SqliteEventBus {
     /// What the tailer reads each time it wakes: the latest events, on a blocking thread. (Read
     /// on the tailer's own thread instead, it woke and read more often under load, a few events
     /// at a time, and chat throughput fell by a tenth.)
-    async fn read_new(&self, after: u64) -> Result<Vec<Event>> {
+    async fn read_new(&self, after: u64) -> Result<Read> {
         self.db
             .call(move |c| read_after_in(c, None, after, TAIL_BATCH))
             .await
     }
 
     /// A reconnecting stream's backlog, which may be long: read on a blocking thread.
-    async fn read_backlog(&self, user_id: String, after: u64) -> Result<Vec<Event>> {
+    async fn read_backlog(&self, user_id: String, after: u64) -> Result<Vec<Published>> {
         self.db
             .call(move |c| read_after_in(c, Some(&user_id), after, BACKLOG_BATCH))
             .await
+            .map(|read| read.events)
     }
 
     async fn prune(&self) -> Result<()> {
@@ -158,29 +155,39 @@ impl SqliteEventBus {
     }
 }
 
-/// Events after `after` in order (of one user, or of all), at most `limit`.
-fn read_after_in(
-    c: &Connection,
-    user_id: Option<&str>,
-    after: u64,
-    limit: usize,
-) -> Result<Vec<Event>> {
+/// What one read of the events table found.
+struct Read {
+    /// In order; rows this version cannot read are left out (see `Event::from_parts`).
+    events: Vec<Published>,
+    /// Rows read, readable or not, and the id of the last: where the next read starts.
+    rows: usize,
+    last: u64,
+}
+
+/// Events after `after` in order (of one user, or of all), at most `limit` rows.
+fn read_after_in(c: &Connection, user_id: Option<&str>, after: u64, limit: usize) -> Result<Read> {
     let mut stmt = c.prepare_cached(
         "SELECT seq, user_id, name, data FROM events
          WHERE seq > ?1 AND (?2 IS NULL OR user_id = ?2) ORDER BY seq LIMIT ?3",
     )?;
     let rows = stmt
         .query_map(params![after as i64, user_id, limit as i64], |r| {
-            Ok(Event {
-                id: r.get::<_, i64>(0)? as u64,
-                user_id: r.get(1)?,
-                name: r.get(2)?,
-                data: serde_json::from_str(&r.get::<_, String>(3)?)
-                    .unwrap_or(serde_json::Value::Null),
-            })
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    Ok(Read {
+        rows: rows.len(),
+        last: rows.last().map_or(after, |r| r.0),
+        events: rows
+            .into_iter()
+            .filter_map(|(id, user, name, data)| Published::from_stored(id, user, &name, data))
+            .collect(),
+    })
 }
 
 /// Appends an event inside a caller's write (see [`crate::sqlite::Db::write`]); the publisher
@@ -193,6 +200,12 @@ pub(crate) fn insert_in(c: &Connection, user_id: &str, name: &str, data: &str) -
     Ok(())
 }
 
+/// [`insert_in`] for an event.
+pub(crate) fn insert_event_in(c: &Connection, user_id: &str, event: &Event) -> Result<()> {
+    let (name, data) = event.to_parts()?;
+    insert_in(c, user_id, name, &data)
+}
+
 impl SqliteEventBus {
     /// Tells this process's tailer that events were committed, so streams get them at once
     /// rather than at the next poll.
@@ -203,10 +216,11 @@ impl SqliteEventBus {
 
 #[async_trait]
 impl EventBus for SqliteEventBus {
-    async fn publish(&self, user_id: &str, name: &str, data: serde_json::Value) -> Result<()> {
-        let (user_id, name, data) = (user_id.to_owned(), name.to_owned(), data.to_string());
+    async fn publish(&self, user_id: &str, event: &Event) -> Result<()> {
+        let (name, data) = event.to_parts()?;
+        let user_id = user_id.to_owned();
         self.db
-            .write_relaxed(move |c| insert_in(c, &user_id, &name, &data))
+            .write_relaxed(move |c| insert_in(c, &user_id, name, &data))
             .await?;
         self.wake();
         Ok(())
@@ -216,7 +230,7 @@ impl EventBus for SqliteEventBus {
         &self,
         user_id: &str,
         after: Option<u64>,
-    ) -> Result<BoxStream<'static, Arc<Event>>> {
+    ) -> Result<BoxStream<'static, Arc<Published>>> {
         // Subscribe before reading the backlog so nothing falls between the two; duplicates
         // from the overlap are dropped by id below.
         let live = BroadcastStream::new(self.fanout.subscribe());
@@ -252,7 +266,7 @@ impl EventBus for SqliteEventBus {
         &self,
         _user_id: &str,
         request_id: &str,
-    ) -> Result<BoxStream<'static, Arc<Event>>> {
+    ) -> Result<BoxStream<'static, Arc<Published>>> {
         // Routed by request id alone: the API reads the request as the caller's right after
         // watching and answers 404 (dropping this stream unread) when it is not theirs.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -273,15 +287,17 @@ mod tests {
         let db = Db::open(dir.path()).await.unwrap();
         let bus = SqliteEventBus::start(db.clone()).await.unwrap();
         let mut mine = bus.subscribe("alice", None).await.unwrap();
-        bus.publish("bob", "x", serde_json::json!(1)).await.unwrap();
-        bus.publish("alice", "x", serde_json::json!(2))
+        bus.publish("bob", &Event::delta("req_b", "1"))
+            .await
+            .unwrap();
+        bus.publish("alice", &Event::delta("req_a", "2"))
             .await
             .unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), mine.next())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got.data, serde_json::json!(2));
+        assert_eq!(got.event, Event::delta("req_a", "2"));
 
         // A second process (another bus on the same file) sees it too, and replays by id.
         let other = SqliteEventBus::start(db).await.unwrap();
@@ -291,16 +307,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(first.id, got.id);
-        bus.publish("alice", "y", serde_json::json!(3))
+        bus.publish("alice", &Event::delta("req_a", "3"))
             .await
             .unwrap();
         let next = tokio::time::timeout(Duration::from_secs(5), replay.next())
             .await
             .unwrap()
             .unwrap();
+        assert_eq!(next.event, Event::delta("req_a", "3"));
         assert_eq!(
-            (next.name.as_str(), next.data.clone()),
-            ("y", serde_json::json!(3))
+            next.data,
+            serde_json::json!({ "request_id": "req_a", "text": "3" }).to_string()
         );
     }
 }

@@ -24,17 +24,6 @@ use crate::Result;
 /// payload. SQS allows at most 10 per message.
 pub type Attributes = BTreeMap<String, String>;
 
-/// The attribute names the API sets on every job and the workers log.
-pub mod attr {
-    /// The CharacterBot request the job is for (also in the body).
-    pub const REQUEST_ID: &str = "request_id";
-    /// The `x-request-id` of the HTTP call that queued the job.
-    pub const HTTP_REQUEST_ID: &str = "http_request_id";
-    /// The distributed trace the HTTP call belonged to (from `X-Amzn-Trace-Id` or
-    /// `traceparent`, or made up by the API).
-    pub const TRACE_ID: &str = "trace_id";
-}
-
 /// A message to send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outgoing {

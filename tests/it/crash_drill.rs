@@ -8,15 +8,13 @@
 //! - no key is stuck: every send was eventually answered `202`;
 //! - a retry with a key returns the first answer (same request and message ids).
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Proc;
+use crate::common::{self, Proc};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;

@@ -5,12 +5,10 @@
 //! Nova through the real SDK against a local fake of its streaming wire format. The flow goes
 //! through HTTP, with the event stream fed by workers in other processes.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{read_sse, Proc, Remote};
+use crate::common::{self, read_sse, Proc, Remote};
 use reqwest::StatusCode;
 use serde_json::json;
 use wiremock::matchers::{header_regex, method, path_regex};

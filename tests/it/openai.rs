@@ -2,12 +2,10 @@
 //! against a local server that speaks the Chat Completions wire format. No test leaves the
 //! machine.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Sequence, TestApp};
+use crate::common::{Sequence, TestApp};
 use serde_json::{json, Value};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};

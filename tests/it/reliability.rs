@@ -1,18 +1,17 @@
 //! An accepted request is never lost and never answered twice: worker deaths, duplicate
 //! deliveries, poison jobs, permanent errors and shutdowns each end in exactly one outcome.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{Hangs, TestApp, User};
 use async_trait::async_trait;
 use characterbot::Models;
-use common::{Hangs, TestApp, User};
 use reqwest::StatusCode;
 use serde_json::json;
-use shared::domain::{JobMessage, Message, RequestKind, Role};
+use shared::domain::{Message, RequestKind, Role};
+use shared::job::{Job, TraceContext};
 use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
 use shared::models::{ChatModel, ChatRequest, ModelOutput};
 use shared::Error;
@@ -90,7 +89,7 @@ async fn received_by_dying_workers(app: &TestApp, times: usize) {
             .unwrap();
         assert_eq!(got.len(), 1);
         // Each started the job (where it had not finished), then died before settling it.
-        let job: JobMessage = serde_json::from_str(&got[0].body).unwrap();
+        let job = Job::decode(&got[0]).unwrap();
         app.adapters
             .atomic
             .start(&job.user_id, &job.request_id)
@@ -166,13 +165,13 @@ async fn duplicate_deliveries_never_produce_a_second_reply_or_a_second_model_cal
     let done = app.finished(&alice, &request_id).await;
 
     // The queue delivers the same job again (SQS standard queues may).
-    let body = serde_json::to_string(&JobMessage {
+    let job = Job {
         request_id: request_id.clone(),
         user_id: alice.user_id.clone(),
         kind: RequestKind::Chat,
-    })
-    .unwrap();
-    app.adapters.chat_queue.send(&[body.into()]).await.unwrap();
+        trace: TraceContext::default(),
+    };
+    app.adapters.chat_queue.send(&[job.encode()]).await.unwrap();
     queue_drained(&app).await;
     assert_eq!(app.messages(&alice, &conv).await.len(), 2);
     assert_eq!(
@@ -331,13 +330,13 @@ async fn a_finished_requests_message_that_keeps_coming_back_is_dropped_not_dead_
     first.await.unwrap();
     // Its delete was lost: the message is back, and is received past `max_receives` by
     // workers that die before doing anything.
-    let body = serde_json::to_string(&JobMessage {
+    let job = Job {
         request_id: request_id.clone(),
         user_id: alice.user_id.clone(),
         kind: RequestKind::Chat,
-    })
-    .unwrap();
-    app.adapters.chat_queue.send(&[body.into()]).await.unwrap();
+        trace: TraceContext::default(),
+    };
+    app.adapters.chat_queue.send(&[job.encode()]).await.unwrap();
     received_by_dying_workers(&app, 2).await;
     app.start_worker(RequestKind::Chat, &offline());
     queue_drained(&app).await;

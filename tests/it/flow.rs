@@ -1,11 +1,9 @@
 //! The whole product, end to end through HTTP on the embedded default: sign up, sign in,
 //! persona, poll, long poll, SSE, conversation, messages, replies, history, batch.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{read_sse, TestApp};
+use crate::common::{read_sse, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
 

@@ -1,9 +1,7 @@
 //! `Idempotency-Key`: a repeat with the same key and body replays the first answer and
 //! enqueues nothing; the same key with another body is a 422; keys are per user.
 
-mod common;
-
-use common::TestApp;
+use crate::common::TestApp;
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::RequestKind;

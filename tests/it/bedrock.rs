@@ -2,14 +2,12 @@
 //! `aws-sdk-bedrockruntime` client (SigV4 signing, JSON and event-stream protocols) against a
 //! local server that speaks Bedrock's wire format. No test leaves the machine.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::{self, read_sse, Sequence, TestApp, User};
 use aws_sdk_bedrockruntime::config::{BehaviorVersion, Credentials, Region};
 use characterbot::Models;
-use common::{read_sse, Sequence, TestApp, User};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::models::bedrock::{BedrockChatModel, BedrockOptions, DEFAULT_MODEL};

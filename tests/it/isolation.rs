@@ -1,9 +1,7 @@
 //! A user never sees or touches another user's records: every id of one user is a 404 to the
 //! other, on every route, and listings show only one's own.
 
-mod common;
-
-use common::TestApp;
+use crate::common::TestApp;
 use reqwest::StatusCode;
 use serde_json::json;
 

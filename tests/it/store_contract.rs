@@ -2,10 +2,9 @@
 //! DynamoDB store through the real AWS SDK against the moto server that `scripts/test` starts
 //! (a table per test).
 
-mod common;
-
 use std::sync::Arc;
 
+use crate::common;
 use shared::domain::{
     new_id, Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource,
     RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
@@ -603,7 +602,7 @@ mod dynamodb_ttl {
 
         // Events: an hour.
         let bus = DynamoEventBus::new(client.clone(), table.clone());
-        bus.publish("alice", "request.updated", serde_json::json!({}))
+        bus.publish("alice", &shared::events::Event::delta("req_1", "Hi"))
             .await
             .unwrap();
         let events = client

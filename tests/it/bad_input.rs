@@ -1,8 +1,6 @@
 //! Bad input gets the documented 4xx with a machine-readable code, and changes nothing.
 
-mod common;
-
-use common::TestApp;
+use crate::common::TestApp;
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::RequestKind;

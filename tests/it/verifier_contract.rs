@@ -3,12 +3,11 @@
 //! `scripts/test` (keys fetched over HTTP from `/{pool}/.well-known/jwks.json`). The verifier is
 //! the same `JwksVerifier` in both; what differs is who signs and where the keys come from.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common;
 use async_trait::async_trait;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -90,7 +89,7 @@ async fn cognito() -> Subject {
     let pool = common::cognito_pool(false).await;
     let jwks_url = format!("{endpoint}/{}/.well-known/jwks.json", pool.pool_id);
     Subject {
-        // moto lacks GetTokensFromRefreshToken; rotation is tested on a fake in tests/cognito.rs.
+        // moto lacks GetTokensFromRefreshToken; rotation is tested on a fake in tests/it/cognito.rs.
         identity: Arc::new(
             CognitoIdentity::new(pool.idp, &pool.client_id, None)
                 .with_refresh_call(RefreshCall::InitiateAuth),

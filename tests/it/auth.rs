@@ -1,11 +1,9 @@
 //! Authentication refusals: every forged, expired or misdirected token is a 401 and changes
 //! nothing. Tokens are forged here with the server's own key where that makes the attack real.
 
-mod common;
-
+use crate::common::TestApp;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::TestApp;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{json, Value};

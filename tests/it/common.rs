@@ -1,6 +1,5 @@
 //! The test harness: a whole CharacterBot (API and workers, embedded backend, offline models
 //! unless a test brings its own) on a loopback port and a fresh data dir, driven through HTTP.
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use characterbot::{api_state, consumer, Adapters, Models};
 use clap::Parser;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use shared::config::Settings;
+use shared::config::{Backend, Settings};
 use shared::domain::RequestKind;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +60,9 @@ pub struct Builder {
     aws: bool,
 }
 
+/// The password of every user that [`TestApp::user`] makes (it meets Cognito's default policy).
+pub const PASSWORD: &str = "Correct-Horse-Battery-9";
+
 /// A signed-in user.
 #[derive(Clone, Debug)]
 pub struct User {
@@ -82,8 +84,9 @@ impl Builder {
         self
     }
 
-    /// Queue on SQS and store on DynamoDB (fresh queues and table on the moto server of
-    /// `scripts/test`); events and auth stay embedded.
+    /// The AWS backend, built as the product builds it (`--backend aws`, `aws-init`, then
+    /// `Adapters::open`): SQS, DynamoDB and Cognito on the moto server of `scripts/test`, with
+    /// fresh queues, table and user pool for this app.
     pub fn on_aws(mut self) -> Self {
         self.aws = true;
         self
@@ -104,44 +107,16 @@ impl Builder {
                 .try_init();
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let settings = settings(dir.path(), &extra);
-        let mut adapters = Adapters::open(&settings).await.expect("adapters");
+        let mut extra = self.extra;
         if self.aws {
-            use shared::queue::sqs::SqsQueue;
-            use shared::store::dynamodb::DynamoStore;
-            let sdk = aws_test_sdk_config();
-            let run = uuid::Uuid::new_v4().simple().to_string();
-            let sqs = aws_sdk_sqs::Client::new(&sdk);
-            let redrive = settings.worker.max_receives + 2;
-            adapters.persona_queue = std::sync::Arc::new(
-                SqsQueue::ensure(sqs.clone(), "persona", &format!("persona-{run}"), redrive)
-                    .await
-                    .expect("sqs"),
-            );
-            adapters.chat_queue = std::sync::Arc::new(
-                SqsQueue::ensure(sqs, "chat", &format!("chat-{run}"), redrive)
-                    .await
-                    .expect("sqs"),
-            );
-            let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
-            let table = format!("characterbot-{run}");
-            DynamoStore::create_table(&dynamo, &table)
-                .await
-                .expect("table");
-            let store = std::sync::Arc::new(DynamoStore::new(dynamo.clone(), &table));
-            adapters.store = store.clone();
-            let events =
-                std::sync::Arc::new(shared::events::dynamodb::DynamoEventBus::new(dynamo, table));
-            adapters.events = events.clone();
-            adapters.atomic = std::sync::Arc::new(shared::atomic::aws::AwsAtomic {
-                store,
-                sweep_after: Duration::from_secs(settings.aws.outbox_sweep_after_secs),
-                persona_queue: adapters.persona_queue.clone(),
-                chat_queue: adapters.chat_queue.clone(),
-                events,
-            });
+            extra.extend(aws_backend_args().await);
         }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let settings = settings(dir.path(), &extra);
+        if self.aws {
+            characterbot::aws_init(&settings).await.expect("aws-init");
+        }
+        let adapters = Adapters::open(&settings).await.expect("adapters");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -210,25 +185,27 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// A new account, signed in through the API: on the AWS backend it is a Cognito account,
+    /// confirmed first as a client would (moto takes any code).
     pub async fn user(&self, name: &str) -> User {
         let email = format!("{name}@example.com");
-        let password = "correct horse battery";
+        let credentials = json!({ "email": email, "password": PASSWORD });
         let (status, body) = self
-            .post(
-                None,
-                "/v1/auth/signup",
-                json!({ "email": email, "password": password }),
-            )
+            .post(None, "/v1/auth/signup", credentials.clone())
             .await;
         assert_eq!(status, StatusCode::CREATED, "signup: {body}");
         let user_id = body["user_id"].as_str().expect("user_id").to_owned();
-        let (status, tokens) = self
-            .post(
-                None,
-                "/v1/auth/signin",
-                json!({ "email": email, "password": password }),
-            )
-            .await;
+        if self.settings.backend == Backend::Aws {
+            let (status, body) = self
+                .post(
+                    None,
+                    "/v1/auth/confirm",
+                    json!({ "email": email, "code": "123456" }),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "confirm: {body}");
+        }
+        let (status, tokens) = self.post(None, "/v1/auth/signin", credentials).await;
         assert_eq!(status, StatusCode::OK, "signin: {tokens}");
         User {
             user_id,
@@ -409,13 +386,63 @@ impl wiremock::Respond for Sequence {
     }
 }
 
+/// The moto server that `scripts/test` starts. Panics with instructions when the tests were not
+/// started that way.
+pub fn moto_endpoint() -> String {
+    std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").expect(
+        "CHARACTERBOT_TEST_AWS_ENDPOINT is not set: run the tests with `scripts/test`, which starts the moto server",
+    )
+}
+
+/// Points this process's standard AWS configuration chain at moto: `AWS_ENDPOINT_URL`, a region
+/// and test credentials, as a deployment's environment points it at AWS. The product takes its
+/// endpoint, region and credentials from nothing else (`Adapters::open`, `aws_init`), so the
+/// harness sets them here: once per test binary, to the same values for every test, before the
+/// first app on the AWS backend reads them (std's environment lock orders these writes against
+/// every read through `std::env`, the SDK's and `Command`'s included). Processes that tests
+/// start inherit them; each test that starts `characterbot` names its models, so `auto` never
+/// picks Bedrock because of these credentials.
+fn point_aws_environment_at_moto() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        for (name, value) in [
+            ("AWS_ENDPOINT_URL", moto_endpoint()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ] {
+            std::env::set_var(name, value);
+        }
+    });
+}
+
+/// The settings of the AWS backend on moto, as an operator gives them: this app's own table and
+/// queues (so that tests stay apart), a fresh Cognito user pool and app client, the pool's keys
+/// from moto, and `REFRESH_TOKEN_AUTH` for renewals (moto lacks `GetTokensFromRefreshToken`).
+async fn aws_backend_args() -> Vec<String> {
+    point_aws_environment_at_moto();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let pool = cognito_pool(false).await;
+    let jwks_url = format!("{}/{}/.well-known/jwks.json", moto_endpoint(), pool.pool_id);
+    [
+        ("--backend", "aws".to_string()),
+        ("--table", format!("characterbot-{run}")),
+        ("--persona-queue", format!("persona-{run}")),
+        ("--chat-queue", format!("chat-{run}")),
+        ("--cognito-user-pool-id", pool.pool_id),
+        ("--cognito-client-id", pool.client_id),
+        ("--jwks-url", jwks_url),
+        ("--cognito-refresh", "initiate-auth".into()),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_string(), value])
+    .collect()
+}
+
 /// AWS SDK configuration for the moto server that `scripts/test` starts: its endpoint, a fixed
 /// region and fake credentials. Panics with instructions when the tests were not started that way.
 pub fn aws_test_sdk_config() -> aws_config::SdkConfig {
-    let endpoint = std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").expect(
-        "CHARACTERBOT_TEST_AWS_ENDPOINT is not set: run the tests with `scripts/test`, which starts the moto server",
-    );
-    sdk_config_at(&endpoint)
+    sdk_config_at(&moto_endpoint())
 }
 
 /// An SDK configuration with test credentials that sends every call to `endpoint` (moto, a

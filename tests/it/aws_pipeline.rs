@@ -1,16 +1,15 @@
-//! The pipeline with its queue on SQS and its store on DynamoDB (the moto server of
-//! `scripts/test`), through the same HTTP API and the same workers as the embedded default:
-//! the adapters change, nothing else does. Events go through DynamoDB too; auth is still the
-//! embedded issuer here (Cognito is tested in `aws_backend.rs` and `verifier_contract.rs`).
-
-mod common;
+//! The pipeline on the AWS backend — queues on SQS, records and events on DynamoDB, accounts on
+//! Cognito, all on the moto server of `scripts/test` — through the same HTTP API and the same
+//! workers as the embedded default, in this process: the adapters change, nothing else does.
+//! The backend is built as the product builds it (`--backend aws`, `aws-init`,
+//! `Adapters::open`); `aws_backend.rs` runs it as separate processes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{Hangs, TestApp};
 use async_trait::async_trait;
 use characterbot::Models;
-use common::{Hangs, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::RequestKind;

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use shared::domain::RequestKind;
 
-const TEMPLATE: &str = include_str!("../infra/template.yaml");
+const TEMPLATE: &str = include_str!("../../infra/template.yaml");
 
 fn cfn_lint(template: &Path) -> (bool, String) {
     let exe = std::env::var("CHARACTERBOT_TEST_CFN_LINT").expect(
@@ -289,7 +289,7 @@ fn names_and_password_rules_follow_the_code() {
     for class in ["Lowercase", "Uppercase", "Numbers", "Symbols"] {
         assert!(TEMPLATE.contains(&format!("Require{class}: false\n")));
     }
-    let store = include_str!("../shared/src/store/dynamodb.rs");
+    let store = include_str!("../../shared/src/store/dynamodb.rs");
     for attribute in ["pk", "sk", "expires_at"] {
         assert!(store.contains(&format!("\"{attribute}\"")));
         assert!(TEMPLATE.contains(&format!("AttributeName: {attribute}\n")));

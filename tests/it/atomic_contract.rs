@@ -4,21 +4,20 @@
 //! leaves nothing visible — is checked on the embedded backend alone, at the end: the AWS
 //! adapter does not promise it yet (issue #8: DynamoDB transaction + enqueue marker + sweeper).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common;
 use shared::atomic::aws::AwsAtomic;
 use shared::atomic::sqlite::SqliteAtomic;
 use shared::atomic::{Accept, AcceptOutcome, Ack, Answer, Atomic, Settle, Started, UserMessage};
 use shared::domain::{
-    new_id, Batch, Conversation, ErrorBody, JobMessage, Message, Persona, PersonaDraft,
-    PersonaSource, RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role,
-    Usage,
+    new_id, Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource,
+    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
 };
 use shared::events::dynamodb::DynamoEventBus;
-use shared::events::{EventBus, SqliteEventBus};
+use shared::events::{Event, EventBus, Published, SqliteEventBus};
+use shared::job::{Job, TraceContext};
 use shared::queue::sqlite::SqliteQueue;
 use shared::queue::sqs::SqsQueue;
 use shared::queue::{Delivery, Outgoing, Queue};
@@ -113,14 +112,13 @@ fn persona_request() -> RequestRecord {
 }
 
 fn job(user: &str, r: &RequestRecord) -> Outgoing {
-    Outgoing::new(
-        serde_json::to_string(&JobMessage {
-            request_id: r.request_id.clone(),
-            user_id: user.into(),
-            kind: r.kind,
-        })
-        .unwrap(),
-    )
+    Job {
+        request_id: r.request_id.clone(),
+        user_id: user.into(),
+        kind: r.kind,
+        trace: TraceContext::default(),
+    }
+    .encode()
 }
 
 fn persona_accept(user: &str, r: &RequestRecord, answer: Option<Answer>) -> Accept {
@@ -178,14 +176,18 @@ fn succeed(kind: RequestKind, request_id: &str, result: RequestResult) -> Settle
     }
 }
 
-/// The next event of a stream (bounded).
+/// The next event of a stream (bounded), as a client reads it: its name and its JSON data.
 async fn next_event(
-    events: &mut futures::stream::BoxStream<'static, Arc<shared::events::Event>>,
-) -> Arc<shared::events::Event> {
-    tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(events))
+    events: &mut futures::stream::BoxStream<'static, Arc<Published>>,
+) -> (String, serde_json::Value) {
+    let e = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(events))
         .await
         .expect("an event in time")
-        .expect("stream open")
+        .expect("stream open");
+    (
+        e.event.name().to_owned(),
+        serde_json::from_str(&e.data).expect("JSON data"),
+    )
 }
 
 /// Whether alice's key is free to be claimed: no answer was recorded for it.
@@ -304,7 +306,7 @@ async fn an_accept_records_the_request_its_job_and_the_keys_answer(s: Subject) {
     assert!(stored_request(&s, "bob", &r.request_id).await.is_none());
     let jobs = receive_n(s.persona_queue.as_ref(), 1).await;
     assert_eq!(jobs.len(), 1);
-    let msg: JobMessage = serde_json::from_str(&jobs[0].body).unwrap();
+    let msg = Job::decode(&jobs[0]).unwrap();
     assert_eq!(msg.request_id, r.request_id);
     // The key's answer was recorded with the work: a retry replays it.
     assert_eq!(
@@ -348,7 +350,7 @@ async fn a_chat_turn_is_accepted_only_in_the_users_own_conversation(s: Subject) 
     let page = messages(&s, &conv).await;
     assert_eq!(page.items, vec![message]);
     let jobs = receive_n(s.chat_queue.as_ref(), 1).await;
-    let msg: JobMessage = serde_json::from_str(&jobs[0].body).unwrap();
+    let msg = Job::decode(&jobs[0]).unwrap();
     assert_eq!(msg.request_id, request.request_id);
 }
 
@@ -402,9 +404,9 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
     // The client was told, in order: running, then succeeded.
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let e = next_event(&mut events).await;
-        if e.name == "request.updated" {
-            seen.push(e.data["status"].as_str().unwrap_or_default().to_owned());
+        let (name, data) = next_event(&mut events).await;
+        if name == "request.updated" {
+            seen.push(data["status"].as_str().unwrap_or_default().to_owned());
         }
     }
     assert_eq!(seen, ["running", "succeeded"]);
@@ -445,22 +447,23 @@ async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s:
     s.atomic.settle(&d, settle.clone()).await.unwrap();
     // A twin settling again (its own last fragment included) pushes nothing more.
     s.atomic.settle(&d, settle).await.unwrap();
+    // A marker after them: everything before it was pushed by the settles.
     s.events
-        .publish("alice", "marker", serde_json::json!({}))
+        .publish("alice", &Event::delta("marker", ""))
         .await
         .unwrap();
     let mut seen = Vec::new();
     loop {
-        let e = next_event(&mut events).await;
-        if e.name == "marker" {
+        let (name, data) = next_event(&mut events).await;
+        if data["request_id"] == "marker" {
             break;
         }
-        let what = match e.name.as_str() {
-            "message.delta" => e.data["text"].as_str().unwrap_or_default().to_owned(),
-            _ => e.data["status"].as_str().unwrap_or_default().to_owned(),
+        let what = match name.as_str() {
+            "message.delta" => data["text"].as_str().unwrap_or_default().to_owned(),
+            _ => data["status"].as_str().unwrap_or_default().to_owned(),
         };
-        assert_eq!(e.data["request_id"], r.request_id.as_str());
-        seen.push((e.name.clone(), what));
+        assert_eq!(data["request_id"], r.request_id.as_str());
+        seen.push((name, what));
     }
     assert_eq!(
         seen,
@@ -782,7 +785,7 @@ mod aws_only {
         assert_eq!(worker.sweep(RequestKind::Persona).await.unwrap(), 1);
         let jobs = receive_n(s.persona_queue.as_ref(), 2).await;
         assert_eq!(jobs.len(), 1);
-        let msg: JobMessage = serde_json::from_str(&jobs[0].body).unwrap();
+        let msg = Job::decode(&jobs[0]).unwrap();
         assert_eq!(msg.request_id, r.request_id);
         assert_eq!(
             worker.sweep(RequestKind::Persona).await.unwrap(),

@@ -2,11 +2,9 @@
 //! out per account and per address, and a flood of sign-ins waits for a few hashing threads or
 //! is turned away with `503`, never piling up memory.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestApp;
+use crate::common::{self, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -53,15 +51,15 @@ async fn password_guessing_locks_the_account_out_then_lets_its_owner_back_in() {
     let wait = retry_after.expect("Retry-After");
     assert!((1..=2).contains(&wait), "{wait}");
     // Locked out means not tried: even the right password waits.
-    let (status, _, _) = sign_in(&app, &carol.email, "correct horse battery").await;
+    let (status, _, _) = sign_in(&app, &carol.email, common::PASSWORD).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     // Another account from the same address is not locked out.
     let dave = app.user("dave").await;
-    let (status, _, _) = sign_in(&app, &dave.email, "correct horse battery").await;
+    let (status, _, _) = sign_in(&app, &dave.email, common::PASSWORD).await;
     assert_eq!(status, StatusCode::OK);
 
     tokio::time::sleep(Duration::from_secs(wait)).await;
-    let (status, _, _) = sign_in(&app, &carol.email, "correct horse battery").await;
+    let (status, _, _) = sign_in(&app, &carol.email, common::PASSWORD).await;
     assert_eq!(status, StatusCode::OK, "after the wait the owner gets in");
     // And the success cleared the count: a typo is a plain 401 again.
     let (status, _, _) = sign_in(&app, &carol.email, "wrong password").await;
@@ -87,7 +85,7 @@ async fn guessing_across_accounts_locks_the_address_out() {
     );
     assert!(retry_after.is_some());
     // The address is locked, whoever it tries.
-    let (status, _, _) = sign_in(&app, &erin.email, "correct horse battery").await;
+    let (status, _, _) = sign_in(&app, &erin.email, common::PASSWORD).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
 }
 
@@ -150,7 +148,7 @@ async fn a_flood_of_sign_ins_is_bounded_by_the_hashing_threads() {
     }
     // One thread and a queue of four: most of the burst is turned away at once.
     assert!(refused >= 1 && busy >= 30, "401: {refused}, 503: {busy}");
-    let (status, _, _) = sign_in(&app, &frank.email, "correct horse battery").await;
+    let (status, _, _) = sign_in(&app, &frank.email, common::PASSWORD).await;
     assert_eq!(
         status,
         StatusCode::OK,
@@ -230,7 +228,7 @@ async fn unknown_methods_share_one_metric_label_and_responses_are_hardened() {
     let res = app
         .http
         .post(app.url("/v1/auth/signin"))
-        .json(&json!({ "email": user.email, "password": "correct horse battery" }))
+        .json(&json!({ "email": user.email, "password": common::PASSWORD }))
         .send()
         .await
         .unwrap();
@@ -527,7 +525,7 @@ async fn refresh_tokens_rotate_and_a_reused_one_ends_its_session() {
         .post(
             None,
             "/v1/auth/signin",
-            json!({ "email": lee.email, "password": "correct horse battery" }),
+            json!({ "email": lee.email, "password": common::PASSWORD }),
         )
         .await;
     assert_eq!(again.0, StatusCode::OK);
@@ -546,7 +544,7 @@ async fn signing_out_ends_the_session_and_sessions_are_capped() {
             .post(
                 None,
                 "/v1/auth/signin",
-                json!({ "email": max.email, "password": "correct horse battery" }),
+                json!({ "email": max.email, "password": common::PASSWORD }),
             )
             .await;
         assert_eq!(status, StatusCode::OK);

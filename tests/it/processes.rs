@@ -3,12 +3,10 @@
 //! boundaries to the API's SSE stream; a chat worker killed with SIGKILL mid-job is replaced
 //! and the message still gets exactly one reply; SIGTERM shuts every process down cleanly.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{read_sse, Proc, Remote};
+use crate::common::{self, read_sse, Proc, Remote};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 

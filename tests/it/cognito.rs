@@ -3,8 +3,7 @@
 //! lacks (`GetTokensFromRefreshToken`). What both issuers do (accounts, tokens, the verifier) is the
 //! contract in `verifier_contract.rs`.
 
-mod common;
-
+use crate::common;
 use shared::auth::cognito::CognitoIdentity;
 use shared::auth::IdentityProvider;
 use shared::Error;

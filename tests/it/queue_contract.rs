@@ -2,15 +2,14 @@
 //! SQS queue through the real AWS SDK against the moto server that `scripts/test` starts.
 //! Each test gets its own queues, so the suites run in parallel.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common;
 use shared::queue::sqlite::SqliteQueue;
 use shared::queue::sqs::SqsQueue;
-use shared::queue::{attr, Outgoing, Queue};
+use shared::queue::{Outgoing, Queue};
 use shared::sqlite::Db;
 
 const HIDE: Duration = Duration::from_secs(1);
@@ -169,8 +168,8 @@ async fn a_long_poll_returns_when_a_message_arrives(s: Subject) {
 async fn attributes_travel_with_the_message_and_into_the_dead_letters(s: Subject) {
     let q = s.queue.as_ref();
     let traced = Outgoing::new("traced")
-        .with(attr::REQUEST_ID, "req-1")
-        .with(attr::TRACE_ID, "1-5759e988-bd862e3fe1be46a994272793");
+        .with("request_id", "req-1")
+        .with("trace_id", "1-5759e988-bd862e3fe1be46a994272793");
     q.send(&[traced.clone(), "plain".into()]).await.unwrap();
     let got = receive_n(q, 2, Duration::from_secs(5)).await;
     let d = got.iter().find(|d| d.body == "traced").unwrap();

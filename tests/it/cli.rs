@@ -1,10 +1,8 @@
 //! `characterbot batch`, the batch client: prompts in, one JSON line per prompt out.
 
-mod common;
-
 use std::process::Command;
 
-use common::TestApp;
+use crate::common::{self, TestApp};
 use serde_json::Value;
 
 #[tokio::test]
@@ -29,7 +27,7 @@ async fn the_batch_client_creates_every_persona_and_reports_each() {
                 "--email",
                 "batcher@example.com",
                 "--password",
-                "correct horse battery",
+                common::PASSWORD,
                 "--chunk",
                 "2",
             ])
