@@ -13,8 +13,8 @@
 //! it is built and checked here with the crate's own types (`PasswordHash`, `Output`, whose
 //! comparison is constant-time).
 
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
@@ -29,56 +29,109 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 type Job = Box<dyn FnOnce(&mut Vec<Block>) + Send>;
 
-/// A fixed pool of hashing threads behind a bounded queue.
+/// Which line a hash waits in. A flood of failed sign-ins from many addresses (a botnet, with
+/// a new e-mail per try) gets past the lockouts, which count per account and per address, and
+/// would fill the one queue, so the owner of an account would get `503` until it ended. Sign-ins
+/// of accounts that exist wait in a line of their own, served first: a flood of unknown
+/// e-mails cannot reach it, and one of known e-mails runs into each account's lockout.
+/// (Which line a try waited in shows in its timing under load, telling that an account exists;
+/// sign-up tells that anyway, `409 email_taken`, a documented choice.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// A sign-in of an account that exists.
+    Account,
+    /// Everything else: sign-ups, and sign-ins of unknown e-mails (hashed all the same, so an
+    /// answer's timing does not tell them apart when the server is idle).
+    Anyone,
+}
+
+/// The two lines, each bounded.
+struct Lines {
+    account: VecDeque<Job>,
+    anyone: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Queue {
+    lines: Mutex<Lines>,
+    ready: Condvar,
+    /// Room in each line.
+    capacity: usize,
+}
+
+impl Queue {
+    /// The next job, account sign-ins first; `None` once the pool is dropped.
+    fn next(&self) -> Option<Job> {
+        let mut lines = self.lines.lock().ok()?;
+        loop {
+            if lines.closed {
+                return None;
+            }
+            if let Some(job) = lines
+                .account
+                .pop_front()
+                .or_else(|| lines.anyone.pop_front())
+            {
+                return Some(job);
+            }
+            lines = self.ready.wait(lines).ok()?;
+        }
+    }
+}
+
+/// A fixed pool of hashing threads behind two bounded lines (see [`Lane`]).
 pub struct PasswordHashing {
-    jobs: SyncSender<Job>,
+    queue: Arc<Queue>,
 }
 
 impl PasswordHashing {
-    /// `threads` hashing threads (at least one), and room for `queue` hashes waiting for them.
+    /// `threads` hashing threads (at least one), and room for `queue` hashes waiting in each
+    /// line.
     pub fn new(threads: usize, queue: usize) -> Result<Self> {
-        let (jobs, inbox) = sync_channel::<Job>(queue);
-        let inbox = Arc::new(Mutex::new(inbox));
+        let queue = Arc::new(Queue {
+            lines: Mutex::new(Lines {
+                account: VecDeque::new(),
+                anyone: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            capacity: queue.max(1),
+        });
         for i in 0..threads.max(1) {
-            let inbox = inbox.clone();
+            let queue = queue.clone();
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
                 .spawn(move || {
                     // This thread's one buffer, grown to the largest hash it has run.
                     let mut memory = Vec::new();
-                    loop {
-                        let job = match inbox.lock() {
-                            Ok(inbox) => inbox.recv(),
-                            Err(_) => return,
-                        };
-                        match job {
-                            Ok(job) => job(&mut memory),
-                            Err(_) => return, // the pool was dropped
-                        }
+                    while let Some(job) = queue.next() {
+                        job(&mut memory);
                     }
                 })?;
         }
-        Ok(PasswordHashing { jobs })
+        Ok(PasswordHashing { queue })
     }
 
-    /// One thread per core, and a queue of four hashes per thread.
+    /// One thread per core, and four hashes per thread waiting in each line.
     pub fn per_core() -> Result<Self> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         PasswordHashing::new(cores, cores * 4)
     }
 
-    /// A new PHC string (`$argon2id$v=19$m=19456,t=2,p=1$salt$hash`) for `password`.
+    /// A new PHC string (`$argon2id$v=19$m=19456,t=2,p=1$salt$hash`) for `password`: a new
+    /// account's, so it waits in the line of [`Lane::Anyone`].
     pub async fn hash(&self, password: String) -> Result<String> {
-        self.run(move |memory| hash_with(memory, &password)).await
-    }
-
-    /// Whether `password` matches the PHC string `hash`.
-    pub async fn verify(&self, hash: String, password: String) -> Result<bool> {
-        self.run(move |memory| verify_with(memory, &hash, &password))
+        self.run(Lane::Anyone, move |memory| hash_with(memory, &password))
             .await
     }
 
-    async fn run<R, F>(&self, f: F) -> Result<R>
+    /// Whether `password` matches the PHC string `hash`.
+    pub async fn verify(&self, lane: Lane, hash: String, password: String) -> Result<bool> {
+        self.run(lane, move |memory| verify_with(memory, &hash, &password))
+            .await
+    }
+
+    async fn run<R, F>(&self, lane: Lane, f: F) -> Result<R>
     where
         F: FnOnce(&mut Vec<Block>) -> Result<R> + Send + 'static,
         R: Send + 'static,
@@ -87,23 +140,38 @@ impl PasswordHashing {
         let job: Job = Box::new(move |memory| {
             let _ = answer.send(f(memory));
         });
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+        {
+            let mut lines = self
+                .queue
+                .lines
+                .lock()
+                .map_err(|_| Error::Internal("the password hashing threads stopped".into()))?;
+            let line = match lane {
+                Lane::Account => &mut lines.account,
+                Lane::Anyone => &mut lines.anyone,
+            };
+            if line.len() >= self.queue.capacity {
                 return Err(Error::Busy {
                     message: "too many sign-ins at once; retry shortly".into(),
                     retry_after: RETRY_AFTER,
-                })
+                });
             }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(Error::Internal(
-                    "the password hashing threads stopped".into(),
-                ))
-            }
+            line.push_back(job);
         }
+        self.queue.ready.notify_one();
         answered
             .await
             .map_err(|_| Error::Internal("a password hash was dropped".into()))?
+    }
+}
+
+impl Drop for PasswordHashing {
+    /// Stops the threads once they are done with what they are running.
+    fn drop(&mut self) {
+        if let Ok(mut lines) = self.queue.lines.lock() {
+            lines.closed = true;
+        }
+        self.queue.ready.notify_all();
     }
 }
 
@@ -223,11 +291,17 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(pool
-            .verify(theirs.clone(), "battery staple".into())
+            .verify(Lane::Account, theirs.clone(), "battery staple".into())
             .await
             .unwrap());
-        assert!(!pool.verify(theirs, "battery stable".into()).await.unwrap());
-        assert!(!pool.verify(ours, "correct horse!".into()).await.unwrap());
+        assert!(!pool
+            .verify(Lane::Account, theirs, "battery stable".into())
+            .await
+            .unwrap());
+        assert!(!pool
+            .verify(Lane::Anyone, ours, "correct horse!".into())
+            .await
+            .unwrap());
     }
 
     #[tokio::test]
@@ -237,7 +311,10 @@ mod tests {
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let (pool, hash) = (pool.clone(), hash.clone());
-            calls.spawn(async move { pool.verify(hash, "wrong password".into()).await });
+            calls.spawn(async move {
+                pool.verify(Lane::Anyone, hash, "wrong password".into())
+                    .await
+            });
         }
         let (mut busy, mut answered) = (0, 0);
         while let Some(r) = calls.join_next().await {
@@ -254,6 +331,33 @@ mod tests {
         assert!(busy >= 6, "busy {busy}, answered {answered}");
         assert!(answered >= 1);
         // Once the burst is over the pool answers again.
-        assert!(pool.verify(hash, "a password".into()).await.unwrap());
+        assert!(pool
+            .verify(Lane::Anyone, hash, "a password".into())
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_accounts_sign_in_gets_through_a_flood_of_unknown_ones() {
+        let pool = Arc::new(PasswordHashing::new(1, 2).unwrap());
+        let hash = pool.hash("the owner's password".into()).await.unwrap();
+        // The flood fills the line of unknown e-mails (one hashing, two waiting, the rest
+        // turned away), and keeps it full.
+        let mut flood = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let (pool, hash) = (pool.clone(), hash.clone());
+            flood.spawn(async move { pool.verify(Lane::Anyone, hash, "guess".into()).await });
+        }
+        tokio::task::yield_now().await;
+        let anyone = pool
+            .verify(Lane::Anyone, hash.clone(), "one more guess".into())
+            .await;
+        assert!(matches!(anyone, Err(Error::Busy { .. })), "{anyone:?}");
+        // The owner's try is not turned away: it waits in its own line, served first.
+        assert!(pool
+            .verify(Lane::Account, hash, "the owner's password".into())
+            .await
+            .unwrap());
+        while flood.join_next().await.is_some() {}
     }
 }

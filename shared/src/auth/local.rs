@@ -21,7 +21,7 @@ use rsa::traits::PublicKeyParts;
 use rsa::RsaPrivateKey;
 use sha2::{Digest, Sha256};
 
-use super::hashing::PasswordHashing;
+use super::hashing::{Lane, PasswordHashing};
 use super::{Claims, IdentityProvider, JwksSource, Tokens};
 use crate::config::AuthSettings;
 use crate::sqlite::Db;
@@ -259,11 +259,11 @@ impl IdentityProvider for LocalIssuer {
                 .optional()?)
             })
             .await?;
-        let (user_id, hash) = match row {
-            Some((id, hash)) => (Some(id), hash),
-            None => (None, self.dummy_hash.clone()),
+        let (user_id, hash, lane) = match row {
+            Some((id, hash)) => (Some(id), hash, Lane::Account),
+            None => (None, self.dummy_hash.clone(), Lane::Anyone),
         };
-        let ok = self.hashing.verify(hash, password.to_owned()).await?;
+        let ok = self.hashing.verify(lane, hash, password.to_owned()).await?;
         let Some(user_id) = user_id.filter(|_| ok) else {
             return Err(Error::Unauthorized("incorrect email or password".into()));
         };
