@@ -18,7 +18,7 @@ characterbot::tune_before_main!();
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use characterbot::{api_state, consumer, Adapters, Models};
+use characterbot::{api_state, consumer, open_ports, Models};
 use clap::Parser;
 use serde_json::{json, Value};
 use shared::auth::local::KeyDirJwks;
@@ -159,7 +159,7 @@ async fn run_bench() -> anyhow::Result<()> {
         .max_streams_per_user
         .max(args.chat_clients + args.clients);
     let settings = args.settings.clone();
-    let adapters = Adapters::open(&settings).await?;
+    let adapters = open_ports(&settings).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();

@@ -5,7 +5,8 @@
 //! The integration tests use the same functions, so they run exactly what ships.
 //!
 //! Layout:
-//! - [`Adapters`]  the queue, store, event bus and auth of a backend, built by [`Adapters::open`].
+//! - [`open_ports`] the queue, store, event bus and auth of a backend (`shared::ports::Ports`),
+//!   chosen from the settings: the one place that chooses adapters.
 //! - [`Models`]    the persona and chat models, built by [`Models::from_settings`].
 //! - [`api_state`], [`consumer`]: the API state and a worker's consume loop from those.
 //! - [`run`]       runs `serve`, `api` or one `worker` until the shutdown token is cancelled.
@@ -22,10 +23,9 @@ use anyhow::Context;
 use ingest_api::{AppState, Shared};
 use shared::atomic::aws::AwsAtomic;
 use shared::atomic::sqlite::SqliteAtomic;
-use shared::atomic::Atomic;
 use shared::auth::cognito::RefreshCall;
 use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
-use shared::auth::{IdentityProvider, JwksVerifier, TokenVerifier};
+use shared::auth::JwksVerifier;
 use shared::config::{Backend, ChatModelChoice, CognitoRefresh, PersonaModelChoice, Settings};
 use shared::domain::RequestKind;
 use shared::emf::EmfWriter;
@@ -36,6 +36,7 @@ use shared::models::bedrock::{BedrockChatModel, BedrockOptions};
 use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
 use shared::models::openai::{OpenAiChatModel, OpenAiOptions, OpenAiPersonaModel};
 use shared::models::{ChatModel, PersonaModel};
+pub use shared::ports::Ports;
 use shared::queue::sqlite::SqliteQueue;
 use shared::queue::sqs::SqsQueue;
 use shared::queue::Queue;
@@ -94,145 +95,120 @@ impl AwsClients {
     }
 }
 
-/// The ports of one backend.
-#[derive(Clone)]
-pub struct Adapters {
-    pub store: Arc<dyn Store>,
-    /// Accept, start and settle, each one unit of work across store, queue and events.
-    pub atomic: Arc<dyn Atomic>,
-    pub persona_queue: Arc<dyn Queue>,
-    pub chat_queue: Arc<dyn Queue>,
-    pub events: Arc<dyn EventBus>,
-    pub verifier: Arc<dyn TokenVerifier>,
-    pub identity: Arc<dyn IdentityProvider>,
-    pub jwks: Option<serde_json::Value>,
-    pub metrics: Arc<Metrics>,
+/// Builds the ports of the configured backend.
+pub async fn open_ports(settings: &Settings) -> anyhow::Result<Ports> {
+    match settings.backend {
+        Backend::Embedded => embedded(settings).await,
+        Backend::Aws => aws(settings).await,
+    }
 }
 
-impl Adapters {
-    /// Builds the adapters of the configured backend.
-    pub async fn open(settings: &Settings) -> anyhow::Result<Adapters> {
-        match settings.backend {
-            Backend::Embedded => Self::embedded(settings).await,
-            Backend::Aws => Self::aws(settings).await,
-        }
-    }
-
-    /// SQS, DynamoDB (records and events) and Cognito. Region, credentials and endpoint
-    /// overrides (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_<SERVICE>`) come from the standard AWS
-    /// configuration chain; the queues and table must exist (`characterbot aws-init`).
-    async fn aws(settings: &Settings) -> anyhow::Result<Adapters> {
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let region = sdk
-            .region()
-            .map(ToString::to_string)
-            .context("the aws backend needs a region (AWS_REGION)")?;
-        let a = &settings.aws;
-        let pool = a
-            .cognito_user_pool_id
-            .clone()
-            .context("the aws backend needs CHARACTERBOT_COGNITO_USER_POOL_ID")?;
-        let client_id = a
-            .cognito_client_id
-            .clone()
-            .context("the aws backend needs CHARACTERBOT_COGNITO_CLIENT_ID")?;
-        let issuer = shared::auth::cognito::issuer(&region, &pool);
-        let jwks_url = a
-            .jwks_url
-            .clone()
-            .unwrap_or_else(|| format!("{issuer}/.well-known/jwks.json"));
-        let auth = &settings.auth;
-        let verifier = JwksVerifier::new(
-            issuer,
-            client_id.clone(),
-            Duration::from_secs(auth.leeway_secs),
-            Duration::from_secs(auth.jwks_refetch_cooldown_secs),
-            Arc::new(shared::auth::cognito::HttpJwks::new(jwks_url)?),
-        );
-        let AwsClients {
-            sqs,
-            dynamo,
-            cognito,
-        } = AwsClients::new(&sdk, settings);
-        let dynamo_store = Arc::new(DynamoStore::new(dynamo.clone(), &a.table));
-        let store: Arc<dyn Store> = dynamo_store.clone();
-        let persona_queue: Arc<dyn Queue> =
-            Arc::new(SqsQueue::connect(sqs.clone(), "persona", &a.persona_queue).await?);
-        let chat_queue: Arc<dyn Queue> =
-            Arc::new(SqsQueue::connect(sqs, "chat", &a.chat_queue).await?);
-        let dynamo_events = Arc::new(DynamoEventBus::new(dynamo, &a.table));
-        let events: Arc<dyn EventBus> = dynamo_events.clone();
-        Ok(Adapters {
-            atomic: Arc::new(AwsAtomic {
-                store: dynamo_store,
-                persona_queue: persona_queue.clone(),
-                chat_queue: chat_queue.clone(),
-                events: dynamo_events,
-                sweep_after: Duration::from_secs(a.outbox_sweep_after_secs),
+/// SQS, DynamoDB (records and events) and Cognito. Region, credentials and endpoint
+/// overrides (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_<SERVICE>`) come from the standard AWS
+/// configuration chain; the queues and table must exist (`characterbot aws-init`).
+async fn aws(settings: &Settings) -> anyhow::Result<Ports> {
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let region = sdk
+        .region()
+        .map(ToString::to_string)
+        .context("the aws backend needs a region (AWS_REGION)")?;
+    let a = &settings.aws;
+    let pool = a
+        .cognito_user_pool_id
+        .clone()
+        .context("the aws backend needs CHARACTERBOT_COGNITO_USER_POOL_ID")?;
+    let client_id = a
+        .cognito_client_id
+        .clone()
+        .context("the aws backend needs CHARACTERBOT_COGNITO_CLIENT_ID")?;
+    let issuer = shared::auth::cognito::issuer(&region, &pool);
+    let jwks_url = a
+        .jwks_url
+        .clone()
+        .unwrap_or_else(|| format!("{issuer}/.well-known/jwks.json"));
+    let auth = &settings.auth;
+    let verifier = JwksVerifier::new(
+        issuer,
+        client_id.clone(),
+        Duration::from_secs(auth.leeway_secs),
+        Duration::from_secs(auth.jwks_refetch_cooldown_secs),
+        Arc::new(shared::auth::cognito::HttpJwks::new(jwks_url)?),
+    );
+    let AwsClients {
+        sqs,
+        dynamo,
+        cognito,
+    } = AwsClients::new(&sdk, settings);
+    let dynamo_store = Arc::new(DynamoStore::new(dynamo.clone(), &a.table));
+    let store: Arc<dyn Store> = dynamo_store.clone();
+    let persona_queue: Arc<dyn Queue> =
+        Arc::new(SqsQueue::connect(sqs.clone(), "persona", &a.persona_queue).await?);
+    let chat_queue: Arc<dyn Queue> = Arc::new(SqsQueue::connect(sqs, "chat", &a.chat_queue).await?);
+    let dynamo_events = Arc::new(DynamoEventBus::new(dynamo, &a.table));
+    let events: Arc<dyn EventBus> = dynamo_events.clone();
+    Ok(Ports {
+        atomic: Arc::new(AwsAtomic {
+            store: dynamo_store,
+            persona_queue: persona_queue.clone(),
+            chat_queue: chat_queue.clone(),
+            events: dynamo_events,
+            sweep_after: Duration::from_secs(a.outbox_sweep_after_secs),
+        }),
+        store,
+        persona_queue,
+        chat_queue,
+        events,
+        verifier: Arc::new(verifier),
+        identity: Arc::new(
+            shared::auth::cognito::CognitoIdentity::new(
+                cognito,
+                client_id,
+                a.cognito_client_secret.clone(),
+            )
+            .with_refresh_call(match a.cognito_refresh {
+                CognitoRefresh::GetTokens => RefreshCall::GetTokensFromRefreshToken,
+                CognitoRefresh::InitiateAuth => RefreshCall::InitiateAuth,
             }),
-            store,
-            persona_queue,
-            chat_queue,
-            events,
-            verifier: Arc::new(verifier),
-            identity: Arc::new(
-                shared::auth::cognito::CognitoIdentity::new(
-                    cognito,
-                    client_id,
-                    a.cognito_client_secret.clone(),
-                )
-                .with_refresh_call(match a.cognito_refresh {
-                    CognitoRefresh::GetTokens => RefreshCall::GetTokensFromRefreshToken,
-                    CognitoRefresh::InitiateAuth => RefreshCall::InitiateAuth,
-                }),
-            ),
-            jwks: None,
-            metrics: Metrics::new(),
-        })
-    }
+        ),
+        jwks: None,
+        metrics: Metrics::new(),
+    })
+}
 
-    async fn embedded(settings: &Settings) -> anyhow::Result<Adapters> {
-        let db = Db::open_with(&settings.data_dir, settings.sqlite_sync).await?;
-        let key_dir = settings.data_dir.join("keys");
-        let dir = key_dir.clone();
-        let key = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&dir)).await??;
-        let auth = &settings.auth;
-        let verifier = JwksVerifier::new(
-            auth.issuer.clone(),
-            auth.client_id.clone(),
-            Duration::from_secs(auth.leeway_secs),
-            Duration::from_secs(auth.jwks_refetch_cooldown_secs),
-            Arc::new(KeyDirJwks { dir: key_dir }),
-        );
-        let jwks = key.jwks().clone();
-        let identity = LocalIssuer::new(db.clone(), Arc::new(key), auth.clone())?;
-        let persona_queue = Arc::new(SqliteQueue::new(db.clone(), "persona"));
-        let chat_queue = Arc::new(SqliteQueue::new(db.clone(), "chat"));
-        let events = SqliteEventBus::start(db.clone()).await?;
-        Ok(Adapters {
-            store: Arc::new(SqliteStore::new(db.clone())),
-            atomic: Arc::new(SqliteAtomic::new(
-                db,
-                persona_queue.clone(),
-                chat_queue.clone(),
-                events.clone(),
-            )),
-            persona_queue,
-            chat_queue,
-            events,
-            verifier: Arc::new(verifier),
-            identity: Arc::new(identity),
-            jwks: Some(jwks),
-            metrics: Metrics::new(),
-        })
-    }
-
-    pub fn queue(&self, kind: RequestKind) -> &Arc<dyn Queue> {
-        match kind {
-            RequestKind::Persona => &self.persona_queue,
-            RequestKind::Chat => &self.chat_queue,
-        }
-    }
+async fn embedded(settings: &Settings) -> anyhow::Result<Ports> {
+    let db = Db::open_with(&settings.data_dir, settings.sqlite_sync).await?;
+    let key_dir = settings.data_dir.join("keys");
+    let dir = key_dir.clone();
+    let key = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&dir)).await??;
+    let auth = &settings.auth;
+    let verifier = JwksVerifier::new(
+        auth.issuer.clone(),
+        auth.client_id.clone(),
+        Duration::from_secs(auth.leeway_secs),
+        Duration::from_secs(auth.jwks_refetch_cooldown_secs),
+        Arc::new(KeyDirJwks { dir: key_dir }),
+    );
+    let jwks = key.jwks().clone();
+    let identity = LocalIssuer::new(db.clone(), Arc::new(key), auth.clone())?;
+    let persona_queue = Arc::new(SqliteQueue::new(db.clone(), "persona"));
+    let chat_queue = Arc::new(SqliteQueue::new(db.clone(), "chat"));
+    let events = SqliteEventBus::start(db.clone()).await?;
+    Ok(Ports {
+        store: Arc::new(SqliteStore::new(db.clone())),
+        atomic: Arc::new(SqliteAtomic::new(
+            db,
+            persona_queue.clone(),
+            chat_queue.clone(),
+            events.clone(),
+        )),
+        persona_queue,
+        chat_queue,
+        events,
+        verifier: Arc::new(verifier),
+        identity: Arc::new(identity),
+        jwks: Some(jwks),
+        metrics: Metrics::new(),
+    })
 }
 
 /// The two models.
@@ -311,21 +287,9 @@ impl Models {
     }
 }
 
-pub fn api_state(
-    adapters: &Adapters,
-    settings: &Settings,
-    shutdown: CancellationToken,
-) -> AppState {
+pub fn api_state(adapters: &Ports, settings: &Settings, shutdown: CancellationToken) -> AppState {
     AppState::new(Shared {
-        store: adapters.store.clone(),
-        atomic: adapters.atomic.clone(),
-        persona_queue: adapters.persona_queue.clone(),
-        chat_queue: adapters.chat_queue.clone(),
-        events: adapters.events.clone(),
-        verifier: adapters.verifier.clone(),
-        identity: adapters.identity.clone(),
-        jwks: adapters.jwks.clone(),
-        metrics: adapters.metrics.clone(),
+        ports: adapters.clone(),
         settings: settings.api.clone(),
         limiter: Shared::limiter_for(&settings.api),
         throttle: Shared::throttle_for(&settings.api),
@@ -338,7 +302,7 @@ pub fn api_state(
 /// The consume loop of one kind of worker.
 pub fn consumer(
     kind: RequestKind,
-    adapters: &Adapters,
+    adapters: &Ports,
     models: &Models,
     settings: &Settings,
 ) -> Arc<Consumer> {
@@ -404,7 +368,7 @@ pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let adapters = Adapters::open(&settings).await?;
+    let adapters = open_ports(&settings).await?;
     let kinds: &[RequestKind] = match role {
         Role::Serve => &RequestKind::ALL,
         Role::Api => &[],

@@ -37,14 +37,8 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use shared::atomic::Atomic;
-use shared::auth::{IdentityProvider, TokenVerifier};
 use shared::config::ApiSettings;
-use shared::domain::RequestKind;
-use shared::events::EventBus;
-use shared::metrics::Metrics;
-use shared::queue::Queue;
-use shared::store::Store;
+use shared::ports::Ports;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -60,7 +54,7 @@ use crate::token_cache::TokenCache;
 
 /// Everything a handler may reach. axum clones the state for every handler and middleware of
 /// every request, so it is one `Arc` (one counter to bump) around [`Shared`]; fields read
-/// through it (`state.store`).
+/// through it (`state.ports.store`).
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 
@@ -79,18 +73,8 @@ impl std::ops::Deref for AppState {
 }
 
 pub struct Shared {
-    pub store: Arc<dyn Store>,
-    /// Accepts work: records and jobs in one step.
-    pub atomic: Arc<dyn Atomic>,
-    pub persona_queue: Arc<dyn Queue>,
-    pub chat_queue: Arc<dyn Queue>,
-    pub events: Arc<dyn EventBus>,
-    pub verifier: Arc<dyn TokenVerifier>,
-    pub identity: Arc<dyn IdentityProvider>,
-    /// The embedded issuer's public keys, served at `/.well-known/jwks.json`; `None` when
-    /// tokens come from elsewhere.
-    pub jwks: Option<serde_json::Value>,
-    pub metrics: Arc<Metrics>,
+    /// The backend's adapters, as built at start-up.
+    pub ports: Ports,
     pub settings: ApiSettings,
     pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     /// Failed sign-ins and refreshes, per account and per address.
@@ -104,13 +88,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn queue(&self, kind: RequestKind) -> &Arc<dyn Queue> {
-        match kind {
-            RequestKind::Persona => &self.persona_queue,
-            RequestKind::Chat => &self.chat_queue,
-        }
-    }
-
     /// The sign-in throttle of the configured thresholds.
     pub fn throttle_for(settings: &ApiSettings) -> Arc<Throttle> {
         Arc::new(Throttle::new(

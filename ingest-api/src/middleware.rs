@@ -86,10 +86,15 @@ pub async fn authenticate(
     let fresh = cached.is_none();
     let user: AuthUser = match cached {
         Some(user) => user,
-        None => state.verifier.verify(&token).await.map_err(|e| match e {
-            shared::Error::Unauthorized(reason) => ApiError::Unauthorized(reason),
-            other => ApiError::from(other),
-        })?,
+        None => state
+            .ports
+            .verifier
+            .verify(&token)
+            .await
+            .map_err(|e| match e {
+                shared::Error::Unauthorized(reason) => ApiError::Unauthorized(reason),
+                other => ApiError::from(other),
+            })?,
     };
     if let Some(limiter) = &state.limiter {
         if let Err(not_until) = limiter.check_key(&user.user_id) {
@@ -156,6 +161,7 @@ pub async fn idempotency(
     let lock_ms = state.settings.idempotency_lock_secs as i64 * 1000;
 
     match state
+        .ports
         .store
         .idempotency_begin(&user.user_id, &key, &fingerprint, lock_ms, ttl_ms)
         .await?
@@ -183,6 +189,7 @@ pub async fn idempotency(
             // client may retry (or fix the body and retry) with the same key.
             if status.is_server_error() || response.extensions().get::<Refused>().is_some() {
                 state
+                    .ports
                     .store
                     .idempotency_release(&user.user_id, &key, claim)
                     .await?;
@@ -197,6 +204,7 @@ pub async fn idempotency(
                 .map_err(|e| ApiError::Internal(format!("buffering a response: {e}")))?;
             let text = String::from_utf8_lossy(&bytes).into_owned();
             state
+                .ports
                 .store
                 .idempotency_complete(&user.user_id, &key, claim, status.as_u16(), &text)
                 .await?;
@@ -274,6 +282,7 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         .unwrap_or_else(|| "unmatched".into());
     let response = next.run(req).await;
     state
+        .ports
         .metrics
         .http_requests
         .get_or_create(&HttpLabels {
@@ -285,6 +294,7 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
     // Streams (SSE) and long polls would skew the latency histogram.
     if route != "/v1/events" && route != "/v1/requests/{id}" {
         state
+            .ports
             .metrics
             .http_duration
             .get_or_create(&RouteLabels { route })

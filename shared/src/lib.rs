@@ -24,6 +24,7 @@
 //!   `auth::cognito`.
 //! - [`models`]   the `PersonaModel` and `ChatModel` ports: `models::offline`,
 //!   `models::openai`, `models::bedrock`.
+//! - [`ports`]    every port of one backend in one struct, built once at start-up.
 //! - [`metrics`]  the Prometheus registry shared by API and workers; [`emf`] writes the same
 //!   metrics in CloudWatch Embedded Metric Format.
 //! - [`sqlite`]   the connection pool and schema behind every embedded adapter.
@@ -40,6 +41,7 @@ pub mod events;
 pub mod job;
 pub mod metrics;
 pub mod models;
+pub mod ports;
 pub mod private_fs;
 pub mod queue;
 pub mod sqlite;

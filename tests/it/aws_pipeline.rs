@@ -2,7 +2,7 @@
 //! Cognito, all on the moto server of `scripts/test` — through the same HTTP API and the same
 //! workers as the embedded default, in this process: the adapters change, nothing else does.
 //! The backend is built as the product builds it (`--backend aws`, `aws-init`,
-//! `Adapters::open`); `aws_backend.rs` runs it as separate processes.
+//! `open_ports`); `aws_backend.rs` runs it as separate processes.
 
 use std::sync::Arc;
 use std::time::Duration;

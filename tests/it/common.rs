@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use characterbot::{api_state, consumer, Adapters, Models};
+use characterbot::{api_state, consumer, open_ports, Models, Ports};
 use clap::Parser;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -47,7 +47,7 @@ pub fn settings(dir: &Path, extra: &[&str]) -> Settings {
 pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
-    pub adapters: Adapters,
+    pub adapters: Ports,
     pub settings: Settings,
     pub shutdown: CancellationToken,
     pub dir: tempfile::TempDir,
@@ -85,7 +85,7 @@ impl Builder {
     }
 
     /// The AWS backend, built as the product builds it (`--backend aws`, `aws-init`, then
-    /// `Adapters::open`): SQS, DynamoDB and Cognito on the moto server of `scripts/test`, with
+    /// `open_ports`): SQS, DynamoDB and Cognito on the moto server of `scripts/test`, with
     /// fresh queues, table and user pool for this app.
     pub fn on_aws(mut self) -> Self {
         self.aws = true;
@@ -116,7 +116,7 @@ impl Builder {
         if self.aws {
             characterbot::aws_init(&settings).await.expect("aws-init");
         }
-        let adapters = Adapters::open(&settings).await.expect("adapters");
+        let adapters = open_ports(&settings).await.expect("adapters");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -396,7 +396,7 @@ pub fn moto_endpoint() -> String {
 
 /// Points this process's standard AWS configuration chain at moto: `AWS_ENDPOINT_URL`, a region
 /// and test credentials, as a deployment's environment points it at AWS. The product takes its
-/// endpoint, region and credentials from nothing else (`Adapters::open`, `aws_init`), so the
+/// endpoint, region and credentials from nothing else (`open_ports`, `aws_init`), so the
 /// harness sets them here: once per test binary, to the same values for every test, before the
 /// first app on the AWS backend reads them (std's environment lock orders these writes against
 /// every read through `std::env`, the SDK's and `Command`'s included). Processes that tests

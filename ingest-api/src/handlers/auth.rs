@@ -70,6 +70,7 @@ pub async fn sign_up(
     AppJson(body): AppJson<Credentials>,
 ) -> Result<(StatusCode, AppJson<SignedUp>), ApiError> {
     let user_id = state
+        .ports
         .identity
         .sign_up(body.email.trim(), &body.password)
         .await
@@ -85,6 +86,7 @@ pub async fn confirm(
     AppJson(body): AppJson<ConfirmRequest>,
 ) -> Result<AppJson<Confirmed>, ApiError> {
     state
+        .ports
         .identity
         .confirm(body.email.trim(), body.code.trim())
         .await
@@ -101,7 +103,12 @@ pub async fn sign_in(
 ) -> Result<([(HeaderName, &'static str); 2], AppJson<Tokens>), ApiError> {
     let email = body.email.trim();
     let keys = throttle_keys(Key::Account(email.to_lowercase()), addr);
-    let tokens = throttled(&state, &keys, state.identity.sign_in(email, &body.password)).await?;
+    let tokens = throttled(
+        &state,
+        &keys,
+        state.ports.identity.sign_in(email, &body.password),
+    )
+    .await?;
     Ok((NO_STORE, AppJson(tokens)))
 }
 
@@ -146,7 +153,7 @@ pub async fn refresh(
     // Counted by the token's hash: the token itself is a secret, and this map is memory.
     let token = Sha256::digest(body.refresh_token.as_bytes());
     let keys = throttle_keys(Key::Account(format!("refresh:{token:x}")), addr);
-    let refresh = state.identity.refresh(&body.refresh_token);
+    let refresh = state.ports.identity.refresh(&body.refresh_token);
     Ok((NO_STORE, AppJson(throttled(&state, &keys, refresh).await?)))
 }
 
@@ -165,6 +172,7 @@ pub async fn sign_out(
     AppJson(body): AppJson<SignOutRequest>,
 ) -> Result<StatusCode, ApiError> {
     state
+        .ports
         .identity
         .sign_out(&body.refresh_token)
         .await
@@ -188,6 +196,7 @@ pub async fn sign_out_everywhere(
         .map(|(_, token)| token.trim())
         .unwrap_or_default();
     state
+        .ports
         .identity
         .sign_out_everywhere(caller.id(), token)
         .await

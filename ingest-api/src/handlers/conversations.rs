@@ -43,6 +43,7 @@ pub async fn create(
     AppJson(body): AppJson<CreateConversation>,
 ) -> Result<(StatusCode, AppJson<Conversation>), ApiError> {
     let persona = state
+        .ports
         .store
         .get_persona(caller.id(), &body.persona_id)
         .await?
@@ -54,6 +55,7 @@ pub async fn create(
         created_at: shared::time::now_rfc3339(),
     };
     state
+        .ports
         .store
         .create_conversation(caller.id(), &conversation)
         .await?;
@@ -68,6 +70,7 @@ pub async fn list(
     AppQuery(q): AppQuery<PageQuery>,
 ) -> Result<AppJson<ListResponse<Conversation>>, ApiError> {
     let page = state
+        .ports
         .store
         .list_conversations(caller.id(), q.limit()?, q.next_token.as_deref())
         .await?;
@@ -85,6 +88,7 @@ pub async fn get(
     AppPath(id): AppPath<String>,
 ) -> Result<AppJson<Conversation>, ApiError> {
     state
+        .ports
         .store
         .get_conversation(caller.id(), &id)
         .await?
@@ -166,6 +170,7 @@ pub async fn list_messages(
     AppQuery(q): AppQuery<PageQuery>,
 ) -> Result<AppJson<ListResponse<Message>>, ApiError> {
     let page = state
+        .ports
         .store
         .list_messages(caller.id(), &id, q.limit()?, q.next_token.as_deref())
         .await

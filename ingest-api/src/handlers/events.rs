@@ -36,7 +36,7 @@ pub async fn stream(
         .slots
         .take(caller.id(), max)
         .ok_or(ApiError::TooManyStreams(max))?;
-    let events = state.events.subscribe(caller.id(), after).await?;
+    let events = state.ports.events.subscribe(caller.id(), after).await?;
     // Ends on shutdown, or when the stream has lived its time: the client reconnects with
     // `Last-Event-ID` and misses nothing, and no connection is held forever.
     let shutdown = state.shutdown.clone().cancelled_owned();

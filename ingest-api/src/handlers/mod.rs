@@ -122,7 +122,7 @@ pub async fn accept<T: Serialize>(
             .map(|r| r.request_id.clone())
             .collect(),
     );
-    match state.atomic.accept(accept).await? {
+    match state.ports.atomic.accept(accept).await? {
         AcceptOutcome::Recorded => {
             for request_id in ids {
                 tracing::info!(%request_id, %kind, "request queued");

@@ -20,9 +20,9 @@ pub async fn healthz() -> AppJson<serde_json::Value> {
 
 #[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200), (status = 503)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<AppJson<serde_json::Value>, ApiError> {
-    state.store.ping().await?;
+    state.ports.store.ping().await?;
     for kind in RequestKind::ALL {
-        state.queue(kind).stats().await?;
+        state.ports.queue(kind).stats().await?;
     }
     Ok(AppJson(json!({ "status": "ready" })))
 }
@@ -30,7 +30,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<AppJson<serde_json:
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for kind in RequestKind::ALL {
-        let queue = state.queue(kind);
+        let queue = state.ports.queue(kind);
         if let Ok(stats) = queue.stats().await {
             for (s, n) in [
                 ("visible", stats.visible),
@@ -38,6 +38,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 ("dead", stats.dead),
             ] {
                 state
+                    .ports
                     .metrics
                     .queue_messages
                     .get_or_create(&QueueLabels {
@@ -53,7 +54,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.ports.metrics.render(),
     )
 }
 
@@ -64,7 +65,7 @@ pub async fn openapi() -> impl IntoResponse {
 
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200), (status = 404)))]
 pub async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
-    match &state.jwks {
+    match &state.ports.jwks {
         Some(keys) => (StatusCode::OK, AppJson(keys.clone())).into_response(),
         None => ApiError::NotFound("key set").into_response(),
     }

@@ -171,6 +171,7 @@ pub async fn list(
     AppQuery(q): AppQuery<PageQuery>,
 ) -> Result<AppJson<ListResponse<Persona>>, ApiError> {
     let page = state
+        .ports
         .store
         .list_personas(caller.id(), q.limit()?, q.next_token.as_deref())
         .await?;
@@ -188,6 +189,7 @@ pub async fn get(
     AppPath(id): AppPath<String>,
 ) -> Result<AppJson<Persona>, ApiError> {
     state
+        .ports
         .store
         .get_persona(caller.id(), &id)
         .await?
@@ -202,7 +204,7 @@ pub async fn delete(
     caller: Caller,
     AppPath(id): AppPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.store.delete_persona(caller.id(), &id).await? {
+    if state.ports.store.delete_persona(caller.id(), &id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("persona"))
@@ -217,6 +219,7 @@ pub async fn get_batch(
     AppPath(id): AppPath<String>,
 ) -> Result<AppJson<Batch>, ApiError> {
     state
+        .ports
         .store
         .get_batch(caller.id(), &id)
         .await?

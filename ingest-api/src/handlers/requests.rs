@@ -32,6 +32,7 @@ pub async fn get(
     let wait = Duration::from_secs(q.wait.unwrap_or(0).min(state.settings.max_wait_secs));
     let read = || async {
         state
+            .ports
             .store
             .get_request(caller.id(), &id)
             .await?
@@ -46,7 +47,7 @@ pub async fn get(
         .take(caller.id(), max)
         .ok_or(ApiError::TooManyStreams(max))?;
     // Watch first, then read, so a change between the two is not missed.
-    let mut events = state.events.watch_request(caller.id(), &id).await?;
+    let mut events = state.ports.events.watch_request(caller.id(), &id).await?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut record = read().await?;
     while !record.status.is_final() {
