@@ -211,6 +211,21 @@ async fn embedded(settings: &Settings) -> anyhow::Result<Ports> {
     })
 }
 
+/// Whether AWS credentials are configured in the environment (keys, a profile, a web identity,
+/// or a container role); the `auto` chat model then picks Bedrock. Read here, where the binary
+/// chooses its adapters, so that no library reads the process environment.
+fn aws_credentials_in_environment() -> bool {
+    [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+}
+
 /// The two models.
 #[derive(Clone)]
 pub struct Models {
@@ -248,7 +263,7 @@ impl Models {
             Arc::new(OfflinePersonaModel { delay })
         };
         let bedrock = m.chat_model == ChatModelChoice::Bedrock
-            || (m.chat_model == ChatModelChoice::Auto && m.aws_credentials_present());
+            || (m.chat_model == ChatModelChoice::Auto && aws_credentials_in_environment());
         let chat: Arc<dyn ChatModel> = if bedrock {
             let opts = BedrockOptions {
                 model_id: m.bedrock_model_id.clone(),

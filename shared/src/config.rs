@@ -637,20 +637,6 @@ pub struct ModelSettings {
 }
 
 impl ModelSettings {
-    /// Whether AWS credentials are configured in the environment (keys, a profile, a web
-    /// identity, or a container role); `auto` then picks Bedrock for chat.
-    pub fn aws_credentials_present(&self) -> bool {
-        [
-            "AWS_ACCESS_KEY_ID",
-            "AWS_PROFILE",
-            "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        ]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
-    }
-
     /// The OpenAI key, if one is configured (an empty value counts as none).
     pub fn openai_key(&self) -> Option<&str> {
         self.openai_api_key
