@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use backon::{ExponentialBuilder, Retryable};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -59,12 +60,90 @@ fn read_prompts(file: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
     Ok(prompts)
 }
 
-async fn json_of(res: reqwest::Response) -> anyhow::Result<Value> {
-    let status = res.status();
-    let body: Value = res.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!("server answered {status}: {body}");
+/// Most retries of one call: enough to wait out a minute of the server's per-user rate limit.
+const MAX_RETRIES: usize = 60;
+
+/// Why one try of a call did not answer.
+#[derive(Debug)]
+enum Failed {
+    /// `429` or a server error: try again, after `retry_after` when the server said.
+    Later {
+        status: reqwest::StatusCode,
+        body: Value,
+        retry_after: Option<Duration>,
+    },
+    /// Any other refusal: trying again will not help.
+    Refused {
+        status: reqwest::StatusCode,
+        body: Value,
+    },
+    Network(reqwest::Error),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::Later { status, body, .. } | Failed::Refused { status, body } => {
+                write!(f, "server answered {status}: {body}")
+            }
+            Failed::Network(e) => write!(f, "{e}"),
+        }
     }
+}
+
+impl std::error::Error for Failed {}
+
+/// One try: the JSON body of a success, or why not.
+async fn try_once(request: reqwest::RequestBuilder) -> Result<Value, Failed> {
+    let res = request.send().await.map_err(Failed::Network)?;
+    let status = res.status();
+    let retry_after = res
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        Ok(body)
+    } else if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        Err(Failed::Later {
+            status,
+            body,
+            retry_after,
+        })
+    } else {
+        Err(Failed::Refused { status, body })
+    }
+}
+
+/// Sends the request `make` builds and returns its JSON body. `429`, server errors and network
+/// errors are tried again (`backon`, exponential with jitter, a `Retry-After` honoured); any
+/// other refusal fails at once with the server's body. Safe to repeat: every call here is a
+/// read, or a POST carrying an `Idempotency-Key`.
+async fn call(make: impl Fn() -> reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let body = (|| try_once(make()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(2))
+                .with_jitter()
+                .with_max_times(MAX_RETRIES),
+        )
+        .when(|e| !matches!(e, Failed::Refused { .. }))
+        // `None` once the tries are used up: stop, whatever the server asked.
+        .adjust(|e, delay| match (e, delay) {
+            (_, None) => None,
+            (
+                Failed::Later {
+                    retry_after: Some(after),
+                    ..
+                },
+                Some(_),
+            ) => Some(*after),
+            (_, delay) => delay,
+        })
+        .await?;
     Ok(body)
 }
 
@@ -80,12 +159,10 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
     let token = match (&args.token, &args.email, &args.password) {
         (Some(t), _, _) => t.clone(),
         (None, Some(email), Some(password)) => {
-            let tokens = json_of(
+            let tokens = call(|| {
                 http.post(format!("{base}/v1/auth/signin"))
                     .json(&json!({ "email": email, "password": password }))
-                    .send()
-                    .await?,
-            )
+            })
             .await
             .context("signing in")?;
             tokens["access_token"]
@@ -106,32 +183,14 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
             Sha256::digest(format!("{run_id}:{}", chunk.join("\n")))
         );
         let body = json!({ "prompts": chunk });
-        let mut last_error = None;
-        let mut accepted = None;
-        for attempt in 0..3u64 {
-            let sent = http
-                .post(format!("{base}/v1/personas/batch"))
+        let accepted = call(|| {
+            http.post(format!("{base}/v1/personas/batch"))
                 .bearer_auth(&token)
                 .header("Idempotency-Key", &key)
                 .json(&body)
-                .send()
-                .await;
-            match sent {
-                Ok(res) if res.status().is_server_error() => {
-                    last_error = Some(anyhow::anyhow!("server answered {}", res.status()))
-                }
-                Ok(res) => {
-                    accepted = Some(json_of(res).await.context("submitting a batch")?);
-                    break;
-                }
-                Err(e) => last_error = Some(e.into()),
-            }
-            tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
-        }
-        let accepted = match accepted {
-            Some(a) => a,
-            None => return Err(last_error.unwrap_or_else(|| anyhow::anyhow!("batch not accepted"))),
-        };
+        })
+        .await
+        .context("submitting a batch")?;
         batches.push((chunk.to_vec(), accepted));
     }
 
@@ -140,27 +199,32 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // Counts of each batch; a finished batch is not asked again, so polling stays well inside
+    // the per-user rate limit however many batches there are.
+    let mut counts = vec![(0u64, 0u64, false); batches.len()];
     loop {
-        let (mut done, mut failed) = (0u64, 0u64);
-        for (_, accepted) in &batches {
+        for ((_, accepted), (done, failed, finished)) in batches.iter().zip(counts.iter_mut()) {
+            if *finished {
+                continue;
+            }
             let id = accepted["batch_id"].as_str().unwrap_or_default();
-            let counts = json_of(
+            let c = call(|| {
                 http.get(format!("{base}/v1/batches/{id}"))
                     .bearer_auth(&token)
-                    .send()
-                    .await?,
-            )
+            })
             .await?;
-            done +=
-                counts["succeeded"].as_u64().unwrap_or(0) + counts["failed"].as_u64().unwrap_or(0);
-            failed += counts["failed"].as_u64().unwrap_or(0);
+            *failed = c["failed"].as_u64().unwrap_or(0);
+            *done = c["succeeded"].as_u64().unwrap_or(0) + *failed;
+            *finished = c["pending"].as_u64() == Some(0);
         }
+        let done: u64 = counts.iter().map(|c| c.0).sum();
+        let failed: u64 = counts.iter().map(|c| c.1).sum();
         bar.set_position(done);
         bar.set_message(format!("{failed} failed"));
-        if done >= prompts.len() as u64 {
+        if counts.iter().all(|c| c.2) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     bar.finish();
 
@@ -178,12 +242,10 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
             .unwrap_or_default();
         for (prompt, id) in chunk.iter().zip(ids) {
             let id = id.as_str().unwrap_or_default();
-            let r = json_of(
+            let r = call(|| {
                 http.get(format!("{base}/v1/requests/{id}"))
                     .bearer_auth(&token)
-                    .send()
-                    .await?,
-            )
+            })
             .await?;
             if r["status"] != "succeeded" {
                 failures += 1;
@@ -208,4 +270,58 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         bail!("{failures} prompts failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A server that answers `429` (with `Retry-After`) `refusals` times, then `200`.
+    async fn limited(refusals: usize) -> (wiremock::MockServer, Arc<AtomicUsize>) {
+        let server = wiremock::MockServer::start().await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        wiremock::Mock::given(wiremock::matchers::path("/v1/thing"))
+            .respond_with(move |_: &wiremock::Request| {
+                if counted.fetch_add(1, Ordering::SeqCst) < refusals {
+                    wiremock::ResponseTemplate::new(429)
+                        .insert_header("retry-after", "1")
+                        .set_body_json(json!({ "error": { "code": "rate_limited" } }))
+                } else {
+                    wiremock::ResponseTemplate::new(200).set_body_json(json!({ "ok": true }))
+                }
+            })
+            .mount(&server)
+            .await;
+        (server, calls)
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_call_waits_as_told_and_then_succeeds() {
+        let (server, calls) = limited(2).await;
+        let http = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        let body = call(|| http.get(format!("{}/v1/thing", server.uri())))
+            .await
+            .unwrap();
+        assert_eq!(body, json!({ "ok": true }));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "Retry-After honoured"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_fails_at_once_with_the_servers_answer() {
+        let http = reqwest::Client::new();
+        let server = wiremock::MockServer::start().await;
+        let e = call(|| http.get(format!("{}/v1/nothing", server.uri())))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().starts_with("server answered 404"), "{e}");
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    }
 }

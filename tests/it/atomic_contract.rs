@@ -578,18 +578,9 @@ async fn a_result_a_twin_stored_first_stands(s: Subject) {
     assert_eq!(s.store.get_persona("alice", &id).await.unwrap(), Some(twin));
 }
 
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod embedded_atomic {
-            $( #[tokio::test] async fn $case() { super::$case(super::embedded().await).await } )*
-        }
-        mod aws_atomic {
-            $( #[tokio::test] async fn $case() { super::$case(super::aws().await).await } )*
-        }
-    };
-}
-
 contract!(
+    embedded_atomic => embedded,
+    aws_atomic => aws;
     an_accept_records_the_request_its_job_and_the_keys_answer,
     a_key_answered_once_replays_and_queues_nothing_more,
     a_batch_is_accepted_whole,

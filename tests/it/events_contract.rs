@@ -163,18 +163,9 @@ async fn a_watch_gets_its_requests_updates_until_it_finishes(s: Subject) {
     );
 }
 
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod embedded_events {
-            $( #[tokio::test] async fn $case() { super::$case(super::embedded().await).await } )*
-        }
-        mod dynamodb_events {
-            $( #[tokio::test] async fn $case() { super::$case(super::dynamodb().await).await } )*
-        }
-    };
-}
-
 contract!(
+    embedded_events => embedded,
+    dynamodb_events => dynamodb;
     a_stream_gets_its_users_events_from_another_process_in_order,
     a_reconnecting_client_is_replayed_what_it_missed,
     a_watch_gets_its_requests_updates_until_it_finishes,

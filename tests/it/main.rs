@@ -6,6 +6,24 @@
 //! A suite alone: `scripts/test --test it flow::` (cargo's name filter; test names are
 //! `<module>::<test>`).
 
+/// One port's contract, run against each of its adapters: for every `module => subject`, a
+/// module with one test per case, each on a fresh subject from `subject()`. Defined here, before
+/// the suites, so that every `*_contract` module can use it.
+macro_rules! contract {
+    ($($module:ident => $subject:ident),+ $(,)? ; $($case:ident),* $(,)?) => {
+        contract!(@each [$($case),*] $($module $subject)+);
+    };
+    // The cases travel as one token tree, so each adapter's module can repeat all of them.
+    (@each $cases:tt $($module:ident $subject:ident)+) => {
+        $( contract!(@adapter $module $subject $cases); )+
+    };
+    (@adapter $module:ident $subject:ident [$($case:ident),*]) => {
+        mod $module {
+            $( #[tokio::test] async fn $case() { super::$case(super::$subject().await).await } )*
+        }
+    };
+}
+
 mod common;
 
 mod atomic_contract;

@@ -183,18 +183,9 @@ async fn attributes_travel_with_the_message_and_into_the_dead_letters(s: Subject
     assert_eq!(dead[0].reason, "gave up");
 }
 
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod embedded_queue {
-            $( #[tokio::test] async fn $case() { super::$case(super::embedded().await).await } )*
-        }
-        mod sqs_queue {
-            $( #[tokio::test] async fn $case() { super::$case(super::sqs().await).await } )*
-        }
-    };
-}
-
 contract!(
+    embedded_queue => embedded,
+    sqs_queue => sqs;
     a_received_message_is_hidden_then_reappears_counted,
     visibility_can_be_extended_and_released,
     dead_letters_keep_body_reason_and_count,

@@ -352,13 +352,9 @@ async fn a_finished_requests_message_that_keeps_coming_back_is_dropped_not_dead_
     assert_eq!(status_of(&app, &alice, &request_id).await, done);
 }
 
-#[tokio::test]
-async fn shutdown_hands_in_flight_messages_back_and_the_next_worker_finishes_them() {
-    let (app, alice, conv) = app(&[
-        ("--shutdown-grace-secs", "0"),
-        ("--visibility-timeout-secs", "60"),
-    ])
-    .await;
+/// A chat worker takes the queued job, starts it (its model never answers), and is shut down
+/// mid-job.
+async fn interrupted_by_a_shutdown(app: &TestApp) {
     let started = Arc::new(Notify::new());
     let stop = CancellationToken::new();
     let worker = app.start_worker_until(
@@ -366,7 +362,6 @@ async fn shutdown_hands_in_flight_messages_back_and_the_next_worker_finishes_the
         &with_chat(Arc::new(Hangs(started.clone()))),
         stop.clone(),
     );
-    let request_id = say(&app, &alice, &conv, "Slow question").await;
     tokio::time::timeout(Duration::from_secs(10), started.notified())
         .await
         .expect("job started");
@@ -375,6 +370,17 @@ async fn shutdown_hands_in_flight_messages_back_and_the_next_worker_finishes_the
         .await
         .expect("worker stopped")
         .unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_hands_in_flight_messages_back_and_the_next_worker_finishes_them() {
+    let (app, alice, conv) = app(&[
+        ("--shutdown-grace-secs", "0"),
+        ("--visibility-timeout-secs", "60"),
+    ])
+    .await;
+    let request_id = say(&app, &alice, &conv, "Slow question").await;
+    interrupted_by_a_shutdown(&app).await;
 
     let record = status_of(&app, &alice, &request_id).await;
     assert_eq!(record["status"], "queued", "{record}");
@@ -408,21 +414,7 @@ async fn hand_backs_on_shutdown_never_use_up_a_jobs_attempts() {
     .await;
     let request_id = say(&app, &alice, &conv, "Patience").await;
     for _ in 0..3 {
-        let started = Arc::new(Notify::new());
-        let stop = CancellationToken::new();
-        let worker = app.start_worker_until(
-            RequestKind::Chat,
-            &with_chat(Arc::new(Hangs(started.clone()))),
-            stop.clone(),
-        );
-        tokio::time::timeout(Duration::from_secs(10), started.notified())
-            .await
-            .expect("job started");
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), worker)
-            .await
-            .expect("worker stopped")
-            .unwrap();
+        interrupted_by_a_shutdown(&app).await;
         let record = status_of(&app, &alice, &request_id).await;
         assert_eq!(
             (record["status"].as_str(), record["attempts"].as_u64()),

@@ -463,18 +463,9 @@ async fn expired_idempotency_keys_are_forgotten(s: Subject) {
     );
 }
 
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod embedded_store {
-            $( #[tokio::test] async fn $case() { super::$case(super::embedded().await).await } )*
-        }
-        mod dynamodb_store {
-            $( #[tokio::test] async fn $case() { super::$case(super::dynamodb().await).await } )*
-        }
-    };
-}
-
 contract!(
+    embedded_store => embedded,
+    dynamodb_store => dynamodb;
     personas_are_written_once_listed_newest_first_and_paged,
     each_user_message_gets_one_reply_in_its_place,
     requests_only_move_forward_and_batches_count_them,

@@ -287,18 +287,9 @@ async fn signing_out_everywhere_ends_every_session(s: Subject) {
     }
 }
 
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod local_issuer {
-            $( #[tokio::test] async fn $case() { super::$case(super::local().await).await } )*
-        }
-        mod cognito_pool {
-            $( #[tokio::test] async fn $case() { super::$case(super::cognito().await).await } )*
-        }
-    };
-}
-
 contract!(
+    local_issuer => local,
+    cognito_pool => cognito;
     accounts_sign_up_confirm_sign_in_and_refresh,
     only_access_tokens_of_this_issuer_and_app_client_pass,
     altered_and_malformed_tokens_are_refused,
