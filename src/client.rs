@@ -13,8 +13,12 @@ use anyhow::{bail, Context};
 use backon::{ExponentialBuilder, Retryable};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use ingest_api::handlers::personas::BatchAccepted;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use shared::domain::{Batch, RequestRecord, RequestResult, RequestStatus};
 
 #[derive(Debug, Clone, Args)]
 pub struct BatchArgs {
@@ -147,86 +151,152 @@ async fn call(make: impl Fn() -> reqwest::RequestBuilder) -> anyhow::Result<Valu
     Ok(body)
 }
 
-pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
-    let prompts = read_prompts(args.file.as_ref())?;
-    if prompts.is_empty() {
-        bail!("no prompts given");
-    }
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()?;
-    let base = args.url.trim_end_matches('/').to_owned();
-    let token = match (&args.token, &args.email, &args.password) {
-        (Some(t), _, _) => t.clone(),
-        (None, Some(email), Some(password)) => {
-            let tokens = call(|| {
-                http.post(format!("{base}/v1/auth/signin"))
-                    .json(&json!({ "email": email, "password": password }))
-            })
-            .await
-            .context("signing in")?;
-            tokens["access_token"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        }
-        _ => bail!("give --token, or --email and --password"),
-    };
+/// The API as the batch client uses it: one signed-in user.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
 
-    // Each chunk carries an Idempotency-Key derived from its content and this run, so a POST
-    // retried after a network error cannot queue the same prompts twice.
-    let run_id = uuid::Uuid::new_v4();
-    let mut batches = Vec::new();
-    for chunk in prompts.chunks(args.chunk.max(1)) {
+impl Api {
+    /// Uses the token given, or signs in with the email and password given.
+    async fn connect(args: &BatchArgs) -> anyhow::Result<Api> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        let base = args.url.trim_end_matches('/').to_owned();
+        let token = match (&args.token, &args.email, &args.password) {
+            (Some(t), _, _) => t.clone(),
+            (None, Some(email), Some(password)) => {
+                let tokens: TokenPair = typed(
+                    call(|| {
+                        http.post(format!("{base}/v1/auth/signin"))
+                            .json(&json!({ "email": email, "password": password }))
+                    })
+                    .await
+                    .context("signing in")?,
+                )?;
+                tokens.access_token
+            }
+            _ => bail!("give --token, or --email and --password"),
+        };
+        Ok(Api { http, base, token })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        typed(call(|| self.http.get(&url).bearer_auth(&self.token)).await?)
+    }
+
+    /// Submits one chunk. Its `Idempotency-Key` is derived from its content and this run, so
+    /// a POST retried after a network error cannot queue the same prompts twice.
+    async fn submit(&self, run_id: uuid::Uuid, chunk: &[String]) -> anyhow::Result<BatchAccepted> {
         let key = format!(
             "{:x}",
             Sha256::digest(format!("{run_id}:{}", chunk.join("\n")))
         );
         let body = json!({ "prompts": chunk });
+        let url = format!("{}/v1/personas/batch", self.base);
         let accepted = call(|| {
-            http.post(format!("{base}/v1/personas/batch"))
-                .bearer_auth(&token)
+            self.http
+                .post(&url)
+                .bearer_auth(&self.token)
                 .header("Idempotency-Key", &key)
                 .json(&body)
         })
         .await
         .context("submitting a batch")?;
-        batches.push((chunk.to_vec(), accepted));
+        typed(accepted)
     }
+}
 
-    let bar = ProgressBar::new(prompts.len() as u64);
+/// The part of the sign-in answer the client needs.
+#[derive(Deserialize)]
+struct TokenPair {
+    access_token: String,
+}
+
+fn typed<T: DeserializeOwned>(body: Value) -> anyhow::Result<T> {
+    serde_json::from_value(body).context("the server's answer has an unexpected shape")
+}
+
+/// Shows the batches' progress until none is pending. A finished batch is not asked again, so
+/// polling stays well inside the per-user rate limit however many batches there are.
+async fn follow(api: &Api, batches: &[BatchAccepted], total: usize) -> anyhow::Result<()> {
+    let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    // Counts of each batch; a finished batch is not asked again, so polling stays well inside
-    // the per-user rate limit however many batches there are.
-    let mut counts = vec![(0u64, 0u64, false); batches.len()];
+    let mut latest: Vec<Option<Batch>> = vec![None; batches.len()];
     loop {
-        for ((_, accepted), (done, failed, finished)) in batches.iter().zip(counts.iter_mut()) {
-            if *finished {
+        for (accepted, latest) in batches.iter().zip(latest.iter_mut()) {
+            if latest.as_ref().is_some_and(|b| b.pending == 0) {
                 continue;
             }
-            let id = accepted["batch_id"].as_str().unwrap_or_default();
-            let c = call(|| {
-                http.get(format!("{base}/v1/batches/{id}"))
-                    .bearer_auth(&token)
-            })
-            .await?;
-            *failed = c["failed"].as_u64().unwrap_or(0);
-            *done = c["succeeded"].as_u64().unwrap_or(0) + *failed;
-            *finished = c["pending"].as_u64() == Some(0);
+            *latest = Some(
+                api.get(&format!("/v1/batches/{}", accepted.batch_id))
+                    .await?,
+            );
         }
-        let done: u64 = counts.iter().map(|c| c.0).sum();
-        let failed: u64 = counts.iter().map(|c| c.1).sum();
-        bar.set_position(done);
+        let counts = latest.iter().flatten();
+        let failed: u32 = counts.clone().map(|b| b.failed).sum();
+        let done: u32 = counts.map(|b| b.succeeded + b.failed).sum();
+        bar.set_position(u64::from(done));
         bar.set_message(format!("{failed} failed"));
-        if counts.iter().all(|c| c.2) {
+        if latest.iter().flatten().all(|b| b.pending == 0) {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     bar.finish();
+    Ok(())
+}
+
+/// Writes one JSON line per prompt; returns how many failed.
+async fn write_results(
+    api: &Api,
+    submitted: &[(&[String], BatchAccepted)],
+    out: &mut dyn Write,
+) -> anyhow::Result<usize> {
+    let mut failures = 0;
+    for (chunk, accepted) in submitted {
+        for (prompt, id) in chunk.iter().zip(&accepted.request_ids) {
+            let r: RequestRecord = api.get(&format!("/v1/requests/{id}")).await?;
+            if r.status != RequestStatus::Succeeded {
+                failures += 1;
+            }
+            let persona = match &r.result {
+                Some(RequestResult::Persona(p)) => serde_json::to_value(p)?,
+                _ => Value::Null,
+            };
+            let line = json!({
+                "prompt": prompt,
+                "request_id": id,
+                "status": r.status,
+                "persona": persona,
+                "error": r.error,
+            });
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
+    Ok(failures)
+}
+
+pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
+    let prompts = read_prompts(args.file.as_ref())?;
+    if prompts.is_empty() {
+        bail!("no prompts given");
+    }
+    let api = Api::connect(&args).await?;
+    let run_id = uuid::Uuid::new_v4();
+    let mut submitted = Vec::new();
+    for chunk in prompts.chunks(args.chunk.max(1)) {
+        submitted.push((chunk, api.submit(run_id, chunk).await?));
+    }
+    let batches: Vec<BatchAccepted> = submitted.iter().map(|(_, b)| b.clone()).collect();
+    follow(&api, &batches, prompts.len()).await?;
 
     let mut out: Box<dyn Write> = match &args.out {
         Some(p) => {
@@ -234,33 +304,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         }
         None => Box::new(std::io::stdout().lock()),
     };
-    let mut failures = 0;
-    for (chunk, accepted) in &batches {
-        let ids = accepted["request_ids"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        for (prompt, id) in chunk.iter().zip(ids) {
-            let id = id.as_str().unwrap_or_default();
-            let r = call(|| {
-                http.get(format!("{base}/v1/requests/{id}"))
-                    .bearer_auth(&token)
-            })
-            .await?;
-            if r["status"] != "succeeded" {
-                failures += 1;
-            }
-            let line = json!({
-                "prompt": prompt,
-                "request_id": id,
-                "status": r["status"],
-                "persona": r["result"]["persona"],
-                "error": r["error"],
-            });
-            writeln!(out, "{line}")?;
-        }
-    }
-    out.flush()?;
+    let failures = write_results(&api, &submitted, &mut out).await?;
     eprintln!(
         "{} prompts: {} succeeded, {failures} failed",
         prompts.len(),

@@ -8,6 +8,8 @@
 //! Layout:
 //! - [`domain`]   records the product is about (users, personas, conversations, messages,
 //!   requests, batches).
+//! - [`ids`]      every id as its own type (`PersonaId`, `RequestId`, …), its prefix and the ids
+//!   derived from it (the persona of a request, the reply it writes).
 //! - [`job`]      the API → worker contract: a job, encoded into a queue message by the API
 //!   and decoded from a delivery by a worker.
 //! - [`error`]    the one error type of this crate, with the transient/permanent split that
@@ -38,6 +40,7 @@ pub mod domain;
 pub mod emf;
 pub mod error;
 pub mod events;
+pub mod ids;
 pub mod job;
 pub mod metrics;
 pub mod models;

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use shared::domain::{Message, RequestInput, RequestKind, RequestRecord, RequestResult, Role};
 use shared::events::Event;
 use shared::events::EventBus;
-use shared::models::{ChatModel, ChatRequest};
+use shared::models::{ChatModel, ChatRequest, ModelOutput};
 use shared::store::Store;
 use shared::{Error, Result};
 use tokio::sync::mpsc::error::TryRecvError;
@@ -61,6 +61,29 @@ impl Job for ChatJob {
     }
 
     async fn run(&self, request: &RequestRecord, ctx: &JobContext) -> Result<JobOutput> {
+        let chat = self.chat_request(request, &ctx.user_id).await?;
+        let (out, last_fragment) = self
+            .reply_streaming(&chat, &ctx.user_id, &request.request_id)
+            .await?;
+        let reply = Message {
+            message_id: reply_id_for(&request.request_id),
+            role: Role::Assistant,
+            text: out.value,
+            model: Some(out.model.clone()),
+            created_at: shared::time::now_rfc3339(),
+        };
+        Ok(JobOutput {
+            last_fragment,
+            result: RequestResult::Message(reply),
+            usage: out.usage,
+            model: out.model,
+        })
+    }
+}
+
+impl ChatJob {
+    /// What the model is asked: the persona, the history that fits, the user's text.
+    async fn chat_request(&self, request: &RequestRecord, user_id: &str) -> Result<ChatRequest> {
         let RequestInput::Chat {
             conversation_id,
             message_id,
@@ -74,12 +97,7 @@ impl Job for ChatJob {
         };
         let context = self
             .store
-            .chat_context(
-                &ctx.user_id,
-                conversation_id,
-                message_id,
-                self.history_messages,
-            )
+            .chat_context(user_id, conversation_id, message_id, self.history_messages)
             .await?
             .ok_or_else(|| {
                 permanent(
@@ -93,15 +111,23 @@ impl Job for ChatJob {
                 "the conversation's persona was deleted",
             )
         })?;
-        let history = context.history;
-        let chat = ChatRequest {
+        Ok(ChatRequest {
             persona,
-            history: fit_history(history, self.history_chars),
+            history: fit_history(context.history, self.history_chars),
             user_text: text.clone(),
-        };
+        })
+    }
 
+    /// Calls the model, pushing its fragments to the user's stream as they come. Returns the
+    /// reply and the fragment not yet pushed (it goes out with the settlement).
+    async fn reply_streaming(
+        &self,
+        chat: &ChatRequest,
+        user_id: &str,
+        request_id: &str,
+    ) -> Result<(ModelOutput<String>, Option<String>)> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let (events, user_id, request_id) = (&self.events, &ctx.user_id, &request.request_id);
+        let events = &self.events;
         // Forwarded in this task, beside the model call: a fast reply then costs no extra task
         // or wake-up. Fragments that arrived while the last one was being published go out as
         // one event, so a fast model costs a few writes, not one per word. What is left when
@@ -125,9 +151,9 @@ impl Job for ChatJob {
             }
             None
         };
-        let (out, last_fragment) = tokio::join!(self.model.reply(&chat, Some(tx)), forward);
-        let out = match out {
-            Ok(out) => out,
+        let (out, last_fragment) = tokio::join!(self.model.reply(chat, Some(tx)), forward);
+        match out {
+            Ok(out) => Ok((out, last_fragment)),
             Err(e) => {
                 // No settlement will carry the rest: push it now, as before the failure.
                 if let Some(text) = last_fragment {
@@ -135,23 +161,9 @@ impl Job for ChatJob {
                         .publish(user_id, &Event::delta(request_id, &text))
                         .await;
                 }
-                return Err(e);
+                Err(e)
             }
-        };
-
-        let reply = Message {
-            message_id: reply_id_for(&request.request_id),
-            role: Role::Assistant,
-            text: out.value,
-            model: Some(out.model.clone()),
-            created_at: shared::time::now_rfc3339(),
-        };
-        Ok(JobOutput {
-            last_fragment,
-            result: RequestResult::Message(reply),
-            usage: out.usage,
-            model: out.model,
-        })
+        }
     }
 }
 

@@ -25,7 +25,7 @@ pub struct CreateBatch {
     pub prompts: Vec<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BatchAccepted {
     pub batch_id: String,
     /// One per prompt, in the order given.
