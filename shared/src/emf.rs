@@ -2,9 +2,21 @@
 //! that on AWS they appear in CloudWatch from the log stream alone, with no agent to scrape.
 //!
 //! Written by hand: `prometheus-client` has no EMF exporter and no API to walk a registry's
-//! values, and the crates that write EMF serve the `metrics` facade instead. So each flush reads
-//! the registry in its own text format (a stable, documented format) and turns it into one JSON
-//! document per label set:
+//! values, and the crates that write EMF serve the `metrics` facade instead. Moving to that
+//! facade was weighed (issue #10) and left, for three reasons read from the crates' sources:
+//!
+//! - `metrics_cloudwatch_embedded` (0.10) keeps at most 100 unflushed values per histogram
+//!   (`MAX_HISTOGRAM_VALUES`) and logs an error for every value past that; our job histogram
+//!   sees ~3,000 values a second at the benchmarked rate, so a one-minute flush would drop
+//!   nearly all of them. It is made for Lambda, flushed after every invocation.
+//! - It, like the facade's macros, records into one process-global recorder. A registry per
+//!   [`Metrics`] keeps each app's figures its own: the integration tests run dozens of apps in
+//!   one process and assert exact counts at each app's `/metrics`.
+//! - AWS Labs' `metrique` writes one EMF document per unit of work (aggregation is a separate,
+//!   0.1 crate) and has no Prometheus exposition, so `/metrics` would need a second library.
+//!
+//! So each flush reads the registry in its own text format (a stable, documented format) and
+//! turns it into one JSON document per label set:
 //!
 //! - counters become the increase since the previous flush (unit `Count`); unchanged ones are
 //!   left out;
