@@ -14,9 +14,9 @@
 //!   (`shared::ports::Ports`), chosen from the settings: the one place that chooses adapters;
 //!   [`AwsClients`], the AWS SDK clients with deadlines.
 //! - [`models`]    the persona and chat models, built by [`Models::from_settings`].
-//! - [`run`]       [`api_state`], [`consumer`]: the API state and a worker's consume loop from
+//! - [`run`](mod@run) [`api_state`], [`consumer`]: the API state and a worker's consume loop from
 //!   those; [`run()`] runs `serve`, `api` or one `worker` until the shutdown token is cancelled.
-//! - [`aws_init`]  `characterbot aws-init`: the table and queues of the AWS backend.
+//! - [`aws_init`](mod@aws_init) `characterbot aws-init`: the table and queues of the AWS backend.
 //! - [`client`]    `characterbot batch`, the batch client with a progress bar.
 //! - [`allocator`] the process's allocator (mimalloc) and its tuning.
 

@@ -1,5 +1,5 @@
 //! The persona and chat models the settings name. `auto` resolves here, once, to a
-//! [`Provider`], which both builds the adapter and names itself in the start-up log.
+//! `Provider`, which both builds the adapter and names itself in the start-up log.
 
 use std::sync::Arc;
 
