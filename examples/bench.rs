@@ -18,12 +18,12 @@ characterbot::tune_before_main!();
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use characterbot::{api_state, consumer, open_ports, Models};
+use characterbot::cli::Settings;
+use characterbot::{api_state, consumer, open_ports, Models, Ports};
 use clap::Parser;
 use serde_json::{json, Value};
 use shared::auth::local::KeyDirJwks;
 use shared::auth::JwksVerifier;
-use shared::config::Settings;
 use shared::domain::RequestKind;
 use tokio_util::sync::CancellationToken;
 
@@ -147,6 +147,31 @@ fn main() -> anyhow::Result<()> {
         .block_on(run_bench())
 }
 
+/// The product running in this process, and a signed-in client of it.
+struct Bench {
+    http: reqwest::Client,
+    base: String,
+    token: Arc<String>,
+    adapters: Ports,
+    models: Models,
+    settings: Settings,
+    shutdown: CancellationToken,
+}
+
+/// What the report prints.
+struct Figures {
+    ingest: Vec<Duration>,
+    ingest_wall: Duration,
+    backlog: usize,
+    drain_wall: Duration,
+    solo: Vec<Duration>,
+    chats: Vec<Duration>,
+    chat_clients: usize,
+    chat_wall: Duration,
+    verify_rsa: Duration,
+    verify_cached: Duration,
+}
+
 async fn run_bench() -> anyhow::Result<()> {
     let mut args = Args::parse();
     let dir = tempfile::tempdir()?;
@@ -158,7 +183,63 @@ async fn run_bench() -> anyhow::Result<()> {
         .api
         .max_streams_per_user
         .max(args.chat_clients + args.clients);
-    let settings = args.settings.clone();
+    let b = start(args.settings.clone(), args.clients).await?;
+
+    // 1. Ingest: POST /v1/personas with no worker running, so only the API is measured.
+    let (ingest, ingest_wall) = ingest(&b, &args).await?;
+
+    // 2. Drain: top the backlog up through the batch endpoint, then start the persona worker
+    // and time until the queue is empty.
+    let backlog = top_up(&b, ingest.len(), args.backlog).await?;
+    let drain_start = Instant::now();
+    let persona_worker = tokio::spawn(
+        consumer(RequestKind::Persona, &b.adapters, &b.models, &b.settings).run(b.shutdown.clone()),
+    );
+    loop {
+        let s = b.adapters.persona_queue.stats().await?;
+        if s.visible + s.in_flight == 0 {
+            break;
+        }
+        // Not too often: counting a queue of thousands is itself work for the database.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drain_wall = drain_start.elapsed();
+
+    // 3. Chat round trips: message → long poll until the reply is stored.
+    let chat_worker = tokio::spawn(
+        consumer(RequestKind::Chat, &b.adapters, &b.models, &b.settings).run(b.shutdown.clone()),
+    );
+    let persona_id = one_persona(&b).await?;
+    let (http, base, token) = (&b.http, &b.base, &b.token);
+    let (solo, _) = chat_round_trips(http, base, token, &persona_id, 1, args.solo_chats).await?;
+    let chat_clients = args.chat_clients.min(args.chats).max(1);
+    let (chats, chat_wall) =
+        chat_round_trips(http, base, token, &persona_id, chat_clients, args.chats).await?;
+
+    // 4. Token verification: the RS256 check itself, and a request's cost with the cache.
+    let (verify_rsa, verify_cached) = verify_costs(&b).await?;
+
+    // Let the workers stop before the runtime goes, so none is cut off inside a database call.
+    b.shutdown.cancel();
+    let _ = tokio::join!(persona_worker, chat_worker);
+    let figures = Figures {
+        ingest,
+        ingest_wall,
+        backlog,
+        drain_wall,
+        solo,
+        chats,
+        chat_clients,
+        chat_wall,
+        verify_rsa,
+        verify_cached,
+    };
+    report(&b.settings, args.clients, &figures);
+    Ok(())
+}
+
+/// The API on a loopback port (no workers yet), the models, and a signed-in user.
+async fn start(settings: Settings, clients: usize) -> anyhow::Result<Bench> {
     let adapters = open_ports(&settings).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -168,9 +249,8 @@ async fn run_bench() -> anyhow::Result<()> {
         api_state(&adapters, &settings, shutdown.clone()),
     ));
     let models = Models::from_settings(&settings).await?;
-
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.clients)
+        .pool_max_idle_per_host(clients)
         .build()?;
     let creds = json!({ "email": "bench@example.com", "password": "benchmark password" });
     http.post(format!("{base}/v1/auth/signup"))
@@ -191,13 +271,25 @@ async fn run_bench() -> anyhow::Result<()> {
             .unwrap_or_default()
             .to_owned(),
     );
+    Ok(Bench {
+        http,
+        base,
+        token,
+        adapters,
+        models,
+        settings,
+        shutdown,
+    })
+}
 
-    // 1. Ingest: POST /v1/personas with no worker running, so only the API is measured.
+/// `args.requests` persona requests from `args.clients` clients; the sorted latencies and the
+/// wall time.
+async fn ingest(b: &Bench, args: &Args) -> anyhow::Result<(Vec<Duration>, Duration)> {
     let started = Instant::now();
     let per_client = args.requests.div_ceil(args.clients);
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
-        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        let (http, base, token) = (b.http.clone(), b.base.clone(), b.token.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(per_client);
             for i in 0..per_client {
@@ -218,45 +310,35 @@ async fn run_bench() -> anyhow::Result<()> {
     for t in tasks {
         ingest.extend(t.await??);
     }
-    let ingest_wall = started.elapsed();
+    let wall = started.elapsed();
     ingest.sort();
+    Ok((ingest, wall))
+}
 
-    // 2. Drain: top the backlog up through the batch endpoint, then start the persona worker
-    // and time until the queue is empty.
-    let mut backlog = ingest.len();
-    while backlog < args.backlog {
-        let n = (args.backlog - backlog).min(settings.api.max_batch);
+/// Queues batches until `target` persona jobs wait; how many do.
+async fn top_up(b: &Bench, mut backlog: usize, target: usize) -> anyhow::Result<usize> {
+    while backlog < target {
+        let n = (target - backlog).min(b.settings.api.max_batch);
         let prompts: Vec<String> = (0..n).map(|i| format!("a quiet librarian {i}")).collect();
-        let res = http
-            .post(format!("{base}/v1/personas/batch"))
-            .bearer_auth(token.as_str())
+        let res = b
+            .http
+            .post(format!("{}/v1/personas/batch", b.base))
+            .bearer_auth(b.token.as_str())
             .json(&json!({ "prompts": prompts }))
             .send()
             .await?;
         anyhow::ensure!(res.status() == 202, "batch: {}", res.status());
         backlog += n;
     }
-    let drain_start = Instant::now();
-    let persona_worker = tokio::spawn(
-        consumer(RequestKind::Persona, &adapters, &models, &settings).run(shutdown.clone()),
-    );
-    loop {
-        let s = adapters.persona_queue.stats().await?;
-        if s.visible + s.in_flight == 0 {
-            break;
-        }
-        // Not too often: counting a queue of thousands is itself work for the database.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let drain_wall = drain_start.elapsed();
+    Ok(backlog)
+}
 
-    // 3. Chat round trips: message → long poll until the reply is stored.
-    let chat_worker = tokio::spawn(
-        consumer(RequestKind::Chat, &adapters, &models, &settings).run(shutdown.clone()),
-    );
+/// A persona to chat with (the persona worker running): its id.
+async fn one_persona(b: &Bench) -> anyhow::Result<Value> {
+    let (http, base, token) = (&b.http, &b.base, b.token.as_str());
     let accepted: Value = http
         .post(format!("{base}/v1/personas"))
-        .bearer_auth(token.as_str())
+        .bearer_auth(token)
         .json(&json!({ "prompt": "Sherlock Holmes" }))
         .send()
         .await?
@@ -267,100 +349,99 @@ async fn run_bench() -> anyhow::Result<()> {
             "{base}/v1/requests/{}?wait=20",
             accepted["request_id"].as_str().unwrap_or_default()
         ))
-        .bearer_auth(token.as_str())
+        .bearer_auth(token)
         .send()
         .await?
         .json()
         .await?;
-    let persona_id = done["result"]["persona"]["persona_id"].clone();
-    let (solo, _) = chat_round_trips(&http, &base, &token, &persona_id, 1, args.solo_chats).await?;
-    let chat_clients = args.chat_clients.min(args.chats).max(1);
-    let (chats, chat_wall) =
-        chat_round_trips(&http, &base, &token, &persona_id, chat_clients, args.chats).await?;
+    Ok(done["result"]["persona"]["persona_id"].clone())
+}
 
-    // 4. Token verification: the RS256 check itself, and a request's cost with the cache.
+/// The mean cost of the RS256 check of the bench's token, and of a look-up in the API's cache
+/// of verified tokens.
+async fn verify_costs(b: &Bench) -> anyhow::Result<(Duration, Duration)> {
     let rounds = 500;
     let raw = JwksVerifier::new(
-        settings.auth.issuer.clone(),
-        settings.auth.client_id.clone(),
+        b.settings.auth.issuer.clone(),
+        b.settings.auth.client_id.clone(),
         Duration::from_secs(30),
         Duration::from_secs(30),
         Arc::new(KeyDirJwks {
-            dir: settings.data_dir.join("keys"),
+            dir: b.settings.data_dir.join("keys"),
         }),
     );
     let t = Instant::now();
     for _ in 0..rounds {
-        raw.verify_claims(token.as_str(), "access").await?;
+        raw.verify_claims(b.token.as_str(), "access").await?;
     }
     let verify_rsa = t.elapsed() / rounds;
     // What the API does for a token it has seen: the cache's key (SHA-256) and an LRU lookup.
     let cache = ingest_api::token_cache::TokenCache::default();
-    let user = adapters.verifier.verify(token.as_str()).await?;
-    cache.put(ingest_api::token_cache::TokenCache::key(&token), user);
+    let user = b.adapters.verifier.verify(b.token.as_str()).await?;
+    cache.put(ingest_api::token_cache::TokenCache::key(&b.token), user);
     let t = Instant::now();
     for _ in 0..rounds {
-        let key = ingest_api::token_cache::TokenCache::key(&token);
+        let key = ingest_api::token_cache::TokenCache::key(&b.token);
         anyhow::ensure!(cache.get(&key).is_some(), "the token was not cached");
     }
-    let verify_cached = t.elapsed() / rounds;
+    Ok((verify_rsa, t.elapsed() / rounds))
+}
 
-    // Let the workers stop before the runtime goes, so none is cut off inside a database call.
-    shutdown.cancel();
-    let _ = tokio::join!(persona_worker, chat_worker);
+/// The Markdown report.
+fn report(settings: &Settings, clients: usize, f: &Figures) {
+    let w = &settings.worker;
     println!(
         "SQLite sync: {:?}; persona concurrency {}, chat concurrency {}\n",
-        settings.sqlite_sync, settings.worker.persona_concurrency, settings.worker.chat_concurrency
+        settings.sqlite_sync, w.persona_concurrency, w.chat_concurrency
     );
     println!("| measure | value |");
     println!("|---|---|");
     println!(
         "| ingest: `POST /v1/personas` → 202, {} requests, {} clients | {:.0} req/s |",
-        ingest.len(),
-        args.clients,
-        ingest.len() as f64 / ingest_wall.as_secs_f64()
+        f.ingest.len(),
+        clients,
+        f.ingest.len() as f64 / f.ingest_wall.as_secs_f64()
     );
     println!(
         "| ingest latency p50 / p95 / p99 | {} / {} / {} |",
-        ms(percentile(&ingest, 0.5)),
-        ms(percentile(&ingest, 0.95)),
-        ms(percentile(&ingest, 0.99))
+        ms(percentile(&f.ingest, 0.5)),
+        ms(percentile(&f.ingest, 0.95)),
+        ms(percentile(&f.ingest, 0.99))
     );
     println!(
         "| persona worker drain (backlog of {} jobs, concurrency {}) | {:.0} jobs/s |",
-        backlog,
-        settings.worker.persona_concurrency,
-        backlog as f64 / drain_wall.as_secs_f64()
+        f.backlog,
+        w.persona_concurrency,
+        f.backlog as f64 / f.drain_wall.as_secs_f64()
     );
     println!(
         "| chat round trip (post → long poll → reply), one client, {} chats, p50 / p99 | {} / {} |",
-        solo.len(),
-        ms(percentile(&solo, 0.5)),
-        ms(percentile(&solo, 0.99))
+        f.solo.len(),
+        ms(percentile(&f.solo, 0.5)),
+        ms(percentile(&f.solo, 0.99))
     );
     println!(
         "| chat round trips: {} chats, {} conversations, chat concurrency {} | {:.0} replies/s |",
-        chats.len(),
-        chat_clients,
-        settings.worker.chat_concurrency,
-        chats.len() as f64 / chat_wall.as_secs_f64()
+        f.chats.len(),
+        f.chat_clients,
+        w.chat_concurrency,
+        f.chats.len() as f64 / f.chat_wall.as_secs_f64()
     );
     println!(
         "| chat round trip under that load, p50 / p95 / p99 | {} / {} / {} |",
-        ms(percentile(&chats, 0.5)),
-        ms(percentile(&chats, 0.95)),
-        ms(percentile(&chats, 0.99))
+        ms(percentile(&f.chats, 0.5)),
+        ms(percentile(&f.chats, 0.95)),
+        ms(percentile(&f.chats, 0.99))
     );
     println!(
         "| access-token check: RS256 signature and claims (key cached) | {:.1} µs |",
-        verify_rsa.as_secs_f64() * 1e6
+        f.verify_rsa.as_secs_f64() * 1e6
     );
     println!(
         "| access-token check of a token already seen (verified-token cache) | {:.1} µs |",
-        verify_cached.as_secs_f64() * 1e6
+        f.verify_cached.as_secs_f64() * 1e6
     );
     if let Some(mib) = peak_rss_mib() {
         println!("| peak resident memory of the whole process (API + workers + bench clients) | {mib:.0} MiB |");
     }
-    Ok(())
 }

@@ -6,8 +6,8 @@
 static GLOBAL: characterbot::allocator::Allocator = characterbot::allocator::Allocator {};
 characterbot::tune_before_main!();
 
+use characterbot::cli::{LogFormat, Settings};
 use clap::{Parser, Subcommand, ValueEnum};
-use shared::config::{LogFormat, Settings};
 use shared::domain::RequestKind;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;

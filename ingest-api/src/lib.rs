@@ -12,6 +12,7 @@
 //!   log of server errors.
 //! - [`error`]       `ApiError`, the one error type, and its JSON shape.
 //! - [`openapi`]     the OpenAPI 3.1 document served at `/openapi.json`.
+//! - [`options`]     [`ApiOptions`], the plain limits and timeouts the binary hands in.
 //! - [`slots`]       the per-user cap on event streams and long polls.
 //! - [`throttle`]    lockouts of failed sign-ins and refreshes, per account and per address.
 //! - [`token_cache`] the LRU of verified access tokens.
@@ -23,6 +24,7 @@ pub mod extract;
 pub mod handlers;
 pub mod middleware;
 pub mod openapi;
+pub mod options;
 pub mod slots;
 pub mod throttle;
 pub mod token_cache;
@@ -37,7 +39,6 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use shared::config::ApiSettings;
 use shared::ports::Ports;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -48,6 +49,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
 use crate::handlers::{auth, conversations, events, ops, personas, requests};
+pub use crate::options::ApiOptions;
 use crate::slots::Slots;
 use crate::throttle::Throttle;
 use crate::token_cache::TokenCache;
@@ -75,7 +77,7 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     /// The backend's adapters, as built at start-up.
     pub ports: Ports,
-    pub settings: ApiSettings,
+    pub options: ApiOptions,
     pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     /// Failed sign-ins and refreshes, per account and per address.
     pub throttle: Arc<Throttle>,
@@ -89,28 +91,28 @@ pub struct Shared {
 
 impl Shared {
     /// The sign-in throttle of the configured thresholds.
-    pub fn throttle_for(settings: &ApiSettings) -> Arc<Throttle> {
+    pub fn throttle_for(options: &ApiOptions) -> Arc<Throttle> {
         Arc::new(Throttle::new(
-            settings.auth_failures_per_account,
-            settings.auth_failures_per_address,
+            options.auth_failures_per_account,
+            options.auth_failures_per_address,
         ))
     }
 
     /// The per-user limiter for the configured rate, if any.
-    pub fn limiter_for(settings: &ApiSettings) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
-        let per_minute = NonZeroU32::new(settings.rate_limit_per_minute)?;
+    pub fn limiter_for(options: &ApiOptions) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
+        let per_minute = NonZeroU32::new(options.rate_limit_per_minute)?;
         // Bursts up to a tenth of the minute's allowance (at least 10) are allowed.
         let burst =
-            NonZeroU32::new((settings.rate_limit_per_minute / 10).max(10)).unwrap_or(per_minute);
+            NonZeroU32::new((options.rate_limit_per_minute / 10).max(10)).unwrap_or(per_minute);
         Some(Arc::new(RateLimiter::keyed(
             Quota::per_minute(per_minute).allow_burst(burst),
         )))
     }
 }
 
-/// The whole API.
-pub fn router(state: AppState) -> Router {
-    let authenticated = Router::new()
+/// The routes behind authentication (and idempotency keys).
+fn authenticated_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
         .route("/v1/personas", post(personas::create).get(personas::list))
         .route("/v1/personas/batch", post(personas::create_batch))
         .route(
@@ -132,7 +134,27 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", get(events::stream))
         // Layers run outside-in: authenticate (added last) runs before idempotency.
         .layer(from_fn_with_state(state.clone(), middleware::idempotency))
-        .layer(from_fn_with_state(state.clone(), middleware::authenticate));
+        .layer(from_fn_with_state(state.clone(), middleware::authenticate))
+}
+
+/// The span of one request: method, path and ids.
+fn http_span(req: &Request<axum::body::Body>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let trace_id = req
+        .extensions()
+        .get::<extract::Trace>()
+        .map(|t| t.trace_id.as_str())
+        .unwrap_or_default();
+    // The path only: the query may hold an access token.
+    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), http_request_id = %id, %trace_id)
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
     let public = Router::new()
         .route("/v1/auth/signup", post(auth::sign_up))
         .route("/v1/auth/confirm", post(auth::confirm))
@@ -145,42 +167,34 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(ops::openapi));
     // With an address of its own (`CHARACTERBOT_METRICS_LISTEN`), `/metrics` is served only
     // there: the public listener answers it `404`.
-    let public = if state.settings.metrics_listen.is_none() {
+    let public = if !state.options.metrics_on_own_listener {
         public.route("/metrics", get(ops::metrics))
     } else {
         public
     };
     public
-        .merge(authenticated)
+        .merge(authenticated_routes(&state))
         .fallback(|| async { ApiError::NotFound("route") })
         .route_layer(from_fn_with_state(state.clone(), middleware::track))
         .layer(axum::middleware::from_fn(middleware::log_server_errors))
-        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
-        .layer(from_fn_with_state(state.clone(), middleware::refuse_large_bodies))
+        .layer(DefaultBodyLimit::max(state.options.max_body_bytes))
+        .layer(from_fn_with_state(
+            state.clone(),
+            middleware::refuse_large_bodies,
+        ))
         // A body that stops arriving ends the request with `408` instead of holding it.
-        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
-            state.settings.body_read_timeout_secs.max(1),
-        )))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            let trace_id = req
-                .extensions()
-                .get::<extract::Trace>()
-                .map(|t| t.trace_id.as_str())
-                .unwrap_or_default();
-            // The path only: the query may hold an access token.
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), http_request_id = %id, %trace_id)
-        }))
+        .layer(RequestBodyTimeoutLayer::new(
+            state.options.body_read_timeout.max(Duration::from_secs(1)),
+        ))
+        .layer(TraceLayer::new_for_http().make_span_with(http_span))
         .layer(axum::middleware::map_request(extract::tag_trace))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         // Outermost: a client's `x-request-id` that is not a plain id is dropped (and a new
         // one made) before anything logs, echoes or queues it.
-        .layer(axum::middleware::map_request(extract::drop_unsafe_request_id))
+        .layer(axum::middleware::map_request(
+            extract::drop_unsafe_request_id,
+        ))
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -212,18 +226,12 @@ pub async fn serve_metrics(
     serve_router(listener, app, &state).await
 }
 
-async fn serve_router(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    state: &AppState,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto;
-
-    let shutdown = state.shutdown.clone();
-    let header_timeout = Duration::from_secs(state.settings.header_read_timeout_secs.max(1));
-    let max_connections = state.settings.max_connections;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// HTTP/1 and HTTP/2 with the header-read (and idle) timeout on both.
+fn connection_builder(
+    header_timeout: Duration,
+) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -233,6 +241,40 @@ async fn serve_router(
         .timer(TokioTimer::new())
         .keep_alive_interval(header_timeout)
         .keep_alive_timeout(header_timeout);
+    builder
+}
+
+/// The router of one connection, with the peer's address for the `ConnectInfo` extractor.
+fn with_peer(
+    app: Router,
+    peer: std::net::SocketAddr,
+) -> impl tower::Service<
+    axum::http::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        req.map(axum::body::Body::new)
+    })
+}
+
+async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    state: &AppState,
+) -> std::io::Result<()> {
+    use hyper_util::rt::TokioIo;
+
+    let shutdown = state.shutdown.clone();
+    let header_timeout = state
+        .options
+        .header_read_timeout
+        .max(Duration::from_secs(1));
+    let max_connections = state.options.max_connections;
+    let builder = connection_builder(header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
@@ -256,14 +298,7 @@ async fn serve_router(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service =
-            app.clone()
-                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo(peer));
-                    req.map(axum::body::Body::new)
-                });
-        let service = hyper_util::service::TowerToHyperService::new(service);
+        let service = hyper_util::service::TowerToHyperService::new(with_peer(app.clone(), peer));
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let stopping = shutdown.clone();
         tokio::spawn(async move {

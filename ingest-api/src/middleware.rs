@@ -124,41 +124,21 @@ pub async fn idempotency(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if req.method() != Method::POST {
-        return Ok(next.run(req).await);
-    }
-    let Some(key) = req.headers().get("idempotency-key") else {
+    let Some(key) = requested_key(&req)? else {
         return Ok(next.run(req).await);
     };
-    let key = key
-        .to_str()
-        .ok()
-        .filter(|k| valid_key(k))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_idempotency_key",
-                format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
-            )
-        })?
-        .to_owned();
     let user = req
         .extensions()
         .get::<AuthUser>()
         .cloned()
         .ok_or_else(|| ApiError::Unauthorized("authentication required".into()))?;
     let (parts, body) = req.into_parts();
-    let bytes = to_bytes(body, state.settings.max_body_bytes)
+    let bytes = to_bytes(body, state.options.max_body_bytes)
         .await
         .map_err(|_| ApiError::PayloadTooLarge("request body is too large".into()))?;
-    let mut hasher = Sha256::new();
-    hasher.update(parts.method.as_str());
-    hasher.update(b" ");
-    hasher.update(parts.uri.path());
-    hasher.update(b"\n");
-    hasher.update(&bytes);
-    let fingerprint = format!("{:x}", hasher.finalize());
-    let ttl_ms = state.settings.idempotency_ttl_hours as i64 * 3_600_000;
-    let lock_ms = state.settings.idempotency_lock_secs as i64 * 1000;
+    let fingerprint = fingerprint(&parts.method, parts.uri.path(), &bytes);
+    let ttl_ms = state.options.idempotency_ttl.as_millis() as i64;
+    let lock_ms = state.options.idempotency_lock.as_millis() as i64;
 
     match state
         .ports
@@ -184,33 +164,67 @@ pub async fn idempotency(
                 ttl_ms,
             });
             let response = next.run(req).await;
-            let status = response.status();
-            // Neither a failure nor a refusal of the request's form is the key's answer: the
-            // client may retry (or fix the body and retry) with the same key.
-            if status.is_server_error() || response.extensions().get::<Refused>().is_some() {
-                state
-                    .ports
-                    .store
-                    .idempotency_release(&user.user_id, &key, claim)
-                    .await?;
-                return Ok(response);
-            }
-            if response.extensions().get::<AnswerRecorded>().is_some() {
-                return Ok(response);
-            }
-            let (parts, body) = response.into_parts();
-            let bytes = to_bytes(body, usize::MAX)
-                .await
-                .map_err(|e| ApiError::Internal(format!("buffering a response: {e}")))?;
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            state
-                .ports
-                .store
-                .idempotency_complete(&user.user_id, &key, claim, status.as_u16(), &text)
-                .await?;
-            Ok(Response::from_parts(parts, Body::from(bytes)))
+            settle_key(&state, &user.user_id, &key, claim, response).await
         }
     }
+}
+
+/// The `Idempotency-Key` of a `POST`, if it has one; a malformed key is a `400`.
+fn requested_key(req: &Request) -> Result<Option<String>, ApiError> {
+    if req.method() != Method::POST {
+        return Ok(None);
+    }
+    let Some(key) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = key.to_str().ok().filter(|k| valid_key(k)).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+        )
+    })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// What a key is checked against on a repeat: the method, the path and the body.
+fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(method.as_str());
+    hasher.update(b" ");
+    hasher.update(path);
+    hasher.update(b"\n");
+    hasher.update(body);
+    format!("{:x}", hasher.finalize())
+}
+
+/// Records `response` as the key's answer, or releases the key when it is no answer to keep.
+async fn settle_key(
+    state: &AppState,
+    user_id: &str,
+    key: &str,
+    claim: i64,
+    response: Response,
+) -> Result<Response, ApiError> {
+    let status = response.status();
+    let store = &state.ports.store;
+    // Neither a failure nor a refusal of the request's form is the key's answer: the client
+    // may retry (or fix the body and retry) with the same key.
+    if status.is_server_error() || response.extensions().get::<Refused>().is_some() {
+        store.idempotency_release(user_id, key, claim).await?;
+        return Ok(response);
+    }
+    if response.extensions().get::<AnswerRecorded>().is_some() {
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| ApiError::Internal(format!("buffering a response: {e}")))?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    store
+        .idempotency_complete(user_id, key, claim, status.as_u16(), &text)
+        .await?;
+    Ok(Response::from_parts(parts, Body::from(bytes)))
 }
 
 /// Most of an oversized body read and thrown away before answering `413` (see below).
@@ -228,7 +242,7 @@ pub async fn refuse_large_bodies(
     req: Request,
     next: Next,
 ) -> Response {
-    let limit = state.settings.max_body_bytes as u64;
+    let limit = state.options.max_body_bytes as u64;
     let length = req
         .headers()
         .get(header::CONTENT_LENGTH)

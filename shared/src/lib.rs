@@ -14,7 +14,6 @@
 //!   and decoded from a delivery by a worker.
 //! - [`error`]    the one error type of this crate, with the transient/permanent split that
 //!   drives retries.
-//! - [`config`]   every setting, as `clap` arguments with environment fallbacks.
 //! - [`queue`]    the `Queue` port (SQS semantics): `queue::sqlite` (embedded), `queue::sqs`.
 //! - [`store`]    the `Store` port: `store::sqlite` (embedded), `store::dynamodb`.
 //! - [`atomic`]   the `Atomic` port: accepting a request and settling a job, each one unit of
@@ -35,7 +34,6 @@
 
 pub mod atomic;
 pub mod auth;
-pub mod config;
 pub mod domain;
 pub mod emf;
 pub mod error;

@@ -50,7 +50,7 @@ const MAX_GROUP: usize = 512;
 const CHANNEL_DEPTH: usize = 4096;
 
 /// Whether commits of durable writes wait for the disk (`PRAGMA synchronous`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Sync {
     /// A commit holding a durable write is fsynced before its writers are answered.
     #[default]
@@ -397,6 +397,23 @@ fn run_cached(c: &Connection, sql: &str) -> deadpool_sqlite::rusqlite::Result<()
     c.prepare_cached(sql)?.raw_execute().map(|_| ())
 }
 
+/// Puts `first` and the writes waiting behind it (up to [`MAX_GROUP`]) into `group`; whether
+/// any of them is durable.
+fn take_group(first: Pending, inbox: &mut mpsc::Receiver<Pending>, group: &mut Vec<Write>) -> bool {
+    let mut durable = first.durable;
+    group.push(first.run);
+    while group.len() < MAX_GROUP {
+        match inbox.try_recv() {
+            Ok(w) => {
+                durable |= w.durable;
+                group.push(w.run);
+            }
+            Err(_) => break,
+        }
+    }
+    durable
+}
+
 /// The writer thread: takes all waiting writes, runs each in its own savepoint of one
 /// transaction, commits, answers. Ends when every `Db` handle is gone.
 fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pending>) {
@@ -404,17 +421,7 @@ fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pending>) {
     let mut replies: Vec<Reply> = Vec::with_capacity(MAX_GROUP);
     let mut fsyncing = true; // as `open_writer` left the connection
     while let Some(first) = inbox.blocking_recv() {
-        let mut durable = first.durable;
-        group.push(first.run);
-        while group.len() < MAX_GROUP {
-            match inbox.try_recv() {
-                Ok(w) => {
-                    durable |= w.durable;
-                    group.push(w.run);
-                }
-                Err(_) => break,
-            }
-        }
+        let durable = take_group(first, &mut inbox, &mut group);
         // `synchronous` is set between transactions: FULL fsyncs the WAL at this commit (and so
         // every earlier commit with it), NORMAL leaves that to a later one or a checkpoint.
         let fsync = durable && sync == Sync::Full;

@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use characterbot::cli::{Backend, Settings};
 use characterbot::{api_state, consumer, open_ports, Models, Ports};
 use clap::Parser;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use shared::config::{Backend, Settings};
 use shared::domain::RequestKind;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

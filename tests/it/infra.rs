@@ -564,13 +564,13 @@ impl Adapters {
     }
 
     /// The adapter functions a process reaches whose own code (`sources`) calls the adapters,
-    /// after start-up (`aws` in `src/lib.rs`, behind `open_ports`: it finds the queues).
+    /// after start-up (`aws` in `src/ports.rs`, behind `open_ports`: it finds the queues).
     fn reached(&self, sources: &[PathBuf]) -> BTreeSet<String> {
-        let lib = production_source(&workspace_file("src/lib.rs"));
+        let lib = production_source(&workspace_file("src/ports.rs"));
         let (_, startup) = functions(&lib)
             .into_iter()
             .find(|(name, _)| name == "aws")
-            .expect("`aws` in src/lib.rs");
+            .expect("`aws` in src/ports.rs");
         let mut todo = called(&startup, &self.names(), false);
         for source in sources {
             todo.extend(called(

@@ -74,7 +74,7 @@ async fn local() -> Subject {
     let key = SigningKey::load_or_create(dir.path()).unwrap();
     let auth = common::settings(dir.path(), &[]).auth;
     Subject {
-        identity: Arc::new(LocalIssuer::new(db, Arc::new(key), auth.clone()).unwrap()),
+        identity: Arc::new(LocalIssuer::new(db, Arc::new(key), (&auth).into()).unwrap()),
         source: Arc::new(KeyDirJwks {
             dir: dir.path().to_owned(),
         }),

@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use shared::atomic::{Ack, Atomic, Settle, Started};
-use shared::config::WorkerSettings;
 use shared::domain::{ErrorBody, RequestKind, RequestRecord, RequestResult, Usage};
 use shared::job::Job as QueuedJob;
 use shared::metrics::{KindLabels, Metrics, ModelLabels, TokenLabels};
 use shared::queue::{Delivery, Queue};
 use shared::store::Transition;
 
+use crate::options::WorkerOptions;
 use crate::settlement::{decide, Limits, Outcome, Settlement};
 use shared::{Error, Result};
 use tokio::sync::Semaphore;
@@ -70,7 +70,7 @@ pub struct Consumer {
     /// Starts and settles jobs, each in one step.
     pub atomic: Arc<dyn Atomic>,
     pub metrics: Arc<Metrics>,
-    pub settings: WorkerSettings,
+    pub options: WorkerOptions,
     pub concurrency: usize,
 }
 
@@ -120,23 +120,8 @@ impl Consumer {
                     Err(_) => break,
                 }
             }
-            let vis = self.settings.visibility_timeout();
-            let wait = Duration::from_secs(self.settings.receive_wait_secs);
-            let receive = self.queue.receive(slots.len(), vis, wait);
-            tokio::pin!(receive);
-            let received = tokio::select! {
-                r = &mut receive => r,
-                _ = shutdown.cancelled() => {
-                    // A receive in flight can still be handed messages (the server does not see
-                    // a client go away): take them and hand them straight back, rather than leave
-                    // them hidden for a visibility timeout.
-                    if let Ok(late) = receive.await {
-                        for d in late {
-                            let _ = self.queue.change_visibility(&d.receipt, Duration::ZERO).await;
-                        }
-                    }
-                    break;
-                }
+            let Some(received) = self.receive_until(slots.len(), &shutdown).await else {
+                break;
             };
             let deliveries = match received {
                 Ok(d) => d,
@@ -158,7 +143,7 @@ impl Consumer {
                 });
             }
         }
-        let grace = Duration::from_secs(self.settings.shutdown_grace_secs);
+        let grace = self.options.shutdown_grace;
         tracing::info!(%kind, in_flight = tasks.len(), ?grace, "worker stopping");
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, drain).await.is_err() {
@@ -167,6 +152,31 @@ impl Consumer {
         }
         drop(sweeper);
         tracing::info!(%kind, "worker stopped");
+    }
+
+    /// One receive of up to `n` messages; `None` when shutdown came first.
+    async fn receive_until(
+        &self,
+        n: usize,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<Vec<Delivery>>> {
+        let (vis, wait) = (self.options.visibility(), self.options.receive_wait);
+        let receive = self.queue.receive(n, vis, wait);
+        tokio::pin!(receive);
+        tokio::select! {
+            r = &mut receive => Some(r),
+            _ = shutdown.cancelled() => {
+                // A receive in flight can still be handed messages (the server does not see
+                // a client go away): take them and hand them straight back, rather than leave
+                // them hidden for a visibility timeout.
+                if let Ok(late) = receive.await {
+                    for d in late {
+                        let _ = self.queue.change_visibility(&d.receipt, Duration::ZERO).await;
+                    }
+                }
+                None
+            }
+        }
     }
 
     /// Handles one delivery; never fails (every error is logged and settled).
@@ -220,7 +230,7 @@ impl Consumer {
         msg: &QueuedJob,
         cancel: CancellationToken,
     ) -> Result<()> {
-        let limits = Limits::from(&self.settings);
+        let limits = Limits::from(&self.options);
         // Hidden from the moment it is received, not only once the job runs: the store calls
         // before it may be slow too. The same heartbeat runs on beside the job below.
         let hidden = self.keep_hidden(&delivery.receipt);
@@ -255,7 +265,7 @@ impl Consumer {
                 user_id: msg.user_id.clone(),
                 attempt: record.attempts,
             };
-            let budget = Duration::from_secs(self.settings.job_timeout_secs.max(1));
+            let budget = self.options.job_timeout.max(Duration::from_secs(1));
             tokio::select! {
                 _ = cancel.cancelled() => Outcome::Interrupted,
                 r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => match r {
@@ -363,7 +373,7 @@ impl Consumer {
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(200))
                     .with_max_delay(INPROCESS_MAX_DELAY)
-                    .with_max_times(self.settings.inprocess_retries),
+                    .with_max_times(self.options.inprocess_retries),
             )
             .when(Error::is_transient)
             .adjust(|e, delay| {
@@ -389,7 +399,7 @@ impl Consumer {
     /// worker. Never ends: it runs beside the job in the job's own task, so when the job ends,
     /// or its task is killed, the heartbeat goes with it and cannot hide the message forever.
     async fn keep_hidden(&self, receipt: &str) -> std::convert::Infallible {
-        let vis = self.settings.visibility_timeout();
+        let vis = self.options.visibility();
         loop {
             tokio::time::sleep(vis / 3).await;
             if let Err(e) = self.queue.change_visibility(receipt, vis).await {

@@ -6,6 +6,7 @@
 //! Layout:
 //! - [`consumer`]  the consume loop shared by both kinds: concurrency, visibility heartbeat,
 //!   in-process retries, graceful shutdown; it applies what [`settlement`] decides.
+//! - [`options`]   [`WorkerOptions`], the plain options of the consume loop.
 //! - [`settlement`] how an attempt settles (succeed, retry after a back-off, fail,
 //!   dead-letter, release): a pure decision and its table.
 //! - [`persona`]   the persona job: prompt → validated persona record.
@@ -15,8 +16,10 @@
 pub mod chat;
 pub mod consumer;
 pub mod error;
+pub mod options;
 pub mod persona;
 pub mod settlement;
 
 pub use consumer::{Consumer, Job, JobContext, JobOutput};
 pub use error::Error;
+pub use options::WorkerOptions;

@@ -18,7 +18,6 @@
 
 use std::time::Duration;
 
-use shared::config::WorkerSettings;
 use shared::domain::ErrorBody;
 use shared::Error;
 
@@ -37,23 +36,13 @@ pub enum Outcome {
     Interrupted,
 }
 
-/// The retry policy, from the worker's settings.
+/// The retry policy, from the worker's options.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_attempts: u32,
     /// Back-off before the second attempt; it doubles with each attempt up to `retry_max`.
     pub retry_base: Duration,
     pub retry_max: Duration,
-}
-
-impl From<&WorkerSettings> for Limits {
-    fn from(s: &WorkerSettings) -> Self {
-        Limits {
-            max_attempts: s.max_receives,
-            retry_base: Duration::from_millis(s.retry_base_ms),
-            retry_max: Duration::from_millis(s.retry_max_ms),
-        }
-    }
 }
 
 /// What to do with the request and its message.

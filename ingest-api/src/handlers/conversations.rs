@@ -111,7 +111,7 @@ pub async fn post_message(
     let text = check_text(
         &body.text,
         "text",
-        state.settings.max_message_chars,
+        state.options.max_message_chars,
         "empty_message",
         "message_too_long",
     )?;

@@ -31,7 +31,7 @@ pub async fn stream(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let max = state.settings.max_streams_per_user;
+    let max = state.options.max_streams_per_user;
     let slot = state
         .slots
         .take(caller.id(), max)
@@ -40,7 +40,7 @@ pub async fn stream(
     // Ends on shutdown, or when the stream has lived its time: the client reconnects with
     // `Last-Event-ID` and misses nothing, and no connection is held forever.
     let shutdown = state.shutdown.clone().cancelled_owned();
-    let lifetime = tokio::time::sleep(Duration::from_secs(state.settings.stream_max_secs.max(1)));
+    let lifetime = tokio::time::sleep(state.options.stream_max.max(Duration::from_secs(1)));
     let end = futures::future::select(Box::pin(shutdown), Box::pin(lifetime));
     let stream = events
         .map(move |e| {

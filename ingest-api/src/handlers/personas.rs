@@ -36,7 +36,7 @@ fn check_prompt(state: &AppState, prompt: &str) -> Result<String, ApiError> {
     check_text(
         prompt,
         "prompt",
-        state.settings.max_prompt_chars,
+        state.options.max_prompt_chars,
         "empty_prompt",
         "prompt_too_long",
     )
@@ -86,36 +86,7 @@ pub async fn create_batch(
     trace: Trace,
     AppJson(body): AppJson<CreateBatch>,
 ) -> Result<Response, ApiError> {
-    let max = state.settings.max_batch;
-    if body.prompts.is_empty() {
-        return Err(ApiError::bad_request(
-            "empty_batch",
-            "`prompts` must hold at least one prompt",
-        ));
-    }
-    if body.prompts.len() > max {
-        return Err(ApiError::bad_request(
-            "too_many_prompts",
-            format!(
-                "a batch holds at most {max} prompts; got {}",
-                body.prompts.len()
-            ),
-        ));
-    }
-    let prompts = body
-        .prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            check_prompt(&state, p).map_err(|e| match e {
-                ApiError::BadRequest { code, message } => ApiError::BadRequest {
-                    code,
-                    message: format!("prompts[{i}]: {message}"),
-                },
-                other => other,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let prompts = checked_prompts(&state, &body.prompts)?;
     let ids = claim.ids(caller.id());
     let batch_id = ids.id("bat", "batch");
     let requests: Vec<RequestRecord> = prompts
@@ -225,4 +196,35 @@ pub async fn get_batch(
         .await?
         .map(AppJson)
         .ok_or(ApiError::NotFound("batch"))
+}
+
+/// The prompts of a batch, each checked as a single one would be; an error names the first
+/// bad prompt by its index.
+fn checked_prompts(state: &AppState, prompts: &[String]) -> Result<Vec<String>, ApiError> {
+    let max = state.options.max_batch;
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_batch",
+            "`prompts` must hold at least one prompt",
+        ));
+    }
+    if prompts.len() > max {
+        return Err(ApiError::bad_request(
+            "too_many_prompts",
+            format!("a batch holds at most {max} prompts; got {}", prompts.len()),
+        ));
+    }
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            check_prompt(state, p).map_err(|e| match e {
+                ApiError::BadRequest { code, message } => ApiError::BadRequest {
+                    code,
+                    message: format!("prompts[{i}]: {message}"),
+                },
+                other => other,
+            })
+        })
+        .collect()
 }

@@ -29,7 +29,7 @@ pub async fn get(
     AppPath(id): AppPath<String>,
     AppQuery(q): AppQuery<WaitQuery>,
 ) -> Result<AppJson<RequestRecord>, ApiError> {
-    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(state.settings.max_wait_secs));
+    let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(state.options.max_wait);
     let read = || async {
         state
             .ports
@@ -41,7 +41,7 @@ pub async fn get(
     if wait.is_zero() {
         return Ok(AppJson(read().await?));
     }
-    let max = state.settings.max_streams_per_user;
+    let max = state.options.max_streams_per_user;
     let _slot = state
         .slots
         .take(caller.id(), max)

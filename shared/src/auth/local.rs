@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -23,7 +24,6 @@ use sha2::{Digest, Sha256};
 
 use super::hashing::{Lane, PasswordHashing};
 use super::{Claims, IdentityProvider, JwksSource, Tokens};
-use crate::config::AuthSettings;
 use crate::sqlite::Db;
 use crate::time::{now_ms, now_rfc3339, now_secs};
 use crate::{Error, Result};
@@ -127,11 +127,28 @@ impl JwksSource for KeyDirJwks {
     }
 }
 
+/// What the embedded issuer signs and how it hashes; the binary builds it from its flags.
+#[derive(Debug, Clone)]
+pub struct LocalIssuerOptions {
+    /// `iss` of the tokens it signs.
+    pub issuer: String,
+    /// App client id put in `client_id` (access tokens) and `aud` (ID tokens).
+    pub client_id: String,
+    /// Lifetime of access and ID tokens (whole seconds count).
+    pub access_token_ttl: Duration,
+    /// Lifetime of a session's refresh token, from its sign-in.
+    pub refresh_token_ttl: Duration,
+    /// Threads hashing passwords; 0 = one per core.
+    pub hash_threads: usize,
+    /// Live sessions one user may have; signing in once more ends the oldest.
+    pub max_sessions_per_user: usize,
+}
+
 /// Sign-up, sign-in and refresh against the embedded database.
 pub struct LocalIssuer {
     db: Db,
     key: Arc<SigningKey>,
-    settings: AuthSettings,
+    options: LocalIssuerOptions,
     /// Every argon2 hash runs here: a few threads, a short queue (see `super::hashing`).
     hashing: PasswordHashing,
     /// Verified against when the e-mail is unknown, so that a wrong e-mail takes as long as a
@@ -172,8 +189,8 @@ pub fn validate_password(password: &str) -> Result<()> {
 
 impl LocalIssuer {
     /// Blocks for one hash (the dummy one): call it at start-up.
-    pub fn new(db: Db, key: Arc<SigningKey>, settings: AuthSettings) -> Result<Self> {
-        let hashing = match settings.auth_hash_threads {
+    pub fn new(db: Db, key: Arc<SigningKey>, options: LocalIssuerOptions) -> Result<Self> {
+        let hashing = match options.hash_threads {
             0 => PasswordHashing::per_core()?,
             n => PasswordHashing::new(n, n * 4)?,
         };
@@ -181,7 +198,7 @@ impl LocalIssuer {
         Ok(LocalIssuer {
             db,
             key,
-            settings,
+            options,
             hashing,
             dummy_hash,
         })
@@ -189,14 +206,14 @@ impl LocalIssuer {
 
     fn tokens_for(&self, user_id: &str, email: &str, refresh_token: String) -> Result<Tokens> {
         let now = now_secs();
-        let ttl = self.settings.access_token_ttl_secs;
+        let ttl = self.options.access_token_ttl.as_secs();
         let base = Claims {
             sub: user_id.to_owned(),
-            iss: self.settings.issuer.clone(),
+            iss: self.options.issuer.clone(),
             token_use: "access".into(),
             exp: now + ttl as i64,
             iat: now,
-            client_id: Some(self.settings.client_id.clone()),
+            client_id: Some(self.options.client_id.clone()),
             aud: None,
             email: None,
             jti: Some(uuid::Uuid::new_v4().to_string()),
@@ -204,7 +221,7 @@ impl LocalIssuer {
         let id_claims = Claims {
             token_use: "id".into(),
             client_id: None,
-            aud: Some(self.settings.client_id.clone()),
+            aud: Some(self.options.client_id.clone()),
             email: Some(email.to_owned()),
             jti: Some(uuid::Uuid::new_v4().to_string()),
             ..base.clone()
@@ -270,8 +287,8 @@ impl IdentityProvider for LocalIssuer {
         let refresh = new_refresh_token();
         let (hash, uid) = (refresh_hash(&refresh), user_id.clone());
         // A session lasts this long from its sign-in, however often it is refreshed.
-        let expires = now_ms() + self.settings.refresh_token_ttl_days as i64 * 86_400_000;
-        let max_sessions = self.settings.max_sessions_per_user.max(1) as i64;
+        let expires = now_ms() + self.options.refresh_token_ttl.as_millis() as i64;
+        let max_sessions = self.options.max_sessions_per_user.max(1) as i64;
         self.db
             .write(move |tx| {
                 tx.execute(
