@@ -1,6 +1,11 @@
 //! The ports of one backend, together: built once at start-up by the binary (the only place
 //! that chooses adapters) and handed whole to the API and the workers, which know only the
 //! traits.
+//!
+//! The models are not among them, on purpose: the API never calls a model, and on AWS only
+//! the worker tasks hold a model's credentials (the OpenAI key is given to the persona workers
+//! alone). So the processes that run workers build the models beside the ports
+//! (`characterbot::Models`), and an API-only process cannot fail, or leak, on a model setting.
 
 use std::sync::Arc;
 
