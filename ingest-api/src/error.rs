@@ -8,6 +8,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use shared::error::Report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -174,7 +175,10 @@ impl From<shared::Error> for ApiError {
                 code: "password_reset_required",
                 message,
             },
-            E::Storage(m) | E::Queue(m) => ApiError::Unavailable(m),
+            // The detail, for the log only, is the whole chain of sources.
+            e @ (E::Storage { .. } | E::Queue { .. }) => {
+                ApiError::Unavailable(Report(&e).to_string())
+            }
             E::Busy {
                 message,
                 retry_after,
@@ -183,7 +187,7 @@ impl From<shared::Error> for ApiError {
                 retry_after,
             },
             E::Throttled { retry_after } => ApiError::TooManyAttempts { retry_after },
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::Internal(Report(&other).to_string()),
         }
     }
 }

@@ -289,7 +289,7 @@ fn names_and_password_rules_follow_the_code() {
     for class in ["Lowercase", "Uppercase", "Numbers", "Symbols"] {
         assert!(TEMPLATE.contains(&format!("Require{class}: false\n")));
     }
-    let store = include_str!("../../shared/src/store/dynamodb.rs");
+    let store = include_str!("../../shared/src/store/dynamodb/mod.rs");
     for attribute in ["pk", "sk", "expires_at"] {
         assert!(store.contains(&format!("\"{attribute}\"")));
         assert!(TEMPLATE.contains(&format!("AttributeName: {attribute}\n")));
@@ -513,7 +513,15 @@ struct Adapters(BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>);
 /// The adapters' sources (trait defaults included) and the service their clients call.
 const ADAPTERS: &[(&str, &str)] = &[
     ("shared/src/store/mod.rs", "dynamodb"),
-    ("shared/src/store/dynamodb.rs", "dynamodb"),
+    ("shared/src/store/personas.rs", "dynamodb"),
+    ("shared/src/store/conversations.rs", "dynamodb"),
+    ("shared/src/store/requests.rs", "dynamodb"),
+    ("shared/src/store/idempotency.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/mod.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/personas.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/conversations.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/requests.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/idempotency.rs", "dynamodb"),
     ("shared/src/events/mod.rs", "dynamodb"),
     ("shared/src/events/dynamodb.rs", "dynamodb"),
     ("shared/src/atomic/mod.rs", "dynamodb"),

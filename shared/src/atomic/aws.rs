@@ -34,9 +34,10 @@ use crate::events::dynamodb::DynamoEventBus;
 use crate::events::{Event, EventBus};
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
 use crate::store::dynamodb::{
-    get_n, get_s, key, msg_sk, n, s, storage, user_pk, DynamoStore, Item,
+    get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore,
+    Item,
 };
-use crate::store::{Store, Transition};
+use crate::store::{ConversationStore, RequestStore, Transition};
 use crate::time::now_ms;
 use crate::{Error, Result};
 
@@ -100,19 +101,6 @@ impl Cancelled {
 
 fn outbox_pk(kind: RequestKind, shard: u64) -> String {
     format!("OUTBOX#{kind}#{shard}")
-}
-
-fn put_if_absent(table: &str, item: Item) -> Result<TransactWriteItem> {
-    Ok(TransactWriteItem::builder()
-        .put(
-            Put::builder()
-                .table_name(table)
-                .set_item(Some(item))
-                .condition_expression("attribute_not_exists(pk)")
-                .build()
-                .map_err(|e| Error::Storage(e.to_string()))?,
-        )
-        .build())
 }
 
 impl AwsAtomic {
@@ -239,7 +227,7 @@ impl AwsAtomic {
                             .condition_expression("version = :v")
                             .expression_attribute_values(":v", n(version))
                             .build()
-                            .map_err(|e| Error::Storage(e.to_string()))?,
+                            .map_err(|e| storage("build a transaction item", e))?,
                     )
                     .build(),
             );
@@ -259,7 +247,7 @@ impl AwsAtomic {
                                 .table_name(table)
                                 .set_item(Some(event))
                                 .build()
-                                .map_err(|e| Error::Storage(e.to_string()))?,
+                                .map_err(|e| storage("build a transaction item", e))?,
                         )
                         .build(),
                 );
@@ -278,7 +266,7 @@ impl AwsAtomic {
                     .store
                     .get(&pk, &sk)
                     .await?
-                    .ok_or_else(|| Error::Storage("a result vanished".into()))?;
+                    .ok_or_else(|| Error::storage_msg("a result vanished"))?;
                 if let Transition::Succeed { result, .. } = &mut transition {
                     **result = match **result {
                         RequestResult::Persona(_) => {
@@ -290,15 +278,15 @@ impl AwsAtomic {
                     };
                 }
             } else if !cancelled.failed(Some(request_at)) {
-                return Err(Error::Storage(format!(
+                return Err(Error::storage_msg(format!(
                     "settle cancelled: {:?}",
                     cancelled.0
                 )));
             }
             // Either way, read the request again and write over its new version.
         }
-        Err(Error::Storage(
-            "request kept changing under the settlement".into(),
+        Err(Error::storage_msg(
+            "request kept changing under the settlement",
         ))
     }
 
@@ -336,7 +324,7 @@ impl AwsAtomic {
                 item
             }
             (RequestResult::Message(_), RequestInput::Persona { .. }) => {
-                return Err(Error::Internal("a reply for a persona request".into()))
+                return Err(Error::internal_msg("a reply for a persona request"))
             }
         })
     }
@@ -376,7 +364,7 @@ impl Atomic for AwsAtomic {
                             )))
                             .condition_expression("attribute_exists(pk)")
                             .build()
-                            .map_err(|e| Error::Storage(e.to_string()))?,
+                            .map_err(|e| storage("build a transaction item", e))?,
                     )
                     .build(),
             );
@@ -422,7 +410,7 @@ impl Atomic for AwsAtomic {
             .requests
             .first()
             .map(|r| r.request_id.clone())
-            .ok_or_else(|| Error::Internal("an accept without requests".into()))?;
+            .ok_or_else(|| Error::internal_msg("an accept without requests"))?;
         let shard = first.bytes().map(u64::from).sum::<u64>() % OUTBOX_SHARDS;
         let due = now + self.sweep_after.as_millis() as i64;
         let (box_pk, box_sk) = (outbox_pk(a.kind, shard), format!("{due:015}#{first}"));
@@ -446,14 +434,14 @@ impl Atomic for AwsAtomic {
                                  expires_at = if_not_exists(expires_at, :exp_secs)",
                             )
                             .condition_expression("attribute_not_exists(status_code)")
-                            .expression_attribute_values(":status", n(x.status))
-                            .expression_attribute_values(":body", s(&x.body))
+                            .expression_attribute_values(":status", n(x.stored.code))
+                            .expression_attribute_values(":body", s(&x.stored.body))
                             .expression_attribute_values(":fp", s(&x.fingerprint))
                             .expression_attribute_values(":now", n(now))
                             .expression_attribute_values(":exp", n(expires))
                             .expression_attribute_values(":exp_secs", n(expires / 1000))
                             .build()
-                            .map_err(|e| Error::Storage(e.to_string()))?,
+                            .map_err(|e| storage("build a transaction item", e))?,
                     )
                     .build(),
             );
@@ -475,11 +463,10 @@ impl Atomic for AwsAtomic {
                     .store
                     .get(&user_pk(&a.user_id), &format!("IDEM#{x}"))
                     .await?
-                    .ok_or_else(|| Error::Storage("idempotency answer vanished".into()))?;
-                return Ok(AcceptOutcome::Replay {
-                    status: get_n(&item, "status_code").unwrap_or(202) as u16,
-                    body: get_s(&item, "response_body").unwrap_or_default().to_owned(),
-                });
+                    .as_ref()
+                    .and_then(stored_answer)
+                    .ok_or_else(|| Error::storage_msg("idempotency answer vanished"))?;
+                return Ok(AcceptOutcome::Replay(item));
             }
             if cancelled.failed(owner_check) {
                 return Err(Error::NotFound);
