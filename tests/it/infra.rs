@@ -525,7 +525,9 @@ const ADAPTERS: &[(&str, &str)] = &[
     ("shared/src/events/mod.rs", "dynamodb"),
     ("shared/src/events/dynamodb.rs", "dynamodb"),
     ("shared/src/atomic/mod.rs", "dynamodb"),
-    ("shared/src/atomic/aws.rs", "dynamodb"),
+    ("shared/src/atomic/aws/mod.rs", "dynamodb"),
+    ("shared/src/atomic/aws/accept.rs", "dynamodb"),
+    ("shared/src/atomic/aws/settle.rs", "dynamodb"),
     ("shared/src/queue/mod.rs", "sqs"),
     ("shared/src/queue/sqs.rs", "sqs"),
 ];
@@ -731,7 +733,7 @@ fn workers_delete_only_their_own_outbox_items() {
             .collect();
         assert_eq!(deleting, BTreeSet::from(["dispatch".to_owned()]), "{role}");
     }
-    let atomic = production_source(&workspace_file("shared/src/atomic/aws.rs"));
+    let atomic = production_source(&workspace_file("shared/src/atomic/aws/mod.rs"));
     assert!(atomic.contains(r#"format!("OUTBOX#{kind}#{shard}")"#));
     let consumer = compact(&production_source(&workspace_file(
         "workers/src/consumer.rs",
