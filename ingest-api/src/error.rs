@@ -268,6 +268,23 @@ mod tests {
         assert!(refused.extensions().get::<ServerErrorDetail>().is_none());
     }
 
+    #[test]
+    fn the_logged_detail_of_a_storage_failure_carries_its_source() {
+        let e = shared::Error::storage(
+            "dynamodb get",
+            std::io::Error::other("connection reset by peer"),
+        );
+        let response = ApiError::from(e).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response
+                .extensions()
+                .get::<ServerErrorDetail>()
+                .map(|d| d.0.as_str()),
+            Some("storage error: dynamodb get: connection reset by peer")
+        );
+    }
+
     #[tokio::test]
     async fn a_required_password_reset_is_a_403_with_its_own_code() {
         let (status, body) = answer(shared::Error::PasswordResetRequired(

@@ -20,6 +20,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 
 use super::{Event, EventBus, Published, RETENTION_MS};
+use crate::error::Report;
 use crate::store::dynamodb::storage;
 use crate::Result;
 
@@ -175,7 +176,7 @@ impl EventBus for DynamoEventBus {
                         let keep_from = cursor.saturating_sub(2 * lookback);
                         sent = sent.split_off(&keep_from);
                     }
-                    Err(e) => tracing::warn!(error = %e, "event poll failed"),
+                    Err(e) => tracing::warn!(error = %Report(&e), "event poll failed"),
                 }
                 tokio::select! {
                     _ = tx.closed() => return,

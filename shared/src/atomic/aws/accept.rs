@@ -6,6 +6,7 @@ use aws_sdk_dynamodb::types::{ConditionCheck, TransactWriteItem, Update};
 
 use super::{outbox_pk, AwsAtomic, Cancelled, Outbox, OutboxJob, OUTBOX_SHARDS};
 use crate::atomic::{Accept, AcceptOutcome, Answer, UserMessage};
+use crate::error::Report;
 use crate::store::dynamodb::{
     key, msg_sk, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore,
 };
@@ -69,7 +70,7 @@ impl AwsAtomic {
         // client's problem.
         let OutboxItem { pk, sk, outbox } = outbox;
         if let Err(e) = self.dispatch(a.kind, &pk, &sk, outbox).await {
-            tracing::warn!(error = %e, "jobs not sent yet; the outbox sweep will send them");
+            tracing::warn!(error = %Report(&e), "jobs not sent yet; the outbox sweep will send them");
         }
         Ok(AcceptOutcome::Recorded)
     }

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestKind, RequestRecord};
+use crate::error::Report;
 use crate::events::dynamodb::DynamoEventBus;
 use crate::events::{Event, EventBus};
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
@@ -167,7 +168,7 @@ impl AwsAtomic {
     async fn publish(&self, user_id: &str, record: &RequestRecord) {
         let event = Event::updated(record);
         if let Err(e) = self.events.publish(user_id, &event).await {
-            tracing::warn!(error = %e, "could not push a request update");
+            tracing::warn!(error = %Report(&e), "could not push a request update");
         }
     }
 }
