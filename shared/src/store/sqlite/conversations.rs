@@ -5,10 +5,17 @@
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
-use super::{bad_token, from_json, insert_request, one_body, page_by_id, to_json, SqliteStore};
-use crate::domain::{Conversation, Message, Page, Persona, RequestRecord};
+use super::personas::PERSONA_BY_ID;
+use super::{
+    bad_token, body_in, from_json, insert_request, one_body, page_by_id, to_json, SqliteStore,
+};
+use crate::domain::{Conversation, Message, Page, RequestRecord};
 use crate::store::{token, ChatContext, ConversationStore};
 use crate::{Error, Result};
+
+/// A user's conversation by id.
+const CONVERSATION_BY_ID: &str =
+    "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2";
 
 /// Up to `limit` messages before `message_id`, oldest first.
 fn history_in(c: &Connection, conv: &str, msg: &str, limit: usize) -> Result<Vec<Message>> {
@@ -116,13 +123,7 @@ impl ConversationStore for SqliteStore {
         user_id: &str,
         conversation_id: &str,
     ) -> Result<Option<Conversation>> {
-        one_body(
-            &self.db,
-            "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
-            user_id,
-            conversation_id,
-        )
-        .await
+        one_body(&self.db, CONVERSATION_BY_ID, user_id, conversation_id).await
     }
 
     async fn list_conversations(
@@ -271,25 +272,11 @@ impl ConversationStore for SqliteStore {
         // On this thread (`Db::read_here`): nothing needs copying into a closure of its own.
         let (conv, msg) = (conversation_id, message_id);
         self.db.read_here(|c| {
-            let conversation: Option<Conversation> = c
-                .prepare_cached(
-                    "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
-                )?
-                .query_row(params![user_id, conv], |r| r.get::<_, String>(0))
-                .optional()?
-                .map(|b| from_json(&b))
-                .transpose()?;
-            let Some(conversation) = conversation else {
+            let Some(conversation) = body_in::<Conversation>(c, CONVERSATION_BY_ID, user_id, conv)?
+            else {
                 return Ok(None);
             };
-            let persona: Option<Persona> = c
-                .prepare_cached("SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2")?
-                .query_row(params![user_id, conversation.persona_id], |r| {
-                    r.get::<_, String>(0)
-                })
-                .optional()?
-                .map(|b| from_json(&b))
-                .transpose()?;
+            let persona = body_in(c, PERSONA_BY_ID, user_id, &conversation.persona_id)?;
             let history = history_in(c, conv, msg, history_limit)?;
             Ok(Some(ChatContext {
                 conversation,

@@ -8,7 +8,7 @@ mod personas;
 mod requests;
 
 use async_trait::async_trait;
-use deadpool_sqlite::rusqlite::{params, OptionalExtension};
+use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
 use super::{token, Ping};
 use crate::domain::Page;
@@ -89,17 +89,23 @@ where
 }
 
 /// The record in the `body` column of the one row `sql` selects with two text parameters.
+fn body_in<T>(c: &Connection, sql: &'static str, a: &str, b: &str) -> Result<Option<T>>
+where
+    T: serde::de::DeserializeOwned,
+{
+    c.prepare_cached(sql)?
+        .query_row(params![a, b], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|body| from_json(&body))
+        .transpose()
+}
+
+/// [`body_in`] on this thread's read connection (a key lookup: see [`Db::read_here`]).
 async fn one_body<T>(db: &Db, sql: &'static str, a: &str, b: &str) -> Result<Option<T>>
 where
     T: serde::de::DeserializeOwned + Send + 'static,
 {
-    db.read_here(|c| {
-        c.prepare_cached(sql)?
-            .query_row(params![a, b], |r| r.get::<_, String>(0))
-            .optional()?
-            .map(|body| from_json(&body))
-            .transpose()
-    })
+    db.read_here(|c| body_in(c, sql, a, b))
 }
 
 #[async_trait]

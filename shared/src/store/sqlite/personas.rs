@@ -3,10 +3,14 @@
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection};
 
-use super::{from_json, one_body, page_by_id, to_json, SqliteStore};
+use super::{body_in, one_body, page_by_id, to_json, SqliteStore};
 use crate::domain::{Page, Persona};
 use crate::store::PersonaStore;
-use crate::Result;
+use crate::{Error, Result};
+
+/// A user's persona by id (read by the chat context too).
+pub(super) const PERSONA_BY_ID: &str =
+    "SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2";
 
 /// Stores a persona unless one with its id exists; returns the one that stands.
 pub(crate) fn put_persona_in(c: &Connection, user_id: &str, persona: &Persona) -> Result<Persona> {
@@ -18,10 +22,9 @@ pub(crate) fn put_persona_in(c: &Connection, user_id: &str, persona: &Persona) -
     if inserted == 1 {
         return Ok(persona.clone());
     }
-    let body: String = c
-        .prepare_cached("SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2")?
-        .query_row(params![user_id, persona.persona_id], |r| r.get(0))?;
-    from_json(&body)
+    // The insert was ignored, so the row is there: inside this write nothing can delete it.
+    body_in(c, PERSONA_BY_ID, user_id, &persona.persona_id)?
+        .ok_or_else(|| Error::storage_msg("the persona that stands vanished"))
 }
 
 #[async_trait]
@@ -34,13 +37,7 @@ impl PersonaStore for SqliteStore {
     }
 
     async fn get_persona(&self, user_id: &str, persona_id: &str) -> Result<Option<Persona>> {
-        one_body(
-            &self.db,
-            "SELECT body FROM personas WHERE user_id = ?1 AND persona_id = ?2",
-            user_id,
-            persona_id,
-        )
-        .await
+        one_body(&self.db, PERSONA_BY_ID, user_id, persona_id).await
     }
 
     async fn list_personas(
