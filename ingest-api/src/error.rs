@@ -8,6 +8,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use shared::error::Report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -174,7 +175,10 @@ impl From<shared::Error> for ApiError {
                 code: "password_reset_required",
                 message,
             },
-            E::Storage(m) | E::Queue(m) => ApiError::Unavailable(m),
+            // The detail, for the log only, is the whole chain of sources.
+            e @ (E::Storage { .. } | E::Queue { .. }) => {
+                ApiError::Unavailable(Report(&e).to_string())
+            }
             E::Busy {
                 message,
                 retry_after,
@@ -183,7 +187,7 @@ impl From<shared::Error> for ApiError {
                 retry_after,
             },
             E::Throttled { retry_after } => ApiError::TooManyAttempts { retry_after },
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::Internal(Report(&other).to_string()),
         }
     }
 }
@@ -262,6 +266,23 @@ mod tests {
         assert!(!String::from_utf8_lossy(&body).contains("disk"));
         let refused = ApiError::bad_request("empty_prompt", "empty").into_response();
         assert!(refused.extensions().get::<ServerErrorDetail>().is_none());
+    }
+
+    #[test]
+    fn the_logged_detail_of_a_storage_failure_carries_its_source() {
+        let e = shared::Error::storage(
+            "dynamodb get",
+            std::io::Error::other("connection reset by peer"),
+        );
+        let response = ApiError::from(e).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response
+                .extensions()
+                .get::<ServerErrorDetail>()
+                .map(|d| d.0.as_str()),
+            Some("storage error: dynamodb get: connection reset by peer")
+        );
     }
 
     #[tokio::test]

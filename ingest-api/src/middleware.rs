@@ -19,7 +19,7 @@ use governor::clock::{Clock, DefaultClock};
 use sha2::{Digest, Sha256};
 use shared::auth::AuthUser;
 use shared::metrics::{HttpLabels, RouteLabels};
-use shared::store::IdempotencyBegin;
+use shared::store::{IdempotencyBegin, KeyClaim, StoredAnswer};
 
 use crate::error::{ApiError, Refused, ServerErrorDetail};
 use crate::token_cache::TokenCache;
@@ -42,10 +42,19 @@ pub struct IdempotencyClaim {
 #[derive(Debug, Clone, Copy)]
 pub struct AnswerRecorded;
 
+/// What the store keeps as a key's answer: the response's status code and body. The store
+/// does not read them; [`replay`] turns them back into a response.
+pub fn stored_answer(status: StatusCode, body: String) -> StoredAnswer {
+    StoredAnswer {
+        code: status.as_u16(),
+        body,
+    }
+}
+
 /// The stored answer to a repeated key.
-pub fn replay(status: u16, body: String) -> Response {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    let mut response = (status, body).into_response();
+pub fn replay(answer: StoredAnswer) -> Response {
+    let status = StatusCode::from_u16(answer.code).unwrap_or(StatusCode::OK);
+    let mut response = (status, answer.body).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -138,15 +147,16 @@ pub async fn idempotency(
         .map_err(|_| ApiError::PayloadTooLarge("request body is too large".into()))?;
     let fingerprint = fingerprint(&parts.method, parts.uri.path(), &bytes);
     let ttl_ms = state.options.idempotency_ttl.as_millis() as i64;
-    let lock_ms = state.options.idempotency_lock.as_millis() as i64;
+    let claim = KeyClaim {
+        user_id: &user.user_id,
+        key: &key,
+        fingerprint: &fingerprint,
+        lock: state.options.idempotency_lock,
+        ttl: state.options.idempotency_ttl,
+    };
 
-    match state
-        .ports
-        .store
-        .idempotency_begin(&user.user_id, &key, &fingerprint, lock_ms, ttl_ms)
-        .await?
-    {
-        IdempotencyBegin::Replay { status, body } => Ok(replay(status, body)),
+    match state.ports.store.idempotency_begin(claim).await? {
+        IdempotencyBegin::Replay(answer) => Ok(replay(answer)),
         IdempotencyBegin::InFlight => Err(ApiError::Conflict {
             code: "idempotency_key_in_use",
             message: "a request with this Idempotency-Key is still being handled".into(),
@@ -220,9 +230,9 @@ async fn settle_key(
     let bytes = to_bytes(body, usize::MAX)
         .await
         .map_err(|e| ApiError::Internal(format!("buffering a response: {e}")))?;
-    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let answer = stored_answer(status, String::from_utf8_lossy(&bytes).into_owned());
     store
-        .idempotency_complete(user_id, key, claim, status.as_u16(), &text)
+        .idempotency_complete(user_id, key, claim, &answer)
         .await?;
     Ok(Response::from_parts(parts, Body::from(bytes)))
 }

@@ -1,9 +1,18 @@
 //! The crate's one error type. Its main job besides carrying a message is the split that every
 //! retry decision hangs on: [`Error::is_transient`] says whether trying again may help.
+//!
+//! Failures of a dependency (SQLite, DynamoDB, SQS, JSON) keep the dependency's own error as
+//! their [`source`](std::error::Error::source) beside a short context of what was being done:
+//! the `Display` text names the context, and [`Report`] writes the whole chain for a log line.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The source of a failure of a dependency, whatever its type (the AWS SDK's errors are generic
+/// over the operation, so no one `#[from]` could take them all).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -23,10 +32,18 @@ pub enum Error {
     /// signs in again only after a new password is set.
     #[error("{0}")]
     PasswordResetRequired(String),
-    #[error("storage error: {0}")]
-    Storage(String),
-    #[error("queue error: {0}")]
-    Queue(String),
+    #[error("storage error: {context}")]
+    Storage {
+        context: Cow<'static, str>,
+        #[source]
+        source: Option<BoxError>,
+    },
+    #[error("queue error: {context}")]
+    Queue {
+        context: Cow<'static, str>,
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error("configuration error: {0}")]
     Config(String),
     /// A model call that may succeed later: throttling, time-outs, 5xx, a model warming up.
@@ -52,8 +69,12 @@ pub enum Error {
     Throttled { retry_after: Duration },
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("internal error: {context}")]
+    Internal {
+        context: Cow<'static, str>,
+        #[source]
+        source: Option<BoxError>,
+    },
 }
 
 impl Error {
@@ -62,8 +83,8 @@ impl Error {
         matches!(
             self,
             Error::ModelTransient { .. }
-                | Error::Storage(_)
-                | Error::Queue(_)
+                | Error::Storage { .. }
+                | Error::Queue { .. }
                 | Error::Io(_)
                 | Error::Busy { .. }
         )
@@ -87,14 +108,123 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A storage failure caused by `source` while doing `context`.
+    pub fn storage(context: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
+        Error::Storage {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A storage failure found by this code (nothing underneath failed).
+    pub fn storage_msg(context: impl Into<Cow<'static, str>>) -> Self {
+        Error::Storage {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// A queue failure caused by `source` while doing `context`.
+    pub fn queue(context: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
+        Error::Queue {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A queue failure found by this code.
+    pub fn queue_msg(context: impl Into<Cow<'static, str>>) -> Self {
+        Error::Queue {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// A bug or an impossible state, caused by `source`.
+    pub fn internal(context: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
+        Error::Internal {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A bug or an impossible state found by this code.
+    pub fn internal_msg(context: impl Into<Cow<'static, str>>) -> Self {
+        Error::Internal {
+            context: context.into(),
+            source: None,
+        }
+    }
+}
+
 impl From<deadpool_sqlite::rusqlite::Error> for Error {
     fn from(e: deadpool_sqlite::rusqlite::Error) -> Self {
-        Error::Storage(e.to_string())
+        Error::storage("sqlite", e)
     }
 }
 
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
-        Error::Internal(format!("json: {e}"))
+        Error::internal("json", e)
+    }
+}
+
+/// An error and every source under it, `outer: inner: innermost`, for logs and for the
+/// messages of failed requests: `Display` of an error alone names only its own context.
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_sqlite_error_stays_reachable_as_the_source() {
+        let e = Error::from(deadpool_sqlite::rusqlite::Error::InvalidQuery);
+        let source = e.source().expect("a source");
+        assert!(source
+            .downcast_ref::<deadpool_sqlite::rusqlite::Error>()
+            .is_some());
+        assert!(e.is_transient());
+        assert_eq!(e.code(), "internal");
+        assert!(Report(&e)
+            .to_string()
+            .starts_with("storage error: sqlite: "));
+    }
+
+    #[test]
+    fn a_json_error_stays_reachable_as_the_source() {
+        let json = serde_json::from_str::<u8>("x").expect_err("not a number");
+        let e = Error::from(json);
+        let source = e.source().expect("a source");
+        assert!(source.downcast_ref::<serde_json::Error>().is_some());
+        assert!(!e.is_transient());
+        assert_eq!(e.to_string(), "internal error: json");
+        assert!(Report(&e).to_string().len() > "internal error: json".len());
+    }
+
+    #[test]
+    fn a_message_alone_has_no_source() {
+        let e = Error::queue_msg("receipt is no longer valid");
+        assert!(e.source().is_none());
+        assert!(e.is_transient());
+        assert_eq!(
+            Report(&e).to_string(),
+            "queue error: receipt is no longer valid"
+        );
     }
 }

@@ -13,11 +13,14 @@
 //! - [`job`]      the API → worker contract: a job, encoded into a queue message by the API
 //!   and decoded from a delivery by a worker.
 //! - [`error`]    the one error type of this crate, with the transient/permanent split that
-//!   drives retries.
+//!   drives retries; failures of a dependency keep it as their `source`.
 //! - [`queue`]    the `Queue` port (SQS semantics): `queue::sqlite` (embedded), `queue::sqs`.
-//! - [`store`]    the `Store` port: `store::sqlite` (embedded), `store::dynamodb`.
+//! - [`store`]    the `Store` port, one narrow trait per kind of record (`PersonaStore`,
+//!   `ConversationStore`, `RequestStore`, `IdempotencyStore`) joined into `Store`; each adapter
+//!   a folder with a file per trait: `store::sqlite` (embedded), `store::dynamodb`.
 //! - [`atomic`]   the `Atomic` port: accepting a request and settling a job, each one unit of
-//!   work across store, queue and events: `atomic::sqlite` (one transaction), `atomic::aws`.
+//!   work across store, queue and events: `atomic::sqlite` (one transaction), `atomic::aws`
+//!   (a folder: `accept`, `settle`, the outbox sweep in its `mod.rs`).
 //! - [`events`]   the `EventBus` port, request changes and stream deltas pushed to clients:
 //!   `events::sqlite` (embedded), `events::dynamodb`.
 //! - [`auth`]     the `TokenVerifier` and `IdentityProvider` ports, the one JWKS verifier,

@@ -245,7 +245,7 @@ impl Db {
         let writer_path = path.clone();
         let conn = tokio::task::spawn_blocking(move || open_writer(&writer_path))
             .await
-            .map_err(|e| Error::Storage(format!("opening the database: {e}")))??;
+            .map_err(|e| Error::storage("opening the database", e))??;
         let (writer, inbox) = mpsc::channel(CHANNEL_DEPTH);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -286,10 +286,10 @@ impl Db {
             .readers
             .get()
             .await
-            .map_err(|e| Error::Storage(format!("sqlite pool: {e}")))?;
+            .map_err(|e| Error::storage("sqlite pool", e))?;
         conn.interact(f)
             .await
-            .map_err(|e| Error::Storage(format!("sqlite worker thread: {e}")))?
+            .map_err(|e| Error::storage_msg(format!("sqlite worker thread: {e}")))?
     }
 
     /// Runs a short read, a few rows found by key, on the calling thread with that thread's own
@@ -350,9 +350,9 @@ impl Db {
             let reply: Reply = Box::new(move |error: Option<&str>| {
                 let out = match (out, error) {
                     (Some(Err(e)), _) => Err(e),
-                    (_, Some(e)) => Err(Error::Storage(format!("sqlite write failed: {e}"))),
+                    (_, Some(e)) => Err(Error::storage_msg(format!("sqlite write failed: {e}"))),
                     (Some(Ok(v)), None) => Ok(v),
-                    (None, None) => Err(Error::Storage("the write was not run".into())),
+                    (None, None) => Err(Error::storage_msg("the write was not run")),
                 };
                 // The caller may have gone away (a dropped request); nothing to tell then.
                 let _ = answer.send(out);
@@ -362,10 +362,10 @@ impl Db {
         self.writer
             .send(Pending { run: job, durable })
             .await
-            .map_err(|_| Error::Storage("the database writer has stopped".into()))?;
+            .map_err(|_| Error::storage_msg("the database writer has stopped"))?;
         answered
             .await
-            .map_err(|_| Error::Storage("the database writer has stopped".into()))?
+            .map_err(|_| Error::storage_msg("the database writer has stopped"))?
     }
 }
 

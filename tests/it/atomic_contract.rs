@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common;
+use crate::common::{self, key_claim, stored};
 use shared::atomic::aws::AwsAtomic;
 use shared::atomic::sqlite::SqliteAtomic;
 use shared::atomic::{Accept, AcceptOutcome, Ack, Answer, Atomic, Settle, Started, UserMessage};
@@ -153,8 +153,7 @@ fn answer(key: &str, body: &str) -> Answer {
     Answer {
         key: key.into(),
         fingerprint: "fp".into(),
-        status: 202,
-        body: body.into(),
+        stored: stored(202, body),
         ttl_ms: 86_400_000,
     }
 }
@@ -194,7 +193,7 @@ async fn next_event(
 async fn key_is_unanswered(s: &Subject, key: &str) -> bool {
     matches!(
         s.store
-            .idempotency_begin("alice", key, "fp", 5_000, 86_400_000)
+            .idempotency_begin(key_claim("alice", key, "fp", 5_000, 86_400_000))
             .await
             .unwrap(),
         IdempotencyBegin::Started { .. }
@@ -290,7 +289,7 @@ async fn an_accept_records_the_request_its_job_and_the_keys_answer(s: Subject) {
     let day = 86_400_000;
     assert!(matches!(
         s.store
-            .idempotency_begin("alice", "k1", "fp", 5_000, day)
+            .idempotency_begin(key_claim("alice", "k1", "fp", 5_000, day))
             .await
             .unwrap(),
         IdempotencyBegin::Started { .. }
@@ -311,13 +310,10 @@ async fn an_accept_records_the_request_its_job_and_the_keys_answer(s: Subject) {
     // The key's answer was recorded with the work: a retry replays it.
     assert_eq!(
         s.store
-            .idempotency_begin("alice", "k1", "fp", 5_000, day)
+            .idempotency_begin(key_claim("alice", "k1", "fp", 5_000, day))
             .await
             .unwrap(),
-        IdempotencyBegin::Replay {
-            status: 202,
-            body: body.clone()
-        }
+        IdempotencyBegin::Replay(common::stored(202, &body))
     );
 }
 
@@ -512,7 +508,7 @@ async fn a_key_answered_once_replays_and_queues_nothing_more(s: Subject) {
         .accept(persona_accept("alice", &twin, Some(answer("k2", "{}"))))
         .await
         .unwrap();
-    assert_eq!(out, AcceptOutcome::Replay { status: 202, body });
+    assert_eq!(out, AcceptOutcome::Replay(stored(202, &body)));
     assert!(stored_request(&s, "alice", &twin.request_id)
         .await
         .is_none());
@@ -687,9 +683,7 @@ mod aws_only {
             self.0.name()
         }
         async fn send(&self, _: &[Outgoing]) -> shared::Result<()> {
-            Err(shared::Error::Queue(
-                "the process died before sending".into(),
-            ))
+            Err(shared::Error::queue_msg("the process died before sending"))
         }
         async fn receive(
             &self,

@@ -696,3 +696,28 @@ impl Remote {
         res
     }
 }
+
+/// A claim of an idempotency key as the contract tests write it, times in milliseconds.
+pub fn key_claim<'a>(
+    user_id: &'a str,
+    key: &'a str,
+    fingerprint: &'a str,
+    lock_ms: u64,
+    ttl_ms: u64,
+) -> shared::store::KeyClaim<'a> {
+    shared::store::KeyClaim {
+        user_id,
+        key,
+        fingerprint,
+        lock: Duration::from_millis(lock_ms),
+        ttl: Duration::from_millis(ttl_ms),
+    }
+}
+
+/// A stored idempotency answer.
+pub fn stored(code: u16, body: &str) -> shared::store::StoredAnswer {
+    shared::store::StoredAnswer {
+        code,
+        body: body.into(),
+    }
+}

@@ -1,7 +1,7 @@
 //! `Idempotency-Key`: a repeat with the same key and body replays the first answer and
 //! enqueues nothing; the same key with another body is a 422; keys are per user.
 
-use crate::common::TestApp;
+use crate::common::{key_claim, stored, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::RequestKind;
@@ -124,8 +124,9 @@ async fn a_repeated_key_replays_the_first_answer_and_enqueues_once() {
 async fn a_key_in_flight_is_a_conflict_and_an_abandoned_claim_can_be_taken_over() {
     let app = TestApp::builder().without_workers().start().await;
     let store = &app.adapters.store;
-    let begin =
-        |fp: &'static str, lock_ms: i64| store.idempotency_begin("u", "k", fp, lock_ms, 86_400_000);
+    let begin = |fp: &'static str, lock_ms: u64| {
+        store.idempotency_begin(key_claim("u", "k", fp, lock_ms, 86_400_000))
+    };
     assert!(matches!(
         begin("a", 60_000).await.unwrap(),
         IdempotencyBegin::Started { .. }
@@ -143,14 +144,11 @@ async fn a_key_in_flight_is_a_conflict_and_an_abandoned_claim_can_be_taken_over(
         panic!("the abandoned claim is taken over");
     };
     store
-        .idempotency_complete("u", "k", claim, 202, "{\"x\":1}")
+        .idempotency_complete("u", "k", claim, &stored(202, "{\"x\":1}"))
         .await
         .unwrap();
     assert_eq!(
         begin("a", 60_000).await.unwrap(),
-        IdempotencyBegin::Replay {
-            status: 202,
-            body: "{\"x\":1}".into()
-        }
+        IdempotencyBegin::Replay(stored(202, "{\"x\":1}"))
     );
 }

@@ -289,7 +289,7 @@ fn names_and_password_rules_follow_the_code() {
     for class in ["Lowercase", "Uppercase", "Numbers", "Symbols"] {
         assert!(TEMPLATE.contains(&format!("Require{class}: false\n")));
     }
-    let store = include_str!("../../shared/src/store/dynamodb.rs");
+    let store = include_str!("../../shared/src/store/dynamodb/mod.rs");
     for attribute in ["pk", "sk", "expires_at"] {
         assert!(store.contains(&format!("\"{attribute}\"")));
         assert!(TEMPLATE.contains(&format!("AttributeName: {attribute}\n")));
@@ -513,11 +513,21 @@ struct Adapters(BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>);
 /// The adapters' sources (trait defaults included) and the service their clients call.
 const ADAPTERS: &[(&str, &str)] = &[
     ("shared/src/store/mod.rs", "dynamodb"),
-    ("shared/src/store/dynamodb.rs", "dynamodb"),
+    ("shared/src/store/personas.rs", "dynamodb"),
+    ("shared/src/store/conversations.rs", "dynamodb"),
+    ("shared/src/store/requests.rs", "dynamodb"),
+    ("shared/src/store/idempotency.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/mod.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/personas.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/conversations.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/requests.rs", "dynamodb"),
+    ("shared/src/store/dynamodb/idempotency.rs", "dynamodb"),
     ("shared/src/events/mod.rs", "dynamodb"),
     ("shared/src/events/dynamodb.rs", "dynamodb"),
     ("shared/src/atomic/mod.rs", "dynamodb"),
-    ("shared/src/atomic/aws.rs", "dynamodb"),
+    ("shared/src/atomic/aws/mod.rs", "dynamodb"),
+    ("shared/src/atomic/aws/accept.rs", "dynamodb"),
+    ("shared/src/atomic/aws/settle.rs", "dynamodb"),
     ("shared/src/queue/mod.rs", "sqs"),
     ("shared/src/queue/sqs.rs", "sqs"),
 ];
@@ -723,7 +733,7 @@ fn workers_delete_only_their_own_outbox_items() {
             .collect();
         assert_eq!(deleting, BTreeSet::from(["dispatch".to_owned()]), "{role}");
     }
-    let atomic = production_source(&workspace_file("shared/src/atomic/aws.rs"));
+    let atomic = production_source(&workspace_file("shared/src/atomic/aws/mod.rs"));
     assert!(atomic.contains(r#"format!("OUTBOX#{kind}#{shard}")"#));
     let consumer = compact(&production_source(&workspace_file(
         "workers/src/consumer.rs",

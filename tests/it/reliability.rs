@@ -308,7 +308,7 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_aga
     received_by_dying_workers(&app, 2).await;
     let model = Arc::new(Fails {
         calls: AtomicUsize::new(0),
-        make: || Error::Internal("must not run".into()),
+        make: || Error::internal_msg("must not run"),
     });
     app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
     let done = app.finished(&alice, &request_id).await;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::common;
+use crate::common::{self, key_claim, stored};
 use shared::domain::{
     new_id, Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource,
     RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
@@ -12,7 +12,9 @@ use shared::domain::{
 use shared::sqlite::Db;
 use shared::store::dynamodb::DynamoStore;
 use shared::store::sqlite::SqliteStore;
-use shared::store::{IdempotencyBegin, Store, Transition};
+use shared::store::{
+    IdempotencyBegin, IdempotencyStore, PersonaStore, RequestStore, Store, Transition,
+};
 use shared::Error;
 
 struct Subject {
@@ -345,7 +347,7 @@ async fn idempotency_keys_claim_replay_and_release(s: Subject) {
         first_ms,
         claim: first_claim,
     } = st
-        .idempotency_begin("alice", "k", "fp1", 60_000, day)
+        .idempotency_begin(key_claim("alice", "k", "fp1", 60_000, day))
         .await
         .unwrap()
     else {
@@ -353,19 +355,19 @@ async fn idempotency_keys_claim_replay_and_release(s: Subject) {
     };
     assert!(first_ms > 0);
     assert_eq!(
-        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
+        st.idempotency_begin(key_claim("alice", "k", "fp1", 60_000, day))
             .await
             .unwrap(),
         IdempotencyBegin::InFlight
     );
     assert_eq!(
-        st.idempotency_begin("alice", "k", "fp2", 60_000, day)
+        st.idempotency_begin(key_claim("alice", "k", "fp2", 60_000, day))
             .await
             .unwrap(),
         IdempotencyBegin::Mismatch
     );
     let bob_started = st
-        .idempotency_begin("bob", "k", "fp2", 60_000, day)
+        .idempotency_begin(key_claim("bob", "k", "fp2", 60_000, day))
         .await
         .unwrap();
     assert!(
@@ -379,7 +381,7 @@ async fn idempotency_keys_claim_replay_and_release(s: Subject) {
         first_ms: taken_over_first,
         claim,
     } = st
-        .idempotency_begin("alice", "k", "fp1", 0, day)
+        .idempotency_begin(key_claim("alice", "k", "fp1", 0, day))
         .await
         .unwrap()
     else {
@@ -389,34 +391,31 @@ async fn idempotency_keys_claim_replay_and_release(s: Subject) {
     assert_ne!(claim, first_claim);
     // The first handler, not dead after all, finishes late: its claim is gone, so it neither
     // answers nor releases the key for the new claim.
-    st.idempotency_complete("alice", "k", first_claim, 500, "{\"late\":true}")
+    st.idempotency_complete("alice", "k", first_claim, &stored(500, "{\"late\":true}"))
         .await
         .unwrap();
     st.idempotency_release("alice", "k", first_claim)
         .await
         .unwrap();
     assert_eq!(
-        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
+        st.idempotency_begin(key_claim("alice", "k", "fp1", 60_000, day))
             .await
             .unwrap(),
         IdempotencyBegin::InFlight,
         "the new claim still holds the key, unanswered"
     );
-    st.idempotency_complete("alice", "k", claim, 202, "{\"ok\":true}")
+    st.idempotency_complete("alice", "k", claim, &stored(202, "{\"ok\":true}"))
         .await
         .unwrap();
     assert_eq!(
-        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
+        st.idempotency_begin(key_claim("alice", "k", "fp1", 60_000, day))
             .await
             .unwrap(),
-        IdempotencyBegin::Replay {
-            status: 202,
-            body: "{\"ok\":true}".into()
-        }
+        IdempotencyBegin::Replay(stored(202, "{\"ok\":true}"))
     );
     st.idempotency_release("alice", "k", claim).await.unwrap(); // answered keys are not released
     assert!(matches!(
-        st.idempotency_begin("alice", "k", "fp1", 60_000, day)
+        st.idempotency_begin(key_claim("alice", "k", "fp1", 60_000, day))
             .await
             .unwrap(),
         IdempotencyBegin::Replay { .. }
@@ -429,7 +428,7 @@ async fn idempotency_keys_claim_replay_and_release(s: Subject) {
     };
     st.idempotency_release("bob", "k", bob_claim).await.unwrap();
     assert!(matches!(
-        st.idempotency_begin("bob", "k", "fp3", 60_000, day)
+        st.idempotency_begin(key_claim("bob", "k", "fp3", 60_000, day))
             .await
             .unwrap(),
         IdempotencyBegin::Started { .. }
@@ -442,19 +441,19 @@ async fn expired_idempotency_keys_are_forgotten(s: Subject) {
     // Kept for 1 ms: expired by the time it is asked again, whether or not the backend has
     // deleted it yet (DynamoDB's TTL sweeps up to days late, so reads must check the time).
     let IdempotencyBegin::Started { claim, .. } = st
-        .idempotency_begin("alice", "k", "fp1", 60_000, 1)
+        .idempotency_begin(key_claim("alice", "k", "fp1", 60_000, 1))
         .await
         .unwrap()
     else {
         panic!("a new key is started");
     };
-    st.idempotency_complete("alice", "k", claim, 202, "{}")
+    st.idempotency_complete("alice", "k", claim, &stored(202, "{}"))
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     assert!(
         matches!(
-            st.idempotency_begin("alice", "k", "fp2", 60_000, 86_400_000)
+            st.idempotency_begin(key_claim("alice", "k", "fp2", 60_000, 86_400_000))
                 .await
                 .unwrap(),
             IdempotencyBegin::Started { .. }
@@ -570,13 +569,13 @@ mod dynamodb_ttl {
 
         // An idempotency key: as long as its answer is kept.
         let IdempotencyBegin::Started { claim, .. } = st
-            .idempotency_begin("alice", "k", "fp", 60_000, 2 * 3_600_000)
+            .idempotency_begin(key_claim("alice", "k", "fp", 60_000, 2 * 3_600_000))
             .await
             .unwrap()
         else {
             panic!("a new key is started");
         };
-        st.idempotency_complete("alice", "k", claim, 202, "{}")
+        st.idempotency_complete("alice", "k", claim, &stored(202, "{}"))
             .await
             .unwrap();
         let at = expires_at(&item(&client, &table, "USER#alice", "IDEM#k").await).unwrap();

@@ -146,7 +146,7 @@ impl ChatJob {
                     .publish(user_id, &Event::delta(request_id, &text))
                     .await
                 {
-                    tracing::warn!(error = %e, "could not push a reply fragment");
+                    tracing::warn!(error = %shared::error::Report(&e), "could not push a reply fragment");
                 }
             }
             None

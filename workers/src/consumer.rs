@@ -27,6 +27,7 @@ use shared::store::Transition;
 
 use crate::options::WorkerOptions;
 use crate::settlement::{decide, Limits, Outcome, Settlement};
+use shared::error::Report;
 use shared::{Error, Result};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -88,7 +89,7 @@ async fn sweep_outbox(atomic: Arc<dyn Atomic>, kind: RequestKind, shutdown: Canc
         match atomic.sweep(kind).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(%kind, accepts = n, "sent jobs left in the outbox"),
-            Err(e) => tracing::warn!(%kind, error = %e, "outbox sweep failed"),
+            Err(e) => tracing::warn!(%kind, error = %Report(&e), "outbox sweep failed"),
         }
     }
 }
@@ -126,7 +127,7 @@ impl Consumer {
             let deliveries = match received {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::warn!(%kind, error = %e, "receive failed; retrying shortly");
+                    tracing::warn!(%kind, error = %Report(&e), "receive failed; retrying shortly");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -186,14 +187,14 @@ impl Consumer {
         let msg = match QueuedJob::decode(&delivery) {
             Ok(m) => m,
             Err(e) => {
-                tracing::error!(%kind, error = %e, "queue message is not a job; dead-lettering it");
+                tracing::error!(%kind, error = %Report(&e), "queue message is not a job; dead-lettering it");
                 let detail = match e {
                     shared::Error::Invalid(detail) => detail,
                     other => other.to_string(),
                 };
                 let reason = crate::Error::BadMessage(detail).to_string();
                 if let Err(e) = self.queue.dead_letter(&delivery, &reason).await {
-                    tracing::error!(error = %e, "could not dead-letter a malformed message");
+                    tracing::error!(error = %Report(&e), "could not dead-letter a malformed message");
                 }
                 self.metrics.job(kind.as_str(), "dead_lettered");
                 return;
@@ -214,7 +215,7 @@ impl Consumer {
         if let Err(e) = result {
             // The settlement itself failed (store or queue unavailable): the message comes
             // back after its visibility timeout and is handled again.
-            span.in_scope(|| tracing::warn!(error = %e, "could not settle the delivery; it will be redelivered"));
+            span.in_scope(|| tracing::warn!(error = %Report(&e), "could not settle the delivery; it will be redelivered"));
         }
         self.metrics
             .job_duration
@@ -391,7 +392,7 @@ impl Consumer {
                     None => Some(jittered),
                 }
             })
-            .notify(|e, delay| tracing::warn!(error = %e, retry_in = ?delay, "transient failure; retrying in-process"))
+            .notify(|e, delay| tracing::warn!(error = %Report(e), retry_in = ?delay, "transient failure; retrying in-process"))
             .await
     }
 
@@ -403,7 +404,7 @@ impl Consumer {
         loop {
             tokio::time::sleep(vis / 3).await;
             if let Err(e) = self.queue.change_visibility(receipt, vis).await {
-                tracing::warn!(error = %e, "visibility heartbeat failed");
+                tracing::warn!(error = %Report(&e), "visibility heartbeat failed");
             }
         }
     }

@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use shared::domain::ErrorBody;
+use shared::error::Report;
 use shared::Error;
 
 use crate::consumer::JobOutput;
@@ -77,14 +78,17 @@ pub fn decide(outcome: Outcome, attempts: u32, limits: &Limits, jitter: f64) -> 
             },
         },
         Outcome::Failed(e) if !e.is_transient() => Settlement::Fail {
-            error: error_body(&e, e.to_string()),
+            error: error_body(&e, Report(&e).to_string()),
         },
         Outcome::Failed(e) if attempts >= limits.max_attempts => Settlement::DeadLetter {
-            error: error_body(&e, format!("gave up after {attempts} attempts: {e}")),
+            error: error_body(
+                &e,
+                format!("gave up after {attempts} attempts: {}", Report(&e)),
+            ),
         },
         Outcome::Failed(e) => Settlement::Retry {
             delay: backoff(attempts, &e, limits, jitter),
-            error: error_body(&e, e.to_string()),
+            error: error_body(&e, Report(&e).to_string()),
         },
     }
 }

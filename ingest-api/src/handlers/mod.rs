@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::ApiError;
 use crate::extract::{Claim, Trace};
-use crate::middleware::{replay, AnswerRecorded};
+use crate::middleware::{replay, stored_answer, AnswerRecorded};
 use crate::AppState;
 
 /// `?limit=&next_token=` of every listing.
@@ -110,8 +110,7 @@ pub async fn accept<T: Serialize>(
     accept.answer = claim.0.as_ref().map(|c| Answer {
         key: c.key.clone(),
         fingerprint: c.fingerprint.clone(),
-        status: StatusCode::ACCEPTED.as_u16(),
-        body: json.clone(),
+        stored: stored_answer(StatusCode::ACCEPTED, json.clone()),
         ttl_ms: c.ttl_ms,
     });
     let (kind, ids): (RequestKind, Vec<String>) = (
@@ -138,6 +137,6 @@ pub async fn accept<T: Serialize>(
             }
             Ok(response)
         }
-        AcceptOutcome::Replay { status, body } => Ok(replay(status, body)),
+        AcceptOutcome::Replay(answer) => Ok(replay(answer)),
     }
 }

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 
 use crate::domain::{Batch, Message, RequestKind, RequestRecord};
 use crate::queue::{Delivery, Outgoing};
-use crate::store::Transition;
+use crate::store::{StoredAnswer, Transition};
 use crate::Result;
 
 /// Everything one accepted API call records.
@@ -52,8 +52,8 @@ pub struct UserMessage {
 pub struct Answer {
     pub key: String,
     pub fingerprint: String,
-    pub status: u16,
-    pub body: String,
+    /// Kept as given, replayed as given: the store does not interpret it.
+    pub stored: StoredAnswer,
     /// How long the answer is kept, in milliseconds.
     pub ttl_ms: i64,
 }
@@ -65,7 +65,7 @@ pub enum AcceptOutcome {
     Recorded,
     /// An earlier call with the same key already recorded its answer (it won a race, or the
     /// client retried after a crash): nothing new was stored; replay this.
-    Replay { status: u16, body: String },
+    Replay(StoredAnswer),
 }
 
 /// What becomes of a delivered message when its job settles.

@@ -58,9 +58,7 @@ fn owned_request(c: &Connection, user_id: &str, request_id: &str) -> Result<Opti
     c.prepare_cached("SELECT body FROM requests WHERE request_id = ?1 AND user_id = ?2")?
         .query_row(params![request_id, user_id], |r| r.get::<_, String>(0))
         .optional()?
-        .map(|b| {
-            serde_json::from_str(&b).map_err(|e| Error::Storage(format!("corrupt request: {e}")))
-        })
+        .map(|b| serde_json::from_str(&b).map_err(|e| Error::storage("corrupt request", e)))
         .transpose()
 }
 
@@ -87,7 +85,7 @@ fn store_result(
             },
         ) => RequestResult::Message(put_reply_in(c, conversation_id, message_id, &m)?),
         (RequestResult::Message(_), RequestInput::Persona { .. }) => {
-            return Err(Error::Internal("a reply for a persona request".into()))
+            return Err(Error::internal_msg("a reply for a persona request"))
         }
     })
 }
@@ -109,9 +107,8 @@ impl Atomic for SqliteAtomic {
             .db
             .write(move |c| {
                 if let Some(answer) = &a.answer {
-                    if let Some((status, body)) = idempotency_answer_in(c, &a.user_id, &answer.key)?
-                    {
-                        return Ok(AcceptOutcome::Replay { status, body });
+                    if let Some(stored) = idempotency_answer_in(c, &a.user_id, &answer.key)? {
+                        return Ok(AcceptOutcome::Replay(stored));
                     }
                 }
                 if let Some(m) = &a.message {
@@ -130,8 +127,7 @@ impl Atomic for SqliteAtomic {
                         &a.user_id,
                         &x.key,
                         &x.fingerprint,
-                        x.status,
-                        &x.body,
+                        &x.stored,
                         x.ttl_ms,
                     )?;
                 }

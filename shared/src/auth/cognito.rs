@@ -58,7 +58,7 @@ impl HttpJwks {
 impl JwksSource for HttpJwks {
     async fn fetch(&self) -> Result<JwkSet> {
         let unavailable =
-            |e: reqwest::Error| Error::Storage(format!("fetching the JWKS at {}: {e}", self.url));
+            |e: reqwest::Error| Error::storage(format!("fetching the JWKS at {}", self.url), e);
         self.http
             .get(&self.url)
             .send()
@@ -93,13 +93,10 @@ pub enum RefreshCall {
 fn map_error<E, R>(e: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let Some(service) = e.as_service_error() else {
-        return Error::Storage(format!(
-            "cognito unavailable: {}",
-            aws_sdk_cognitoidentityprovider::error::DisplayErrorContext(&e)
-        ));
+        return Error::storage("cognito unavailable", e);
     };
     let message = service.message().unwrap_or("no message").to_owned();
     match service.code().unwrap_or_default() {
@@ -127,9 +124,9 @@ where
         "TooManyRequestsException"
         | "LimitExceededException"
         | "TooManyFailedAttemptsException" => {
-            Error::Storage(format!("cognito is throttling: {message}"))
+            Error::storage_msg(format!("cognito is throttling: {message}"))
         }
-        code => Error::Internal(format!("cognito {code}: {message}")),
+        code => Error::internal_msg(format!("cognito {code}: {message}")),
     }
 }
 
@@ -141,7 +138,7 @@ fn tokens(
         .ok_or_else(|| Error::Unauthorized("cognito asked for a further challenge".into()))?;
     let need = |v: Option<&str>, what: &str| {
         v.map(str::to_owned)
-            .ok_or_else(|| Error::Internal(format!("cognito returned no {what}")))
+            .ok_or_else(|| Error::internal_msg(format!("cognito returned no {what}")))
     };
     Ok(Tokens {
         access_token: need(r.access_token(), "access token")?,
@@ -195,7 +192,7 @@ impl IdentityProvider for CognitoIdentity {
             .name("email")
             .value(email)
             .build()
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| Error::internal("building a Cognito attribute", e))?;
         let out = self
             .client
             .sign_up()
@@ -334,11 +331,11 @@ mod tests {
         ));
         assert!(matches!(
             from_cognito("TooManyRequestsException"),
-            Error::Storage(_)
+            Error::Storage { .. }
         ));
         // What the mapping does not know stays a server error, with Cognito's code for the log.
         assert!(
-            matches!(from_cognito("SomethingNewException"), Error::Internal(m) if m.contains("SomethingNewException"))
+            matches!(from_cognito("SomethingNewException"), Error::Internal { context, .. } if context.contains("SomethingNewException"))
         );
     }
 }

@@ -145,7 +145,7 @@ impl PasswordHashing {
                 .queue
                 .lines
                 .lock()
-                .map_err(|_| Error::Internal("the password hashing threads stopped".into()))?;
+                .map_err(|_| Error::internal_msg("the password hashing threads stopped"))?;
             let line = match lane {
                 Lane::Account => &mut lines.account,
                 Lane::Anyone => &mut lines.anyone,
@@ -161,7 +161,7 @@ impl PasswordHashing {
         self.queue.ready.notify_one();
         answered
             .await
-            .map_err(|_| Error::Internal("a password hash was dropped".into()))?
+            .map_err(|_| Error::internal_msg("a password hash was dropped"))?
     }
 }
 
@@ -211,7 +211,8 @@ fn digest(
 }
 
 fn hash_with(memory: &mut Vec<Block>, password: &str) -> Result<String> {
-    let failed = |e: &dyn std::fmt::Display| Error::Internal(format!("hashing a password: {e}"));
+    let failed =
+        |e: &dyn std::fmt::Display| Error::internal_msg(format!("hashing a password: {e}"));
     let params = Params::default();
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
     let salt = SaltString::generate(&mut OsRng);
@@ -237,7 +238,7 @@ fn hash_with(memory: &mut Vec<Block>, password: &str) -> Result<String> {
 }
 
 fn verify_with(memory: &mut Vec<Block>, hash: &str, password: &str) -> Result<bool> {
-    let bad = |e: &dyn std::fmt::Display| Error::Storage(format!("stored password hash: {e}"));
+    let bad = |e: &dyn std::fmt::Display| Error::storage_msg(format!("stored password hash: {e}"));
     let phc = PasswordHash::new(hash).map_err(|e| bad(&e))?;
     let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
         return Err(bad(&"no salt or hash"));

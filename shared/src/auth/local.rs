@@ -48,10 +48,10 @@ impl SigningKey {
         let path = dir.join(KEY_FILE);
         if !path.exists() {
             let key = RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
-                .map_err(|e| Error::Internal(format!("generating the signing key: {e}")))?;
+                .map_err(|e| Error::internal("generating the signing key", e))?;
             let pem = key
                 .to_pkcs8_pem(LineEnding::LF)
-                .map_err(|e| Error::Internal(format!("encoding the signing key: {e}")))?;
+                .map_err(|e| Error::internal_msg(format!("encoding the signing key: {e}")))?;
             let tmp = dir.join(format!("{KEY_FILE}.{}", uuid::Uuid::new_v4().simple()));
             write_private(&tmp, pem.as_bytes())?;
             let linked = std::fs::hard_link(&tmp, &path);
@@ -96,7 +96,7 @@ impl SigningKey {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.encoding)
-            .map_err(|e| Error::Internal(format!("signing a token: {e}")))
+            .map_err(|e| Error::internal("signing a token", e))
     }
 }
 
@@ -122,7 +122,7 @@ impl JwksSource for KeyDirJwks {
         let dir = self.dir.clone();
         let key = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&dir))
             .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+            .map_err(|e| Error::internal("loading the signing key", e))??;
         Ok(serde_json::from_value(key.jwks.clone())?)
     }
 }

@@ -242,7 +242,7 @@ mod tests {
             let set = self
                 .set
                 .lock()
-                .map_err(|_| Error::Internal("poisoned".into()))?
+                .map_err(|_| Error::internal_msg("poisoned"))?
                 .clone();
             Ok(serde_json::from_value(set)?)
         }

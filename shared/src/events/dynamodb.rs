@@ -20,7 +20,9 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 
 use super::{Event, EventBus, Published, RETENTION_MS};
-use crate::{Error, Result};
+use crate::error::Report;
+use crate::store::dynamodb::storage;
+use crate::Result;
 
 /// How often an open stream looks for new events.
 const POLL: Duration = Duration::from_millis(250);
@@ -42,13 +44,6 @@ fn now_micros() -> u64 {
 
 fn sk(id: u64) -> String {
     format!("{id:020}")
-}
-
-fn storage(op: &str, e: impl std::error::Error) -> Error {
-    Error::Storage(format!(
-        "dynamodb {op}: {}",
-        aws_sdk_dynamodb::error::DisplayErrorContext(e)
-    ))
 }
 
 impl DynamoEventBus {
@@ -181,7 +176,7 @@ impl EventBus for DynamoEventBus {
                         let keep_from = cursor.saturating_sub(2 * lookback);
                         sent = sent.split_off(&keep_from);
                     }
-                    Err(e) => tracing::warn!(error = %e, "event poll failed"),
+                    Err(e) => tracing::warn!(error = %Report(&e), "event poll failed"),
                 }
                 tokio::select! {
                     _ = tx.closed() => return,

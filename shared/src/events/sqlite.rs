@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::{Event, EventBus, Published, RETENTION_MS};
+use crate::error::Report;
 use crate::sqlite::Db;
 use crate::time::now_ms;
 use crate::Result;
@@ -65,7 +66,9 @@ impl SqliteEventBus {
                             let _ = bus.fanout.send(e);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "event tailer could not read events"),
+                    Err(e) => {
+                        tracing::warn!(error = %Report(&e), "event tailer could not read events")
+                    }
                 }
                 if now_ms() - last_prune > 60_000 {
                     last_prune = now_ms();

@@ -240,7 +240,7 @@ impl Queue for SqliteQueue {
             self.wake();
         }
         if changed == 0 {
-            return Err(Error::Queue("receipt is no longer valid".into()));
+            return Err(Error::queue_msg("receipt is no longer valid"));
         }
         Ok(())
     }

@@ -34,11 +34,8 @@ pub struct SqsQueue {
     dlq_url: String,
 }
 
-fn queue_error(op: &str, e: impl std::error::Error) -> Error {
-    Error::Queue(format!(
-        "sqs {op}: {}",
-        aws_sdk_sqs::error::DisplayErrorContext(e)
-    ))
+fn queue_error(op: &str, e: impl Into<crate::error::BoxError>) -> Error {
+    Error::queue(format!("sqs {op}"), e)
 }
 
 /// Whole seconds, rounded up: SQS takes no fractions, and rounding down could end a
@@ -71,7 +68,7 @@ impl SqsQueue {
                         .message_body(&m.body)
                         .set_message_attributes(Some(to_sqs(&m.attributes)?))
                         .build()
-                        .map_err(|e| Error::Queue(e.to_string()))
+                        .map_err(|e| Error::queue("sqs message entry", e))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let out = self
@@ -86,7 +83,7 @@ impl SqsQueue {
             for failed in &out.failed {
                 let reason = failed.message.as_deref().unwrap_or("no reason");
                 if failed.sender_fault {
-                    return Err(Error::Queue(format!(
+                    return Err(Error::queue_msg(format!(
                         "sqs send: entry refused ({}): {reason}",
                         failed.code
                     )));
@@ -97,7 +94,7 @@ impl SqsQueue {
                     .ok()
                     .filter(|i| *i < chunk.len())
                     .ok_or_else(|| {
-                        Error::Queue(format!("sqs send: unknown entry {}", failed.id))
+                        Error::queue_msg(format!("sqs send: unknown entry {}", failed.id))
                     })?;
                 again.push(i);
             }
@@ -105,7 +102,7 @@ impl SqsQueue {
                 return Ok(());
             }
             let Some(pause) = pauses.next() else {
-                return Err(Error::Queue(format!(
+                return Err(Error::queue_msg(format!(
                     "sqs send: {} of {} entries still failing after retries",
                     again.len(),
                     chunk.len()
@@ -219,7 +216,7 @@ fn string_attribute(value: &str) -> Result<MessageAttributeValue> {
         .data_type("String")
         .string_value(value)
         .build()
-        .map_err(|e| Error::Queue(e.to_string()))
+        .map_err(|e| Error::queue("sqs message attribute", e))
 }
 
 fn to_sqs(attributes: &Attributes) -> Result<HashMap<String, MessageAttributeValue>> {

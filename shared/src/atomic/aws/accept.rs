@@ -1,0 +1,217 @@
+//! Accept on AWS: one `TransactWriteItems` of everything the client is told about plus the
+//! outbox item holding the jobs, then the jobs sent and the outbox item cleared (see the
+//! module above for why an outbox).
+
+use aws_sdk_dynamodb::types::{ConditionCheck, TransactWriteItem, Update};
+
+use super::{outbox_pk, AwsAtomic, Cancelled, Outbox, OutboxJob, OUTBOX_SHARDS};
+use crate::atomic::{Accept, AcceptOutcome, Answer, UserMessage};
+use crate::error::Report;
+use crate::store::dynamodb::{
+    key, msg_sk, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore,
+};
+use crate::store::ConversationStore;
+use crate::time::now_ms;
+use crate::{Error, Result};
+
+/// DynamoDB takes at most this many items in one transaction.
+const MAX_TRANSACTION_ITEMS: usize = 100;
+
+/// An outbox item to write with the accept, and where it goes.
+struct OutboxItem {
+    pk: String,
+    sk: String,
+    outbox: Outbox,
+}
+
+impl AwsAtomic {
+    pub(super) async fn accept_records(&self, a: Accept) -> Result<AcceptOutcome> {
+        let table = self.store.table.as_str();
+        let now = now_ms();
+        let mut items = Vec::new();
+        // Index in `items` of the conversation check and of the key's answer, to tell apart
+        // why a transaction was cancelled.
+        let (mut owner_check, mut answer_at) = (None, None);
+        if let Some(m) = &a.message {
+            owner_check = Some(items.len());
+            items.extend(self.message_items(&a.user_id, m).await?);
+        }
+        // A batch's requests are written through the outbox (see the module's comment).
+        if a.batch.is_none() {
+            for r in &a.requests {
+                items.push(put_if_absent(
+                    table,
+                    DynamoStore::request_item(&a.user_id, r, 1)?,
+                )?);
+            }
+        }
+        if let Some(b) = &a.batch {
+            let mut item = key(user_pk(&a.user_id), format!("BATCH#{}", b.batch_id));
+            item.insert("body".into(), s(serde_json::to_string(b)?));
+            items.push(put_if_absent(table, item)?);
+        }
+        let outbox = self.outbox_item(&a, now)?;
+        let mut item = key(&outbox.pk, &outbox.sk);
+        item.insert("body".into(), s(serde_json::to_string(&outbox.outbox)?));
+        items.push(put_if_absent(table, item)?);
+        if let Some(x) = &a.answer {
+            answer_at = Some(items.len());
+            items.push(self.answer_item(&a.user_id, x, now)?);
+        }
+        if items.len() > MAX_TRANSACTION_ITEMS {
+            return Err(Error::Invalid(
+                "too much for one DynamoDB transaction (100 items)".into(),
+            ));
+        }
+        if let Some(cancelled) = self.transact(items, "accept").await? {
+            return self.refused(&a, &cancelled, owner_check, answer_at).await;
+        }
+        // Accepted: the outbox guarantees the jobs from here on, so a failed send is not the
+        // client's problem.
+        let OutboxItem { pk, sk, outbox } = outbox;
+        if let Err(e) = self.dispatch(a.kind, &pk, &sk, outbox).await {
+            tracing::warn!(error = %Report(&e), "jobs not sent yet; the outbox sweep will send them");
+        }
+        Ok(AcceptOutcome::Recorded)
+    }
+
+    /// The items of a chat turn's user message: a check that the conversation is the user's
+    /// (first), the message in its turn, and its index entry.
+    async fn message_items(
+        &self,
+        user_id: &str,
+        m: &UserMessage,
+    ) -> Result<[TransactWriteItem; 3]> {
+        let table = self.store.table.as_str();
+        // A cheap early "no" for another user's conversation (the transaction checks again),
+        // before a turn number is taken.
+        if self
+            .store
+            .get_conversation(user_id, &m.conversation_id)
+            .await?
+            .is_none()
+        {
+            return Err(Error::NotFound);
+        }
+        let conv_pk = format!("CONV#{}", m.conversation_id);
+        let turn = self.store.next_turn(&conv_pk).await?;
+        let owner = TransactWriteItem::builder()
+            .condition_check(
+                ConditionCheck::builder()
+                    .table_name(table)
+                    .set_key(Some(key(
+                        user_pk(user_id),
+                        format!("CONV#{}", m.conversation_id),
+                    )))
+                    .condition_expression("attribute_exists(pk)")
+                    .build()
+                    .map_err(|e| storage("build a transaction item", e))?,
+            )
+            .build();
+        let mut msg = key(&conv_pk, msg_sk(turn, 0));
+        msg.insert("body".into(), s(serde_json::to_string(&m.message)?));
+        let mut index = key(&conv_pk, format!("MID#{}", m.message.message_id));
+        index.insert("turn".into(), n(turn));
+        Ok([
+            owner,
+            put_if_absent(table, msg)?,
+            put_if_absent(table, index)?,
+        ])
+    }
+
+    /// The outbox item of an accept: its jobs and, for a batch, its request records; due for a
+    /// sweep `sweep_after` from now, in a partition chosen by its first request.
+    fn outbox_item(&self, a: &Accept, now: i64) -> Result<OutboxItem> {
+        let outbox = Outbox {
+            user_id: a.user_id.clone(),
+            jobs: a
+                .jobs
+                .iter()
+                .map(|j| OutboxJob {
+                    body: j.body.clone(),
+                    attributes: j.attributes.clone(),
+                })
+                .collect(),
+            requests: if a.batch.is_some() {
+                a.requests.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        let first = a
+            .requests
+            .first()
+            .map(|r| r.request_id.clone())
+            .ok_or_else(|| Error::internal_msg("an accept without requests"))?;
+        let shard = first.bytes().map(u64::from).sum::<u64>() % OUTBOX_SHARDS;
+        let due = now + self.sweep_after.as_millis() as i64;
+        Ok(OutboxItem {
+            pk: outbox_pk(a.kind, shard),
+            sk: format!("{due:015}#{first}"),
+            outbox,
+        })
+    }
+
+    /// The key's answer, recorded unless another call recorded one first; a key never claimed
+    /// (or whose claim expired) gets its times here.
+    fn answer_item(&self, user_id: &str, x: &Answer, now: i64) -> Result<TransactWriteItem> {
+        let expires = now + x.ttl_ms;
+        Ok(TransactWriteItem::builder()
+            .update(
+                Update::builder()
+                    .table_name(&self.store.table)
+                    .set_key(Some(key(user_pk(user_id), format!("IDEM#{}", x.key))))
+                    .update_expression(
+                        "SET status_code = :status, response_body = :body, \
+                         fingerprint = :fp, locked_ms = if_not_exists(locked_ms, :now), \
+                         first_ms = if_not_exists(first_ms, :now), \
+                         expires_ms = if_not_exists(expires_ms, :exp), \
+                         expires_at = if_not_exists(expires_at, :exp_secs)",
+                    )
+                    .condition_expression("attribute_not_exists(status_code)")
+                    .expression_attribute_values(":status", n(x.stored.code))
+                    .expression_attribute_values(":body", s(&x.stored.body))
+                    .expression_attribute_values(":fp", s(&x.fingerprint))
+                    .expression_attribute_values(":now", n(now))
+                    .expression_attribute_values(":exp", n(expires))
+                    .expression_attribute_values(":exp_secs", n(expires / 1000))
+                    .build()
+                    .map_err(|e| storage("build a transaction item", e))?,
+            )
+            .build())
+    }
+
+    /// What a cancelled accept means: the key's answer stands already (replay it), the
+    /// conversation is not the caller's, or the records collided.
+    async fn refused(
+        &self,
+        a: &Accept,
+        cancelled: &Cancelled,
+        owner_check: Option<usize>,
+        answer_at: Option<usize>,
+    ) -> Result<AcceptOutcome> {
+        if cancelled.failed(answer_at) {
+            // Another call with the same key recorded its answer first: replay it.
+            let x = a
+                .answer
+                .as_ref()
+                .map(|x| x.key.as_str())
+                .unwrap_or_default();
+            let answer = self
+                .store
+                .get(&user_pk(&a.user_id), &format!("IDEM#{x}"))
+                .await?
+                .as_ref()
+                .and_then(stored_answer)
+                .ok_or_else(|| Error::storage_msg("idempotency answer vanished"))?;
+            return Ok(AcceptOutcome::Replay(answer));
+        }
+        if cancelled.failed(owner_check) {
+            return Err(Error::NotFound);
+        }
+        Err(Error::Conflict(format!(
+            "the accept collided with existing records: {:?}",
+            cancelled.0
+        )))
+    }
+}

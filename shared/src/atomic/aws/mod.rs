@@ -1,0 +1,247 @@
+//! Accept, start and settle on the AWS backend.
+//!
+//! **Accept** is a transactional outbox. One DynamoDB `TransactWriteItems` records everything
+//! the client is told about — the request(s), the chat turn's user message (with a check that
+//! the conversation is the caller's), the batch, the idempotency key's answer — together with an
+//! *outbox* item holding the jobs to send. Then the jobs go to SQS and the outbox item is
+//! deleted. A process that dies between the transaction and the send leaves the outbox item
+//! behind; every worker process sweeps the outbox of its queue (`sweep`) and sends what has
+//! waited longer than a setting (30 s), so the job still runs. Workers are idempotent, so a job
+//! sent twice (the sweeper raced a slow sender) is harmless.
+//!
+//! Outbox items live in a few partitions per queue (`OUTBOX#{kind}#{shard}`) sorted by when
+//! they are due, so a sweep is a handful of key-range queries, never a scan. A batch records its
+//! request items through the outbox too (they would not fit in one transaction: DynamoDB takes
+//! at most 100 items): its records ride in the outbox item and are written, each only if absent,
+//! before its jobs are sent.
+//!
+//! **Settle** is one transaction for the records — the result record (only if absent), the
+//! request over the version read (optimistic concurrency) and its `request.updated` event —
+//! then the queue operation on the message. A worker killed in between leaves the request
+//! finished and the message to be redelivered, found a duplicate and deleted.
+
+mod accept;
+mod settle;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::TransactWriteItem;
+use serde::{Deserialize, Serialize};
+
+use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
+use crate::domain::{RequestKind, RequestRecord};
+use crate::error::Report;
+use crate::events::dynamodb::DynamoEventBus;
+use crate::events::{Event, EventBus};
+use crate::queue::{Attributes, Delivery, Outgoing, Queue};
+use crate::store::dynamodb::{get_s, key, s, storage, DynamoStore, Item};
+use crate::store::{RequestStore, Transition};
+use crate::time::now_ms;
+use crate::Result;
+
+/// Outbox partitions per queue: spreads the writes of busy accepts over several keys.
+const OUTBOX_SHARDS: u64 = 8;
+/// Outbox items one sweep takes from each partition.
+const SWEEP_PAGE: i32 = 25;
+
+pub struct AwsAtomic {
+    pub store: Arc<DynamoStore>,
+    pub persona_queue: Arc<dyn Queue>,
+    pub chat_queue: Arc<dyn Queue>,
+    /// Events are written inside the settlement's transaction, so this is the DynamoDB bus.
+    pub events: Arc<DynamoEventBus>,
+    /// How long an outbox item waits for its sender before a sweep sends it.
+    pub sweep_after: std::time::Duration,
+}
+
+/// What an outbox item holds: the jobs of one accept and, for a batch, the request records
+/// still to write.
+#[derive(Debug, Serialize, Deserialize)]
+struct Outbox {
+    user_id: String,
+    jobs: Vec<OutboxJob>,
+    #[serde(default)]
+    requests: Vec<RequestRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OutboxJob {
+    body: String,
+    attributes: Attributes,
+}
+
+/// Why a transaction was cancelled: a reason code per item, in order.
+struct Cancelled(Vec<Option<String>>);
+
+impl Cancelled {
+    /// The reasons of a cancelled transaction; any other error is returned as one.
+    fn of(
+        e: aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError>,
+        op: &str,
+    ) -> Result<Cancelled> {
+        match e.as_service_error() {
+            Some(TransactWriteItemsError::TransactionCanceledException(c)) => Ok(Cancelled(
+                c.cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().map(str::to_owned))
+                    .collect(),
+            )),
+            _ => Err(storage(op, e)),
+        }
+    }
+
+    /// Whether the item at `at` failed its condition.
+    fn failed(&self, at: Option<usize>) -> bool {
+        at.and_then(|i| self.0.get(i).cloned().flatten())
+            .is_some_and(|code| code == "ConditionalCheckFailed")
+    }
+}
+
+fn outbox_pk(kind: RequestKind, shard: u64) -> String {
+    format!("OUTBOX#{kind}#{shard}")
+}
+
+impl AwsAtomic {
+    /// Runs a transaction: `None` when it committed, the reasons when DynamoDB cancelled it.
+    async fn transact(&self, items: Vec<TransactWriteItem>, op: &str) -> Result<Option<Cancelled>> {
+        match self
+            .store
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(e) => Cancelled::of(e, op).map(Some),
+        }
+    }
+
+    /// Carries out an outbox item: writes a batch's request records (each only if absent, so a
+    /// second run never resets a request a worker already moved), sends the jobs, and deletes
+    /// the item.
+    async fn dispatch(&self, kind: RequestKind, pk: &str, sk: &str, outbox: Outbox) -> Result<()> {
+        let records = outbox
+            .requests
+            .iter()
+            .map(|r| DynamoStore::request_item(&outbox.user_id, r, 1))
+            .collect::<Result<Vec<Item>>>()?;
+        for chunk in records.chunks(16) {
+            let puts = chunk.iter().map(|item| self.store.put_new(item.clone()));
+            for written in futures::future::join_all(puts).await {
+                written?;
+            }
+        }
+        let jobs: Vec<Outgoing> = outbox
+            .jobs
+            .into_iter()
+            .map(|j| Outgoing {
+                body: j.body,
+                attributes: j.attributes,
+            })
+            .collect();
+        // SQS takes at most 10 messages per call.
+        for chunk in jobs.chunks(10) {
+            self.queue(kind).send(chunk).await?;
+        }
+        self.store
+            .client
+            .delete_item()
+            .table_name(&self.store.table)
+            .set_key(Some(key(pk, sk)))
+            .send()
+            .await
+            .map_err(|e| storage("clear outbox", e))?;
+        Ok(())
+    }
+
+    fn queue(&self, kind: RequestKind) -> &Arc<dyn Queue> {
+        match kind {
+            RequestKind::Persona => &self.persona_queue,
+            RequestKind::Chat => &self.chat_queue,
+        }
+    }
+
+    async fn publish(&self, user_id: &str, record: &RequestRecord) {
+        let event = Event::updated(record);
+        if let Err(e) = self.events.publish(user_id, &event).await {
+            tracing::warn!(error = %Report(&e), "could not push a request update");
+        }
+    }
+}
+
+#[async_trait]
+impl Atomic for AwsAtomic {
+    async fn accept(&self, a: Accept) -> Result<AcceptOutcome> {
+        self.accept_records(a).await
+    }
+
+    async fn sweep(&self, kind: RequestKind) -> Result<usize> {
+        let due = format!("{:015}", now_ms());
+        let mut sent = 0;
+        for shard in 0..OUTBOX_SHARDS {
+            let pk = outbox_pk(kind, shard);
+            let out = self
+                .store
+                .client
+                .query()
+                .table_name(&self.store.table)
+                .key_condition_expression("pk = :pk AND sk < :due")
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":due", s(&due))
+                .limit(SWEEP_PAGE)
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| storage("sweep outbox", e))?;
+            for item in out.items.unwrap_or_default() {
+                let (Some(sk), Some(raw)) = (get_s(&item, "sk"), get_s(&item, "body")) else {
+                    continue;
+                };
+                let outbox: Outbox = serde_json::from_str(raw)?;
+                tracing::warn!(outbox = %sk, jobs = outbox.jobs.len(), "sending jobs an accept left unsent");
+                self.dispatch(kind, &pk, sk, outbox).await?;
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    }
+
+    async fn start(&self, user_id: &str, request_id: &str) -> Result<Started> {
+        let Some(record) = self.store.get_request(user_id, request_id).await? else {
+            return Ok(Started::Missing);
+        };
+        if record.status.is_final() {
+            return Ok(Started::Finished(record));
+        }
+        let (record, _) = self.store.transition(request_id, Transition::Start).await?;
+        self.publish(user_id, &record).await;
+        Ok(Started::Running(record))
+    }
+
+    async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<Option<RequestRecord>> {
+        let Settle {
+            kind,
+            user_id,
+            request_id,
+            transition,
+            ack,
+            last_fragment,
+        } = settle;
+        let record = self
+            .settle_records(&user_id, &request_id, transition, last_fragment.as_deref())
+            .await?;
+        // Then the message: if this worker dies first, the redelivery finds the request
+        // finished and only deletes it.
+        let queue = self.queue(kind);
+        match ack {
+            Ack::Delete => queue.delete(&delivery.receipt).await?,
+            Ack::Retry { delay } => queue.change_visibility(&delivery.receipt, delay).await?,
+            Ack::DeadLetter { reason } => queue.dead_letter(delivery, &reason).await?,
+        }
+        Ok(record)
+    }
+}

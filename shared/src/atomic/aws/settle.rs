@@ -1,0 +1,207 @@
+//! Settle on AWS: one transaction for the records — the result record (only if absent), the
+//! request over the version read (optimistic concurrency) and its events — retried over a
+//! request that moved meanwhile, with a twin delivery's result taken when it stands already.
+
+use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
+
+use super::AwsAtomic;
+use crate::domain::{RequestInput, RequestRecord, RequestResult};
+use crate::events::Event;
+use crate::store::dynamodb::{
+    body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, DynamoStore, Item,
+};
+use crate::store::Transition;
+use crate::{Error, Result};
+
+/// The transaction of one settlement attempt, with where its conditional items sit.
+struct SettleItems {
+    items: Vec<TransactWriteItem>,
+    /// The result record's put, when there is one.
+    effect_at: Option<usize>,
+    /// The request's put over the version read.
+    request_at: usize,
+}
+
+/// A plain put inside a transaction.
+fn put(table: &str, item: Item) -> Result<TransactWriteItem> {
+    Ok(TransactWriteItem::builder()
+        .put(
+            Put::builder()
+                .table_name(table)
+                .set_item(Some(item))
+                .build()
+                .map_err(|e| storage("build a transaction item", e))?,
+        )
+        .build())
+}
+
+impl AwsAtomic {
+    /// The records of a settlement in one transaction: the result record (persona or reply,
+    /// only if absent), the request over the version read, and its `request.updated` event.
+    /// A twin's result that stands already is taken instead; a request that moved meanwhile
+    /// is read again.
+    pub(super) async fn settle_records(
+        &self,
+        user_id: &str,
+        request_id: &str,
+        transition: Transition,
+        last_fragment: Option<&str>,
+    ) -> Result<Option<RequestRecord>> {
+        let mut transition = transition;
+        // The result record to write, and where it goes; `None` once a twin's stands.
+        let mut pending: Option<Item> = None;
+        let mut first = true;
+        for _ in 0..10 {
+            let Some(item) = self.store.get(&format!("REQ#{request_id}"), "REQ").await? else {
+                return Ok(None);
+            };
+            if get_s(&item, "user_id") != Some(user_id) {
+                return Ok(None);
+            }
+            let version = get_n(&item, "version").unwrap_or(0);
+            let mut record: RequestRecord = body(&item)?;
+            if record.status.is_final() {
+                return Ok(Some(record));
+            }
+            if std::mem::take(&mut first) {
+                if let Transition::Succeed { result, .. } = &transition {
+                    pending = Some(self.result_item(user_id, &record, result).await?);
+                }
+            }
+            if !transition.clone().apply(&mut record) {
+                return Ok(Some(record));
+            }
+            let tx =
+                self.settle_items(user_id, &record, version, pending.as_ref(), last_fragment)?;
+            let Some(cancelled) = self.transact(tx.items, "settle").await? else {
+                return Ok(Some(record));
+            };
+            if cancelled.failed(tx.effect_at) {
+                // A twin delivery stored its result first: that one stands.
+                self.take_twin_result(pending.take(), &mut transition)
+                    .await?;
+            } else if !cancelled.failed(Some(tx.request_at)) {
+                return Err(Error::storage_msg(format!(
+                    "settle cancelled: {:?}",
+                    cancelled.0
+                )));
+            }
+            // Either way, read the request again and write over its new version.
+        }
+        Err(Error::storage_msg(
+            "request kept changing under the settlement",
+        ))
+    }
+
+    /// One attempt's transaction: the result record if absent, the request over `version`,
+    /// then its events (the last reply fragment, then `request.updated`).
+    fn settle_items(
+        &self,
+        user_id: &str,
+        record: &RequestRecord,
+        version: i64,
+        pending: Option<&Item>,
+        last_fragment: Option<&str>,
+    ) -> Result<SettleItems> {
+        let table = self.store.table.as_str();
+        let mut items = Vec::new();
+        let effect_at = pending.map(|_| items.len());
+        if let Some(effect) = pending {
+            items.push(put_if_absent(table, effect.clone())?);
+        }
+        let request_at = items.len();
+        items.push(
+            TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(table)
+                        .set_item(Some(DynamoStore::request_item(
+                            user_id,
+                            record,
+                            version + 1,
+                        )?))
+                        .condition_expression("version = :v")
+                        .expression_attribute_values(":v", n(version))
+                        .build()
+                        .map_err(|e| storage("build a transaction item", e))?,
+                )
+                .build(),
+        );
+        // Event items take increasing ids as they are made: the delta sorts first.
+        if let Some(text) = last_fragment {
+            let (name, data) = Event::delta(&record.request_id, text).to_parts()?;
+            items.push(put(table, self.events.event_item(user_id, name, &data))?);
+        }
+        let (name, data) = Event::updated(record).to_parts()?;
+        items.push(put(table, self.events.event_item(user_id, name, &data))?);
+        Ok(SettleItems {
+            items,
+            effect_at,
+            request_at,
+        })
+    }
+
+    /// Makes a `Succeed` carry the result a twin delivery stored first, in place of its own.
+    async fn take_twin_result(
+        &self,
+        effect: Option<Item>,
+        transition: &mut Transition,
+    ) -> Result<()> {
+        let effect = effect.unwrap_or_default();
+        let (pk, sk) = (
+            get_s(&effect, "pk").unwrap_or_default().to_owned(),
+            get_s(&effect, "sk").unwrap_or_default().to_owned(),
+        );
+        let stored = self
+            .store
+            .get(&pk, &sk)
+            .await?
+            .ok_or_else(|| Error::storage_msg("a result vanished"))?;
+        if let Transition::Succeed { result, .. } = transition {
+            **result = match **result {
+                RequestResult::Persona(_) => RequestResult::Persona(body(&stored)?),
+                RequestResult::Message(_) => RequestResult::Message(body(&stored)?),
+            };
+        }
+        Ok(())
+    }
+
+    /// The item a succeeded job's result is stored as: the persona, or the reply in the turn
+    /// of the user message it answers.
+    async fn result_item(
+        &self,
+        user_id: &str,
+        record: &RequestRecord,
+        result: &RequestResult,
+    ) -> Result<Item> {
+        Ok(match (result, &record.input) {
+            (RequestResult::Persona(p), _) => {
+                let mut item = key(user_pk(user_id), format!("PERSONA#{}", p.persona_id));
+                item.insert("body".into(), s(serde_json::to_string(p)?));
+                item
+            }
+            (
+                RequestResult::Message(m),
+                RequestInput::Chat {
+                    conversation_id,
+                    message_id,
+                    ..
+                },
+            ) => {
+                let conv_pk = format!("CONV#{conversation_id}");
+                let turn = self
+                    .store
+                    .get(&conv_pk, &format!("MID#{message_id}"))
+                    .await?
+                    .and_then(|i| get_n(&i, "turn"))
+                    .ok_or(Error::NotFound)?;
+                let mut item = key(&conv_pk, msg_sk(turn, 1));
+                item.insert("body".into(), s(serde_json::to_string(m)?));
+                item
+            }
+            (RequestResult::Message(_), RequestInput::Persona { .. }) => {
+                return Err(Error::internal_msg("a reply for a persona request"))
+            }
+        })
+    }
+}

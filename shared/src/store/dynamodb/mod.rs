@@ -1,0 +1,309 @@
+//! The store on Amazon DynamoDB: one table, keys `pk`/`sk` (strings), every query of the API
+//! served by a key lookup or a key-range query — no Scan.
+//!
+//! | item | pk | sk | notes |
+//! |---|---|---|---|
+//! | persona | `USER#{user}` | `PERSONA#{persona_id}` | ids are time-ordered: query backwards = newest first |
+//! | conversation | `USER#{user}` | `CONV#{conversation_id}` | |
+//! | batch | `USER#{user}` | `BATCH#{batch_id}` | counts read from its requests |
+//! | idempotency key | `USER#{user}` | `IDEM#{key}` | TTL |
+//! | turn counter | `CONV#{conversation_id}` | `META` | atomic `ADD turns 1` |
+//! | message | `CONV#{conversation_id}` | `MSG#{turn:012}#{sub}` | user message sub 0, its reply sub 1 |
+//! | message index | `CONV#{conversation_id}` | `MID#{message_id}` | message id → turn |
+//! | request | `REQ#{request_id}` | `REQ` | owner, status, version; TTL once finished |
+//!
+//! Records are stored as a JSON `body` attribute beside the few attributes conditions read.
+//! Effects are conditional writes: a persona or a reply is written only if absent, and a request
+//! changes only from the version that was read (optimistic concurrency), so redeliveries and
+//! racing workers cannot write twice or move a state backwards.
+
+use std::collections::HashMap;
+
+mod conversations;
+mod idempotency;
+mod personas;
+mod requests;
+
+pub(crate) use idempotency::stored_answer;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+use aws_sdk_dynamodb::Client;
+
+use super::{token, Ping};
+use crate::domain::Page;
+use crate::{Error, Result};
+
+pub(crate) type Item = HashMap<String, AttributeValue>;
+
+pub struct DynamoStore {
+    pub(crate) client: Client,
+    pub(crate) table: String,
+}
+
+pub(crate) fn storage(op: &str, e: impl Into<crate::error::BoxError>) -> Error {
+    Error::storage(format!("dynamodb {op}"), e)
+}
+
+pub(crate) fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+pub(crate) fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+pub(crate) fn get_s<'a>(item: &'a Item, k: &str) -> Option<&'a str> {
+    item.get(k).and_then(|v| v.as_s().ok()).map(String::as_str)
+}
+
+pub(crate) fn get_n(item: &Item, k: &str) -> Option<i64> {
+    item.get(k)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+pub(crate) fn body<T: serde::de::DeserializeOwned>(item: &Item) -> Result<T> {
+    let raw = get_s(item, "body").ok_or_else(|| Error::storage_msg("item without body"))?;
+    serde_json::from_str(raw).map_err(|e| Error::storage("corrupt record", e))
+}
+
+pub(crate) fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
+    HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
+}
+
+pub(crate) fn user_pk(user: &str) -> String {
+    format!("USER#{user}")
+}
+
+pub(crate) fn msg_sk(turn: i64, sub: i64) -> String {
+    format!("MSG#{turn:012}#{sub}")
+}
+
+/// A transaction's put of an item that must not exist yet.
+pub(crate) fn put_if_absent(table: &str, item: Item) -> Result<TransactWriteItem> {
+    Ok(TransactWriteItem::builder()
+        .put(
+            Put::builder()
+                .table_name(table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(|e| storage("build a put", e))?,
+        )
+        .build())
+}
+
+pub(crate) fn is_conditional_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
+    e: &aws_sdk_dynamodb::error::SdkError<E>,
+) -> bool {
+    e.as_service_error()
+        .and_then(|s| s.code())
+        .is_some_and(|c| {
+            c == "ConditionalCheckFailedException" || c == "TransactionCanceledException"
+        })
+}
+
+/// A page token: the last key, bound to the partition it pages through, so a token made for one
+/// user's listing cannot page through another's.
+fn encode_token(last: Option<&Item>) -> Option<String> {
+    let last = last?;
+    let raw = serde_json::json!({ "pk": get_s(last, "pk")?, "sk": get_s(last, "sk")? });
+    Some(token::encode(&raw.to_string()))
+}
+
+fn decode_token(t: Option<&str>, pk: &str) -> Result<Option<Item>> {
+    let Some(t) = t else { return Ok(None) };
+    let bad = || Error::Invalid("next_token is not valid".into());
+    let raw: serde_json::Value =
+        serde_json::from_str(&token::decode(t).ok_or_else(bad)?).map_err(|_| bad())?;
+    let (tpk, tsk) = (
+        raw["pk"].as_str().ok_or_else(bad)?,
+        raw["sk"].as_str().ok_or_else(bad)?,
+    );
+    if tpk != pk {
+        return Err(bad());
+    }
+    Ok(Some(key(tpk, tsk)))
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        DynamoStore {
+            client,
+            table: table.into(),
+        }
+    }
+
+    /// Creates the table (on-demand, TTL on `expires_at`) unless it exists; for first-time
+    /// setups and emulators.
+    /// Creates the table if it does not exist, waits until it is `ACTIVE`, and makes sure its
+    /// TTL is on (a rerun mends a table whose TTL was never turned on).
+    pub async fn ensure_table(client: &Client, table: &str) -> Result<()> {
+        let exists = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .is_ok();
+        if !exists {
+            return Self::create_table(client, table).await;
+        }
+        Self::wait_active(client, table).await?;
+        Self::ensure_ttl(client, table).await
+    }
+
+    /// Waits until the table is `ACTIVE` (a new table is `CREATING` for a while, and refuses
+    /// `UpdateTimeToLive` until then).
+    async fn wait_active(client: &Client, table: &str) -> Result<()> {
+        use aws_sdk_dynamodb::client::Waiters;
+        client
+            .wait_until_table_exists()
+            .table_name(table)
+            .wait(std::time::Duration::from_secs(300))
+            .await
+            .map_err(|e| storage("wait for the table to be ACTIVE", e))?;
+        Ok(())
+    }
+
+    /// Turns TTL on `expires_at` on unless it is on (or being turned on) already.
+    async fn ensure_ttl(client: &Client, table: &str) -> Result<()> {
+        use aws_sdk_dynamodb::types::{TimeToLiveSpecification, TimeToLiveStatus};
+        let status = client
+            .describe_time_to_live()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| storage("read TTL", e))?
+            .time_to_live_description
+            .and_then(|d| d.time_to_live_status);
+        if matches!(
+            status,
+            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
+        ) {
+            return Ok(());
+        }
+        client
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .attribute_name("expires_at")
+                    .enabled(true)
+                    .build()
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            )
+            .send()
+            .await
+            .map_err(|e| storage("enable TTL", e))?;
+        Ok(())
+    }
+
+    /// Creates the table (on-demand), waits until it is `ACTIVE`, and turns TTL on
+    /// `expires_at` on.
+    pub async fn create_table(client: &Client, table: &str) -> Result<()> {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        };
+        let attr = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| Error::Config(e.to_string()))
+        };
+        let schema = |name: &str, kt: KeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kt)
+                .build()
+                .map_err(|e| Error::Config(e.to_string()))
+        };
+        client
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attr("pk")?)
+            .attribute_definitions(attr("sk")?)
+            .key_schema(schema("pk", KeyType::Hash)?)
+            .key_schema(schema("sk", KeyType::Range)?)
+            .send()
+            .await
+            .map_err(|e| storage("create table", e))?;
+        Self::wait_active(client, table).await?;
+        Self::ensure_ttl(client, table).await
+    }
+
+    pub(crate) async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
+        Ok(self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk, sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| storage("get", e))?
+            .item)
+    }
+
+    /// Puts an item unless one with its key exists; returns whether it was written.
+    pub(crate) async fn put_new(&self, item: Item) -> Result<bool> {
+        match self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_conditional_failure(&e) => Ok(false),
+            Err(e) => Err(storage("put", e)),
+        }
+    }
+
+    /// One page of a key-range query.
+    async fn page<T: serde::de::DeserializeOwned>(
+        &self,
+        pk: &str,
+        prefix: &str,
+        forward: bool,
+        limit: usize,
+        next_token: Option<&str>,
+    ) -> Result<Page<T>> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":prefix", s(prefix))
+            .scan_index_forward(forward)
+            .limit(limit as i32)
+            .set_exclusive_start_key(decode_token(next_token, pk)?)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| storage("query", e))?;
+        let items = out.items.unwrap_or_default();
+        Ok(Page {
+            next_token: encode_token(out.last_evaluated_key.as_ref()),
+            items: items.iter().map(body).collect::<Result<Vec<T>>>()?,
+        })
+    }
+}
+
+#[async_trait]
+impl Ping for DynamoStore {
+    async fn ping(&self) -> Result<()> {
+        self.client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|e| storage("describe table", e))?;
+        Ok(())
+    }
+}

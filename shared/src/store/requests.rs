@@ -1,0 +1,102 @@
+//! The requests port: requests, the batches that group them, and the moves of a request's
+//! state. The forward-only rule is [`Transition::apply`], written once here and run by every
+//! adapter inside its own atomic update.
+
+use async_trait::async_trait;
+
+use crate::domain::{Batch, ErrorBody, RequestRecord, RequestResult, Usage};
+use crate::Result;
+
+/// A state change of a request. Changes that would move a finished request are refused.
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// A worker starts the job: one more attempt. Counted by the store, not from the queue's
+    /// receive count, so a delivery handed back unstarted (or interrupted) costs no attempt.
+    Start,
+    /// The attempt failed transiently; the job will be tried again.
+    Retry {
+        error: ErrorBody,
+    },
+    /// The worker stopped (shutdown) before the attempt finished and handed the message back:
+    /// queued again, and the attempt is not counted, so deploys never use up a job's attempts.
+    Release {
+        error: ErrorBody,
+    },
+    Succeed {
+        /// Boxed: a persona is large next to the other variants.
+        result: Box<RequestResult>,
+        usage: Usage,
+        model: String,
+        latency_ms: u64,
+    },
+    Fail {
+        error: ErrorBody,
+    },
+}
+
+#[async_trait]
+pub trait RequestStore: Send + Sync + 'static {
+    /// Records new requests, and their batch when there is one, in one step.
+    async fn create_requests(
+        &self,
+        user_id: &str,
+        requests: &[RequestRecord],
+        batch: Option<&Batch>,
+    ) -> Result<()>;
+    async fn get_request(&self, user_id: &str, request_id: &str) -> Result<Option<RequestRecord>>;
+    /// Applies a transition. Returns the record and whether the transition was applied (false
+    /// when the request had already finished).
+    async fn transition(
+        &self,
+        request_id: &str,
+        transition: Transition,
+    ) -> Result<(RequestRecord, bool)>;
+    /// A batch with its counts as of now.
+    async fn get_batch(&self, user_id: &str, batch_id: &str) -> Result<Option<Batch>>;
+}
+
+impl Transition {
+    /// Applies the transition to a record in memory; false (and no change) when the record has
+    /// already finished. Every store adapter runs this inside its own atomic update, so the
+    /// forward-only rule is written once.
+    pub fn apply(self, record: &mut RequestRecord) -> bool {
+        use crate::domain::RequestStatus;
+        if record.status.is_final() {
+            return false;
+        }
+        match self {
+            Transition::Start => {
+                record.status = RequestStatus::Running;
+                record.attempts += 1;
+            }
+            Transition::Retry { error } => {
+                record.status = RequestStatus::Queued;
+                record.error = Some(error);
+            }
+            Transition::Release { error } => {
+                record.status = RequestStatus::Queued;
+                record.attempts = record.attempts.saturating_sub(1);
+                record.error = Some(error);
+            }
+            Transition::Succeed {
+                result,
+                usage,
+                model,
+                latency_ms,
+            } => {
+                record.status = RequestStatus::Succeeded;
+                record.result = Some(*result);
+                record.usage = Some(usage);
+                record.model = Some(model);
+                record.latency_ms = Some(latency_ms);
+                record.error = None;
+            }
+            Transition::Fail { error } => {
+                record.status = RequestStatus::Failed;
+                record.error = Some(error);
+            }
+        }
+        record.updated_at = crate::time::now_rfc3339();
+        true
+    }
+}

@@ -1,0 +1,288 @@
+//! Conversations and their messages in SQLite. A message row is keyed by its conversation and
+//! `(turn, sub)`: a user message is sub 0 of its turn, the reply to it sub 1, so a redelivered
+//! reply finds its place taken.
+
+use async_trait::async_trait;
+use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
+
+use super::personas::PERSONA_BY_ID;
+use super::{
+    bad_token, body_in, from_json, insert_request, one_body, page_by_id, to_json, SqliteStore,
+};
+use crate::domain::{Conversation, Message, Page, RequestRecord};
+use crate::store::{token, ChatContext, ConversationStore};
+use crate::{Error, Result};
+
+/// A user's conversation by id.
+const CONVERSATION_BY_ID: &str =
+    "SELECT body FROM conversations WHERE user_id = ?1 AND conversation_id = ?2";
+
+/// Up to `limit` messages before `message_id`, oldest first.
+fn history_in(c: &Connection, conv: &str, msg: &str, limit: usize) -> Result<Vec<Message>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT body FROM messages
+         WHERE conversation_id = ?1
+           AND turn < (SELECT turn FROM messages WHERE conversation_id = ?1 AND message_id = ?2)
+         ORDER BY turn DESC, sub DESC LIMIT ?3",
+    )?;
+    let mut out = stmt
+        .query_map(params![conv, msg, limit as i64], |r| r.get::<_, String>(0))?
+        .map(|b| from_json(&b?))
+        .collect::<Result<Vec<Message>>>()?;
+    out.reverse();
+    Ok(out)
+}
+
+/// Appends a user message as the conversation's next turn; `NotFound` when the conversation is
+/// not the user's.
+pub(crate) fn append_user_message(
+    c: &Connection,
+    user_id: &str,
+    conversation_id: &str,
+    message: &Message,
+) -> Result<()> {
+    let owned = c
+        .prepare_cached("SELECT 1 FROM conversations WHERE user_id = ?1 AND conversation_id = ?2")?
+        .exists(params![user_id, conversation_id])?;
+    if !owned {
+        return Err(Error::NotFound);
+    }
+    let turn: i64 = c
+        .prepare_cached(
+            "SELECT COALESCE(MAX(turn), 0) + 1 FROM messages WHERE conversation_id = ?1",
+        )?
+        .query_row([conversation_id], |r| r.get(0))?;
+    c.prepare_cached(
+        "INSERT INTO messages (conversation_id, turn, sub, message_id, body)
+         VALUES (?1, ?2, 0, ?3, ?4)",
+    )?
+    .execute(params![
+        conversation_id,
+        turn,
+        message.message_id,
+        to_json(message)?
+    ])?;
+    Ok(())
+}
+
+/// Stores the reply to `reply_to` unless one exists; returns the one that stands.
+pub(crate) fn put_reply_in(
+    c: &Connection,
+    conversation_id: &str,
+    reply_to: &str,
+    reply: &Message,
+) -> Result<Message> {
+    let turn: i64 = c
+        .prepare_cached("SELECT turn FROM messages WHERE conversation_id = ?1 AND message_id = ?2")?
+        .query_row(params![conversation_id, reply_to], |r| r.get(0))
+        .optional()?
+        .ok_or(Error::NotFound)?;
+    let inserted = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO messages (conversation_id, turn, sub, message_id, body)
+             VALUES (?1, ?2, 1, ?3, ?4)",
+        )?
+        .execute(params![
+            conversation_id,
+            turn,
+            reply.message_id,
+            to_json(reply)?
+        ])?;
+    if inserted == 1 {
+        return Ok(reply.clone());
+    }
+    let stored: String = c
+        .prepare_cached(
+            "SELECT body FROM messages WHERE conversation_id = ?1 AND turn = ?2 AND sub = 1",
+        )?
+        .query_row(params![conversation_id, turn], |r| r.get(0))?;
+    from_json(&stored)
+}
+
+#[async_trait]
+impl ConversationStore for SqliteStore {
+    async fn create_conversation(&self, user_id: &str, conversation: &Conversation) -> Result<()> {
+        let (user_id, id, body) = (
+            user_id.to_owned(),
+            conversation.conversation_id.clone(),
+            to_json(conversation)?,
+        );
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO conversations (user_id, conversation_id, body) VALUES (?1, ?2, ?3)",
+                    params![user_id, id, body],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn get_conversation(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+    ) -> Result<Option<Conversation>> {
+        one_body(&self.db, CONVERSATION_BY_ID, user_id, conversation_id).await
+    }
+
+    async fn list_conversations(
+        &self,
+        user_id: &str,
+        limit: usize,
+        next_token: Option<&str>,
+    ) -> Result<Page<Conversation>> {
+        page_by_id(
+            &self.db,
+            "conversations",
+            "conversation_id",
+            user_id,
+            limit,
+            next_token,
+        )
+        .await
+    }
+
+    async fn add_user_message(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        message: &Message,
+        request: &RequestRecord,
+    ) -> Result<()> {
+        let (user_id, conv, message, request) = (
+            user_id.to_owned(),
+            conversation_id.to_owned(),
+            message.clone(),
+            request.clone(),
+        );
+        self.db
+            .write(move |c| {
+                append_user_message(c, &user_id, &conv, &message)?;
+                insert_request(c, &user_id, &request)
+            })
+            .await
+    }
+
+    async fn put_reply(
+        &self,
+        conversation_id: &str,
+        reply_to: &str,
+        reply: &Message,
+    ) -> Result<Message> {
+        let (conv, reply_to, reply) = (
+            conversation_id.to_owned(),
+            reply_to.to_owned(),
+            reply.clone(),
+        );
+        self.db
+            .write(move |c| put_reply_in(c, &conv, &reply_to, &reply))
+            .await
+    }
+
+    async fn get_reply(&self, conversation_id: &str, reply_to: &str) -> Result<Option<Message>> {
+        let (conv, reply_to) = (conversation_id.to_owned(), reply_to.to_owned());
+        self.db
+            .call(move |c| {
+                c.query_row(
+                    "SELECT r.body FROM messages m JOIN messages r
+                       ON r.conversation_id = m.conversation_id AND r.turn = m.turn AND r.sub = 1
+                     WHERE m.conversation_id = ?1 AND m.message_id = ?2",
+                    params![conv, reply_to],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .map(|b| from_json(&b))
+                .transpose()
+            })
+            .await
+    }
+
+    async fn page_messages(
+        &self,
+        conversation_id: &str,
+        limit: usize,
+        next_token: Option<&str>,
+    ) -> Result<Page<Message>> {
+        let (after_turn, after_sub) = match next_token {
+            Some(t) => {
+                let raw = token::decode(t).ok_or_else(bad_token)?;
+                let (turn, sub) = raw.split_once(':').ok_or_else(bad_token)?;
+                (
+                    turn.parse::<i64>().map_err(|_| bad_token())?,
+                    sub.parse::<i64>().map_err(|_| bad_token())?,
+                )
+            }
+            None => (-1, -1),
+        };
+        let conv = conversation_id.to_owned();
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT turn, sub, body FROM messages
+                     WHERE conversation_id = ?1 AND (turn > ?2 OR (turn = ?2 AND sub > ?3))
+                     ORDER BY turn, sub LIMIT ?4",
+                )?;
+                let rows = stmt
+                    .query_map(
+                        params![conv, after_turn, after_sub, limit as i64 + 1],
+                        |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, String>(2)?,
+                            ))
+                        },
+                    )?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let more = rows.len() > limit;
+                let rows = &rows[..rows.len().min(limit)];
+                let next_token = match rows.last() {
+                    Some((turn, sub, _)) if more => Some(token::encode(&format!("{turn}:{sub}"))),
+                    _ => None,
+                };
+                let items = rows
+                    .iter()
+                    .map(|(_, _, b)| from_json(b))
+                    .collect::<Result<Vec<Message>>>()?;
+                Ok(Page { items, next_token })
+            })
+            .await
+    }
+
+    async fn history_before(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        let (conv, msg) = (conversation_id.to_owned(), message_id.to_owned());
+        self.db
+            .call(move |c| history_in(c, &conv, &msg, limit))
+            .await
+    }
+
+    async fn chat_context(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        message_id: &str,
+        history_limit: usize,
+    ) -> Result<Option<ChatContext>> {
+        // On this thread (`Db::read_here`): nothing needs copying into a closure of its own.
+        let (conv, msg) = (conversation_id, message_id);
+        self.db.read_here(|c| {
+            let Some(conversation) = body_in::<Conversation>(c, CONVERSATION_BY_ID, user_id, conv)?
+            else {
+                return Ok(None);
+            };
+            let persona = body_in(c, PERSONA_BY_ID, user_id, &conversation.persona_id)?;
+            let history = history_in(c, conv, msg, history_limit)?;
+            Ok(Some(ChatContext {
+                conversation,
+                persona,
+                history,
+            }))
+        })
+    }
+}
