@@ -20,6 +20,9 @@
 //! - [`client`]    `characterbot batch`, the batch client with a progress bar.
 //! - [`allocator`] the process's allocator (mimalloc) and its tuning.
 
+// Functions stay short enough to read at once (clippy.toml sets the limit).
+#![warn(clippy::too_many_lines)]
+
 pub mod allocator;
 pub mod aws_init;
 pub mod cli;

@@ -1,6 +1,9 @@
 //! The `characterbot` binary: parses the command line, sets up logging and signals, and runs
 //! what was asked. Everything else lives in the library crates.
 
+// Functions stay short enough to read at once (clippy.toml sets the limit).
+#![warn(clippy::too_many_lines)]
+
 /// mimalloc, tuned: why, in `characterbot::allocator`.
 #[global_allocator]
 static GLOBAL: characterbot::allocator::Allocator = characterbot::allocator::Allocator {};

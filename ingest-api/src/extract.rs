@@ -14,7 +14,7 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use shared::auth::AuthUser;
-use shared::domain::Ids;
+use shared::ids::Ids;
 
 use crate::error::ApiError;
 use crate::middleware::IdempotencyClaim;

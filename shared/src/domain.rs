@@ -8,55 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// A new, sortable, unguessable id with a readable prefix (`per_…`, `req_…`).
-pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
-}
-
-/// Where the ids of what an API call creates come from.
-///
-/// With an `Idempotency-Key` they are derived from the user, the key and the time the key was
-/// first claimed, so a client retrying after a crash gets the same ids: whatever the first
-/// attempt stored is found instead of stored twice. They keep the shape of [`new_id`] (a
-/// UUIDv7: time first, so they sort like fresh ids) with the hash of user and key as the
-/// "random" part.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ids {
-    /// No key: new random ids.
-    Fresh,
-    Keyed {
-        user_id: String,
-        key: String,
-        first_ms: i64,
-    },
-}
-
-impl Ids {
-    /// The id for `slot` (what it names within the call: `"request"`, `"request/3"`, …).
-    pub fn id(&self, prefix: &str, slot: &str) -> String {
-        match self {
-            Ids::Fresh => new_id(prefix),
-            Ids::Keyed {
-                user_id,
-                key,
-                first_ms,
-            } => {
-                use sha2::{Digest, Sha256};
-                let mut h = Sha256::new();
-                for part in [user_id.as_str(), key, slot] {
-                    h.update((part.len() as u64).to_be_bytes());
-                    h.update(part.as_bytes());
-                }
-                let digest = h.finalize();
-                let mut tail = [0u8; 10];
-                tail.copy_from_slice(&digest[..10]);
-                let uuid =
-                    uuid::Builder::from_unix_timestamp_millis(*first_ms as u64, &tail).into_uuid();
-                format!("{prefix}_{}", uuid.simple())
-            }
-        }
-    }
-}
+use crate::ids::{BatchId, ConversationId, MessageId, PersonaId, RequestId};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct User {
@@ -126,7 +78,7 @@ impl PersonaDraft {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Persona {
-    pub persona_id: String,
+    pub persona_id: PersonaId,
     pub name: String,
     pub description: String,
     pub personality: String,
@@ -142,7 +94,7 @@ pub struct Persona {
 
 impl Persona {
     pub fn from_draft(
-        persona_id: String,
+        persona_id: PersonaId,
         draft: PersonaDraft,
         model: String,
         prompt: String,
@@ -164,8 +116,8 @@ impl Persona {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Conversation {
-    pub conversation_id: String,
-    pub persona_id: String,
+    pub conversation_id: ConversationId,
+    pub persona_id: PersonaId,
     pub persona_name: String,
     pub created_at: String,
 }
@@ -188,7 +140,7 @@ impl Role {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Message {
-    pub message_id: String,
+    pub message_id: MessageId,
     pub role: Role,
     pub text: String,
     /// The engine that wrote an assistant message (`offline` or the provider's model id).
@@ -263,9 +215,9 @@ pub enum RequestInput {
         prompt: String,
     },
     Chat {
-        conversation_id: String,
+        conversation_id: ConversationId,
         /// The user message this request answers.
-        message_id: String,
+        message_id: MessageId,
         text: String,
     },
 }
@@ -292,14 +244,14 @@ pub struct Usage {
 /// The life of one asynchronous job, as the client polls it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct RequestRecord {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub kind: RequestKind,
     pub status: RequestStatus,
     /// How many times a worker has started this job.
     pub attempts: u32,
     pub input: RequestInput,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch_id: Option<String>,
+    pub batch_id: Option<BatchId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<RequestResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -316,16 +268,16 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn new(kind: RequestKind, input: RequestInput, batch_id: Option<String>) -> Self {
-        Self::with_id(new_id("req"), kind, input, batch_id)
+    pub fn new(kind: RequestKind, input: RequestInput, batch_id: Option<BatchId>) -> Self {
+        Self::with_id(RequestId::new(), kind, input, batch_id)
     }
 
-    /// A new queued request with a given id (see [`Ids`]).
+    /// A new queued request with a given id (see [`crate::ids::Ids`]).
     pub fn with_id(
-        request_id: String,
+        request_id: RequestId,
         kind: RequestKind,
         input: RequestInput,
-        batch_id: Option<String>,
+        batch_id: Option<BatchId>,
     ) -> Self {
         let now = crate::time::now_rfc3339();
         RequestRecord {
@@ -349,12 +301,12 @@ impl RequestRecord {
 /// Progress of a batch of persona requests.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Batch {
-    pub batch_id: String,
+    pub batch_id: BatchId,
     pub total: u32,
     pub succeeded: u32,
     pub failed: u32,
     pub pending: u32,
-    pub request_ids: Vec<String>,
+    pub request_ids: Vec<RequestId>,
     pub created_at: String,
 }
 
@@ -363,40 +315,4 @@ pub struct Batch {
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_token: Option<String>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keyed_ids_are_stable_distinct_and_time_ordered() {
-        let ids = |user: &str, key: &str, first_ms| Ids::Keyed {
-            user_id: user.into(),
-            key: key.into(),
-            first_ms,
-        };
-        let a = ids("alice", "k1", 1_700_000_000_000);
-        assert_eq!(a.id("req", "request"), a.id("req", "request"));
-        assert_ne!(a.id("req", "request"), a.id("req", "request/1"));
-        assert_ne!(
-            a.id("req", "request"),
-            ids("bob", "k1", 1_700_000_000_000).id("req", "request")
-        );
-        assert_ne!(
-            a.id("req", "request"),
-            ids("alice", "k2", 1_700_000_000_000).id("req", "request")
-        );
-        // Sorted by time like fresh ids, and parseable as UUIDv7.
-        let later = ids("alice", "k1", 1_700_000_000_001).id("req", "request");
-        assert!(a.id("req", "request") < later);
-        let fresh = new_id("req");
-        assert!(later < fresh, "2023 sorts before now");
-        let uuid = uuid::Uuid::parse_str(later.trim_start_matches("req_")).unwrap();
-        assert_eq!(uuid.get_version_num(), 7);
-        assert_ne!(
-            Ids::Fresh.id("req", "request"),
-            Ids::Fresh.id("req", "request")
-        );
-    }
 }

@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::RequestKind;
+use crate::ids::RequestId;
 use crate::queue::{Delivery, Outgoing};
 use crate::{Error, Result};
 
@@ -23,7 +24,7 @@ const TRACE_ID: &str = "trace_id";
 /// One job: the request a worker is to run, and the call that queued it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub user_id: String,
     pub kind: RequestKind,
     pub trace: TraceContext,
@@ -42,7 +43,7 @@ pub struct TraceContext {
 /// The message body, as it is on the wire (and as messages already queued have it).
 #[derive(Serialize, Deserialize)]
 struct Body {
-    request_id: String,
+    request_id: RequestId,
     user_id: String,
     kind: RequestKind,
 }

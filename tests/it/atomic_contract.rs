@@ -12,11 +12,12 @@ use shared::atomic::aws::AwsAtomic;
 use shared::atomic::sqlite::SqliteAtomic;
 use shared::atomic::{Accept, AcceptOutcome, Ack, Answer, Atomic, Settle, Started, UserMessage};
 use shared::domain::{
-    new_id, Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource,
-    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
+    Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource, RequestInput,
+    RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
 };
 use shared::events::dynamodb::DynamoEventBus;
 use shared::events::{Event, EventBus, Published, SqliteEventBus};
+use shared::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use shared::job::{Job, TraceContext};
 use shared::queue::sqlite::SqliteQueue;
 use shared::queue::sqs::SqsQueue;
@@ -133,9 +134,9 @@ fn persona_accept(user: &str, r: &RequestRecord, answer: Option<Answer>) -> Acce
     }
 }
 
-fn persona(id: String) -> Persona {
+fn persona(id: impl Into<PersonaId>) -> Persona {
     Persona::from_draft(
-        id,
+        id.into(),
         PersonaDraft {
             name: "Sherlock Holmes".into(),
             description: "d".into(),
@@ -200,11 +201,11 @@ async fn key_is_unanswered(s: &Subject, key: &str) -> bool {
     )
 }
 
-async fn stored_request(s: &Subject, user: &str, request_id: &str) -> Option<RequestRecord> {
+async fn stored_request(s: &Subject, user: &str, request_id: &RequestId) -> Option<RequestRecord> {
     s.store.get_request(user, request_id).await.unwrap()
 }
 
-async fn messages(s: &Subject, conv: &str) -> shared::domain::Page<Message> {
+async fn messages(s: &Subject, conv: &ConversationId) -> shared::domain::Page<Message> {
     s.store
         .list_messages("alice", conv, 10, None)
         .await
@@ -237,10 +238,10 @@ async fn receive_n(q: &dyn Queue, n: usize) -> Vec<Delivery> {
     got
 }
 
-async fn a_conversation(s: &Subject, user: &str) -> String {
+async fn a_conversation(s: &Subject, user: &str) -> ConversationId {
     let conversation = Conversation {
-        conversation_id: new_id("conv"),
-        persona_id: new_id("per"),
+        conversation_id: ConversationId::new(),
+        persona_id: PersonaId::new(),
         persona_name: "Sherlock Holmes".into(),
         created_at: shared::time::now_rfc3339(),
     };
@@ -253,7 +254,7 @@ async fn a_conversation(s: &Subject, user: &str) -> String {
 
 fn chat_accept(user: &str, conv: &str, text: &str) -> (Accept, RequestRecord, Message) {
     let message = Message {
-        message_id: new_id("msg"),
+        message_id: MessageId::new(),
         role: Role::User,
         text: text.into(),
         model: None,
@@ -372,7 +373,7 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
         (RequestStatus::Running, 1)
     );
 
-    let made = persona(format!("per_{}", r.request_id.trim_start_matches("req_")));
+    let made = persona(r.request_id.persona_id());
     let succeed = |p: Persona| {
         succeed(
             RequestKind::Persona,
@@ -428,7 +429,7 @@ async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s:
     s.atomic.start("alice", &r.request_id).await.unwrap();
     let mut events = s.events.subscribe("alice", None).await.unwrap();
     let reply = Message {
-        message_id: new_id("msg"),
+        message_id: MessageId::new(),
         role: Role::Assistant,
         text: "Elementary.".into(),
         model: Some("offline".into()),
@@ -445,7 +446,7 @@ async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s:
     s.atomic.settle(&d, settle).await.unwrap();
     // A marker after them: everything before it was pushed by the settles.
     s.events
-        .publish("alice", &Event::delta("marker", ""))
+        .publish("alice", &Event::delta(&"marker".into(), ""))
         .await
         .unwrap();
     let mut seen = Vec::new();
@@ -552,14 +553,19 @@ async fn a_batch_is_accepted_whole(s: Subject) {
     for r in &requests {
         assert!(stored_request(&s, "alice", &r.request_id).await.is_some());
     }
-    let b = s.store.get_batch("alice", "bat_1").await.unwrap().unwrap();
+    let b = s
+        .store
+        .get_batch("alice", &"bat_1".into())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((b.total, b.pending), (3, 3));
     assert_eq!(receive_n(s.persona_queue.as_ref(), 3).await.len(), 3);
 }
 
 async fn a_result_a_twin_stored_first_stands(s: Subject) {
     let (r, d) = running_persona_job(&s).await;
-    let id = format!("per_{}", r.request_id.trim_start_matches("req_"));
+    let id = r.request_id.persona_id();
     let mut twin = persona(id.clone());
     twin.name = "The twin's".into();
     s.store.put_persona("alice", &twin).await.unwrap();
@@ -643,7 +649,7 @@ mod embedded_only {
         .await
         .unwrap();
         let reply = Message {
-            message_id: new_id("msg"),
+            message_id: MessageId::new(),
             role: Role::Assistant,
             text: "Elementary.".into(),
             model: Some("offline".into()),

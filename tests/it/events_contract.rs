@@ -51,7 +51,7 @@ async fn next(stream: &mut futures::stream::BoxStream<'static, Arc<Published>>) 
 
 /// A piece of a reply: `message.delta` with `text`.
 fn delta(text: &str) -> Event {
-    Event::delta("req_1", text)
+    Event::delta(&"req_1".into(), text)
 }
 
 /// A change of a request's record: `request.updated` with its id and `status`.
@@ -117,7 +117,7 @@ async fn a_reconnecting_client_is_replayed_what_it_missed(s: Subject) {
 }
 
 async fn a_watch_gets_its_requests_updates_until_it_finishes(s: Subject) {
-    let mut watch = s.api.watch_request("dave", "req_1").await.unwrap();
+    let mut watch = s.api.watch_request("dave", &"req_1".into()).await.unwrap();
     s.worker
         .publish("dave", &updated("req_2", RequestStatus::Running))
         .await
@@ -127,7 +127,7 @@ async fn a_watch_gets_its_requests_updates_until_it_finishes(s: Subject) {
         .await
         .unwrap();
     s.worker
-        .publish("dave", &Event::delta("req_1", "Hi"))
+        .publish("dave", &Event::delta(&"req_1".into(), "Hi"))
         .await
         .unwrap();
     s.worker

@@ -529,7 +529,8 @@ const ADAPTERS: &[(&str, &str)] = &[
     ("shared/src/atomic/aws/accept.rs", "dynamodb"),
     ("shared/src/atomic/aws/settle.rs", "dynamodb"),
     ("shared/src/queue/mod.rs", "sqs"),
-    ("shared/src/queue/sqs.rs", "sqs"),
+    ("shared/src/queue/sqs/mod.rs", "sqs"),
+    ("shared/src/queue/sqs/setup.rs", "sqs"),
 ];
 
 impl Adapters {
@@ -628,6 +629,7 @@ fn process_sources() -> [(&'static str, Vec<PathBuf>); 3] {
     let worker = |job: &str| {
         vec![
             workspace_file("workers/src/consumer.rs"),
+            workspace_file("workers/src/settle.rs"),
             workspace_file(&format!("workers/src/{job}.rs")),
         ]
     };
@@ -856,7 +858,11 @@ fn every_alarm_on_the_apps_metrics_names_a_metric_the_code_writes() {
         }
     }
     assert!(emf.contains_key("characterbot_jobs_total"), "{emf:?}");
-    let outcomes = production_source(&workspace_file("workers/src/consumer.rs"));
+    // The outcomes a worker counts, in the loop and where it applies a settlement.
+    let outcomes: String = ["workers/src/consumer.rs", "workers/src/settle.rs"]
+        .iter()
+        .map(|f| production_source(&workspace_file(f)))
+        .collect();
     let kinds: Vec<&str> = RequestKind::ALL.iter().map(|k| k.as_str()).collect();
 
     // Metric filters count the code's own warnings in its JSON logs, where the text is `message`.

@@ -11,6 +11,7 @@ use characterbot::Models;
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::{Message, RequestKind, Role};
+use shared::ids::RequestId;
 use shared::job::{Job, TraceContext};
 use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
 use shared::models::{ChatModel, ChatRequest, ModelOutput};
@@ -166,7 +167,7 @@ async fn duplicate_deliveries_never_produce_a_second_reply_or_a_second_model_cal
 
     // The queue delivers the same job again (SQS standard queues may).
     let job = Job {
-        request_id: request_id.clone(),
+        request_id: request_id.as_str().into(),
         user_id: alice.user_id.clone(),
         kind: RequestKind::Chat,
         trace: TraceContext::default(),
@@ -203,7 +204,7 @@ async fn a_reply_stored_by_a_twin_delivery_stands_and_no_second_is_stored() {
         .unwrap()
         .to_owned();
     let earlier = Message {
-        message_id: workers::chat::reply_id_for(&request_id),
+        message_id: RequestId::from(request_id.as_str()).reply_id(),
         role: Role::Assistant,
         text: "The reply the twin wrote.".into(),
         model: Some("offline".into()),
@@ -211,7 +212,7 @@ async fn a_reply_stored_by_a_twin_delivery_stands_and_no_second_is_stored() {
     };
     app.adapters
         .store
-        .put_reply(&conv, &user_message_id, &earlier)
+        .put_reply(&conv.as_str().into(), &user_message_id.into(), &earlier)
         .await
         .unwrap();
 
@@ -331,7 +332,7 @@ async fn a_finished_requests_message_that_keeps_coming_back_is_dropped_not_dead_
     // Its delete was lost: the message is back, and is received past `max_receives` by
     // workers that die before doing anything.
     let job = Job {
-        request_id: request_id.clone(),
+        request_id: request_id.as_str().into(),
         user_id: alice.user_id.clone(),
         kind: RequestKind::Chat,
         trace: TraceContext::default(),

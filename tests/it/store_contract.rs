@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use crate::common::{self, key_claim, stored};
 use shared::domain::{
-    new_id, Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource,
-    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
+    Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource, RequestInput,
+    RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
 };
+use shared::ids::{BatchId, ConversationId, MessageId, PersonaId};
 use shared::sqlite::Db;
 use shared::store::dynamodb::DynamoStore;
 use shared::store::sqlite::SqliteStore;
@@ -61,7 +62,7 @@ fn persona(id: &str, name: &str) -> Persona {
 
 fn message(role: Role, text: &str) -> Message {
     Message {
-        message_id: new_id("msg"),
+        message_id: MessageId::new(),
         role,
         text: text.into(),
         model: None,
@@ -90,7 +91,7 @@ fn error(code: &str) -> ErrorBody {
 
 async fn personas_are_written_once_listed_newest_first_and_paged(s: Subject) {
     let st = s.store.as_ref();
-    let ids: Vec<String> = (0..3).map(|_| new_id("per")).collect();
+    let ids: Vec<PersonaId> = (0..3).map(|_| PersonaId::new()).collect();
     for (i, id) in ids.iter().enumerate() {
         st.put_persona("alice", &persona(id, &format!("P{i}")))
             .await
@@ -147,12 +148,12 @@ async fn personas_are_written_once_listed_newest_first_and_paged(s: Subject) {
 async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
     let st = s.store.as_ref();
     let conv = Conversation {
-        conversation_id: new_id("conv"),
+        conversation_id: ConversationId::new(),
         persona_id: "per_x".into(),
         persona_name: "X".into(),
         created_at: shared::time::now_rfc3339(),
     };
-    let c = conv.conversation_id.as_str();
+    let c = &conv.conversation_id;
     st.create_conversation("alice", &conv).await.unwrap();
     assert_eq!(
         st.get_conversation("alice", c).await.unwrap().unwrap(),
@@ -224,7 +225,7 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
 
 async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
     let st = s.store.as_ref();
-    let batch_id = new_id("bat");
+    let batch_id = BatchId::new();
     let requests: Vec<RequestRecord> = ["a", "b", "c"]
         .iter()
         .map(|p| {
@@ -322,7 +323,7 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
     .unwrap();
     assert!(!st.transition(b, succeed).await.unwrap().1);
     assert!(matches!(
-        st.transition("req_nope", Transition::Start).await,
+        st.transition(&"req_nope".into(), Transition::Start).await,
         Err(Error::NotFound)
     ));
 
@@ -592,9 +593,12 @@ mod dynamodb_ttl {
 
         // Events: an hour.
         let bus = DynamoEventBus::new(client.clone(), table.clone());
-        bus.publish("alice", &shared::events::Event::delta("req_1", "Hi"))
-            .await
-            .unwrap();
+        bus.publish(
+            "alice",
+            &shared::events::Event::delta(&"req_1".into(), "Hi"),
+        )
+        .await
+        .unwrap();
         let events = client
             .query()
             .table_name(&table)

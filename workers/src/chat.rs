@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use shared::domain::{Message, RequestInput, RequestKind, RequestRecord, RequestResult, Role};
 use shared::events::Event;
 use shared::events::EventBus;
+use shared::ids::RequestId;
 use shared::models::{ChatModel, ChatRequest, ModelOutput};
 use shared::store::Store;
 use shared::{Error, Result};
@@ -26,11 +27,6 @@ pub struct ChatJob {
     pub events: Arc<dyn EventBus>,
     pub history_messages: usize,
     pub history_chars: usize,
-}
-
-/// The id of the reply a request writes.
-pub fn reply_id_for(request_id: &str) -> String {
-    format!("msg_{}", request_id.trim_start_matches("req_"))
 }
 
 fn permanent(code: &str, message: &str) -> Error {
@@ -66,7 +62,7 @@ impl Job for ChatJob {
             .reply_streaming(&chat, &ctx.user_id, &request.request_id)
             .await?;
         let reply = Message {
-            message_id: reply_id_for(&request.request_id),
+            message_id: request.request_id.reply_id(),
             role: Role::Assistant,
             text: out.value,
             model: Some(out.model.clone()),
@@ -124,7 +120,7 @@ impl ChatJob {
         &self,
         chat: &ChatRequest,
         user_id: &str,
-        request_id: &str,
+        request_id: &RequestId,
     ) -> Result<(ModelOutput<String>, Option<String>)> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let events = &self.events;

@@ -16,11 +16,6 @@ pub struct PersonaJob {
     pub model: Arc<dyn PersonaModel>,
 }
 
-/// The id of the persona a request makes.
-pub fn persona_id_for(request_id: &str) -> String {
-    format!("per_{}", request_id.trim_start_matches("req_"))
-}
-
 #[async_trait]
 impl Job for PersonaJob {
     fn kind(&self) -> RequestKind {
@@ -42,7 +37,7 @@ impl Job for PersonaJob {
                 message: reason,
             })?;
         let persona = Persona::from_draft(
-            persona_id_for(&request.request_id),
+            request.request_id.persona_id(),
             out.value,
             out.model.clone(),
             prompt.clone(),

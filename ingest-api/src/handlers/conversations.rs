@@ -7,8 +7,9 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use shared::atomic::{Accept, UserMessage};
 use shared::domain::{
-    new_id, Conversation, Message, RequestInput, RequestKind, RequestRecord, RequestStatus, Role,
+    Conversation, Message, RequestInput, RequestKind, RequestRecord, RequestStatus, Role,
 };
+use shared::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use utoipa::ToSchema;
 
 use super::{accept, check_text, job_for, ListResponse, PageQuery};
@@ -18,7 +19,7 @@ use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateConversation {
-    pub persona_id: String,
+    pub persona_id: PersonaId,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -28,10 +29,10 @@ pub struct PostMessage {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MessageAccepted {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub status: RequestStatus,
     /// The id of the stored user message.
-    pub message_id: String,
+    pub message_id: MessageId,
 }
 
 #[utoipa::path(post, path = "/v1/conversations", tag = "conversations", request_body = CreateConversation,
@@ -49,7 +50,7 @@ pub async fn create(
         .await?
         .ok_or(ApiError::NotFound("persona"))?;
     let conversation = Conversation {
-        conversation_id: new_id("conv"),
+        conversation_id: ConversationId::new(),
         persona_id: persona.persona_id,
         persona_name: persona.name,
         created_at: shared::time::now_rfc3339(),
@@ -85,7 +86,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
-    AppPath(id): AppPath<String>,
+    AppPath(id): AppPath<ConversationId>,
 ) -> Result<AppJson<Conversation>, ApiError> {
     state
         .ports
@@ -105,7 +106,7 @@ pub async fn post_message(
     caller: Caller,
     claim: Claim,
     trace: Trace,
-    AppPath(id): AppPath<String>,
+    AppPath(id): AppPath<ConversationId>,
     AppJson(body): AppJson<PostMessage>,
 ) -> Result<Response, ApiError> {
     let text = check_text(
@@ -117,14 +118,14 @@ pub async fn post_message(
     )?;
     let ids = claim.ids(caller.id());
     let message = Message {
-        message_id: ids.id("msg", "message"),
+        message_id: ids.id("message"),
         role: Role::User,
         text: text.clone(),
         model: None,
         created_at: shared::time::now_rfc3339(),
     };
     let request = RequestRecord::with_id(
-        ids.id("req", "request"),
+        ids.id("request"),
         RequestKind::Chat,
         RequestInput::Chat {
             conversation_id: id.clone(),
@@ -166,7 +167,7 @@ pub async fn post_message(
 pub async fn list_messages(
     State(state): State<AppState>,
     caller: Caller,
-    AppPath(id): AppPath<String>,
+    AppPath(id): AppPath<ConversationId>,
     AppQuery(q): AppQuery<PageQuery>,
 ) -> Result<AppJson<ListResponse<Message>>, ApiError> {
     let page = state

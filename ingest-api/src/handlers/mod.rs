@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::atomic::{Accept, AcceptOutcome, Answer};
 use shared::domain::{RequestKind, RequestRecord, RequestStatus};
+use shared::ids::RequestId;
 use shared::job::{Job, TraceContext};
 use shared::queue::Outgoing;
 use utoipa::{IntoParams, ToSchema};
@@ -54,7 +55,7 @@ pub struct ListResponse<T> {
 /// `202 Accepted` for a queued job.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Accepted {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub status: RequestStatus,
 }
 
@@ -113,7 +114,7 @@ pub async fn accept<T: Serialize>(
         stored: stored_answer(StatusCode::ACCEPTED, json.clone()),
         ttl_ms: c.ttl_ms,
     });
-    let (kind, ids): (RequestKind, Vec<String>) = (
+    let (kind, ids): (RequestKind, Vec<RequestId>) = (
         accept.kind,
         accept
             .requests

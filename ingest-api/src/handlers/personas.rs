@@ -6,6 +6,7 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use shared::atomic::Accept;
 use shared::domain::{Batch, Persona, RequestInput, RequestKind, RequestRecord, RequestStatus};
+use shared::ids::{BatchId, PersonaId, RequestId};
 use utoipa::ToSchema;
 
 use super::{accept, check_text, job_for, Accepted, ListResponse, PageQuery};
@@ -27,9 +28,9 @@ pub struct CreateBatch {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BatchAccepted {
-    pub batch_id: String,
+    pub batch_id: BatchId,
     /// One per prompt, in the order given.
-    pub request_ids: Vec<String>,
+    pub request_ids: Vec<RequestId>,
 }
 
 fn check_prompt(state: &AppState, prompt: &str) -> Result<String, ApiError> {
@@ -55,7 +56,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let prompt = check_prompt(&state, &body.prompt)?;
     let request = RequestRecord::with_id(
-        claim.ids(caller.id()).id("req", "request"),
+        claim.ids(caller.id()).id("request"),
         RequestKind::Persona,
         RequestInput::Persona { prompt },
         None,
@@ -88,20 +89,20 @@ pub async fn create_batch(
 ) -> Result<Response, ApiError> {
     let prompts = checked_prompts(&state, &body.prompts)?;
     let ids = claim.ids(caller.id());
-    let batch_id = ids.id("bat", "batch");
+    let batch_id: BatchId = ids.id("batch");
     let requests: Vec<RequestRecord> = prompts
         .into_iter()
         .enumerate()
         .map(|(i, prompt)| {
             RequestRecord::with_id(
-                ids.id("req", &format!("request/{i}")),
+                ids.id(&format!("request/{i}")),
                 RequestKind::Persona,
                 RequestInput::Persona { prompt },
                 Some(batch_id.clone()),
             )
         })
         .collect();
-    let request_ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+    let request_ids: Vec<RequestId> = requests.iter().map(|r| r.request_id.clone()).collect();
     let batch = Batch {
         batch_id: batch_id.clone(),
         total: requests.len() as u32,
@@ -157,7 +158,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
-    AppPath(id): AppPath<String>,
+    AppPath(id): AppPath<PersonaId>,
 ) -> Result<AppJson<Persona>, ApiError> {
     state
         .ports
@@ -173,7 +174,7 @@ pub async fn get(
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    AppPath(id): AppPath<String>,
+    AppPath(id): AppPath<PersonaId>,
 ) -> Result<StatusCode, ApiError> {
     if state.ports.store.delete_persona(caller.id(), &id).await? {
         Ok(StatusCode::NO_CONTENT)
@@ -187,7 +188,7 @@ pub async fn delete(
 pub async fn get_batch(
     State(state): State<AppState>,
     caller: Caller,
-    AppPath(id): AppPath<String>,
+    AppPath(id): AppPath<BatchId>,
 ) -> Result<AppJson<Batch>, ApiError> {
     state
         .ports

@@ -6,6 +6,7 @@ use axum::extract::State;
 use futures::StreamExt;
 use serde::Deserialize;
 use shared::domain::RequestRecord;
+use shared::ids::RequestId;
 use utoipa::IntoParams;
 
 use crate::error::ApiError;
@@ -26,7 +27,7 @@ pub struct WaitQuery {
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
-    AppPath(id): AppPath<String>,
+    AppPath(id): AppPath<RequestId>,
     AppQuery(q): AppQuery<WaitQuery>,
 ) -> Result<AppJson<RequestRecord>, ApiError> {
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(state.options.max_wait);

@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::domain::{Batch, Message, RequestKind, RequestRecord};
+use crate::ids::{ConversationId, RequestId};
 use crate::queue::{Delivery, Outgoing};
 use crate::store::{StoredAnswer, Transition};
 use crate::Result;
@@ -43,7 +44,7 @@ pub struct Accept {
 
 #[derive(Debug, Clone)]
 pub struct UserMessage {
-    pub conversation_id: String,
+    pub conversation_id: ConversationId,
     pub message: Message,
 }
 
@@ -85,7 +86,7 @@ pub struct Settle {
     /// The kind of job, and so the queue the delivery came from.
     pub kind: RequestKind,
     pub user_id: String,
-    pub request_id: String,
+    pub request_id: RequestId,
     /// A `Succeed` transition stores its result as a record too: the persona, or the reply to
     /// the request's user message. A twin delivery that settled first keeps its record, and
     /// the request then carries that one.
@@ -115,7 +116,7 @@ pub trait Atomic: Send + Sync + 'static {
 
     /// Marks a request running, one attempt more, and publishes the change, in one step; tells
     /// a duplicate delivery apart.
-    async fn start(&self, user_id: &str, request_id: &str) -> Result<Started>;
+    async fn start(&self, user_id: &str, request_id: &RequestId) -> Result<Started>;
 
     /// Applies `settle` to the request and to `delivery`'s message in one step (on AWS: the
     /// records in one transaction, then the queue). Returns the request as it now stands, or

@@ -11,6 +11,7 @@ use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestInput, RequestKind, RequestRecord, RequestResult};
 use crate::events::sqlite::{insert_event_in as publish_in, SqliteEventBus};
 use crate::events::Event;
+use crate::ids::RequestId;
 use crate::queue::sqlite::{
     change_visibility_in, dead_letter_in, delete_in, enqueue_in, SqliteQueue,
 };
@@ -54,7 +55,11 @@ impl SqliteAtomic {
 }
 
 /// The user's request, or `None` (another user's reads as absent).
-fn owned_request(c: &Connection, user_id: &str, request_id: &str) -> Result<Option<RequestRecord>> {
+fn owned_request(
+    c: &Connection,
+    user_id: &str,
+    request_id: &RequestId,
+) -> Result<Option<RequestRecord>> {
     c.prepare_cached("SELECT body FROM requests WHERE request_id = ?1 AND user_id = ?2")?
         .query_row(params![request_id, user_id], |r| r.get::<_, String>(0))
         .optional()?
@@ -140,7 +145,7 @@ impl Atomic for SqliteAtomic {
         Ok(out)
     }
 
-    async fn start(&self, user_id: &str, request_id: &str) -> Result<Started> {
+    async fn start(&self, user_id: &str, request_id: &RequestId) -> Result<Started> {
         let (user_id, id) = (user_id.to_owned(), request_id.to_owned());
         let started = self
             .db

@@ -15,6 +15,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::RequestRecord;
+use crate::ids::RequestId;
 use crate::Result;
 
 pub use sqlite::SqliteEventBus;
@@ -37,7 +38,7 @@ pub enum Event {
 /// The data of a `message.delta` event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delta {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub text: String,
 }
 
@@ -49,9 +50,9 @@ impl Event {
         Event::RequestUpdated(Box::new(record.clone()))
     }
 
-    pub fn delta(request_id: &str, text: &str) -> Event {
+    pub fn delta(request_id: &RequestId, text: &str) -> Event {
         Event::MessageDelta(Delta {
-            request_id: request_id.to_owned(),
+            request_id: request_id.clone(),
             text: text.to_owned(),
         })
     }
@@ -88,7 +89,7 @@ impl Event {
     }
 
     /// The request the event is about.
-    pub fn request_id(&self) -> &str {
+    pub fn request_id(&self) -> &RequestId {
         match self {
             Event::RequestUpdated(record) => &record.request_id,
             Event::MessageDelta(delta) => &delta.request_id,
@@ -140,7 +141,7 @@ pub trait EventBus: Send + Sync + 'static {
     async fn watch_request(
         &self,
         user_id: &str,
-        request_id: &str,
+        request_id: &RequestId,
     ) -> Result<BoxStream<'static, Arc<Published>>> {
         use futures::StreamExt;
         let id = request_id.to_owned();
@@ -161,7 +162,7 @@ mod tests {
 
     #[test]
     fn an_event_reads_back_as_it_was_stored() {
-        let delta = Event::delta("req_1", "Elementary");
+        let delta = Event::delta(&"req_1".into(), "Elementary");
         let (name, data) = delta.to_parts().unwrap();
         assert_eq!(name, "message.delta");
         assert_eq!(

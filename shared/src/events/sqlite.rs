@@ -15,6 +15,7 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use super::{Event, EventBus, Published, RETENTION_MS};
 use crate::error::Report;
+use crate::ids::RequestId;
 use crate::sqlite::Db;
 use crate::time::now_ms;
 use crate::Result;
@@ -32,7 +33,7 @@ pub struct SqliteEventBus {
     wake: Arc<Notify>,
     /// Long polls waiting on one request each, by request id: an event wakes only the waiters
     /// of its request instead of every stream of the process.
-    watchers: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Arc<Published>>>>>,
+    watchers: Mutex<HashMap<RequestId, Vec<mpsc::UnboundedSender<Arc<Published>>>>>,
 }
 
 impl SqliteEventBus {
@@ -268,7 +269,7 @@ impl EventBus for SqliteEventBus {
     async fn watch_request(
         &self,
         _user_id: &str,
-        request_id: &str,
+        request_id: &RequestId,
     ) -> Result<BoxStream<'static, Arc<Published>>> {
         // Routed by request id alone: the API reads the request as the caller's right after
         // watching and answers 404 (dropping this stream unread) when it is not theirs.
@@ -290,17 +291,17 @@ mod tests {
         let db = Db::open(dir.path()).await.unwrap();
         let bus = SqliteEventBus::start(db.clone()).await.unwrap();
         let mut mine = bus.subscribe("alice", None).await.unwrap();
-        bus.publish("bob", &Event::delta("req_b", "1"))
+        bus.publish("bob", &Event::delta(&"req_b".into(), "1"))
             .await
             .unwrap();
-        bus.publish("alice", &Event::delta("req_a", "2"))
+        bus.publish("alice", &Event::delta(&"req_a".into(), "2"))
             .await
             .unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), mine.next())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got.event, Event::delta("req_a", "2"));
+        assert_eq!(got.event, Event::delta(&"req_a".into(), "2"));
 
         // A second process (another bus on the same file) sees it too, and replays by id.
         let other = SqliteEventBus::start(db).await.unwrap();
@@ -310,14 +311,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(first.id, got.id);
-        bus.publish("alice", &Event::delta("req_a", "3"))
+        bus.publish("alice", &Event::delta(&"req_a".into(), "3"))
             .await
             .unwrap();
         let next = tokio::time::timeout(Duration::from_secs(5), replay.next())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(next.event, Event::delta("req_a", "3"));
+        assert_eq!(next.event, Event::delta(&"req_a".into(), "3"));
         assert_eq!(
             next.data,
             serde_json::json!({ "request_id": "req_a", "text": "3" }).to_string()

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 
 use super::PersonaStore;
 use crate::domain::{Conversation, Message, Page, Persona, RequestRecord};
+use crate::ids::{ConversationId, MessageId};
 use crate::{Error, Result};
 
 /// See [`ConversationStore::chat_context`].
@@ -23,7 +24,7 @@ pub trait ConversationStore: Send + Sync + 'static {
     async fn get_conversation(
         &self,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
     ) -> Result<Option<Conversation>>;
     /// Newest first.
     async fn list_conversations(
@@ -38,7 +39,7 @@ pub trait ConversationStore: Send + Sync + 'static {
     async fn add_user_message(
         &self,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
         message: &Message,
         request: &RequestRecord,
     ) -> Result<()>;
@@ -46,11 +47,15 @@ pub trait ConversationStore: Send + Sync + 'static {
     /// (the earlier one, on a redelivery).
     async fn put_reply(
         &self,
-        conversation_id: &str,
-        reply_to: &str,
+        conversation_id: &ConversationId,
+        reply_to: &MessageId,
         reply: &Message,
     ) -> Result<Message>;
-    async fn get_reply(&self, conversation_id: &str, reply_to: &str) -> Result<Option<Message>>;
+    async fn get_reply(
+        &self,
+        conversation_id: &ConversationId,
+        reply_to: &MessageId,
+    ) -> Result<Option<Message>>;
 
     /// A conversation's messages, oldest first; `NotFound` unless the conversation is the
     /// user's. The ownership read costs nothing new: both backends keep messages under the
@@ -58,7 +63,7 @@ pub trait ConversationStore: Send + Sync + 'static {
     async fn list_messages(
         &self,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Message>> {
@@ -75,15 +80,15 @@ pub trait ConversationStore: Send + Sync + 'static {
     /// [`list_messages`](ConversationStore::list_messages) reads once ownership is checked.
     async fn page_messages(
         &self,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Message>>;
     /// Up to `limit` messages that precede `message_id` (excluded), oldest first.
     async fn history_before(
         &self,
-        conversation_id: &str,
-        message_id: &str,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
         limit: usize,
     ) -> Result<Vec<Message>>;
 
@@ -94,8 +99,8 @@ pub trait ConversationStore: Send + Sync + 'static {
     async fn chat_context(
         &self,
         user_id: &str,
-        conversation_id: &str,
-        message_id: &str,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
         history_limit: usize,
     ) -> Result<Option<ChatContext>>;
 }
@@ -104,8 +109,8 @@ pub trait ConversationStore: Send + Sync + 'static {
 pub async fn chat_context_in_reads<S>(
     store: &S,
     user_id: &str,
-    conversation_id: &str,
-    message_id: &str,
+    conversation_id: &ConversationId,
+    message_id: &MessageId,
     history_limit: usize,
 ) -> Result<Option<ChatContext>>
 where

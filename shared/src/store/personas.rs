@@ -4,13 +4,14 @@
 use async_trait::async_trait;
 
 use crate::domain::{Page, Persona};
+use crate::ids::PersonaId;
 use crate::Result;
 
 #[async_trait]
 pub trait PersonaStore: Send + Sync + 'static {
     /// Stores a persona once; a second put with the same id keeps the first.
     async fn put_persona(&self, user_id: &str, persona: &Persona) -> Result<()>;
-    async fn get_persona(&self, user_id: &str, persona_id: &str) -> Result<Option<Persona>>;
+    async fn get_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<Option<Persona>>;
     /// Newest first.
     async fn list_personas(
         &self,
@@ -19,5 +20,5 @@ pub trait PersonaStore: Send + Sync + 'static {
         next_token: Option<&str>,
     ) -> Result<Page<Persona>>;
     /// Returns whether something was deleted.
-    async fn delete_persona(&self, user_id: &str, persona_id: &str) -> Result<bool>;
+    async fn delete_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<bool>;
 }

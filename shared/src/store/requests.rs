@@ -5,6 +5,7 @@
 use async_trait::async_trait;
 
 use crate::domain::{Batch, ErrorBody, RequestRecord, RequestResult, Usage};
+use crate::ids::{BatchId, RequestId};
 use crate::Result;
 
 /// A state change of a request. Changes that would move a finished request are refused.
@@ -43,16 +44,20 @@ pub trait RequestStore: Send + Sync + 'static {
         requests: &[RequestRecord],
         batch: Option<&Batch>,
     ) -> Result<()>;
-    async fn get_request(&self, user_id: &str, request_id: &str) -> Result<Option<RequestRecord>>;
+    async fn get_request(
+        &self,
+        user_id: &str,
+        request_id: &RequestId,
+    ) -> Result<Option<RequestRecord>>;
     /// Applies a transition. Returns the record and whether the transition was applied (false
     /// when the request had already finished).
     async fn transition(
         &self,
-        request_id: &str,
+        request_id: &RequestId,
         transition: Transition,
     ) -> Result<(RequestRecord, bool)>;
     /// A batch with its counts as of now.
-    async fn get_batch(&self, user_id: &str, batch_id: &str) -> Result<Option<Batch>>;
+    async fn get_batch(&self, user_id: &str, batch_id: &BatchId) -> Result<Option<Batch>>;
 }
 
 impl Transition {

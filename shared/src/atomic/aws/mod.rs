@@ -36,6 +36,7 @@ use crate::domain::{RequestKind, RequestRecord};
 use crate::error::Report;
 use crate::events::dynamodb::DynamoEventBus;
 use crate::events::{Event, EventBus};
+use crate::ids::RequestId;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
 use crate::store::dynamodb::{get_s, key, s, storage, DynamoStore, Item};
 use crate::store::{RequestStore, Transition};
@@ -210,7 +211,7 @@ impl Atomic for AwsAtomic {
         Ok(sent)
     }
 
-    async fn start(&self, user_id: &str, request_id: &str) -> Result<Started> {
+    async fn start(&self, user_id: &str, request_id: &RequestId) -> Result<Started> {
         let Some(record) = self.store.get_request(user_id, request_id).await? else {
             return Ok(Started::Missing);
         };

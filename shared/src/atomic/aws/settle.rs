@@ -7,6 +7,7 @@ use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 use super::AwsAtomic;
 use crate::domain::{RequestInput, RequestRecord, RequestResult};
 use crate::events::Event;
+use crate::ids::RequestId;
 use crate::store::dynamodb::{
     body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, DynamoStore, Item,
 };
@@ -43,7 +44,7 @@ impl AwsAtomic {
     pub(super) async fn settle_records(
         &self,
         user_id: &str,
-        request_id: &str,
+        request_id: &RequestId,
         transition: Transition,
         last_fragment: Option<&str>,
     ) -> Result<Option<RequestRecord>> {

@@ -7,6 +7,7 @@ use aws_sdk_dynamodb::types::ReturnValue;
 
 use super::{body, get_n, key, msg_sk, n, put_if_absent, s, storage, user_pk, DynamoStore};
 use crate::domain::{Conversation, Message, Page, RequestRecord};
+use crate::ids::{ConversationId, MessageId};
 use crate::store::{chat_context_in_reads, ChatContext, ConversationStore};
 use crate::{Error, Result};
 
@@ -33,7 +34,11 @@ impl DynamoStore {
             .ok_or_else(|| Error::storage_msg("turn counter missing"))
     }
 
-    async fn turn_of(&self, conversation_id: &str, message_id: &str) -> Result<Option<i64>> {
+    async fn turn_of(
+        &self,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
+    ) -> Result<Option<i64>> {
         Ok(self
             .get(
                 &format!("CONV#{conversation_id}"),
@@ -62,7 +67,7 @@ impl ConversationStore for DynamoStore {
     async fn get_conversation(
         &self,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
     ) -> Result<Option<Conversation>> {
         self.get(&user_pk(user_id), &format!("CONV#{conversation_id}"))
             .await?
@@ -84,7 +89,7 @@ impl ConversationStore for DynamoStore {
     async fn add_user_message(
         &self,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
         message: &Message,
         request: &RequestRecord,
     ) -> Result<()> {
@@ -110,8 +115,8 @@ impl ConversationStore for DynamoStore {
 
     async fn put_reply(
         &self,
-        conversation_id: &str,
-        reply_to: &str,
+        conversation_id: &ConversationId,
+        reply_to: &MessageId,
         reply: &Message,
     ) -> Result<Message> {
         let turn = self
@@ -133,7 +138,11 @@ impl ConversationStore for DynamoStore {
             .ok_or(Error::NotFound)
     }
 
-    async fn get_reply(&self, conversation_id: &str, reply_to: &str) -> Result<Option<Message>> {
+    async fn get_reply(
+        &self,
+        conversation_id: &ConversationId,
+        reply_to: &MessageId,
+    ) -> Result<Option<Message>> {
         let Some(turn) = self.turn_of(conversation_id, reply_to).await? else {
             return Ok(None);
         };
@@ -146,7 +155,7 @@ impl ConversationStore for DynamoStore {
 
     async fn page_messages(
         &self,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Message>> {
@@ -162,8 +171,8 @@ impl ConversationStore for DynamoStore {
 
     async fn history_before(
         &self,
-        conversation_id: &str,
-        message_id: &str,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
         limit: usize,
     ) -> Result<Vec<Message>> {
         let Some(turn) = self.turn_of(conversation_id, message_id).await? else {
@@ -197,8 +206,8 @@ impl ConversationStore for DynamoStore {
     async fn chat_context(
         &self,
         user_id: &str,
-        conversation_id: &str,
-        message_id: &str,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
         history_limit: usize,
     ) -> Result<Option<ChatContext>> {
         // The three records live in different partitions: no one read fetches them together.

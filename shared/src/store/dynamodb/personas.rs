@@ -5,6 +5,7 @@ use aws_sdk_dynamodb::types::ReturnValue;
 
 use super::{body, key, s, storage, user_pk, DynamoStore};
 use crate::domain::{Page, Persona};
+use crate::ids::PersonaId;
 use crate::store::PersonaStore;
 use crate::Result;
 
@@ -16,7 +17,7 @@ impl PersonaStore for DynamoStore {
         self.put_new(item).await.map(|_| ())
     }
 
-    async fn get_persona(&self, user_id: &str, persona_id: &str) -> Result<Option<Persona>> {
+    async fn get_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<Option<Persona>> {
         self.get(&user_pk(user_id), &format!("PERSONA#{persona_id}"))
             .await?
             .as_ref()
@@ -34,7 +35,7 @@ impl PersonaStore for DynamoStore {
             .await
     }
 
-    async fn delete_persona(&self, user_id: &str, persona_id: &str) -> Result<bool> {
+    async fn delete_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<bool> {
         let out = self
             .client
             .delete_item()

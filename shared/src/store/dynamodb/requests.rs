@@ -9,6 +9,7 @@ use super::{
     body, get_n, get_s, is_conditional_failure, key, n, s, storage, user_pk, DynamoStore, Item,
 };
 use crate::domain::{Batch, RequestRecord, RequestStatus};
+use crate::ids::{BatchId, RequestId};
 use crate::store::{RequestStore, Transition};
 use crate::time::now_secs;
 use crate::{Error, Result};
@@ -86,7 +87,11 @@ impl RequestStore for DynamoStore {
         Ok(())
     }
 
-    async fn get_request(&self, user_id: &str, request_id: &str) -> Result<Option<RequestRecord>> {
+    async fn get_request(
+        &self,
+        user_id: &str,
+        request_id: &RequestId,
+    ) -> Result<Option<RequestRecord>> {
         match self.get(&format!("REQ#{request_id}"), "REQ").await? {
             Some(item) if get_s(&item, "user_id") == Some(user_id) => body(&item).map(Some),
             _ => Ok(None),
@@ -95,7 +100,7 @@ impl RequestStore for DynamoStore {
 
     async fn transition(
         &self,
-        request_id: &str,
+        request_id: &RequestId,
         transition: Transition,
     ) -> Result<(RequestRecord, bool)> {
         // Optimistic concurrency: write only over the version read; on a lost race, read again.
@@ -130,7 +135,7 @@ impl RequestStore for DynamoStore {
         Err(Error::storage_msg("request kept changing under the update"))
     }
 
-    async fn get_batch(&self, user_id: &str, batch_id: &str) -> Result<Option<Batch>> {
+    async fn get_batch(&self, user_id: &str, batch_id: &BatchId) -> Result<Option<Batch>> {
         let Some(item) = self
             .get(&user_pk(user_id), &format!("BATCH#{batch_id}"))
             .await?

@@ -10,6 +10,7 @@ use super::{
     bad_token, body_in, from_json, insert_request, one_body, page_by_id, to_json, SqliteStore,
 };
 use crate::domain::{Conversation, Message, Page, RequestRecord};
+use crate::ids::{ConversationId, MessageId};
 use crate::store::{token, ChatContext, ConversationStore};
 use crate::{Error, Result};
 
@@ -38,7 +39,7 @@ fn history_in(c: &Connection, conv: &str, msg: &str, limit: usize) -> Result<Vec
 pub(crate) fn append_user_message(
     c: &Connection,
     user_id: &str,
-    conversation_id: &str,
+    conversation_id: &ConversationId,
     message: &Message,
 ) -> Result<()> {
     let owned = c
@@ -68,8 +69,8 @@ pub(crate) fn append_user_message(
 /// Stores the reply to `reply_to` unless one exists; returns the one that stands.
 pub(crate) fn put_reply_in(
     c: &Connection,
-    conversation_id: &str,
-    reply_to: &str,
+    conversation_id: &ConversationId,
+    reply_to: &MessageId,
     reply: &Message,
 ) -> Result<Message> {
     let turn: i64 = c
@@ -121,7 +122,7 @@ impl ConversationStore for SqliteStore {
     async fn get_conversation(
         &self,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
     ) -> Result<Option<Conversation>> {
         one_body(&self.db, CONVERSATION_BY_ID, user_id, conversation_id).await
     }
@@ -146,7 +147,7 @@ impl ConversationStore for SqliteStore {
     async fn add_user_message(
         &self,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
         message: &Message,
         request: &RequestRecord,
     ) -> Result<()> {
@@ -166,8 +167,8 @@ impl ConversationStore for SqliteStore {
 
     async fn put_reply(
         &self,
-        conversation_id: &str,
-        reply_to: &str,
+        conversation_id: &ConversationId,
+        reply_to: &MessageId,
         reply: &Message,
     ) -> Result<Message> {
         let (conv, reply_to, reply) = (
@@ -180,7 +181,11 @@ impl ConversationStore for SqliteStore {
             .await
     }
 
-    async fn get_reply(&self, conversation_id: &str, reply_to: &str) -> Result<Option<Message>> {
+    async fn get_reply(
+        &self,
+        conversation_id: &ConversationId,
+        reply_to: &MessageId,
+    ) -> Result<Option<Message>> {
         let (conv, reply_to) = (conversation_id.to_owned(), reply_to.to_owned());
         self.db
             .call(move |c| {
@@ -200,7 +205,7 @@ impl ConversationStore for SqliteStore {
 
     async fn page_messages(
         &self,
-        conversation_id: &str,
+        conversation_id: &ConversationId,
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Message>> {
@@ -252,8 +257,8 @@ impl ConversationStore for SqliteStore {
 
     async fn history_before(
         &self,
-        conversation_id: &str,
-        message_id: &str,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
         limit: usize,
     ) -> Result<Vec<Message>> {
         let (conv, msg) = (conversation_id.to_owned(), message_id.to_owned());
@@ -265,8 +270,8 @@ impl ConversationStore for SqliteStore {
     async fn chat_context(
         &self,
         user_id: &str,
-        conversation_id: &str,
-        message_id: &str,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
         history_limit: usize,
     ) -> Result<Option<ChatContext>> {
         // On this thread (`Db::read_here`): nothing needs copying into a closure of its own.

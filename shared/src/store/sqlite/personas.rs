@@ -5,6 +5,7 @@ use deadpool_sqlite::rusqlite::{params, Connection};
 
 use super::{body_in, one_body, page_by_id, to_json, SqliteStore};
 use crate::domain::{Page, Persona};
+use crate::ids::PersonaId;
 use crate::store::PersonaStore;
 use crate::{Error, Result};
 
@@ -36,7 +37,7 @@ impl PersonaStore for SqliteStore {
             .await
     }
 
-    async fn get_persona(&self, user_id: &str, persona_id: &str) -> Result<Option<Persona>> {
+    async fn get_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<Option<Persona>> {
         one_body(&self.db, PERSONA_BY_ID, user_id, persona_id).await
     }
 
@@ -57,7 +58,7 @@ impl PersonaStore for SqliteStore {
         .await
     }
 
-    async fn delete_persona(&self, user_id: &str, persona_id: &str) -> Result<bool> {
+    async fn delete_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<bool> {
         let (user_id, id) = (user_id.to_owned(), persona_id.to_owned());
         self.db
             .write(move |tx| {

@@ -6,6 +6,7 @@ use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
 use super::{from_json, one_body, to_json, SqliteStore};
 use crate::domain::{Batch, RequestRecord, RequestStatus};
+use crate::ids::{BatchId, RequestId};
 use crate::store::{RequestStore, Transition};
 use crate::time::now_ms;
 use crate::{Error, Result};
@@ -37,7 +38,7 @@ pub(crate) fn insert_batch(c: &Connection, user_id: &str, b: &Batch) -> Result<(
 }
 
 /// The request with this id, whoever owns it, with its owner.
-pub(crate) fn request_in(c: &Connection, request_id: &str) -> Result<Option<RequestRecord>> {
+pub(crate) fn request_in(c: &Connection, request_id: &RequestId) -> Result<Option<RequestRecord>> {
     c.prepare_cached("SELECT body FROM requests WHERE request_id = ?1")?
         .query_row([request_id], |r| r.get::<_, String>(0))
         .optional()?
@@ -48,7 +49,7 @@ pub(crate) fn request_in(c: &Connection, request_id: &str) -> Result<Option<Requ
 /// Applies a transition; `NotFound` for an unknown request.
 pub(crate) fn transition_in(
     c: &Connection,
-    request_id: &str,
+    request_id: &RequestId,
     transition: Transition,
 ) -> Result<(RequestRecord, bool)> {
     let mut record = request_in(c, request_id)?.ok_or(Error::NotFound)?;
@@ -89,7 +90,11 @@ impl RequestStore for SqliteStore {
             .await
     }
 
-    async fn get_request(&self, user_id: &str, request_id: &str) -> Result<Option<RequestRecord>> {
+    async fn get_request(
+        &self,
+        user_id: &str,
+        request_id: &RequestId,
+    ) -> Result<Option<RequestRecord>> {
         one_body(
             &self.db,
             "SELECT body FROM requests WHERE user_id = ?1 AND request_id = ?2",
@@ -101,7 +106,7 @@ impl RequestStore for SqliteStore {
 
     async fn transition(
         &self,
-        request_id: &str,
+        request_id: &RequestId,
         transition: Transition,
     ) -> Result<(RequestRecord, bool)> {
         let id = request_id.to_owned();
@@ -110,7 +115,7 @@ impl RequestStore for SqliteStore {
             .await
     }
 
-    async fn get_batch(&self, user_id: &str, batch_id: &str) -> Result<Option<Batch>> {
+    async fn get_batch(&self, user_id: &str, batch_id: &BatchId) -> Result<Option<Batch>> {
         let (user_id, id) = (user_id.to_owned(), batch_id.to_owned());
         self.db
             .call(move |c| {
@@ -124,7 +129,7 @@ impl RequestStore for SqliteStore {
                 let Some((ids, created_at)) = row else {
                     return Ok(None);
                 };
-                let request_ids: Vec<String> = from_json(&ids)?;
+                let request_ids: Vec<RequestId> = from_json(&ids)?;
                 let mut stmt = c.prepare_cached(
                     "SELECT status, COUNT(*) FROM requests WHERE batch_id = ?1 GROUP BY status",
                 )?;

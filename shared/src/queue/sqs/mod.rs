@@ -19,6 +19,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use super::{Attributes, DeadLetter, Delivery, Outgoing, Queue, QueueStats};
 use crate::{Error, Result};
 
+mod setup;
+
 /// SQS caps.
 const MAX_BATCH: usize = 10;
 const MAX_WAIT: Duration = Duration::from_secs(20);
@@ -59,45 +61,7 @@ impl SqsQueue {
             .with_jitter()
             .build();
         loop {
-            let entries = pending
-                .iter()
-                .map(|&i| {
-                    let m = &chunk[i];
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(&m.body)
-                        .set_message_attributes(Some(to_sqs(&m.attributes)?))
-                        .build()
-                        .map_err(|e| Error::queue("sqs message entry", e))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let out = self
-                .client
-                .send_message_batch()
-                .queue_url(&self.url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| queue_error("send", e))?;
-            let mut again = Vec::new();
-            for failed in &out.failed {
-                let reason = failed.message.as_deref().unwrap_or("no reason");
-                if failed.sender_fault {
-                    return Err(Error::queue_msg(format!(
-                        "sqs send: entry refused ({}): {reason}",
-                        failed.code
-                    )));
-                }
-                let i = failed
-                    .id
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|i| *i < chunk.len())
-                    .ok_or_else(|| {
-                        Error::queue_msg(format!("sqs send: unknown entry {}", failed.id))
-                    })?;
-                again.push(i);
-            }
+            let again = self.send_entries(chunk, &pending).await?;
             if again.is_empty() {
                 return Ok(());
             }
@@ -114,76 +78,49 @@ impl SqsQueue {
         }
     }
 
-    /// Creates (or finds) the queue `name` and its dead-letter queue `name-dlq`, with a redrive
-    /// policy of `redrive_after` receives, and returns the adapter.
-    pub async fn ensure(
-        client: aws_sdk_sqs::Client,
-        kind: &str,
-        name: &str,
-        redrive_after: u32,
-    ) -> Result<SqsQueue> {
-        let dlq_url = create_or_update(
-            &client,
-            &format!("{name}-dlq"),
-            HashMap::from([
-                (QueueAttributeName::MessageRetentionPeriod, "1209600".into()),
-                (QueueAttributeName::SqsManagedSseEnabled, "true".into()),
-            ]),
-        )
-        .await?;
-        let dlq_arn = client
-            .get_queue_attributes()
-            .queue_url(&dlq_url)
-            .attribute_names(QueueAttributeName::QueueArn)
+    /// One `SendMessageBatch` of the entries `pending` of `chunk`: the entries to send again
+    /// (failed on SQS's side), or an error for one refused as the sender's fault.
+    async fn send_entries(&self, chunk: &[Outgoing], pending: &[usize]) -> Result<Vec<usize>> {
+        let entries = pending
+            .iter()
+            .map(|&i| {
+                let m = &chunk[i];
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&m.body)
+                    .set_message_attributes(Some(to_sqs(&m.attributes)?))
+                    .build()
+                    .map_err(|e| Error::queue("sqs message entry", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| queue_error("read dead-letter queue", e))?
-            .attributes
-            .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
-            .unwrap_or_default();
-        let redrive = serde_json::json!({
-            "deadLetterTargetArn": dlq_arn,
-            "maxReceiveCount": redrive_after.to_string(),
-        });
-        let url = create_or_update(
-            &client,
-            name,
-            HashMap::from([
-                (QueueAttributeName::RedrivePolicy, redrive.to_string()),
-                (QueueAttributeName::SqsManagedSseEnabled, "true".into()),
-            ]),
-        )
-        .await?;
-        Ok(SqsQueue {
-            client,
-            name: kind.to_owned(),
-            url,
-            dlq_url,
-        })
-    }
-
-    /// The adapter for existing queues `name` and `name-dlq` (see `ensure` to create them).
-    pub async fn connect(client: aws_sdk_sqs::Client, kind: &str, name: &str) -> Result<SqsQueue> {
-        let url_of = |queue: String| {
-            let client = client.clone();
-            async move {
-                client
-                    .get_queue_url()
-                    .queue_name(&queue)
-                    .send()
-                    .await
-                    .map_err(|e| queue_error(&format!("find queue {queue}"), e))
-                    .map(|o| o.queue_url.unwrap_or_default())
+            .map_err(|e| queue_error("send", e))?;
+        let mut again = Vec::new();
+        for failed in &out.failed {
+            let reason = failed.message.as_deref().unwrap_or("no reason");
+            if failed.sender_fault {
+                return Err(Error::queue_msg(format!(
+                    "sqs send: entry refused ({}): {reason}",
+                    failed.code
+                )));
             }
-        };
-        let url = url_of(name.to_owned()).await?;
-        let dlq_url = url_of(format!("{name}-dlq")).await?;
-        Ok(SqsQueue {
-            client,
-            name: kind.to_owned(),
-            url,
-            dlq_url,
-        })
+            let i = failed
+                .id
+                .parse::<usize>()
+                .ok()
+                .filter(|i| *i < chunk.len())
+                .ok_or_else(|| {
+                    Error::queue_msg(format!("sqs send: unknown entry {}", failed.id))
+                })?;
+            again.push(i);
+        }
+        Ok(again)
     }
 
     async fn count(&self, url: &str) -> Result<(u64, u64)> {
@@ -237,47 +174,6 @@ fn from_sqs(
         .filter(|(k, _)| !except.contains(&k.as_str()))
         .filter_map(|(k, v)| Some((k.clone(), v.string_value.clone()?)))
         .collect()
-}
-
-/// Creates queue `name` with `attributes`, or, when it exists with other attributes (a rerun
-/// of `aws-init` after a setting changed), sets them on it; returns its URL.
-async fn create_or_update(
-    client: &aws_sdk_sqs::Client,
-    name: &str,
-    attributes: HashMap<QueueAttributeName, String>,
-) -> Result<String> {
-    let created = client
-        .create_queue()
-        .queue_name(name)
-        .set_attributes(Some(attributes.clone()))
-        .send()
-        .await;
-    match created {
-        Ok(out) => Ok(out.queue_url.unwrap_or_default()),
-        Err(e)
-            if e.as_service_error().is_some_and(|s| {
-                s.is_queue_name_exists() || s.meta().code() == Some("QueueAlreadyExists")
-            }) =>
-        {
-            let url = client
-                .get_queue_url()
-                .queue_name(name)
-                .send()
-                .await
-                .map_err(|e| queue_error(&format!("find queue {name}"), e))?
-                .queue_url
-                .unwrap_or_default();
-            client
-                .set_queue_attributes()
-                .queue_url(&url)
-                .set_attributes(Some(attributes))
-                .send()
-                .await
-                .map_err(|e| queue_error(&format!("update queue {name}"), e))?;
-            Ok(url)
-        }
-        Err(e) => Err(queue_error(&format!("create queue {name}"), e)),
-    }
 }
 
 #[async_trait]

@@ -37,15 +37,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{Error, Result};
 
-/// Every connection, reader or writer.
-const PRAGMAS: &str = "
-    PRAGMA journal_mode = WAL;
-    PRAGMA busy_timeout = 10000;
-    PRAGMA foreign_keys = ON;
-";
+mod schema;
+mod writer;
 
-/// Most writes committed together; more wait for the next commit.
-const MAX_GROUP: usize = 512;
+use schema::{open_reader, open_writer, PRAGMAS};
+use writer::{write_loop, Pending, Reply, Write};
+
 /// Writes waiting for the writer thread before callers wait to hand theirs in.
 const CHANNEL_DEPTH: usize = 4096;
 
@@ -68,97 +65,6 @@ impl Sync {
     }
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS users (
-    user_id       TEXT PRIMARY KEY,
-    email         TEXT NOT NULL UNIQUE,
-    password_hash TEXT NOT NULL,
-    created_at    TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS refresh_tokens (
-    token_hash TEXT PRIMARY KEY,
-    user_id    TEXT NOT NULL,
-    expires_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS personas (
-    user_id    TEXT NOT NULL,
-    persona_id TEXT NOT NULL,
-    body       TEXT NOT NULL,
-    PRIMARY KEY (user_id, persona_id)
-);
-CREATE TABLE IF NOT EXISTS conversations (
-    user_id         TEXT NOT NULL,
-    conversation_id TEXT NOT NULL,
-    body            TEXT NOT NULL,
-    PRIMARY KEY (user_id, conversation_id)
-);
--- A message's place is (turn, sub): the user message of turn n is (n, 0), its reply (n, 1), so a
--- late reply still sorts right after the message it answers.
-CREATE TABLE IF NOT EXISTS messages (
-    conversation_id TEXT NOT NULL,
-    turn            INTEGER NOT NULL,
-    sub             INTEGER NOT NULL,
-    message_id      TEXT NOT NULL UNIQUE,
-    body            TEXT NOT NULL,
-    PRIMARY KEY (conversation_id, turn, sub)
-);
-CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT PRIMARY KEY,
-    user_id    TEXT NOT NULL,
-    status     TEXT NOT NULL,
-    batch_id   TEXT,
-    body       TEXT NOT NULL,
-    updated_ms INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_by_batch ON requests (batch_id) WHERE batch_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS batches (
-    batch_id    TEXT PRIMARY KEY,
-    user_id     TEXT NOT NULL,
-    request_ids TEXT NOT NULL,
-    created_at  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    user_id       TEXT NOT NULL,
-    key           TEXT NOT NULL,
-    fingerprint   TEXT NOT NULL,
-    status_code   INTEGER,
-    response_body TEXT,
-    locked_ms     INTEGER NOT NULL,
-    expires_ms    INTEGER NOT NULL,
-    PRIMARY KEY (user_id, key)
-);
--- Expired rows are deleted on the write paths that create them (keys, refresh tokens) and by
--- the event tailer; these indexes keep those deletes from scanning the tables.
-CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency_keys (expires_ms);
-CREATE INDEX IF NOT EXISTS refresh_token_expiry ON refresh_tokens (expires_ms);
-CREATE TABLE IF NOT EXISTS queue_messages (
-    id            TEXT PRIMARY KEY,
-    queue         TEXT NOT NULL,
-    body          TEXT NOT NULL,
-    receive_count INTEGER NOT NULL DEFAULT 0,
-    visible_ms    INTEGER NOT NULL,
-    receipt       TEXT,
-    sent_ms       INTEGER NOT NULL
-);
--- The index receives read by is made by migration 3.
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id            TEXT PRIMARY KEY,
-    queue         TEXT NOT NULL,
-    body          TEXT NOT NULL,
-    receive_count INTEGER NOT NULL,
-    reason        TEXT NOT NULL,
-    dead_ms       INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id    TEXT NOT NULL,
-    name       TEXT NOT NULL,
-    data       TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_age ON events (created_ms);
-";
-
 /// The embedded database: a pool of readers and the one writer of this process.
 #[derive(Clone)]
 pub struct Db {
@@ -172,55 +78,6 @@ pub struct Db {
 thread_local! {
     /// This thread's read-only connection to each open database (see [`Db::read_here`]).
     static HERE: RefCell<Vec<(Weak<PathBuf>, Connection)>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Changes to `SCHEMA` after the first release, applied in order to a database whose
-/// `user_version` says it lacks them (a new database gets `SCHEMA`, then all of these).
-const MIGRATIONS: &[&str] = &[
-    // 1: message attributes (request and trace ids), kept when a message is dead-lettered.
-    "ALTER TABLE queue_messages ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';
-     ALTER TABLE dead_letters ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';",
-    // 2: when an idempotency key was first claimed: ids derived from the key use it, so a
-    // retry after a crash derives the same ids.
-    "ALTER TABLE idempotency_keys ADD COLUMN first_ms INTEGER NOT NULL DEFAULT 0;",
-    // 3: a receive takes the oldest ready messages in (visible_ms, sent_ms) order; with both in
-    // the index it reads just those, not every ready message, to sort them. Deletes and
-    // visibility changes find their message by receipt, not by scanning the queue.
-    "DROP INDEX IF EXISTS queue_ready;
-     CREATE INDEX IF NOT EXISTS queue_ready_in_order ON queue_messages (queue, visible_ms, sent_ms);
-     CREATE INDEX IF NOT EXISTS queue_by_receipt ON queue_messages (receipt);",
-    // 4: sessions. A refresh token belongs to a family (the sign-in it descends from); using
-    // it marks it used and hands out the next one; a used one coming back ends the family.
-    "ALTER TABLE refresh_tokens ADD COLUMN family TEXT;
-     ALTER TABLE refresh_tokens ADD COLUMN used_ms INTEGER;
-     ALTER TABLE refresh_tokens ADD COLUMN created_ms INTEGER NOT NULL DEFAULT 0;
-     UPDATE refresh_tokens SET family = token_hash WHERE family IS NULL;
-     CREATE INDEX IF NOT EXISTS refresh_tokens_by_family ON refresh_tokens (family);
-     CREATE INDEX IF NOT EXISTS refresh_tokens_by_user ON refresh_tokens (user_id, created_ms);",
-];
-
-fn migrate(c: &Connection) -> Result<()> {
-    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, step) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-        c.execute_batch(step)?;
-        // PRAGMA takes no parameters; the value is our own integer.
-        c.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
-    }
-    Ok(())
-}
-
-/// One write handed to the writer thread: runs the caller's closure on the connection (or not,
-/// given none: the transaction could not begin) and returns whether it succeeded, plus what to
-/// tell the caller once the commit's fate is known.
-type Write = Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>;
-/// Answers a caller: given the commit's error, if any.
-type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
-
-/// A write waiting for the writer thread.
-struct Pending {
-    run: Write,
-    /// Must be on disk before its caller is answered (see the module's "Durability").
-    durable: bool,
 }
 
 impl Db {
@@ -369,119 +226,9 @@ impl Db {
     }
 }
 
-fn open_reader(path: &Path) -> Result<Connection> {
-    let c = Connection::open(path)?;
-    c.execute_batch(PRAGMAS)?;
-    c.execute_batch("PRAGMA query_only = ON")?;
-    Ok(c)
-}
-
-fn open_writer(path: &Path) -> Result<Connection> {
-    let c = Connection::open(path)?;
-    c.execute_batch(PRAGMAS)?;
-    c.execute_batch(Sync::Full.pragma())?;
-    c.execute_batch(SCHEMA)?;
-    c.execute_batch("BEGIN IMMEDIATE")?;
-    match migrate(&c) {
-        Ok(()) => c.execute_batch("COMMIT")?,
-        Err(e) => {
-            let _ = c.execute_batch("ROLLBACK");
-            return Err(e);
-        }
-    }
-    Ok(c)
-}
-
-/// Runs one of the writer's transaction-control statements from the statement cache: parsing them anew for every write was a measurable share of the writer's time.
-fn run_cached(c: &Connection, sql: &str) -> deadpool_sqlite::rusqlite::Result<()> {
-    c.prepare_cached(sql)?.raw_execute().map(|_| ())
-}
-
-/// Puts `first` and the writes waiting behind it (up to [`MAX_GROUP`]) into `group`; whether
-/// any of them is durable.
-fn take_group(first: Pending, inbox: &mut mpsc::Receiver<Pending>, group: &mut Vec<Write>) -> bool {
-    let mut durable = first.durable;
-    group.push(first.run);
-    while group.len() < MAX_GROUP {
-        match inbox.try_recv() {
-            Ok(w) => {
-                durable |= w.durable;
-                group.push(w.run);
-            }
-            Err(_) => break,
-        }
-    }
-    durable
-}
-
-/// The writer thread: takes all waiting writes, runs each in its own savepoint of one
-/// transaction, commits, answers. Ends when every `Db` handle is gone.
-fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pending>) {
-    let mut group: Vec<Write> = Vec::with_capacity(MAX_GROUP);
-    let mut replies: Vec<Reply> = Vec::with_capacity(MAX_GROUP);
-    let mut fsyncing = true; // as `open_writer` left the connection
-    while let Some(first) = inbox.blocking_recv() {
-        let durable = take_group(first, &mut inbox, &mut group);
-        // `synchronous` is set between transactions: FULL fsyncs the WAL at this commit (and so
-        // every earlier commit with it), NORMAL leaves that to a later one or a checkpoint.
-        let fsync = durable && sync == Sync::Full;
-        if fsync != fsyncing {
-            let pragma = if fsync { Sync::Full } else { Sync::Normal }.pragma();
-            // Not from the statement cache: this pragma takes effect when it is prepared.
-            if let Err(e) = c.execute_batch(pragma) {
-                tracing::error!(error = %e, "could not set PRAGMA synchronous");
-            } else {
-                fsyncing = fsync;
-            }
-        }
-        if let Err(e) = run_cached(&c, "BEGIN IMMEDIATE") {
-            let e = e.to_string();
-            for w in group.drain(..) {
-                let (_, reply) = w(None);
-                reply(Some(&e));
-            }
-            continue;
-        }
-        for w in group.drain(..) {
-            // Cached statements: parsing these two anew for every write was a measurable
-            // share of the writer's time.
-            if c.prepare_cached("SAVEPOINT w")
-                .and_then(|mut s| s.execute([]))
-                .is_err()
-            {
-                replies.push(w(None).1);
-                continue;
-            }
-            // A panicking write loses its caller's answer but must not take the writer (and
-            // with it every later write of the process) down.
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w(Some(&c))));
-            let ok = matches!(ran, Ok((true, _)));
-            let end = if ok {
-                c.prepare_cached("RELEASE w")
-                    .and_then(|mut s| s.execute([]).map(|_| ()))
-            } else {
-                c.execute_batch("ROLLBACK TO w; RELEASE w")
-            };
-            if let Err(e) = end {
-                tracing::error!(error = %e, "sqlite savepoint could not be closed");
-            }
-            if let Ok((_, reply)) = ran {
-                replies.push(reply);
-            }
-        }
-        let commit = run_cached(&c, "COMMIT").map_err(|e| e.to_string());
-        if commit.is_err() {
-            let _ = c.execute_batch("ROLLBACK");
-        }
-        let error = commit.as_ref().err().map(String::as_str);
-        for reply in replies.drain(..) {
-            reply(error);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::schema::{MIGRATIONS, SCHEMA};
     use super::*;
 
     #[tokio::test]
