@@ -78,6 +78,7 @@ impl PersonaDraft {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Persona {
+    #[schema(value_type = String)]
     pub persona_id: PersonaId,
     pub name: String,
     pub description: String,
@@ -116,7 +117,9 @@ impl Persona {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Conversation {
+    #[schema(value_type = String)]
     pub conversation_id: ConversationId,
+    #[schema(value_type = String)]
     pub persona_id: PersonaId,
     pub persona_name: String,
     pub created_at: String,
@@ -140,6 +143,7 @@ impl Role {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Message {
+    #[schema(value_type = String)]
     pub message_id: MessageId,
     pub role: Role,
     pub text: String,
@@ -215,8 +219,10 @@ pub enum RequestInput {
         prompt: String,
     },
     Chat {
+        #[schema(value_type = String)]
         conversation_id: ConversationId,
         /// The user message this request answers.
+        #[schema(value_type = String)]
         message_id: MessageId,
         text: String,
     },
@@ -244,6 +250,7 @@ pub struct Usage {
 /// The life of one asynchronous job, as the client polls it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct RequestRecord {
+    #[schema(value_type = String)]
     pub request_id: RequestId,
     pub kind: RequestKind,
     pub status: RequestStatus,
@@ -251,6 +258,7 @@ pub struct RequestRecord {
     pub attempts: u32,
     pub input: RequestInput,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub batch_id: Option<BatchId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<RequestResult>,
@@ -301,11 +309,13 @@ impl RequestRecord {
 /// Progress of a batch of persona requests.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Batch {
+    #[schema(value_type = String)]
     pub batch_id: BatchId,
     pub total: u32,
     pub succeeded: u32,
     pub failed: u32,
     pub pending: u32,
+    #[schema(value_type = Vec<String>)]
     pub request_ids: Vec<RequestId>,
     pub created_at: String,
 }

@@ -15,7 +15,6 @@ use std::fmt;
 use deadpool_sqlite::rusqlite;
 use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// A new, sortable, unguessable id: `{prefix}_{UUIDv7}` (time first, so ids sort by creation).
 fn fresh(prefix: &str) -> String {
@@ -25,11 +24,10 @@ fn fresh(prefix: &str) -> String {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
-        #[derive(
-            Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-        )]
+        // No `ToSchema`: the OpenAPI document shows ids as plain strings, as it always has;
+        // each field of an id type says `#[schema(value_type = String)]`.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
-        #[schema(value_type = String)]
         pub struct $name(String);
 
         impl $name {
@@ -162,7 +160,10 @@ id_type!(
 impl RequestId {
     /// The part after the prefix, shared by the ids derived from this one.
     fn tail(&self) -> &str {
-        self.0.strip_prefix("req_").unwrap_or(&self.0)
+        self.0
+            .strip_prefix(Self::PREFIX)
+            .and_then(|t| t.strip_prefix('_'))
+            .unwrap_or(&self.0)
     }
 
     /// The persona this (persona) request creates: the same tail, so every attempt of the job

@@ -19,6 +19,7 @@ use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateConversation {
+    #[schema(value_type = String)]
     pub persona_id: PersonaId,
 }
 
@@ -29,9 +30,11 @@ pub struct PostMessage {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MessageAccepted {
+    #[schema(value_type = String)]
     pub request_id: RequestId,
     pub status: RequestStatus,
     /// The id of the stored user message.
+    #[schema(value_type = String)]
     pub message_id: MessageId,
 }
 

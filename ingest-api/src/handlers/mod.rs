@@ -55,6 +55,7 @@ pub struct ListResponse<T> {
 /// `202 Accepted` for a queued job.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Accepted {
+    #[schema(value_type = String)]
     pub request_id: RequestId,
     pub status: RequestStatus,
 }

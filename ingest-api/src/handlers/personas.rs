@@ -28,8 +28,10 @@ pub struct CreateBatch {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BatchAccepted {
+    #[schema(value_type = String)]
     pub batch_id: BatchId,
     /// One per prompt, in the order given.
+    #[schema(value_type = Vec<String>)]
     pub request_ids: Vec<RequestId>,
 }
 
