@@ -223,6 +223,46 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
         .is_empty());
 }
 
+async fn a_user_message_goes_only_into_the_users_own_conversation(s: Subject) {
+    let st = s.store.as_ref();
+    let conv = Conversation {
+        conversation_id: ConversationId::new(),
+        persona_id: "per_x".into(),
+        persona_name: "X".into(),
+        created_at: shared::time::now_rfc3339(),
+    };
+    let c = &conv.conversation_id;
+    st.create_conversation("alice", &conv).await.unwrap();
+    let intruder = message(Role::User, "not yours");
+    let request = chat_request(c, &intruder);
+    assert!(matches!(
+        st.add_user_message("mallory", c, &intruder, &request).await,
+        Err(Error::NotFound)
+    ));
+    let unknown = ConversationId::new();
+    assert!(matches!(
+        st.add_user_message("alice", &unknown, &intruder, &request).await,
+        Err(Error::NotFound)
+    ));
+    // Nothing of either attempt was stored.
+    assert!(st
+        .list_messages("alice", c, 10, None)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(st
+        .get_request("mallory", &request.request_id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(st
+        .get_request("alice", &request.request_id)
+        .await
+        .unwrap()
+        .is_none());
+}
+
 async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
     let st = s.store.as_ref();
     let batch_id = BatchId::new();
@@ -468,6 +508,7 @@ contract!(
     dynamodb_store => dynamodb;
     personas_are_written_once_listed_newest_first_and_paged,
     each_user_message_gets_one_reply_in_its_place,
+    a_user_message_goes_only_into_the_users_own_conversation,
     requests_only_move_forward_and_batches_count_them,
     idempotency_keys_claim_replay_and_release,
     expired_idempotency_keys_are_forgotten,

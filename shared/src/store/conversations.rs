@@ -35,7 +35,8 @@ pub trait ConversationStore: Send + Sync + 'static {
     ) -> Result<Page<Conversation>>;
 
     /// Appends a user message to a conversation and records the chat request that will answer
-    /// it, in one step.
+    /// it, in one step; `NotFound` (and nothing stored) when the conversation is not the
+    /// user's.
     async fn add_user_message(
         &self,
         user_id: &str,

@@ -2,15 +2,14 @@
 //! outbox item holding the jobs, then the jobs sent and the outbox item cleared (see the
 //! module above for why an outbox).
 
-use aws_sdk_dynamodb::types::{ConditionCheck, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
 
 use super::{outbox_pk, AwsAtomic, Cancelled, Outbox, OutboxJob, OUTBOX_SHARDS};
-use crate::atomic::{Accept, AcceptOutcome, Answer, UserMessage};
+use crate::atomic::{Accept, AcceptOutcome, Answer};
 use crate::error::Report;
 use crate::store::dynamodb::{
-    key, msg_sk, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore,
+    key, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore,
 };
-use crate::store::ConversationStore;
 use crate::time::now_ms;
 use crate::{Error, Result};
 
@@ -34,7 +33,11 @@ impl AwsAtomic {
         let (mut owner_check, mut answer_at) = (None, None);
         if let Some(m) = &a.message {
             owner_check = Some(items.len());
-            items.extend(self.message_items(&a.user_id, m).await?);
+            items.extend(
+                self.store
+                    .user_message_items(&a.user_id, &m.conversation_id, &m.message)
+                    .await?,
+            );
         }
         // A batch's requests are written through the outbox (see the module's comment).
         if a.batch.is_none() {
@@ -73,50 +76,6 @@ impl AwsAtomic {
             tracing::warn!(error = %Report(&e), "jobs not sent yet; the outbox sweep will send them");
         }
         Ok(AcceptOutcome::Recorded)
-    }
-
-    /// The items of a chat turn's user message: a check that the conversation is the user's
-    /// (first), the message in its turn, and its index entry.
-    async fn message_items(
-        &self,
-        user_id: &str,
-        m: &UserMessage,
-    ) -> Result<[TransactWriteItem; 3]> {
-        let table = self.store.table.as_str();
-        // A cheap early "no" for another user's conversation (the transaction checks again),
-        // before a turn number is taken.
-        if self
-            .store
-            .get_conversation(user_id, &m.conversation_id)
-            .await?
-            .is_none()
-        {
-            return Err(Error::NotFound);
-        }
-        let conv_pk = format!("CONV#{}", m.conversation_id);
-        let turn = self.store.next_turn(&conv_pk).await?;
-        let owner = TransactWriteItem::builder()
-            .condition_check(
-                ConditionCheck::builder()
-                    .table_name(table)
-                    .set_key(Some(key(
-                        user_pk(user_id),
-                        format!("CONV#{}", m.conversation_id),
-                    )))
-                    .condition_expression("attribute_exists(pk)")
-                    .build()
-                    .map_err(|e| storage("build a transaction item", e))?,
-            )
-            .build();
-        let mut msg = key(&conv_pk, msg_sk(turn, 0));
-        msg.insert("body".into(), s(serde_json::to_string(&m.message)?));
-        let mut index = key(&conv_pk, format!("MID#{}", m.message.message_id));
-        index.insert("turn".into(), n(turn));
-        Ok([
-            owner,
-            put_if_absent(table, msg)?,
-            put_if_absent(table, index)?,
-        ])
     }
 
     /// The outbox item of an accept: its jobs and, for a batch, its request records; due for a

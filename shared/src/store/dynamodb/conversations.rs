@@ -3,7 +3,9 @@
 //! message (id → turn) and a `META` turn counter.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::ReturnValue;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{ConditionCheck, ReturnValue, TransactWriteItem};
 
 use super::{body, get_n, key, msg_sk, n, put_if_absent, s, storage, user_pk, DynamoStore};
 use crate::domain::{Conversation, Message, Page, RequestRecord};
@@ -12,6 +14,45 @@ use crate::store::{chat_context_in_reads, ChatContext, ConversationStore};
 use crate::{Error, Result};
 
 impl DynamoStore {
+    /// The items that append a user message to a conversation as its next turn, led by a
+    /// check that the conversation is the user's: a cancelled transaction whose first reason
+    /// is a failed condition means another user's conversation. Written once for the store's
+    /// own append and for the atomic accept, which adds its request and job to the same
+    /// transaction.
+    pub(crate) async fn user_message_items(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        message: &Message,
+    ) -> Result<[TransactWriteItem; 3]> {
+        // A cheap early "no" for another user's conversation (the transaction checks again),
+        // before a turn number is taken.
+        if self.get_conversation(user_id, conversation_id).await?.is_none() {
+            return Err(Error::NotFound);
+        }
+        let conv_pk = format!("CONV#{conversation_id}");
+        let turn = self.next_turn(&conv_pk).await?;
+        let owner = TransactWriteItem::builder()
+            .condition_check(
+                ConditionCheck::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(key(user_pk(user_id), format!("CONV#{conversation_id}"))))
+                    .condition_expression("attribute_exists(pk)")
+                    .build()
+                    .map_err(|e| storage("build a transaction item", e))?,
+            )
+            .build();
+        let mut msg = key(&conv_pk, msg_sk(turn, 0));
+        msg.insert("body".into(), s(serde_json::to_string(message)?));
+        let mut index = key(&conv_pk, format!("MID#{}", message.message_id));
+        index.insert("turn".into(), n(turn));
+        Ok([
+            owner,
+            put_if_absent(&self.table, msg)?,
+            put_if_absent(&self.table, index)?,
+        ])
+    }
+
     /// Takes the next turn number of the conversation whose partition is `conv_pk` (an atomic
     /// counter; a number taken by a write that then fails is skipped, which only leaves a gap
     /// in the sort keys).
@@ -93,23 +134,26 @@ impl ConversationStore for DynamoStore {
         message: &Message,
         request: &RequestRecord,
     ) -> Result<()> {
-        let conv_pk = format!("CONV#{conversation_id}");
-        let turn = self.next_turn(&conv_pk).await?;
-        let mut msg = key(&conv_pk, msg_sk(turn, 0));
-        msg.insert("body".into(), s(serde_json::to_string(message)?));
-        let mut index = key(&conv_pk, format!("MID#{}", message.message_id));
-        index.insert("turn".into(), n(turn));
-        self.client
+        let [owner, msg, index] = self
+            .user_message_items(user_id, conversation_id, message)
+            .await?;
+        let sent = self
+            .client
             .transact_write_items()
-            .transact_items(put_if_absent(&self.table, msg)?)
-            .transact_items(put_if_absent(&self.table, index)?)
+            .transact_items(owner)
+            .transact_items(msg)
+            .transact_items(index)
             .transact_items(put_if_absent(
                 &self.table,
                 Self::request_item(user_id, request, 1)?,
             )?)
             .send()
-            .await
-            .map_err(|e| storage("add message", e))?;
+            .await;
+        match sent {
+            Ok(_) => {}
+            Err(e) if owner_check_failed(&e) => return Err(Error::NotFound),
+            Err(e) => return Err(storage("add message", e)),
+        }
         Ok(())
     }
 
@@ -212,5 +256,18 @@ impl ConversationStore for DynamoStore {
     ) -> Result<Option<ChatContext>> {
         // The three records live in different partitions: no one read fetches them together.
         chat_context_in_reads(self, user_id, conversation_id, message_id, history_limit).await
+    }
+}
+
+/// Whether a transaction led by [`DynamoStore::user_message_items`] was cancelled by its owner
+/// check (the conversation is not the user's, or is gone).
+fn owner_check_failed(e: &SdkError<TransactWriteItemsError>) -> bool {
+    match e.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+            .cancellation_reasons()
+            .first()
+            .and_then(|r| r.code())
+            .is_some_and(|code| code == "ConditionalCheckFailed"),
+        _ => false,
     }
 }
