@@ -320,6 +320,18 @@ pub struct Batch {
     pub created_at: String,
 }
 
+impl Batch {
+    /// Counts `n` of the batch's requests as `status` says: succeeded, failed, or (queued,
+    /// running, unreadable) pending. Both stores count a batch with this, from zero.
+    pub fn count(&mut self, status: Option<RequestStatus>, n: u32) {
+        match status {
+            Some(RequestStatus::Succeeded) => self.succeeded += n,
+            Some(RequestStatus::Failed) => self.failed += n,
+            _ => self.pending += n,
+        }
+    }
+}
+
 /// One page of a listing; `next_token` is opaque to clients.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Page<T> {

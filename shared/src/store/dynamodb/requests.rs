@@ -143,8 +143,9 @@ impl RequestStore for DynamoStore {
             return Ok(None);
         };
         let mut batch: Batch = body(&item)?;
-        let (mut succeeded, mut failed, mut pending) = (0, 0, 0);
-        for chunk in batch.request_ids.chunks(100) {
+        (batch.succeeded, batch.failed, batch.pending) = (0, 0, 0);
+        let ids = std::mem::take(&mut batch.request_ids);
+        for chunk in ids.chunks(100) {
             let mut keys: Vec<Item> = chunk
                 .iter()
                 .map(|id| key(format!("REQ#{id}"), "REQ"))
@@ -171,11 +172,7 @@ impl RequestStore for DynamoStore {
                     .and_then(|mut r| r.remove(&self.table))
                     .unwrap_or_default()
                 {
-                    match get_s(&item, "status").and_then(RequestStatus::parse) {
-                        Some(RequestStatus::Succeeded) => succeeded += 1,
-                        Some(RequestStatus::Failed) => failed += 1,
-                        _ => pending += 1,
-                    }
+                    batch.count(get_s(&item, "status").and_then(RequestStatus::parse), 1);
                 }
                 keys = out
                     .unprocessed_keys
@@ -184,9 +181,7 @@ impl RequestStore for DynamoStore {
                     .unwrap_or_default();
             }
         }
-        batch.succeeded = succeeded;
-        batch.failed = failed;
-        batch.pending = pending;
+        batch.request_ids = ids;
         Ok(Some(batch))
     }
 }

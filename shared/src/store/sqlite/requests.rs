@@ -133,24 +133,20 @@ impl RequestStore for SqliteStore {
                 let mut stmt = c.prepare_cached(
                     "SELECT status, COUNT(*) FROM requests WHERE batch_id = ?1 GROUP BY status",
                 )?;
-                let (mut succeeded, mut failed, mut pending) = (0, 0, 0);
-                for row in stmt.query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))? {
-                    let (status, n) = row?;
-                    match RequestStatus::parse(&status) {
-                        Some(RequestStatus::Succeeded) => succeeded += n,
-                        Some(RequestStatus::Failed) => failed += n,
-                        _ => pending += n,
-                    }
-                }
-                Ok(Some(Batch {
-                    batch_id: id,
+                let mut batch = Batch {
+                    batch_id: id.clone(),
                     total: request_ids.len() as u32,
-                    succeeded,
-                    failed,
-                    pending,
+                    succeeded: 0,
+                    failed: 0,
+                    pending: 0,
                     request_ids,
                     created_at,
-                }))
+                };
+                for row in stmt.query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))? {
+                    let (status, n) = row?;
+                    batch.count(RequestStatus::parse(&status), n);
+                }
+                Ok(Some(batch))
             })
             .await
     }
