@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use backon::{ExponentialBuilder, Retryable};
-use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ingest_api::handlers::personas::BatchAccepted;
 use serde::de::DeserializeOwned;
@@ -20,32 +19,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use shared::domain::{Batch, RequestRecord, RequestResult, RequestStatus};
 
-#[derive(Debug, Clone, Args)]
-pub struct BatchArgs {
-    /// Base URL of the API.
-    #[arg(
-        long,
-        env = "CHARACTERBOT_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub url: String,
-    /// Access token; when absent, signs in with --email and --password.
-    #[arg(long, env = "CHARACTERBOT_TOKEN")]
-    pub token: Option<String>,
-    #[arg(long, env = "CHARACTERBOT_EMAIL")]
-    pub email: Option<String>,
-    #[arg(long, env = "CHARACTERBOT_PASSWORD")]
-    pub password: Option<String>,
-    /// File of prompts, one per line ("-" or absent: standard input).
-    #[arg(long)]
-    pub file: Option<PathBuf>,
-    /// Where to write the results as JSON lines (absent: standard output).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Prompts per submitted batch (at most the server's CHARACTERBOT_MAX_BATCH).
-    #[arg(long, default_value_t = 100)]
-    pub chunk: usize,
-}
+use crate::cli::BatchArgs;
 
 fn read_prompts(file: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
     let reader: Box<dyn BufRead> = match file {

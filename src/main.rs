@@ -51,7 +51,7 @@ enum Command {
         settings: Settings,
     },
     /// Client: create many personas from a file of prompts, with a progress bar.
-    Batch(characterbot::client::BatchArgs),
+    Batch(characterbot::cli::BatchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]

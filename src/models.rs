@@ -89,7 +89,13 @@ fn persona_model(from: Provider, m: &ModelSettings) -> anyhow::Result<Arc<dyn Pe
 async fn chat_model(from: Provider, m: &ModelSettings) -> anyhow::Result<Arc<dyn ChatModel>> {
     Ok(match from {
         Provider::Bedrock => {
-            Arc::new(BedrockChatModel::from_environment(m.bedrock_options()).await)
+            // The standard AWS configuration chain, read here in the binary (no library reads
+            // the environment).
+            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            Arc::new(BedrockChatModel::with_config(
+                aws_sdk_bedrockruntime::config::Builder::from(&sdk),
+                m.bedrock_options(),
+            ))
         }
         Provider::OpenAi => Arc::new(OpenAiChatModel::new(
             m.openai_options(&m.openai_chat_model)?,

@@ -35,7 +35,7 @@ pub struct IdempotencyClaim {
     pub key: String,
     pub fingerprint: String,
     pub first_ms: i64,
-    pub ttl_ms: i64,
+    pub ttl: Duration,
 }
 
 /// Put into a response by a handler that recorded the key's answer itself.
@@ -146,7 +146,6 @@ pub async fn idempotency(
         .await
         .map_err(|_| ApiError::PayloadTooLarge("request body is too large".into()))?;
     let fingerprint = fingerprint(&parts.method, parts.uri.path(), &bytes);
-    let ttl_ms = state.options.idempotency_ttl.as_millis() as i64;
     let claim = KeyClaim {
         user_id: &user.user_id,
         key: &key,
@@ -171,7 +170,7 @@ pub async fn idempotency(
                 key: key.clone(),
                 fingerprint,
                 first_ms,
-                ttl_ms,
+                ttl: state.options.idempotency_ttl,
             });
             let response = next.run(req).await;
             settle_key(&state, &user.user_id, &key, claim, response).await

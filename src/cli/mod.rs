@@ -8,6 +8,7 @@
 mod api;
 mod auth;
 mod aws;
+mod batch;
 mod models;
 mod worker;
 
@@ -19,6 +20,7 @@ use clap::{Args, ValueEnum};
 pub use api::ApiSettings;
 pub use auth::AuthSettings;
 pub use aws::{AwsSettings, CognitoRefresh};
+pub use batch::BatchArgs;
 pub use models::{ChatModelChoice, ModelSettings, PersonaModelChoice};
 pub use worker::WorkerSettings;
 

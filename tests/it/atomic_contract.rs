@@ -155,7 +155,7 @@ fn answer(key: &str, body: &str) -> Answer {
         key: key.into(),
         fingerprint: "fp".into(),
         stored: stored(202, body),
-        ttl_ms: 86_400_000,
+        ttl: std::time::Duration::from_secs(86_400),
     }
 }
 

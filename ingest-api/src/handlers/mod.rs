@@ -113,7 +113,7 @@ pub async fn accept<T: Serialize>(
         key: c.key.clone(),
         fingerprint: c.fingerprint.clone(),
         stored: stored_answer(StatusCode::ACCEPTED, json.clone()),
-        ttl_ms: c.ttl_ms,
+        ttl: c.ttl,
     });
     let (kind, ids): (RequestKind, Vec<RequestId>) = (
         accept.kind,

@@ -55,8 +55,8 @@ pub struct Answer {
     pub fingerprint: String,
     /// Kept as given, replayed as given: the store does not interpret it.
     pub stored: StoredAnswer,
-    /// How long the answer is kept, in milliseconds.
-    pub ttl_ms: i64,
+    /// How long the answer is kept.
+    pub ttl: Duration,
 }
 
 /// How an accept ended.

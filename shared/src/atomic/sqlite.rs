@@ -133,7 +133,7 @@ impl Atomic for SqliteAtomic {
                         &x.key,
                         &x.fingerprint,
                         &x.stored,
-                        x.ttl_ms,
+                        x.ttl.as_millis() as i64,
                     )?;
                 }
                 Ok(AcceptOutcome::Recorded)

@@ -38,14 +38,9 @@ pub struct BedrockChatModel {
 }
 
 impl BedrockChatModel {
-    /// A client from the standard AWS configuration chain (environment, profile, container or
-    /// instance role; `AWS_ENDPOINT_URL_BEDROCK_RUNTIME` overrides the endpoint).
-    pub async fn from_environment(opts: BedrockOptions) -> Self {
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        Self::with_config(aws_sdk_bedrockruntime::config::Builder::from(&sdk), opts)
-    }
-
-    /// A client from an explicit configuration (tests: fake endpoint, fixed credentials).
+    /// A client from a configuration the caller loaded: the binary loads the standard AWS
+    /// configuration chain (environment, profile, container or instance role;
+    /// `AWS_ENDPOINT_URL_BEDROCK_RUNTIME` overrides the endpoint), tests point it at a fake.
     pub fn with_config(
         config: aws_sdk_bedrockruntime::config::Builder,
         opts: BedrockOptions,

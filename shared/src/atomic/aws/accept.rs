@@ -114,7 +114,7 @@ impl AwsAtomic {
     /// The key's answer, recorded unless another call recorded one first; a key never claimed
     /// (or whose claim expired) gets its times here.
     fn answer_item(&self, user_id: &str, x: &Answer, now: i64) -> Result<TransactWriteItem> {
-        let expires = now + x.ttl_ms;
+        let expires = now + x.ttl.as_millis() as i64;
         Ok(TransactWriteItem::builder()
             .update(
                 Update::builder()
