@@ -11,9 +11,10 @@
 //!   group), and their conversions into `ingest_api::ApiOptions`, `workers::WorkerOptions`,
 //!   `shared::auth::local::LocalIssuerOptions` and the model options.
 //! - [`ports`]     [`open_ports`]: the queue, store, event bus and auth of a backend
-//!   (`shared::ports::Ports`), chosen from the settings: the one place that chooses adapters;
+//!   (`shared::ports::Ports`), chosen from the settings: where the ports' adapters are chosen;
 //!   [`AwsClients`], the AWS SDK clients with deadlines.
-//! - [`models`]    the persona and chat models, built by [`Models::from_settings`].
+//! - [`models`]    the persona and chat models, chosen and built by [`Models::from_settings`]
+//!   (only in processes that run workers).
 //! - [`run`](mod@run) [`api_state`], [`consumer`]: the API state and a worker's consume loop from
 //!   those; [`run()`] runs `serve`, `api` or one `worker` until the shutdown token is cancelled.
 //! - [`aws_init`](mod@aws_init) `characterbot aws-init`: the table and queues of the AWS backend.

@@ -1,4 +1,4 @@
-//! The one place that chooses adapters: [`open_ports`] builds the queue, store, event bus and
+//! Where the ports' adapters are chosen (the models' in `crate::models`): [`open_ports`] builds the queue, store, event bus and
 //! auth of the configured backend, from the parsed settings, into one `shared::ports::Ports`.
 
 use std::sync::Arc;

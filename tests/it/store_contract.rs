@@ -241,7 +241,8 @@ async fn a_user_message_goes_only_into_the_users_own_conversation(s: Subject) {
     ));
     let unknown = ConversationId::new();
     assert!(matches!(
-        st.add_user_message("alice", &unknown, &intruder, &request).await,
+        st.add_user_message("alice", &unknown, &intruder, &request)
+            .await,
         Err(Error::NotFound)
     ));
     // Nothing of either attempt was stored.

@@ -1,8 +1,11 @@
 //! The `Store` port: where personas, conversations, messages, requests, batches and
 //! idempotency keys live.
 //!
-//! Every read takes the owner's user id, and a record of another user reads as absent: the API
-//! cannot leak what it cannot fetch. Every write a redelivered job could repeat is idempotent:
+//! Every read the API makes takes the owner's user id, and a record of another user reads as
+//! absent: the API cannot leak what it cannot fetch. The reads only a worker makes (a
+//! conversation's history, a reply) go by the conversation's id, which the worker has from a
+//! request whose owner was checked when it was accepted. Accounts are not here: they belong to
+//! the identity provider (`crate::auth`: the embedded issuer's own tables, or Cognito). Every write a redelivered job could repeat is idempotent:
 //! a persona is keyed by its request, a reply by the user message it answers, and request
 //! states only move forward.
 //!

@@ -27,7 +27,11 @@ impl DynamoStore {
     ) -> Result<[TransactWriteItem; 3]> {
         // A cheap early "no" for another user's conversation (the transaction checks again),
         // before a turn number is taken.
-        if self.get_conversation(user_id, conversation_id).await?.is_none() {
+        if self
+            .get_conversation(user_id, conversation_id)
+            .await?
+            .is_none()
+        {
             return Err(Error::NotFound);
         }
         let conv_pk = format!("CONV#{conversation_id}");
@@ -36,7 +40,10 @@ impl DynamoStore {
             .condition_check(
                 ConditionCheck::builder()
                     .table_name(&self.table)
-                    .set_key(Some(key(user_pk(user_id), format!("CONV#{conversation_id}"))))
+                    .set_key(Some(key(
+                        user_pk(user_id),
+                        format!("CONV#{conversation_id}"),
+                    )))
                     .condition_expression("attribute_exists(pk)")
                     .build()
                     .map_err(|e| storage("build a transaction item", e))?,
