@@ -2,13 +2,14 @@
 //! [`IntoResponse`] turns it into the documented shape:
 //! `{"error": {"code": "snake_case_code", "message": "human text"}}` with the right status.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shared::error::Report;
+use shared::error::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -49,11 +50,13 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
-    /// 503: a dependency (store, queue) is unavailable; safe to retry.
-    #[error("{0}")]
-    Unavailable(String),
+    /// 503: a dependency (store, queue) is unavailable; safe to retry. The client is told
+    /// only that; the failure is the source, for the log.
+    #[error("the service is temporarily unavailable; retry shortly")]
+    Unavailable(#[source] BoxError),
+    /// 500: the client is told nothing more; the failure is the source, for the log.
     #[error("internal error")]
-    Internal(String),
+    Internal(#[source] BoxError),
 }
 
 /// Put into the response of a request refused before its handler could look at it (a body
@@ -109,34 +112,24 @@ impl ApiError {
     }
 }
 
-/// What a `5xx` answer left out for the client, for the log (see `IntoResponse` below).
+/// What a `5xx` answer left out for the client: the failure, with its sources, for the log
+/// (see `IntoResponse` below). Formatted only where it is logged.
 #[derive(Debug, Clone)]
-pub struct ServerErrorDetail(pub String);
+pub struct ServerErrorDetail(pub Arc<dyn std::error::Error + Send + Sync>);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        // The detail of a server-side failure is for operators, not clients: it rides on the
-        // response for `middleware::log_server_errors`, which logs it inside the request's span.
-        let (message, detail) = match &self {
-            ApiError::Internal(detail) => ("internal error".to_string(), Some(detail.clone())),
-            ApiError::Unavailable(detail) => (
-                "the service is temporarily unavailable; retry shortly".to_string(),
-                Some(detail.clone()),
-            ),
-            other => (other.to_string(), None),
-        };
-        let body = Json(serde_json::json!({ "error": { "code": code, "message": message } }));
+        // `Display` is the client's message: a 5xx's says nothing of its source.
+        let body =
+            Json(serde_json::json!({ "error": { "code": code, "message": self.to_string() } }));
         let mut response = (status, body).into_response();
-        if let Some(detail) = detail {
-            response.extensions_mut().insert(ServerErrorDetail(detail));
-        }
         if self.is_refusal() {
             response.extensions_mut().insert(Refused);
         }
         if let ApiError::RateLimited { retry_after }
         | ApiError::TooManyAttempts { retry_after }
-        | ApiError::Busy { retry_after, .. } = self
+        | ApiError::Busy { retry_after, .. } = &self
         {
             // Rounded up: a client that waits what it is told is not refused again.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
@@ -148,6 +141,13 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        // The detail of a server-side failure is for operators, not clients: it rides on the
+        // response for `middleware::log_server_errors`, which logs it inside the request's span.
+        if let ApiError::Internal(source) | ApiError::Unavailable(source) = self {
+            response
+                .extensions_mut()
+                .insert(ServerErrorDetail(Arc::from(source)));
         }
         response
     }
@@ -175,10 +175,8 @@ impl From<shared::Error> for ApiError {
                 code: "password_reset_required",
                 message,
             },
-            // The detail, for the log only, is the whole chain of sources.
-            e @ (E::Storage { .. } | E::Queue { .. }) => {
-                ApiError::Unavailable(Report(&e).to_string())
-            }
+            // Kept whole as the source: the log shows its chain, the client none of it.
+            e @ (E::Storage { .. } | E::Queue { .. }) => ApiError::Unavailable(Box::new(e)),
             E::Busy {
                 message,
                 retry_after,
@@ -187,7 +185,7 @@ impl From<shared::Error> for ApiError {
                 retry_after,
             },
             E::Throttled { retry_after } => ApiError::TooManyAttempts { retry_after },
-            other => ApiError::Internal(Report(&other).to_string()),
+            other => ApiError::Internal(Box::new(other)),
         }
     }
 }
@@ -238,6 +236,8 @@ impl From<PathRejection> for ApiError {
 
 #[cfg(test)]
 mod tests {
+    use shared::error::Report;
+
     use super::*;
 
     /// Status and body a domain error becomes.
@@ -257,7 +257,8 @@ mod tests {
             response
                 .extensions()
                 .get::<ServerErrorDetail>()
-                .map(|d| d.0.as_str()),
+                .map(|d| d.0.to_string())
+                .as_deref(),
             Some("disk on fire at /var/db")
         );
         let body = axum::body::to_bytes(response.into_body(), 1 << 16)
@@ -276,12 +277,34 @@ mod tests {
         );
         let response = ApiError::from(e).into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let detail = response
+            .extensions()
+            .get::<ServerErrorDetail>()
+            .map(|d| Arc::clone(&d.0))
+            .expect("a detail");
         assert_eq!(
-            response
-                .extensions()
-                .get::<ServerErrorDetail>()
-                .map(|d| d.0.as_str()),
-            Some("storage error: dynamodb get: connection reset by peer")
+            Report(&*detail).to_string(),
+            "storage error: dynamodb get: connection reset by peer"
+        );
+        let source = std::error::Error::source(&*detail).expect("the storage error's source");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+    }
+
+    #[tokio::test]
+    async fn server_errors_answer_the_same_bodies_whatever_their_source() {
+        let cause = || std::io::Error::other("disk on fire at /var/db");
+        let (status, body) = answer(shared::Error::queue("sqs send", cause())).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            serde_json::json!({ "error": { "code": "unavailable",
+                "message": "the service is temporarily unavailable; retry shortly" } })
+        );
+        let (status, body) = answer(shared::Error::config("http client", cause())).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            body,
+            serde_json::json!({ "error": { "code": "internal", "message": "internal error" } })
         );
     }
 

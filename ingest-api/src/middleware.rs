@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use sha2::{Digest, Sha256};
 use shared::auth::AuthUser;
+use shared::error::Report;
 use shared::metrics::{HttpLabels, RouteLabels};
 use shared::store::{IdempotencyBegin, KeyClaim, StoredAnswer};
 
@@ -226,9 +227,9 @@ async fn settle_key(
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
-    let bytes = to_bytes(body, usize::MAX)
-        .await
-        .map_err(|e| ApiError::Internal(format!("buffering a response: {e}")))?;
+    let bytes = to_bytes(body, usize::MAX).await.map_err(|e| {
+        ApiError::Internal(shared::Error::internal("buffering a response", e).into())
+    })?;
     let answer = stored_answer(status, String::from_utf8_lossy(&bytes).into_owned());
     store
         .idempotency_complete(user_id, key, claim, &answer)
@@ -273,7 +274,9 @@ pub async fn refuse_large_bodies(
 /// request's span, rather than as a side effect of turning an error into a response.
 pub async fn log_server_errors(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
-    if let Some(ServerErrorDetail(detail)) = response.extensions().get() {
+    if let Some(ServerErrorDetail(source)) = response.extensions().get() {
+        // The whole chain, formatted here only: a 5xx is rare, its log line worth the cost.
+        let detail = Report(&**source);
         if response.status() == StatusCode::SERVICE_UNAVAILABLE {
             tracing::warn!(%detail, "dependency unavailable");
         } else {

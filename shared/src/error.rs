@@ -6,6 +6,7 @@
 //! the `Display` text names the context, and [`Report`] writes the whole chain for a log line.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -44,8 +45,12 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
-    #[error("configuration error: {0}")]
-    Config(String),
+    #[error("configuration error: {context}")]
+    Config {
+        context: Cow<'static, str>,
+        #[source]
+        source: Option<BoxError>,
+    },
     /// A model call that may succeed later: throttling, time-outs, 5xx, a model warming up.
     #[error("model temporarily unavailable: {message}")]
     ModelTransient {
@@ -141,6 +146,22 @@ impl Error {
         }
     }
 
+    /// A setting (or a file it names) that cannot be used, as `source` found.
+    pub fn config(context: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
+        Error::Config {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A setting that is missing or out of range, as this code found.
+    pub fn config_msg(context: impl Into<Cow<'static, str>>) -> Self {
+        Error::Config {
+            context: context.into(),
+            source: None,
+        }
+    }
+
     /// A bug or an impossible state, caused by `source`.
     pub fn internal(context: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
         Error::Internal {
@@ -167,6 +188,31 @@ impl From<deadpool_sqlite::rusqlite::Error> for Error {
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
         Error::internal("json", e)
+    }
+}
+
+/// One error that several failures share (e.g. the writer's failed commit fails every write in
+/// it). It reads as the error itself, `Display` and `source` both, so a [`Report`] shows it once;
+/// a caller that wants the original downcasts to `SharedError<E>` and reads `.0`.
+#[derive(Debug)]
+pub struct SharedError<E>(pub Arc<E>);
+
+// By hand: a derived `Clone` would ask `E: Clone`, and sharing is what the `Arc` is for.
+impl<E> Clone for SharedError<E> {
+    fn clone(&self) -> Self {
+        SharedError(Arc::clone(&self.0))
+    }
+}
+
+impl<E: std::error::Error> std::fmt::Display for SharedError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl<E: std::error::Error> std::error::Error for SharedError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 
@@ -215,6 +261,41 @@ mod tests {
         assert!(!e.is_transient());
         assert_eq!(e.to_string(), "internal error: json");
         assert!(Report(&e).to_string().len() > "internal error: json".len());
+    }
+
+    #[test]
+    fn a_config_error_keeps_what_it_wraps_as_the_source() {
+        let e = Error::config(
+            "signing key",
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not PEM"),
+        );
+        assert_eq!(e.to_string(), "configuration error: signing key");
+        let source = e.source().expect("a source");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+        assert_eq!(
+            Report(&e).to_string(),
+            "configuration error: signing key: not PEM"
+        );
+        assert!(Error::config_msg("no region").source().is_none());
+        assert_eq!(e.code(), "internal");
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn a_shared_error_reads_as_the_error_it_shares() {
+        let inner = Error::storage("sqlite", std::io::Error::other("disk I/O error"));
+        let shared = SharedError(Arc::new(inner));
+        let e = Error::storage("sqlite write failed", shared.clone());
+        // Once in the chain, not twice: `Display` and `source` are the shared error's own.
+        assert_eq!(
+            Report(&e).to_string(),
+            "storage error: sqlite write failed: storage error: sqlite: disk I/O error"
+        );
+        assert!(e
+            .source()
+            .and_then(|s| s.downcast_ref::<SharedError<Error>>())
+            .is_some());
+        assert_eq!(shared.to_string(), "storage error: sqlite");
     }
 
     #[test]

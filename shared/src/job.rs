@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::RequestKind;
 use crate::ids::RequestId;
 use crate::queue::{Delivery, Outgoing};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Attribute names on the queue message.
 const REQUEST_ID: &str = "request_id";
@@ -68,11 +68,11 @@ impl Job {
         message
     }
 
-    /// The job a delivery carries; `Invalid` when its body is not a job (a message to
-    /// dead-letter: no retry will make it one).
-    pub fn decode(delivery: &Delivery) -> Result<Job> {
-        let body: Body =
-            serde_json::from_str(&delivery.body).map_err(|e| Error::Invalid(e.to_string()))?;
+    /// The job a delivery carries; the parse error when its body is not a job (a message to
+    /// dead-letter: no retry will make it one). Not an [`Error::Invalid`](crate::Error::Invalid): that is a client's
+    /// mistake, answered with a 400; this is the queue's, kept whole for the dead letter.
+    pub fn decode(delivery: &Delivery) -> Result<Job, serde_json::Error> {
+        let body: Body = serde_json::from_str(&delivery.body)?;
         let attribute = |name| delivery.attributes.get(name).cloned();
         Ok(Job {
             request_id: body.request_id,
@@ -138,10 +138,11 @@ mod tests {
     }
 
     #[test]
-    fn a_body_that_is_not_a_job_is_invalid() {
-        assert!(matches!(
-            Job::decode(&delivered(Outgoing::new("poison"))),
-            Err(Error::Invalid(_))
-        ));
+    fn a_body_that_is_not_a_job_fails_with_the_parse_error() {
+        let e = Job::decode(&delivered(Outgoing::new("poison"))).expect_err("not a job");
+        assert_eq!(e.classify(), serde_json::error::Category::Syntax);
+        let wrong = r#"{"request_id":"req_1","user_id":"alice","kind":"nope"}"#;
+        let e = Job::decode(&delivered(Outgoing::new(wrong))).expect_err("not a kind");
+        assert_eq!(e.classify(), serde_json::error::Category::Data);
     }
 }

@@ -186,12 +186,8 @@ impl Consumer {
         let msg = match QueuedJob::decode(&delivery) {
             Ok(m) => m,
             Err(e) => {
-                tracing::error!(%kind, error = %Report(&e), "queue message is not a job; dead-lettering it");
-                let detail = match e {
-                    shared::Error::Invalid(detail) => detail,
-                    other => other.to_string(),
-                };
-                let reason = crate::Error::BadMessage(detail).to_string();
+                let reason = Report(&crate::Error::BadMessage(e)).to_string();
+                tracing::error!(%kind, error = %reason, "queue message is not a job; dead-lettering it");
                 if let Err(e) = self.queue.dead_letter(&delivery, &reason).await {
                     tracing::error!(error = %Report(&e), "could not dead-letter a malformed message");
                 }

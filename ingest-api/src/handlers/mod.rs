@@ -108,7 +108,7 @@ pub async fn accept<T: Serialize>(
     mut accept: Accept,
     body: &T,
 ) -> Result<Response, ApiError> {
-    let json = serde_json::to_string(body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let json = serde_json::to_string(body).map_err(|e| ApiError::Internal(Box::new(e)))?;
     accept.answer = claim.0.as_ref().map(|c| Answer {
         key: c.key.clone(),
         fingerprint: c.fingerprint.clone(),

@@ -46,7 +46,7 @@ impl HttpJwks {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .build()
-            .map_err(|e| Error::Config(format!("http client: {e}")))?;
+            .map_err(|e| Error::config("http client", e))?;
         Ok(HttpJwks {
             url: url.into(),
             http,
@@ -99,7 +99,9 @@ where
         return Error::storage("cognito unavailable", e);
     };
     let message = service.message().unwrap_or("no message").to_owned();
-    match service.code().unwrap_or_default() {
+    // Owned, so that `e` can become the source of a server-side failure below.
+    let code = service.code().unwrap_or_default().to_owned();
+    match code.as_str() {
         "UsernameExistsException" | "AliasExistsException" => {
             Error::Conflict("an account with this email already exists".into())
         }
@@ -123,10 +125,8 @@ where
         }
         "TooManyRequestsException"
         | "LimitExceededException"
-        | "TooManyFailedAttemptsException" => {
-            Error::storage_msg(format!("cognito is throttling: {message}"))
-        }
-        code => Error::internal_msg(format!("cognito {code}: {message}")),
+        | "TooManyFailedAttemptsException" => Error::storage("cognito is throttling", e),
+        code => Error::internal(format!("cognito {code}"), e),
     }
 }
 
@@ -177,7 +177,7 @@ impl CognitoIdentity {
             return Ok(None);
         };
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
-            .map_err(|e| Error::Config(e.to_string()))?;
+            .map_err(|e| Error::config("client secret as an HMAC key", e))?;
         mac.update(username.as_bytes());
         mac.update(self.client_id.as_bytes());
         Ok(Some(STANDARD.encode(mac.finalize().into_bytes())))
@@ -333,6 +333,15 @@ mod tests {
             from_cognito("TooManyRequestsException"),
             Error::Storage { .. }
         ));
+        // Cognito's own error stays the source of a server-side failure: its message is in
+        // the chain that gets logged.
+        for code in ["TooManyRequestsException", "SomethingNewException"] {
+            let e = from_cognito(code);
+            assert!(std::error::Error::source(&e).is_some(), "{code}");
+            assert!(crate::error::Report(&e)
+                .to_string()
+                .contains("from cognito"));
+        }
         // What the mapping does not know stays a server error, with Cognito's code for the log.
         assert!(
             matches!(from_cognito("SomethingNewException"), Error::Internal { context, .. } if context.contains("SomethingNewException"))

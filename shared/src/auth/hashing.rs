@@ -211,13 +211,12 @@ fn digest(
 }
 
 fn hash_with(memory: &mut Vec<Block>, password: &str) -> Result<String> {
-    let failed =
-        |e: &dyn std::fmt::Display| Error::internal_msg(format!("hashing a password: {e}"));
+    let failed = |e: argon2::password_hash::Error| Error::internal("hashing a password", e);
     let params = Params::default();
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
     let salt = SaltString::generate(&mut OsRng);
     let mut salt_bytes = [0u8; 64];
-    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(|e| failed(&e))?;
+    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(failed)?;
     let output = digest(
         &argon,
         &params,
@@ -226,11 +225,11 @@ fn hash_with(memory: &mut Vec<Block>, password: &str) -> Result<String> {
         Params::DEFAULT_OUTPUT_LEN,
         memory,
     )
-    .map_err(|e| failed(&e))?;
+    .map_err(failed)?;
     let phc = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
         version: Some(Version::V0x13.into()),
-        params: ParamsString::try_from(&params).map_err(|e| failed(&e))?,
+        params: ParamsString::try_from(&params).map_err(failed)?,
         salt: Some(salt.as_salt()),
         hash: Some(output),
     };
@@ -238,21 +237,21 @@ fn hash_with(memory: &mut Vec<Block>, password: &str) -> Result<String> {
 }
 
 fn verify_with(memory: &mut Vec<Block>, hash: &str, password: &str) -> Result<bool> {
-    let bad = |e: &dyn std::fmt::Display| Error::storage_msg(format!("stored password hash: {e}"));
-    let phc = PasswordHash::new(hash).map_err(|e| bad(&e))?;
+    let bad = |e: argon2::password_hash::Error| Error::storage("stored password hash", e);
+    let phc = PasswordHash::new(hash).map_err(bad)?;
     let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
-        return Err(bad(&"no salt or hash"));
+        return Err(Error::storage_msg("stored password hash: no salt or hash"));
     };
-    let algorithm = Algorithm::try_from(phc.algorithm).map_err(|e| bad(&e))?;
+    let algorithm = Algorithm::try_from(phc.algorithm).map_err(bad)?;
     let version = phc
         .version
         .map(Version::try_from)
         .transpose()
-        .map_err(|e| bad(&e))?
+        .map_err(|e| Error::storage("stored password hash", e))?
         .unwrap_or_default();
-    let params = Params::try_from(&phc).map_err(|e| bad(&e))?;
+    let params = Params::try_from(&phc).map_err(bad)?;
     let mut salt_bytes = [0u8; 64];
-    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(|e| bad(&e))?;
+    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(bad)?;
     let argon = Argon2::new(algorithm, version, params.clone());
     let computed = digest(
         &argon,
@@ -262,7 +261,7 @@ fn verify_with(memory: &mut Vec<Block>, hash: &str, password: &str) -> Result<bo
         expected.len(),
         memory,
     )
-    .map_err(|e| bad(&e))?;
+    .map_err(bad)?;
     // `Output`'s equality is constant-time.
     Ok(computed == expected)
 }

@@ -127,7 +127,7 @@ fn client(opts: &OpenAiOptions) -> Result<async_openai::Client<OpenAIConfig>> {
     let http = reqwest::Client::builder()
         .timeout(opts.timeout)
         .build()
-        .map_err(|e| Error::Config(format!("http client: {e}")))?;
+        .map_err(|e| Error::config("http client", e))?;
     let mut config = OpenAIConfig::new()
         .with_api_key(opts.api_key.clone())
         .with_api_base(opts.base_url.trim_end_matches('/'));

@@ -29,12 +29,13 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
-use deadpool_sqlite::rusqlite::Connection;
-use deadpool_sqlite::{Config, Hook, HookError, Pool, Runtime};
+use deadpool_sqlite::rusqlite::{self, Connection};
+use deadpool_sqlite::{Config, Hook, HookError, InteractError, Pool, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::error::SharedError;
 use crate::{Error, Result};
 
 mod schema;
@@ -109,7 +110,7 @@ impl Db {
             .spawn(move || write_loop(conn, sync, inbox))?;
         let readers = Config::new(path.clone())
             .builder(Runtime::Tokio1)
-            .map_err(|e| Error::Config(e.to_string()))?
+            .map_err(|e| Error::config("sqlite pool settings", e))?
             .max_size(8)
             .post_create(Hook::async_fn(|conn, _| {
                 Box::pin(async move {
@@ -125,7 +126,7 @@ impl Db {
                 })
             }))
             .build()
-            .map_err(|e| Error::Config(format!("sqlite pool: {e}")))?;
+            .map_err(|e| Error::config("sqlite pool", e))?;
         Ok(Db {
             readers,
             writer,
@@ -146,7 +147,7 @@ impl Db {
             .map_err(|e| Error::storage("sqlite pool", e))?;
         conn.interact(f)
             .await
-            .map_err(|e| Error::storage_msg(format!("sqlite worker thread: {e}")))?
+            .map_err(|e| Error::storage("sqlite worker thread", ThreadFailed(Mutex::new(e))))?
     }
 
     /// Runs a short read, a few rows found by key, on the calling thread with that thread's own
@@ -204,10 +205,13 @@ impl Db {
         let job: Write = Box::new(move |c: Option<&Connection>| {
             let out = c.map(f);
             let ok = matches!(out, Some(Ok(_)));
-            let reply: Reply = Box::new(move |error: Option<&str>| {
+            let reply: Reply = Box::new(move |error: Option<&Arc<rusqlite::Error>>| {
                 let out = match (out, error) {
                     (Some(Err(e)), _) => Err(e),
-                    (_, Some(e)) => Err(Error::storage_msg(format!("sqlite write failed: {e}"))),
+                    (_, Some(e)) => Err(Error::storage(
+                        "sqlite write failed",
+                        SharedError(Arc::clone(e)),
+                    )),
                     (Some(Ok(v)), None) => Ok(v),
                     (None, None) => Err(Error::storage_msg("the write was not run")),
                 };
@@ -226,161 +230,23 @@ impl Db {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::schema::{MIGRATIONS, SCHEMA};
-    use super::*;
+/// A read's blocking thread panicked or was cancelled. deadpool's [`InteractError`] is not
+/// `Sync` (a panic payload is `Send` only), so it cannot be an error's source as it is: the
+/// mutex makes it one, whole, for a caller that downcasts.
+#[derive(Debug)]
+pub struct ThreadFailed(pub Mutex<InteractError>);
 
-    #[tokio::test]
-    async fn a_database_of_the_first_release_is_migrated_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let old = Connection::open(dir.path().join("characterbot.db")).unwrap();
-            old.execute_batch(SCHEMA).unwrap();
-            old.execute(
-                "INSERT INTO queue_messages (id, queue, body, visible_ms, sent_ms)
-                 VALUES ('m1', 'persona', '{}', 0, 0)",
-                [],
-            )
-            .unwrap();
+impl std::fmt::Display for ThreadFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A poisoned lock still holds the error: nothing panics while formatting it.
+        match self.0.lock() {
+            Ok(e) => std::fmt::Display::fmt(&*e, f),
+            Err(poisoned) => std::fmt::Display::fmt(&**poisoned.get_ref(), f),
         }
-        for _ in 0..2 {
-            // Twice: opening a migrated database changes nothing.
-            let db = Db::open(dir.path()).await.unwrap();
-            let (version, attributes) = db
-                .call(|c| {
-                    let v: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-                    let a: String = c.query_row(
-                        "SELECT attributes FROM queue_messages WHERE id = 'm1'",
-                        [],
-                        |r| r.get(0),
-                    )?;
-                    Ok((v, a))
-                })
-                .await
-                .unwrap();
-            assert_eq!(version, MIGRATIONS.len() as i64);
-            assert_eq!(attributes, "{}", "old messages get no attributes");
-        }
-    }
-
-    async fn counter_db() -> (tempfile::TempDir, Db) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path()).await.unwrap();
-        db.write(|c| Ok(c.execute_batch("CREATE TABLE t (caller INTEGER, n INTEGER)")?))
-            .await
-            .unwrap();
-        (dir, db)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_writes_are_grouped_and_a_failing_one_fails_alone() {
-        let (_dir, db) = counter_db().await;
-        let mut tasks = tokio::task::JoinSet::new();
-        for caller in 0..50i64 {
-            let db = db.clone();
-            tasks.spawn(async move {
-                let mut outcomes = Vec::new();
-                for n in 0..20i64 {
-                    let out = db
-                        .write(move |c| {
-                            c.execute("INSERT INTO t VALUES (?1, ?2)", [caller, n])?;
-                            if n % 7 == 3 {
-                                // Fails after writing: its row must be rolled back alone.
-                                return Err(Error::Conflict("refused".into()));
-                            }
-                            Ok(n)
-                        })
-                        .await;
-                    outcomes.push(out.is_ok());
-                }
-                outcomes
-            });
-        }
-        while let Some(outcomes) = tasks.join_next().await {
-            let outcomes = outcomes.unwrap();
-            let expected: Vec<bool> = (0..20).map(|n| n % 7 != 3).collect();
-            assert_eq!(outcomes, expected, "only the refused writes fail");
-        }
-        let (rows, failed_rows): (i64, i64) = db
-            .call(|c| {
-                Ok(c.query_row(
-                    "SELECT COUNT(*), COALESCE(SUM(n % 7 = 3), 0) FROM t",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?)
-            })
-            .await
-            .unwrap();
-        assert_eq!((rows, failed_rows), (50 * 17, 0));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn each_callers_writes_commit_in_the_order_made() {
-        let (_dir, db) = counter_db().await;
-        let mut tasks = tokio::task::JoinSet::new();
-        for caller in 0..20i64 {
-            let db = db.clone();
-            tasks.spawn(async move {
-                for n in 0..25i64 {
-                    db.write(move |c| {
-                        c.execute("INSERT INTO t VALUES (?1, ?2)", [caller, n])?;
-                        Ok(())
-                    })
-                    .await
-                    .unwrap();
-                }
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-        let per_caller: Vec<Vec<i64>> = db
-            .call(|c| {
-                let mut out = vec![Vec::new(); 20];
-                let mut stmt = c.prepare("SELECT caller, n FROM t ORDER BY rowid")?;
-                let rows =
-                    stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
-                for row in rows {
-                    let (caller, n) = row?;
-                    out[caller as usize].push(n);
-                }
-                Ok(out)
-            })
-            .await
-            .unwrap();
-        for ns in per_caller {
-            assert_eq!(ns, (0..25).collect::<Vec<_>>());
-        }
-    }
-
-    #[tokio::test]
-    async fn reads_cannot_write_and_a_panicking_write_does_not_stop_the_writer() {
-        let (_dir, db) = counter_db().await;
-        let read_write = db
-            .call(|c| Ok(c.execute("INSERT INTO t VALUES (1, 1)", [])?))
-            .await;
-        assert!(read_write.is_err(), "read connections are read-only");
-        let panicked = db
-            .write(|c| -> Result<()> {
-                c.execute("INSERT INTO t VALUES (2, 2)", [])?;
-                panic!("a bug in a write");
-            })
-            .await;
-        assert!(panicked.is_err());
-        db.write(|c| Ok(c.execute("INSERT INTO t VALUES (3, 3)", [])?))
-            .await
-            .unwrap();
-        let callers: Vec<i64> = db
-            .call(|c| {
-                let mut stmt = c.prepare("SELECT caller FROM t")?;
-                let rows = stmt.query_map([], |r| r.get(0))?;
-                Ok(rows.collect::<Result<_, _>>()?)
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            callers,
-            [3],
-            "the panicked write was rolled back, the next one committed"
-        );
     }
 }
+
+impl std::error::Error for ThreadFailed {}
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,9 @@
 //! The writer thread: the one connection of this process that writes, and its group commit
 //! (see the "One writer, group commit" and "Durability" sections of the module above).
 
-use deadpool_sqlite::rusqlite::Connection;
+use std::sync::Arc;
+
+use deadpool_sqlite::rusqlite::{self, Connection};
 use tokio::sync::mpsc;
 
 use super::Sync;
@@ -12,8 +14,9 @@ const MAX_GROUP: usize = 512;
 /// given none: the transaction could not begin) and returns whether it succeeded, plus what to
 /// tell the caller once the commit's fate is known.
 pub(super) type Write = Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>;
-/// Answers a caller: given the commit's error, if any.
-pub(super) type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
+/// Answers a caller: given the commit's error, if any. One failed commit fails every write in
+/// it, so its error is shared (one `Arc` per failed commit, nothing per successful one).
+pub(super) type Reply = Box<dyn FnOnce(Option<&Arc<rusqlite::Error>>) + Send>;
 
 /// A write waiting for the writer thread.
 pub(super) struct Pending {
@@ -23,7 +26,7 @@ pub(super) struct Pending {
 }
 
 /// Runs one of the writer's transaction-control statements from the statement cache: parsing them anew for every write was a measurable share of the writer's time.
-fn run_cached(c: &Connection, sql: &str) -> deadpool_sqlite::rusqlite::Result<()> {
+fn run_cached(c: &Connection, sql: &str) -> rusqlite::Result<()> {
     c.prepare_cached(sql)?.raw_execute().map(|_| ())
 }
 
@@ -65,7 +68,7 @@ pub(super) fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pe
             }
         }
         if let Err(e) = run_cached(&c, "BEGIN IMMEDIATE") {
-            let e = e.to_string();
+            let e = Arc::new(e);
             for w in group.drain(..) {
                 let (_, reply) = w(None);
                 reply(Some(&e));
@@ -99,11 +102,11 @@ pub(super) fn write_loop(c: Connection, sync: Sync, mut inbox: mpsc::Receiver<Pe
                 replies.push(reply);
             }
         }
-        let commit = run_cached(&c, "COMMIT").map_err(|e| e.to_string());
+        let commit = run_cached(&c, "COMMIT").map_err(Arc::new);
         if commit.is_err() {
             let _ = c.execute_batch("ROLLBACK");
         }
-        let error = commit.as_ref().err().map(String::as_str);
+        let error = commit.as_ref().err();
         for reply in replies.drain(..) {
             reply(error);
         }

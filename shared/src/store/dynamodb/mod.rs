@@ -191,7 +191,7 @@ impl DynamoStore {
                     .attribute_name("expires_at")
                     .enabled(true)
                     .build()
-                    .map_err(|e| Error::Config(e.to_string()))?,
+                    .map_err(|e| Error::config("TTL specification", e))?,
             )
             .send()
             .await
@@ -210,14 +210,14 @@ impl DynamoStore {
                 .attribute_name(name)
                 .attribute_type(ScalarAttributeType::S)
                 .build()
-                .map_err(|e| Error::Config(e.to_string()))
+                .map_err(|e| Error::config("attribute definition", e))
         };
         let schema = |name: &str, kt: KeyType| {
             KeySchemaElement::builder()
                 .attribute_name(name)
                 .key_type(kt)
                 .build()
-                .map_err(|e| Error::Config(e.to_string()))
+                .map_err(|e| Error::config("key schema", e))
         };
         client
             .create_table()
