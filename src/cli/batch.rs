@@ -1,0 +1,32 @@
+//! The flags of `characterbot batch`, the batch client (`crate::client`).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// Base URL of the API.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// Access token; when absent, signs in with --email and --password.
+    #[arg(long, env = "CHARACTERBOT_TOKEN")]
+    pub token: Option<String>,
+    #[arg(long, env = "CHARACTERBOT_EMAIL")]
+    pub email: Option<String>,
+    #[arg(long, env = "CHARACTERBOT_PASSWORD")]
+    pub password: Option<String>,
+    /// File of prompts, one per line ("-" or absent: standard input).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Where to write the results as JSON lines (absent: standard output).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Prompts per submitted batch (at most the server's CHARACTERBOT_MAX_BATCH).
+    #[arg(long, default_value_t = 100)]
+    pub chunk: usize,
+}
