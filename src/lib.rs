@@ -10,11 +10,11 @@
 //! - [`cli`]       every flag and its environment variable (`Settings` and one struct per
 //!   group), and their conversions into `ingest_api::ApiOptions`, `workers::WorkerOptions`,
 //!   `shared::auth::local::LocalIssuerOptions` and the model options.
-//! - [`ports`]     [`open_ports`]: the queue, store, event bus and auth of a backend
-//!   (`shared::ports::Ports`), chosen from the settings: where the ports' adapters are chosen;
+//! - [`ports`]     [`open_ports`]: the queue, store, event bus, auth and models of a backend
+//!   (`shared::ports::Ports`), chosen from the settings: the one place that chooses adapters;
 //!   [`AwsClients`], the AWS SDK clients with deadlines.
-//! - [`models`]    the persona and chat models, chosen and built by [`Models::from_settings`]
-//!   (only in processes that run workers).
+//! - [`models`]    the persona and chat models the settings name ([`models::open_models`]),
+//!   part of the ports.
 //! - [`run`](mod@run) [`api_state`], [`consumer`]: the API state and a worker's consume loop from
 //!   those; [`run()`] runs `serve`, `api` or one `worker` until the shutdown token is cancelled.
 //! - [`aws_init`](mod@aws_init) `characterbot aws-init`: the table and queues of the AWS backend.
@@ -33,6 +33,6 @@ pub mod ports;
 pub mod run;
 
 pub use aws_init::aws_init;
-pub use models::Models;
 pub use ports::{open_ports, AwsClients, Ports};
 pub use run::{api_state, consumer, run, Role};
+pub use shared::models::Models;

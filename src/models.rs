@@ -6,16 +6,9 @@ use std::sync::Arc;
 use shared::models::bedrock::BedrockChatModel;
 use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
 use shared::models::openai::{OpenAiChatModel, OpenAiPersonaModel};
-use shared::models::{ChatModel, PersonaModel};
+use shared::models::{ChatModel, Models, PersonaModel};
 
 use crate::cli::{ChatModelChoice, ModelSettings, PersonaModelChoice, Settings};
-
-/// The two models.
-#[derive(Clone)]
-pub struct Models {
-    pub persona: Arc<dyn PersonaModel>,
-    pub chat: Arc<dyn ChatModel>,
-}
 
 /// Where a model's answers come from, once `auto` is resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,21 +99,19 @@ async fn chat_model(from: Provider, m: &ModelSettings) -> anyhow::Result<Arc<dyn
     })
 }
 
-impl Models {
-    /// The models the settings name; `auto` picks a provider whose credentials are present and
-    /// the offline engine otherwise, and the choice is logged.
-    pub async fn from_settings(settings: &Settings) -> anyhow::Result<Models> {
-        let m = &settings.models;
-        let (persona_from, chat_from) = (Provider::for_persona(m), Provider::for_chat(m));
-        let persona = persona_model(persona_from, m)?;
-        let chat = chat_model(chat_from, m).await?;
-        tracing::info!(
-            persona_model = persona.model(),
-            persona_provider = %persona_from.label(m),
-            chat_model = chat.model(),
-            chat_provider = %chat_from.label(m),
-            "models in use"
-        );
-        Ok(Models { persona, chat })
-    }
+/// The models the settings name; `auto` picks a provider whose credentials are present and the
+/// offline engine otherwise, and the choice is logged. Part of the ports (`crate::open_ports`).
+pub async fn open_models(settings: &Settings) -> anyhow::Result<Models> {
+    let m = &settings.models;
+    let (persona_from, chat_from) = (Provider::for_persona(m), Provider::for_chat(m));
+    let persona = persona_model(persona_from, m)?;
+    let chat = chat_model(chat_from, m).await?;
+    tracing::info!(
+        persona_model = persona.model(),
+        persona_provider = %persona_from.label(m),
+        chat_model = chat.model(),
+        chat_provider = %chat_from.label(m),
+        "models in use"
+    );
+    Ok(Models { persona, chat })
 }

@@ -1,5 +1,6 @@
-//! Where the ports' adapters are chosen (the models' in `crate::models`): [`open_ports`] builds the queue, store, event bus and
-//! auth of the configured backend, from the parsed settings, into one `shared::ports::Ports`.
+//! The one place that chooses adapters: [`open_ports`] builds the queue, store, event bus, auth
+//! and models (`crate::models`) of the configured backend, from the parsed settings, into one
+//! `shared::ports::Ports`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use shared::store::dynamodb::DynamoStore;
 use shared::store::sqlite::SqliteStore;
 
 use crate::cli::{AuthSettings, Backend, Settings};
+use crate::models::open_models;
 
 /// The SDK clients of the AWS backend, each with deadlines on its calls.
 pub struct AwsClients {
@@ -152,6 +154,7 @@ async fn aws(settings: &Settings) -> anyhow::Result<Ports> {
         identity: Arc::new(identity),
         jwks: None,
         metrics: Metrics::new(),
+        models: open_models(settings).await?,
     })
 }
 
@@ -184,5 +187,6 @@ async fn embedded(settings: &Settings) -> anyhow::Result<Ports> {
         identity: Arc::new(identity),
         jwks: Some(jwks),
         metrics: Metrics::new(),
+        models: open_models(settings).await?,
     })
 }

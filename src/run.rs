@@ -15,7 +15,6 @@ use workers::persona::PersonaJob;
 use workers::{Consumer, Job};
 
 use crate::cli::Settings;
-use crate::models::Models;
 use crate::ports::{open_ports, Ports};
 
 /// The API's state: the ports, and the options built from the API's flags.
@@ -33,12 +32,8 @@ pub fn api_state(adapters: &Ports, settings: &Settings, shutdown: CancellationTo
 }
 
 /// The consume loop of one kind of worker.
-pub fn consumer(
-    kind: RequestKind,
-    adapters: &Ports,
-    models: &Models,
-    settings: &Settings,
-) -> Arc<Consumer> {
+pub fn consumer(kind: RequestKind, adapters: &Ports, settings: &Settings) -> Arc<Consumer> {
+    let models = &adapters.models;
     let w = &settings.worker;
     let (job, concurrency): (Arc<dyn Job>, usize) = match kind {
         RequestKind::Persona => (
@@ -99,16 +94,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let adapters = open_ports(&settings).await?;
     let mut tasks = Tasks::new();
-    if !role.kinds().is_empty() {
-        let models = Models::from_settings(&settings).await?;
-        for &kind in role.kinds() {
-            let c = consumer(kind, &adapters, &models, &settings);
-            let token = shutdown.clone();
-            tasks.spawn(async move {
-                c.run(token).await;
-                Ok(())
-            });
-        }
+    for &kind in role.kinds() {
+        let c = consumer(kind, &adapters, &settings);
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            c.run(token).await;
+            Ok(())
+        });
     }
     // Stopped only after everything else has, so the last flush counts the drained jobs too.
     let emf_stop = CancellationToken::new();

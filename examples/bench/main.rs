@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use characterbot::cli::Settings;
-use characterbot::{api_state, consumer, open_ports, Models, Ports};
+use characterbot::{api_state, consumer, open_ports, Ports};
 use clap::Parser;
 use serde_json::{json, Value};
 use shared::domain::RequestKind;
@@ -66,7 +66,6 @@ struct Bench {
     base: String,
     token: Arc<String>,
     adapters: Ports,
-    models: Models,
     settings: Settings,
     shutdown: CancellationToken,
 }
@@ -106,7 +105,7 @@ async fn run_bench() -> anyhow::Result<()> {
     let backlog = top_up(&b, ingest.len(), args.backlog).await?;
     let drain_start = Instant::now();
     let persona_worker = tokio::spawn(
-        consumer(RequestKind::Persona, &b.adapters, &b.models, &b.settings).run(b.shutdown.clone()),
+        consumer(RequestKind::Persona, &b.adapters, &b.settings).run(b.shutdown.clone()),
     );
     loop {
         let s = b.adapters.persona_queue.stats().await?;
@@ -119,9 +118,8 @@ async fn run_bench() -> anyhow::Result<()> {
     let drain_wall = drain_start.elapsed();
 
     // 3. Chat round trips: message → long poll until the reply is stored.
-    let chat_worker = tokio::spawn(
-        consumer(RequestKind::Chat, &b.adapters, &b.models, &b.settings).run(b.shutdown.clone()),
-    );
+    let chat_worker =
+        tokio::spawn(consumer(RequestKind::Chat, &b.adapters, &b.settings).run(b.shutdown.clone()));
     let persona_id = one_persona(&b).await?;
     let (http, base, token) = (&b.http, &b.base, &b.token);
     let (solo, _) = chat_round_trips(http, base, token, &persona_id, 1, args.solo_chats).await?;
@@ -151,7 +149,7 @@ async fn run_bench() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The API on a loopback port (no workers yet), the models, and a signed-in user.
+/// The API on a loopback port (no workers yet) and a signed-in user.
 async fn start(settings: Settings, clients: usize) -> anyhow::Result<Bench> {
     let adapters = open_ports(&settings).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -161,7 +159,6 @@ async fn start(settings: Settings, clients: usize) -> anyhow::Result<Bench> {
         listener,
         api_state(&adapters, &settings, shutdown.clone()),
     ));
-    let models = Models::from_settings(&settings).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()?;
@@ -189,7 +186,6 @@ async fn start(settings: Settings, clients: usize) -> anyhow::Result<Bench> {
         base,
         token,
         adapters,
-        models,
         settings,
         shutdown,
     })

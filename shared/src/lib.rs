@@ -28,8 +28,8 @@
 //!   `auth::cognito`.
 //! - [`models`]   the `PersonaModel` and `ChatModel` ports: `models::offline`,
 //!   `models::openai`, `models::bedrock`.
-//! - [`ports`]    every port of one backend in one struct, built once at start-up (the models
-//!   apart: only worker processes build them).
+//! - [`ports`]    every port of one backend, the models included, in one struct built once at
+//!   start-up.
 //! - [`metrics`]  the Prometheus registry shared by API and workers; [`emf`] writes the same
 //!   metrics in CloudWatch Embedded Metric Format.
 //! - [`sqlite`]   the connection pool and schema behind every embedded adapter.

@@ -1,11 +1,8 @@
 //! The ports of one backend, together: built once at start-up by the binary (the only place
 //! that chooses adapters) and handed whole to the API and the workers, which know only the
-//! traits.
-//!
-//! The models are not among them, on purpose: the API never calls a model, and on AWS only
-//! the worker tasks hold a model's credentials (the OpenAI key is given to the persona workers
-//! alone). So the processes that run workers build the models beside the ports
-//! (`characterbot::Models`), and an API-only process cannot fail, or leak, on a model setting.
+//! traits. The API holds the models too but never calls them (nothing in `ingest-api` names
+//! them); building a model makes no call, so an API process needs none of a model's
+//! credentials (on AWS only the persona workers are given the OpenAI key).
 
 use std::sync::Arc;
 
@@ -14,6 +11,7 @@ use crate::auth::{IdentityProvider, TokenVerifier};
 use crate::domain::RequestKind;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
+use crate::models::Models;
 use crate::queue::Queue;
 use crate::store::Store;
 
@@ -31,6 +29,8 @@ pub struct Ports {
     /// tokens come from elsewhere (Cognito).
     pub jwks: Option<serde_json::Value>,
     pub metrics: Arc<Metrics>,
+    /// The persona and chat models (used by the workers only).
+    pub models: Models,
 }
 
 impl Ports {

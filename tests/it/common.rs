@@ -140,7 +140,7 @@ impl Builder {
         if self.workers {
             let models = match self.models {
                 Some(m) => m,
-                None => Models::from_settings(&app.settings).await.expect("models"),
+                None => app.adapters.models.clone(),
             };
             for kind in RequestKind::ALL {
                 app.start_worker(kind, &models);
@@ -177,7 +177,10 @@ impl TestApp {
         models: &Models,
         stop: CancellationToken,
     ) -> JoinHandle<()> {
-        let c = consumer(kind, &self.adapters, models, &self.settings);
+        // The ports as built, with the models this worker is given.
+        let mut ports = self.adapters.clone();
+        ports.models = models.clone();
+        let c = consumer(kind, &ports, &self.settings);
         tokio::spawn(c.run(stop))
     }
 

@@ -10,6 +10,8 @@ pub mod bedrock;
 pub mod offline;
 pub mod openai;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -17,6 +19,13 @@ use crate::domain::{Message, Persona, PersonaDraft, Usage};
 use crate::Result;
 
 /// A model's answer and what it cost.
+/// The two models of a backend, held in [`crate::ports::Ports`] beside the other adapters.
+#[derive(Clone)]
+pub struct Models {
+    pub persona: Arc<dyn PersonaModel>,
+    pub chat: Arc<dyn ChatModel>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelOutput<T> {
     pub value: T,
