@@ -70,6 +70,15 @@ fn message(role: Role, text: &str) -> Message {
     }
 }
 
+fn conversation() -> Conversation {
+    Conversation {
+        conversation_id: ConversationId::new(),
+        persona_id: "per_x".into(),
+        persona_name: "X".into(),
+        created_at: shared::time::now_rfc3339(),
+    }
+}
+
 fn chat_request(conv: &str, m: &Message) -> RequestRecord {
     RequestRecord::new(
         RequestKind::Chat,
@@ -147,12 +156,7 @@ async fn personas_are_written_once_listed_newest_first_and_paged(s: Subject) {
 
 async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
     let st = s.store.as_ref();
-    let conv = Conversation {
-        conversation_id: ConversationId::new(),
-        persona_id: "per_x".into(),
-        persona_name: "X".into(),
-        created_at: shared::time::now_rfc3339(),
-    };
+    let conv = conversation();
     let c = &conv.conversation_id;
     st.create_conversation("alice", &conv).await.unwrap();
     assert_eq!(
@@ -225,12 +229,7 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
 
 async fn a_user_message_goes_only_into_the_users_own_conversation(s: Subject) {
     let st = s.store.as_ref();
-    let conv = Conversation {
-        conversation_id: ConversationId::new(),
-        persona_id: "per_x".into(),
-        persona_name: "X".into(),
-        created_at: shared::time::now_rfc3339(),
-    };
+    let conv = conversation();
     let c = &conv.conversation_id;
     st.create_conversation("alice", &conv).await.unwrap();
     let intruder = message(Role::User, "not yours");
