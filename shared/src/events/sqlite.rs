@@ -1,6 +1,12 @@
 //! The embedded event bus: events appended to a SQLite table, and one tailer task per process
 //! that reads new rows and fans them out in memory, so an API process sees what worker
 //! processes publish. Events get increasing ids, so `Last-Event-ID` replays what was missed.
+//!
+//! Fan-out is per user: each user with an open stream has a channel of their own, so an event
+//! wakes only its user's streams, and a busy user cannot make anyone else's stream fall behind.
+//! A stream that does fall behind its channel is ended rather than left to skip events: the
+//! client reconnects with `Last-Event-ID` (as `EventSource` does by itself) and the backlog,
+//! read from the table in chunks, brings it back exactly where it was.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,8 +16,8 @@ use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection};
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc, Notify};
-use tokio_stream::wrappers::BroadcastStream;
 
 use super::{Event, EventBus, Published, RETENTION_MS};
 use crate::error::Report;
@@ -26,10 +32,14 @@ const TAIL_POLL: Duration = Duration::from_millis(100);
 const TAIL_BATCH: usize = 256;
 /// Most events of a reconnecting stream's backlog read at once.
 const BACKLOG_BATCH: usize = 1000;
+/// Events a user's channel holds for a stream that has not taken them yet; one that falls
+/// further behind is ended, to resume from the table.
+const USER_CHANNEL: usize = 1024;
 
 pub struct SqliteEventBus {
     db: Db,
-    fanout: broadcast::Sender<Arc<Published>>,
+    /// One live channel per user with an open stream; dropped when their last stream closes.
+    users: Mutex<HashMap<String, broadcast::Sender<Arc<Published>>>>,
     wake: Arc<Notify>,
     /// Long polls waiting on one request each, by request id: an event wakes only the waiters
     /// of its request instead of every stream of the process.
@@ -39,10 +49,9 @@ pub struct SqliteEventBus {
 impl SqliteEventBus {
     /// Starts the tailer task; it ends when the last handle to the bus is dropped.
     pub async fn start(db: Db) -> Result<Arc<Self>> {
-        let (fanout, _) = broadcast::channel(4096);
         let bus = Arc::new(SqliteEventBus {
             db,
-            fanout,
+            users: Mutex::new(HashMap::new()),
             wake: Arc::new(Notify::new()),
             watchers: Mutex::new(HashMap::new()),
         });
@@ -64,7 +73,7 @@ impl SqliteEventBus {
                         for e in read.events {
                             let e = Arc::new(e);
                             bus.tell_watchers(&e);
-                            let _ = bus.fanout.send(e);
+                            bus.tell_user(e);
                         }
                     }
                     Err(e) => {
@@ -75,6 +84,7 @@ impl SqliteEventBus {
                     last_prune = now_ms();
                     let _ = bus.prune().await;
                     bus.forget_gone_watchers();
+                    bus.forget_gone_users();
                 }
                 drop(bus);
                 if more {
@@ -109,6 +119,35 @@ impl SqliteEventBus {
         }
     }
 
+    /// Hands an event to its user's streams, if they have any open.
+    fn tell_user(&self, e: Arc<Published>) {
+        let Ok(mut users) = self.users.lock() else {
+            return;
+        };
+        if let Some(channel) = users.get(&e.user_id) {
+            // An error means no stream is left: the user's channel goes with them.
+            if channel.send(e.clone()).is_err() {
+                users.remove(&e.user_id);
+            }
+        }
+    }
+
+    /// Drops the channels of users whose streams all closed with no event since.
+    fn forget_gone_users(&self) {
+        if let Ok(mut users) = self.users.lock() {
+            users.retain(|_, channel| channel.receiver_count() > 0);
+        }
+    }
+
+    /// A new receiver on `user_id`'s channel, made on their first stream.
+    fn user_channel(&self, user_id: &str) -> Option<broadcast::Receiver<Arc<Published>>> {
+        let mut users = self.users.lock().ok()?;
+        let channel = users
+            .entry(user_id.to_owned())
+            .or_insert_with(|| broadcast::channel(USER_CHANNEL).0);
+        Some(channel.subscribe())
+    }
+
     /// Drops the waiters of long polls that ended before their request changed again.
     fn forget_gone_watchers(&self) {
         if let Ok(mut watchers) = self.watchers.lock() {
@@ -136,14 +175,6 @@ impl SqliteEventBus {
         self.db
             .call(move |c| read_after_in(c, None, after, TAIL_BATCH))
             .await
-    }
-
-    /// A reconnecting stream's backlog, which may be long: read on a blocking thread.
-    async fn read_backlog(&self, user_id: String, after: u64) -> Result<Vec<Published>> {
-        self.db
-            .call(move |c| read_after_in(c, Some(&user_id), after, BACKLOG_BATCH))
-            .await
-            .map(|read| read.events)
     }
 
     async fn prune(&self) -> Result<()> {
@@ -236,34 +267,16 @@ impl EventBus for SqliteEventBus {
         after: Option<u64>,
     ) -> Result<BoxStream<'static, Arc<Published>>> {
         // Subscribe before reading the backlog so nothing falls between the two; duplicates
-        // from the overlap are dropped by id below.
-        let live = BroadcastStream::new(self.fanout.subscribe());
-        let (backlog, mut seen) = match after {
-            Some(after) => {
-                let backlog = self.read_backlog(user_id.to_owned(), after).await?;
-                let seen = backlog.last().map_or(after, |e| e.id);
-                (backlog, seen)
-            }
+        // from the overlap are dropped by id.
+        let live = self
+            .user_channel(user_id)
+            .ok_or_else(|| crate::Error::internal_msg("event channels poisoned"))?;
+        let stream = match after {
+            Some(after) => Stream::replaying(self.db.clone(), user_id, after, live),
             // "From now on": anything already written counts as the past.
-            None => (Vec::new(), self.max_seq()?),
+            None => Stream::live(self.max_seq()?, live),
         };
-        let user = user_id.to_owned();
-        let live = live.filter_map(move |item| {
-            let out = match item {
-                Ok(e) if e.user_id == user && e.id > seen => {
-                    seen = e.id;
-                    Some(e)
-                }
-                Ok(_) => None,
-                Err(lagged) => {
-                    tracing::warn!(%lagged, "event subscriber fell behind; events were skipped");
-                    None
-                }
-            };
-            futures::future::ready(out)
-        });
-        let backlog = backlog.into_iter().map(Arc::new);
-        Ok(futures::stream::iter(backlog).chain(live).boxed())
+        Ok(futures::stream::unfold(stream, Stream::next).boxed())
     }
 
     async fn watch_request(
@@ -281,9 +294,146 @@ impl EventBus for SqliteEventBus {
     }
 }
 
+/// One subscriber's stream: its backlog from the table, read a chunk at a time, then its
+/// user's live channel. `cursor` is the id of the last event it has covered, so the live part
+/// skips what the backlog already gave.
+struct Stream {
+    live: broadcast::Receiver<Arc<Published>>,
+    cursor: u64,
+    /// `None` once the backlog is read to its end.
+    replay: Option<(Db, String)>,
+    chunk: std::collections::VecDeque<Published>,
+}
+
+impl Stream {
+    fn live(cursor: u64, live: broadcast::Receiver<Arc<Published>>) -> Stream {
+        Stream {
+            live,
+            cursor,
+            replay: None,
+            chunk: Default::default(),
+        }
+    }
+
+    fn replaying(
+        db: Db,
+        user_id: &str,
+        after: u64,
+        live: broadcast::Receiver<Arc<Published>>,
+    ) -> Stream {
+        Stream {
+            replay: Some((db, user_id.to_owned())),
+            ..Stream::live(after, live)
+        }
+    }
+
+    /// The next event, or the end: of the channel, of a failed read, or of a stream that fell
+    /// behind its channel (it resumes from `Last-Event-ID`, see the module).
+    async fn next(mut self) -> Option<(Arc<Published>, Stream)> {
+        loop {
+            if let Some(e) = self.chunk.pop_front() {
+                return Some((Arc::new(e), self));
+            }
+            if let Some((db, user)) = self.replay.take() {
+                let (after, who) = (self.cursor, user.clone());
+                let read = db
+                    .call(move |c| read_after_in(c, Some(&who), after, BACKLOG_BATCH))
+                    .await;
+                let read = match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        tracing::warn!(error = %Report(&e), "could not read a stream's backlog; ending it");
+                        return None;
+                    }
+                };
+                self.cursor = read.last;
+                self.chunk = read.events.into();
+                if read.rows == BACKLOG_BATCH {
+                    self.replay = Some((db, user));
+                }
+                continue;
+            }
+            match self.live.recv().await {
+                Ok(e) if e.id > self.cursor => {
+                    self.cursor = e.id;
+                    return Some((e, self));
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(skipped)) => {
+                    tracing::info!(skipped, "event stream fell behind; ending it so the client resumes from Last-Event-ID");
+                    return None;
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream that falls behind its user's channel ends instead of skipping; resuming from
+    /// the last id it saw gives every event exactly once, in order, through a backlog longer
+    /// than one read; another user's stream sees none of it.
+    #[tokio::test]
+    async fn a_stream_that_falls_behind_ends_and_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).await.unwrap();
+        let bus = SqliteEventBus::start(db).await.unwrap();
+        let mut slow = bus.subscribe("alice", None).await.unwrap();
+        let mut other = bus.subscribe("bob", None).await.unwrap();
+        let total = USER_CHANNEL + BACKLOG_BATCH / 2;
+        for i in 0..total {
+            bus.publish("alice", &Event::delta(&"req_a".into(), &i.to_string()))
+                .await
+                .unwrap();
+        }
+        // The tailer hands all of them to alice's channel, which holds fewer.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (mut seen, mut got) = (0, 0);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), slow.next()).await {
+                Ok(Some(e)) => (seen, got) = (e.id, got + 1),
+                Ok(None) => break,
+                Err(_) => panic!("a stream that fell behind must end, not stall"),
+            }
+        }
+        assert!(got < total, "it ended before the end ({got} of {total})");
+
+        let mut resumed = bus.subscribe("alice", Some(seen)).await.unwrap();
+        let mut texts = Vec::new();
+        let mut last = seen;
+        while texts.len() < total - got {
+            let e = tokio::time::timeout(Duration::from_secs(5), resumed.next())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(e.id > last, "in order, once");
+            last = e.id;
+            let Event::MessageDelta(d) = &e.event else {
+                panic!("{:?}", e.event)
+            };
+            texts.push(d.text.clone());
+        }
+        let expected: Vec<String> = (got..total).map(|i| i.to_string()).collect();
+        assert_eq!(texts, expected);
+        // And it carries on live.
+        bus.publish("alice", &Event::delta(&"req_a".into(), "live"))
+            .await
+            .unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), resumed.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.event, Event::delta(&"req_a".into(), "live"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), other.next())
+                .await
+                .is_err(),
+            "bob's stream woke for none of alice's events"
+        );
+    }
 
     #[tokio::test]
     async fn subscribers_get_their_own_events_and_replay_after_an_id() {
