@@ -14,9 +14,9 @@ use backon::{ExponentialBuilder, Retryable};
 use indicatif::{ProgressBar, ProgressStyle};
 use ingest_api::handlers::personas::BatchAccepted;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use shared::auth::Tokens;
 use shared::domain::{Batch, RequestRecord, RequestResult, RequestStatus};
 
 use crate::cli::BatchArgs;
@@ -142,7 +142,7 @@ impl Api {
         let token = match (&args.token, &args.email, &args.password) {
             (Some(t), _, _) => t.clone(),
             (None, Some(email), Some(password)) => {
-                let tokens: TokenPair = typed(
+                let tokens: Tokens = typed(
                     call(|| {
                         http.post(format!("{base}/v1/auth/signin"))
                             .json(&json!({ "email": email, "password": password }))
@@ -182,12 +182,6 @@ impl Api {
         .context("submitting a batch")?;
         typed(accepted)
     }
-}
-
-/// The part of the sign-in answer the client needs.
-#[derive(Deserialize)]
-struct TokenPair {
-    access_token: String,
 }
 
 fn typed<T: DeserializeOwned>(body: Value) -> anyhow::Result<T> {

@@ -27,7 +27,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::TransactWriteItem;
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +37,7 @@ use crate::events::dynamodb::DynamoEventBus;
 use crate::events::{Event, EventBus};
 use crate::ids::RequestId;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
-use crate::store::dynamodb::{get_s, key, s, storage, DynamoStore, Item};
+use crate::store::dynamodb::{get_s, key, s, storage, Cancelled, DynamoStore, Item};
 use crate::store::{RequestStore, Transition};
 use crate::time::now_ms;
 use crate::Result;
@@ -72,33 +71,6 @@ struct Outbox {
 struct OutboxJob {
     body: String,
     attributes: Attributes,
-}
-
-/// Why a transaction was cancelled: a reason code per item, in order.
-struct Cancelled(Vec<Option<String>>);
-
-impl Cancelled {
-    /// The reasons of a cancelled transaction; any other error is returned as one.
-    fn of(
-        e: aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError>,
-        op: &str,
-    ) -> Result<Cancelled> {
-        match e.as_service_error() {
-            Some(TransactWriteItemsError::TransactionCanceledException(c)) => Ok(Cancelled(
-                c.cancellation_reasons()
-                    .iter()
-                    .map(|r| r.code().map(str::to_owned))
-                    .collect(),
-            )),
-            _ => Err(storage(op, e)),
-        }
-    }
-
-    /// Whether the item at `at` failed its condition.
-    fn failed(&self, at: Option<usize>) -> bool {
-        at.and_then(|i| self.0.get(i).cloned().flatten())
-            .is_some_and(|code| code == "ConditionalCheckFailed")
-    }
 }
 
 fn outbox_pk(kind: RequestKind, shard: u64) -> String {

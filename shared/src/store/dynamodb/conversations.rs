@@ -3,11 +3,11 @@
 //! message (id → turn) and a `META` turn counter.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{ConditionCheck, ReturnValue, TransactWriteItem};
 
-use super::{body, get_n, key, msg_sk, n, put_if_absent, s, storage, user_pk, DynamoStore};
+use super::{
+    body, get_n, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
+};
 use crate::domain::{Conversation, Message, Page, RequestRecord};
 use crate::ids::{ConversationId, MessageId};
 use crate::store::{chat_context_in_reads, ChatContext, ConversationStore};
@@ -156,10 +156,14 @@ impl ConversationStore for DynamoStore {
             )?)
             .send()
             .await;
-        match sent {
-            Ok(_) => {}
-            Err(e) if owner_check_failed(&e) => return Err(Error::NotFound),
-            Err(e) => return Err(storage("add message", e)),
+        if let Err(e) = sent {
+            // The owner check leads the transaction (see `user_message_items`).
+            let cancelled = Cancelled::of(e, "add message")?;
+            return Err(if cancelled.failed(Some(0)) {
+                Error::NotFound
+            } else {
+                Error::storage_msg(format!("add message: cancelled: {:?}", cancelled.0))
+            });
         }
         Ok(())
     }
@@ -263,18 +267,5 @@ impl ConversationStore for DynamoStore {
     ) -> Result<Option<ChatContext>> {
         // The three records live in different partitions: no one read fetches them together.
         chat_context_in_reads(self, user_id, conversation_id, message_id, history_limit).await
-    }
-}
-
-/// Whether a transaction led by [`DynamoStore::user_message_items`] was cancelled by its owner
-/// check (the conversation is not the user's, or is gone).
-fn owner_check_failed(e: &SdkError<TransactWriteItemsError>) -> bool {
-    match e.as_service_error() {
-        Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
-            .cancellation_reasons()
-            .first()
-            .and_then(|r| r.code())
-            .is_some_and(|code| code == "ConditionalCheckFailed"),
-        _ => false,
     }
 }

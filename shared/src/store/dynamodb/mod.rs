@@ -27,6 +27,7 @@ mod requests;
 pub(crate) use idempotency::stored_answer;
 
 use async_trait::async_trait;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
 
@@ -305,5 +306,32 @@ impl Ping for DynamoStore {
             .await
             .map_err(|e| storage("describe table", e))?;
         Ok(())
+    }
+}
+
+/// Why a transaction was cancelled: a reason code per item, in order.
+pub(crate) struct Cancelled(pub(crate) Vec<Option<String>>);
+
+impl Cancelled {
+    /// The reasons of a cancelled transaction; any other error is returned as one.
+    pub(crate) fn of(
+        e: aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError>,
+        op: &str,
+    ) -> Result<Cancelled> {
+        match e.as_service_error() {
+            Some(TransactWriteItemsError::TransactionCanceledException(c)) => Ok(Cancelled(
+                c.cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().map(str::to_owned))
+                    .collect(),
+            )),
+            _ => Err(storage(op, e)),
+        }
+    }
+
+    /// Whether the item at `at` failed its condition.
+    pub(crate) fn failed(&self, at: Option<usize>) -> bool {
+        at.and_then(|i| self.0.get(i).cloned().flatten())
+            .is_some_and(|code| code == "ConditionalCheckFailed")
     }
 }
