@@ -20,5 +20,11 @@ pub async fn aws_init(settings: &Settings) -> anyhow::Result<()> {
         tracing::info!(queue = %name, "queue ready");
     }
     tracing::info!(table = %a.table, "table ready");
+    let topic = aws_sdk_sns::Client::new(&sdk)
+        .create_topic()
+        .name(a.events_topic_name())
+        .send()
+        .await?;
+    tracing::info!(topic = ?topic.topic_arn, "events topic ready");
     Ok(())
 }

@@ -11,7 +11,7 @@ use shared::atomic::sqlite::SqliteAtomic;
 use shared::auth::cognito::{CognitoIdentity, HttpJwks};
 use shared::auth::local::{KeyDirJwks, LocalIssuer, SigningKey};
 use shared::auth::{JwksSource, JwksVerifier};
-use shared::events::dynamodb::DynamoEventBus;
+use shared::events::aws::{AwsEventBus, InboxOptions, Topic};
 use shared::events::SqliteEventBus;
 use shared::metrics::Metrics;
 pub use shared::ports::Ports;
@@ -28,6 +28,7 @@ use crate::models::open_models;
 /// The SDK clients of the AWS backend, each with deadlines on its calls.
 pub struct AwsClients {
     pub sqs: aws_sdk_sqs::Client,
+    pub sns: aws_sdk_sns::Client,
     pub dynamo: aws_sdk_dynamodb::Client,
     pub cognito: aws_sdk_cognitoidentityprovider::Client,
 }
@@ -57,6 +58,11 @@ impl AwsClients {
                 .timeout_config(timeouts(attempt, operation))
                 .build(),
         );
+        let sns = aws_sdk_sns::Client::from_conf(
+            aws_sdk_sns::config::Builder::from(sdk)
+                .timeout_config(timeouts(attempt, operation))
+                .build(),
+        );
         let cognito = aws_sdk_cognitoidentityprovider::Client::from_conf(
             aws_sdk_cognitoidentityprovider::config::Builder::from(sdk)
                 .timeout_config(timeouts(attempt, operation))
@@ -64,6 +70,7 @@ impl AwsClients {
         );
         AwsClients {
             sqs,
+            sns,
             dynamo,
             cognito,
         }
@@ -128,14 +135,22 @@ async fn aws(settings: &Settings) -> anyhow::Result<Ports> {
     let a = &settings.aws;
     let AwsClients {
         sqs,
+        sns,
         dynamo,
         cognito,
     } = AwsClients::new(&sdk, settings);
     let store = Arc::new(DynamoStore::new(dynamo.clone(), &a.table));
     let persona_queue: Arc<dyn Queue> =
         Arc::new(SqsQueue::connect(sqs.clone(), "persona", &a.persona_queue).await?);
-    let chat_queue: Arc<dyn Queue> = Arc::new(SqsQueue::connect(sqs, "chat", &a.chat_queue).await?);
-    let events = Arc::new(DynamoEventBus::new(dynamo, &a.table));
+    let chat_queue: Arc<dyn Queue> =
+        Arc::new(SqsQueue::connect(sqs.clone(), "chat", &a.chat_queue).await?);
+    let topic = Topic::resolve_topic(sns, &a.events_topic).await?;
+    let inbox = InboxOptions {
+        prefix: a.inbox_prefix.clone(),
+        stale_after: Duration::from_secs(a.inbox_stale_secs),
+        wait: settings.worker.receive_wait(),
+    };
+    let events = Arc::new(AwsEventBus::new(dynamo, &a.table, topic, sqs, inbox));
     let identity = CognitoIdentity::new(cognito, client_id, a.cognito_client_secret.clone())
         .with_refresh_call(a.cognito_refresh.into());
     Ok(Ports {

@@ -210,10 +210,24 @@ pub fn router(state: AppState) -> Router {
 /// Written out with hyper's own connection builder rather than `axum::serve`, which has no
 /// timer and so no timeouts: a client could open connections and never finish (or never
 /// start) its headers, and hold them as long as it liked.
+///
+/// Before it takes connections it starts the event bus's intake for this instance (on AWS, an
+/// inbox subscribed to the events topic), and after draining it waits for the intake to remove
+/// what it set up.
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
     middleware::spawn_limiter_housekeeping(&state);
+    let intake = state
+        .ports
+        .events
+        .listen(state.shutdown.clone())
+        .await
+        .map_err(std::io::Error::other)?;
     tracing::info!(addr = %listener.local_addr()?, "api listening");
-    serve_router(listener, router(state.clone()), &state).await
+    let served = serve_router(listener, router(state.clone()), &state).await;
+    // The intake stops on the same shutdown; if serving failed, stop it here.
+    state.shutdown.cancel();
+    let _ = intake.await;
+    served
 }
 
 /// Serves `/metrics` alone on `listener` (the `CHARACTERBOT_METRICS_LISTEN` address), with the

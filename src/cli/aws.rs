@@ -42,6 +42,27 @@ pub struct AwsSettings {
         default_value = "characterbot-chat"
     )]
     pub chat_queue: String,
+    /// SNS topic that events are announced on, by name or ARN (the template passes the ARN;
+    /// a name is looked up, and `aws-init` creates it).
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AWS_EVENTS_TOPIC",
+        default_value = "characterbot-events"
+    )]
+    pub events_topic: String,
+    /// Start of the name of each API instance's inbox: an SQS queue it makes at start,
+    /// subscribed to the events topic, and deletes at stop. Nothing else's name may start so.
+    #[arg(
+        long,
+        env = "CHARACTERBOT_AWS_INBOX_PREFIX",
+        default_value = "characterbot-inbox-"
+    )]
+    pub inbox_prefix: String,
+    /// An inbox its instance has not tagged alive for this long (the instance died without
+    /// deleting it) is removed by the other instances, in seconds. Instances tag theirs every
+    /// quarter of this.
+    #[arg(long, env = "CHARACTERBOT_AWS_INBOX_STALE_SECS", default_value_t = 300)]
+    pub inbox_stale_secs: u64,
     /// How long the jobs of an accept may wait in the outbox for the API process that
     /// recorded them before a worker's sweep sends them (the API died between its DynamoDB
     /// transaction and its SQS send), in seconds.
@@ -104,6 +125,11 @@ impl AwsSettings {
     /// Longest one call with its retries (at least 1 s).
     pub fn operation_timeout(&self) -> Duration {
         Duration::from_secs(self.aws_operation_timeout_secs.max(1))
+    }
+
+    /// The topic's name, whether the setting is a name or an ARN.
+    pub fn events_topic_name(&self) -> &str {
+        self.events_topic.rsplit(':').next().unwrap_or_default()
     }
 
     /// How long an accept's jobs wait in the outbox before a sweep sends them.

@@ -15,7 +15,7 @@ use shared::domain::{
     Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource, RequestInput,
     RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
 };
-use shared::events::dynamodb::DynamoEventBus;
+use shared::events::aws::AwsEventBus;
 use shared::events::{Event, EventBus, Published, SqliteEventBus};
 use shared::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use shared::job::{Job, TraceContext};
@@ -38,6 +38,8 @@ struct Subject {
     /// The DynamoDB table (AWS).
     table: Option<String>,
     _dir: Option<tempfile::TempDir>,
+    /// Stops the AWS bus's intake (its inbox) when the test ends.
+    _listening: Option<tokio_util::sync::DropGuard>,
 }
 
 async fn embedded() -> Subject {
@@ -60,6 +62,7 @@ async fn embedded() -> Subject {
         db: Some(db),
         table: None,
         _dir: Some(dir),
+        _listening: None,
     }
 }
 
@@ -82,9 +85,13 @@ async fn aws() -> Subject {
     DynamoStore::create_table(&dynamo, &table).await.unwrap();
     let dynamo_store = Arc::new(DynamoStore::new(dynamo.clone(), &table));
     let store: Arc<dyn Store> = dynamo_store.clone();
-    let dynamo_events = Arc::new(DynamoEventBus::new(dynamo, &table));
+    let dynamo_events = common::aws_event_bus(&table, &table, Duration::from_secs(300)).await;
     let events: Arc<dyn EventBus> = dynamo_events.clone();
+    // Streams of this process get what its inbox receives, as in the API.
+    let listening = tokio_util::sync::CancellationToken::new();
+    events.listen(listening.clone()).await.unwrap();
     Subject {
+        _listening: Some(listening.drop_guard()),
         atomic: Arc::new(AwsAtomic {
             store: dynamo_store,
             sweep_after: Duration::from_secs(30),
@@ -716,15 +723,12 @@ mod aws_only {
         }
     }
 
-    fn atomic_of_events(s: &Subject) -> Arc<DynamoEventBus> {
-        let sdk = common::aws_test_sdk_config();
-        Arc::new(DynamoEventBus::new(
-            aws_sdk_dynamodb::Client::new(&sdk),
-            s.table.clone().unwrap(),
-        ))
+    async fn atomic_of_events(s: &Subject) -> Arc<AwsEventBus> {
+        let table = s.table.clone().unwrap();
+        common::aws_event_bus(&table, &table, Duration::from_secs(300)).await
     }
 
-    fn atomic_of(
+    async fn atomic_of(
         s: &Subject,
         store: Arc<DynamoStore>,
         persona_queue: Arc<dyn Queue>,
@@ -734,7 +738,7 @@ mod aws_only {
             store,
             persona_queue,
             chat_queue: s.chat_queue.clone(),
-            events: atomic_of_events(s),
+            events: atomic_of_events(s).await,
             sweep_after: after,
         }
     }
@@ -758,8 +762,9 @@ mod aws_only {
             store.clone(),
             Arc::new(DeadSender(s.persona_queue.clone())),
             Duration::ZERO,
-        );
-        let worker = atomic_of(&s, store, s.persona_queue.clone(), Duration::ZERO);
+        )
+        .await;
+        let worker = atomic_of(&s, store, s.persona_queue.clone(), Duration::ZERO).await;
         let r = persona_request();
         let out = api.accept(persona_accept("alice", &r, None)).await.unwrap();
         assert_eq!(
@@ -794,8 +799,9 @@ mod aws_only {
             store.clone(),
             Arc::new(DeadSender(s.persona_queue.clone())),
             Duration::from_secs(30),
-        );
-        let worker = atomic_of(&s, store, s.persona_queue.clone(), Duration::from_secs(30));
+        )
+        .await;
+        let worker = atomic_of(&s, store, s.persona_queue.clone(), Duration::from_secs(30)).await;
         api.accept(persona_accept("alice", &persona_request(), None))
             .await
             .unwrap();

@@ -432,6 +432,9 @@ async fn aws_backend_args() -> Vec<String> {
         ("--table", format!("characterbot-{run}")),
         ("--persona-queue", format!("persona-{run}")),
         ("--chat-queue", format!("chat-{run}")),
+        // A topic and inbox names of its own: inbox clean-up never meets another test's.
+        ("--events-topic", format!("events-{run}")),
+        ("--inbox-prefix", format!("inbox-{run}-")),
         ("--cognito-user-pool-id", pool.pool_id),
         ("--cognito-client-id", pool.client_id),
         ("--jwks-url", jwks_url),
@@ -440,6 +443,62 @@ async fn aws_backend_args() -> Vec<String> {
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_string(), value])
     .collect()
+}
+
+/// The environment of a `characterbot` process on the AWS backend on moto (at `endpoint`: moto
+/// itself, or a proxy in front of it), with resources named after `run` and the Cognito pool.
+pub fn aws_process_env(endpoint: &str, run: &str, pool: &CognitoPool) -> Vec<(String, String)> {
+    let moto = moto_endpoint();
+    [
+        ("CHARACTERBOT_BACKEND", "aws".to_string()),
+        ("AWS_ENDPOINT_URL", endpoint.to_owned()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("CHARACTERBOT_AWS_TABLE", format!("drill-{run}")),
+        ("CHARACTERBOT_AWS_PERSONA_QUEUE", format!("persona-{run}")),
+        ("CHARACTERBOT_AWS_CHAT_QUEUE", format!("chat-{run}")),
+        ("CHARACTERBOT_AWS_EVENTS_TOPIC", format!("events-{run}")),
+        ("CHARACTERBOT_AWS_INBOX_PREFIX", format!("inbox-{run}-")),
+        ("CHARACTERBOT_COGNITO_USER_POOL_ID", pool.pool_id.clone()),
+        ("CHARACTERBOT_COGNITO_CLIENT_ID", pool.client_id.clone()),
+        (
+            "CHARACTERBOT_JWKS_URL",
+            format!("{moto}/{}/.well-known/jwks.json", pool.pool_id),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// An AWS event bus on moto, on `table`, announcing on a topic of its own (`topic` names it:
+/// buses of one test share it) with inboxes named `inbox-{topic}-...`.
+pub async fn aws_event_bus(
+    table: &str,
+    topic: &str,
+    stale_after: Duration,
+) -> std::sync::Arc<shared::events::aws::AwsEventBus> {
+    use shared::events::aws::{AwsEventBus, InboxOptions, Topic};
+    let sdk = aws_test_sdk_config();
+    let topic = Topic::resolve_topic(aws_sdk_sns::Client::new(&sdk), topic)
+        .await
+        .expect("events topic");
+    let inbox = InboxOptions {
+        prefix: format!(
+            "inbox-{}-",
+            topic.arn().rsplit(':').next().unwrap_or_default()
+        ),
+        stale_after,
+        wait: Duration::from_secs(20),
+    };
+    std::sync::Arc::new(AwsEventBus::new(
+        aws_sdk_dynamodb::Client::new(&sdk),
+        table,
+        topic,
+        aws_sdk_sqs::Client::new(&sdk),
+        inbox,
+    ))
 }
 
 /// AWS SDK configuration for the moto server that `scripts/test` starts: its endpoint, a fixed

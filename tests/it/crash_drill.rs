@@ -166,30 +166,9 @@ async fn killing_serve_mid_load_loses_no_turn_and_stores_none_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_serve_on_aws_mid_load_loses_no_turn_and_stores_none_twice() {
-    let endpoint = std::env::var("CHARACTERBOT_TEST_AWS_ENDPOINT").expect("run with scripts/test");
-    let common::CognitoPool {
-        pool_id, client_id, ..
-    } = common::cognito_pool(false).await;
+    let pool = common::cognito_pool(false).await;
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let env: Vec<(String, String)> = [
-        ("CHARACTERBOT_BACKEND", "aws".to_string()),
-        ("AWS_ENDPOINT_URL", endpoint.clone()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("AWS_ACCESS_KEY_ID", "testing".into()),
-        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
-        ("CHARACTERBOT_AWS_TABLE", format!("drill-{run}")),
-        ("CHARACTERBOT_AWS_PERSONA_QUEUE", format!("persona-{run}")),
-        ("CHARACTERBOT_AWS_CHAT_QUEUE", format!("chat-{run}")),
-        ("CHARACTERBOT_COGNITO_USER_POOL_ID", pool_id.clone()),
-        ("CHARACTERBOT_COGNITO_CLIENT_ID", client_id),
-        (
-            "CHARACTERBOT_JWKS_URL",
-            format!("{endpoint}/{pool_id}/.well-known/jwks.json"),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let env = common::aws_process_env(&common::moto_endpoint(), &run, &pool);
     let init = Command::new(env!("CARGO_BIN_EXE_characterbot"))
         .arg("aws-init")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -372,18 +351,17 @@ impl Drill {
         // Every accepted turn is answered: its request succeeds.
         for turns in sent.values() {
             for s in turns {
-                let mut status = Value::Null;
+                let mut record = Value::Null;
                 for _ in 0..20 {
-                    let r = client
+                    record = client
                         .get(&format!("/v1/requests/{}?wait=5", s.request_id))
                         .await
                         .unwrap();
-                    status = r["status"].clone();
-                    if status == "succeeded" || status == "failed" {
+                    if record["status"] == "succeeded" || record["status"] == "failed" {
                         break;
                     }
                 }
-                assert_eq!(status, "succeeded", "request {} (an orphan?)", s.request_id);
+                assert_eq!(record["status"], "succeeded", "an orphan? {record}");
             }
         }
         // Exactly one user message and one reply per accepted turn, in order, nothing else.

@@ -9,7 +9,6 @@ use crate::common;
 use futures::StreamExt;
 use serde_json::json;
 use shared::domain::{RequestInput, RequestKind, RequestRecord, RequestStatus};
-use shared::events::dynamodb::DynamoEventBus;
 use shared::events::{Event, EventBus, Published, SqliteEventBus};
 use shared::sqlite::Db;
 use shared::store::dynamodb::DynamoStore;
@@ -19,6 +18,10 @@ struct Subject {
     api: Arc<dyn EventBus>,
     worker: Arc<dyn EventBus>,
     _dir: Option<tempfile::TempDir>,
+    /// The DynamoDB table (AWS).
+    table: Option<String>,
+    /// Stops the API bus's intake (its inbox) when the test ends.
+    _listening: Option<tokio_util::sync::DropGuard>,
 }
 
 async fn embedded() -> Subject {
@@ -28,18 +31,34 @@ async fn embedded() -> Subject {
         api: SqliteEventBus::start(db.clone()).await.unwrap(),
         worker: SqliteEventBus::start(db).await.unwrap(),
         _dir: Some(dir),
+        table: None,
+        _listening: None,
     }
 }
 
-async fn dynamodb() -> Subject {
+async fn aws() -> Subject {
     let client = aws_sdk_dynamodb::Client::new(&common::aws_test_sdk_config());
     let table = format!("events-{}", uuid::Uuid::new_v4().simple());
     DynamoStore::create_table(&client, &table).await.unwrap();
+    // The API's bus listens (an inbox on the topic); the worker's only publishes.
+    let stale = Duration::from_secs(300);
+    let api = common::aws_event_bus(&table, &table, stale).await;
+    let worker = common::aws_event_bus(&table, &table, stale).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    api.listen(stop.clone()).await.unwrap();
     Subject {
-        api: Arc::new(DynamoEventBus::new(client.clone(), &table)),
-        worker: Arc::new(DynamoEventBus::new(client, &table)),
+        api,
+        worker,
         _dir: None,
+        table: Some(table),
+        _listening: Some(stop.drop_guard()),
     }
+}
+
+/// Another writer (process) on the AWS subject's table and topic.
+async fn aws_writer(s: &Subject) -> Arc<dyn EventBus> {
+    let table = s.table.clone().unwrap();
+    common::aws_event_bus(&table, &table, Duration::from_secs(300)).await
 }
 
 async fn next(stream: &mut futures::stream::BoxStream<'static, Arc<Published>>) -> Arc<Published> {
@@ -165,8 +184,75 @@ async fn a_watch_gets_its_requests_updates_until_it_finishes(s: Subject) {
 
 contract!(
     embedded_events => embedded,
-    dynamodb_events => dynamodb;
+    aws_events => aws;
     a_stream_gets_its_users_events_from_another_process_in_order,
     a_reconnecting_client_is_replayed_what_it_missed,
     a_watch_gets_its_requests_updates_until_it_finishes,
 );
+
+/// What only the AWS bus promises: ids per user with no holes, taken by any number of writers
+/// without two taking one, and replays that leave out what expired.
+mod aws_only {
+    use super::*;
+    use aws_sdk_dynamodb::types::AttributeValue;
+
+    #[tokio::test]
+    async fn writers_racing_for_one_user_take_every_id_once_with_no_holes() {
+        let s = aws().await;
+        let other = aws_writer(&s).await;
+        let (first, second) = (s.worker.clone(), other);
+        let write = |bus: Arc<dyn EventBus>, tag: &'static str| async move {
+            for i in 0..15 {
+                bus.publish("erin", &delta(&format!("{tag}{i}")))
+                    .await
+                    .unwrap();
+            }
+        };
+        tokio::join!(write(first, "a"), write(second, "b"));
+        let mut replay = s.api.subscribe("erin", Some(0)).await.unwrap();
+        let mut ids = Vec::new();
+        let mut texts = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let e = next(&mut replay).await;
+            ids.push(e.id);
+            let Event::MessageDelta(d) = &e.event else {
+                panic!("{:?}", e.event)
+            };
+            texts.insert(d.text.clone());
+        }
+        assert_eq!(ids, (1..=30).collect::<Vec<u64>>(), "dense, in order, once");
+        assert_eq!(texts.len(), 30, "no event overwrote another");
+    }
+
+    #[tokio::test]
+    async fn a_replay_from_long_ago_starts_at_the_oldest_event_still_kept() {
+        let s = aws().await;
+        for i in 1..=6 {
+            s.worker
+                .publish("fay", &delta(&i.to_string()))
+                .await
+                .unwrap();
+        }
+        // The first four expired; DynamoDB's TTL has not deleted them yet (it takes its time).
+        let sdk = common::aws_test_sdk_config();
+        let client = aws_sdk_dynamodb::Client::new(&sdk);
+        let table = s.table.clone().unwrap();
+        for id in 1..=4u64 {
+            client
+                .update_item()
+                .table_name(&table)
+                .key("pk", AttributeValue::S("EVT#fay".into()))
+                .key("sk", AttributeValue::S(format!("{id:020}")))
+                .update_expression("SET expires_at = :past")
+                .expression_attribute_values(":past", AttributeValue::N("1000".into()))
+                .send()
+                .await
+                .unwrap();
+        }
+        let mut replay = s.api.subscribe("fay", Some(0)).await.unwrap();
+        assert_eq!(next(&mut replay).await.event, delta("5"));
+        assert_eq!(next(&mut replay).await.event, delta("6"));
+        s.worker.publish("fay", &delta("7")).await.unwrap();
+        assert_eq!(next(&mut replay).await.event, delta("7"), "then live");
+    }
+}

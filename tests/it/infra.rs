@@ -334,7 +334,7 @@ fn granted(role: &str) -> BTreeSet<String> {
                 continue;
             }
             if let Some((service, action)) = word.split_once(':') {
-                if ["sqs", "dynamodb", "bedrock", "secretsmanager"].contains(&service)
+                if ["sqs", "sns", "dynamodb", "bedrock", "secretsmanager"].contains(&service)
                     && action
                         .chars()
                         .next()
@@ -458,6 +458,10 @@ fn functions(code: &str) -> Vec<(String, String)> {
 const PORTS: &[&str] = &[
     "store",
     "events",
+    "fanout",
+    "backlog",
+    "topic",
+    "inbox",
     "queue",
     "atomic",
     "persona_queue",
@@ -523,7 +527,10 @@ const ADAPTERS: &[(&str, &str)] = &[
     ("shared/src/store/dynamodb/requests.rs", "dynamodb"),
     ("shared/src/store/dynamodb/idempotency.rs", "dynamodb"),
     ("shared/src/events/mod.rs", "dynamodb"),
-    ("shared/src/events/dynamodb.rs", "dynamodb"),
+    ("shared/src/events/fanout.rs", "dynamodb"),
+    ("shared/src/events/aws/mod.rs", "dynamodb"),
+    ("shared/src/events/aws/topic.rs", "sns"),
+    ("shared/src/events/aws/inbox.rs", "sqs"),
     ("shared/src/atomic/mod.rs", "dynamodb"),
     ("shared/src/atomic/aws/mod.rs", "dynamodb"),
     ("shared/src/atomic/aws/accept.rs", "dynamodb"),
@@ -619,6 +626,8 @@ fn iam_actions(operations: &BTreeSet<String>) -> BTreeSet<String> {
             // Authorised item by item, by the items' own actions.
             "dynamodb:TransactWriteItems" => None,
             "sqs:SendMessageBatch" => Some("sqs:SendMessage".to_owned()),
+            "sqs:DeleteMessageBatch" => Some("sqs:DeleteMessage".to_owned()),
+            "sns:PublishBatch" => Some("sns:Publish".to_owned()),
             _ => Some(op.trim_start_matches("item:").to_owned()),
         })
         .collect()
@@ -1020,7 +1029,13 @@ fn the_kms_key_is_optional_and_reaches_every_store_of_data() {
         let resources = resources_of_type(kind);
         assert!(!resources.is_empty(), "{kind}");
         for r in resources {
-            assert!(entry(&r).contains(&format!("{property}: {key}")), "{r}");
+            // The events topic holds users' text: the AWS-managed key when none is given.
+            let given = entry(&r).contains(&format!("{property}: {key}"))
+                || (r == "EventsTopic"
+                    && entry(&r).contains(&format!(
+                        "{property}: !If [HasKmsKey, !Ref KmsKeyArn, alias/aws/sns]"
+                    )));
+            assert!(given, "{r}");
         }
     }
     assert!(entry("KmsKeyArn").contains("Default: \"\""));

@@ -43,6 +43,7 @@ mod infra;
 mod isolation;
 mod openai;
 mod processes;
+mod push;
 mod queue_contract;
 mod reliability;
 mod store_contract;

@@ -13,8 +13,10 @@ use crate::error::ApiError;
 use crate::extract::{AppJson, AppPath, AppQuery, Caller};
 use crate::AppState;
 
-/// A long poll re-reads the record at least this often, in case an event went astray.
-const RECHECK: Duration = Duration::from_secs(1);
+/// A long poll waits for its request's `request.updated` events and reads the record only
+/// once, at the start; it reads it again only this often, a safety check for an event that
+/// went astray (on AWS, an announcement lost with a worker that died just after committing).
+const RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct WaitQuery {

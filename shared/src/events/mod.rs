@@ -3,9 +3,11 @@
 //!
 //! Events carry increasing ids, so a client that reconnects with `Last-Event-ID` is replayed
 //! what it missed (events are kept for [`RETENTION_MS`]). Adapters: [`sqlite`] (one machine,
-//! any number of processes) and [`dynamodb`] (any number of hosts).
+//! any number of processes) and [`aws`] (DynamoDB, SNS and an SQS inbox per API instance: any
+//! number of hosts); both hand events to the streams of a process through [`fanout`].
 
-pub mod dynamodb;
+pub mod aws;
+pub mod fanout;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::RequestRecord;
 use crate::ids::RequestId;
@@ -132,6 +135,15 @@ pub trait EventBus: Send + Sync + 'static {
         user_id: &str,
         after: Option<u64>,
     ) -> Result<BoxStream<'static, Arc<Published>>>;
+
+    /// Starts taking in, for the streams and long polls of this process, what other processes
+    /// publish; the API calls it once as it starts. The task it returns ends after `shutdown`,
+    /// having removed what it set up. (The SQLite bus's tailer runs from the start: nothing
+    /// to do.)
+    async fn listen(&self, shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
+        let _ = shutdown;
+        Ok(tokio::spawn(async {}))
+    }
 
     /// The updates (`request.updated`) of one request of the user, from now on — what a long
     /// poll waits for; its other news (`message.delta`) is left out, so a waiter wakes only when

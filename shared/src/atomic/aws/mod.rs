@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestKind, RequestRecord};
 use crate::error::Report;
-use crate::events::dynamodb::DynamoEventBus;
+use crate::events::aws::AwsEventBus;
 use crate::events::{Event, EventBus};
 use crate::ids::RequestId;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
@@ -52,7 +52,7 @@ pub struct AwsAtomic {
     pub persona_queue: Arc<dyn Queue>,
     pub chat_queue: Arc<dyn Queue>,
     /// Events are written inside the settlement's transaction, so this is the DynamoDB bus.
-    pub events: Arc<DynamoEventBus>,
+    pub events: Arc<AwsEventBus>,
     /// How long an outbox item waits for its sender before a sweep sends it.
     pub sweep_after: std::time::Duration,
 }

@@ -6,6 +6,7 @@ use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 
 use super::AwsAtomic;
 use crate::domain::{RequestInput, RequestRecord, RequestResult};
+use crate::events::aws::Sequenced;
 use crate::events::Event;
 use crate::ids::RequestId;
 use crate::store::dynamodb::{
@@ -21,19 +22,8 @@ struct SettleItems {
     effect_at: Option<usize>,
     /// The request's put over the version read.
     request_at: usize,
-}
-
-/// A plain put inside a transaction.
-fn put(table: &str, item: Item) -> Result<TransactWriteItem> {
-    Ok(TransactWriteItem::builder()
-        .put(
-            Put::builder()
-                .table_name(table)
-                .set_item(Some(item))
-                .build()
-                .map_err(|e| storage("build a transaction item", e))?,
-        )
-        .build())
+    /// The user's event counter's put over the id it had.
+    counter_at: usize,
 }
 
 impl AwsAtomic {
@@ -52,7 +42,10 @@ impl AwsAtomic {
         // The result record to write, and where it goes; `None` once a twin's stands.
         let mut pending: Option<Item> = None;
         let mut first = true;
-        for _ in 0..10 {
+        // Tries lost to another process writing the user's events count apart: they say
+        // nothing about the request.
+        let (mut moved, mut collided) = (0, 0);
+        while moved < 10 && collided < 50 {
             let Some(item) = self.store.get(&format!("REQ#{request_id}"), "REQ").await? else {
                 return Ok(None);
             };
@@ -72,21 +65,38 @@ impl AwsAtomic {
             if !transition.clone().apply(&mut record) {
                 return Ok(Some(record));
             }
-            let tx =
-                self.settle_items(user_id, &record, version, pending.as_ref(), last_fragment)?;
+            let mut events = Vec::new();
+            if let Some(text) = last_fragment {
+                events.push(Event::delta(&record.request_id, text));
+            }
+            events.push(Event::updated(&record));
+            let seq = self.events.sequenced(user_id, &events).await?;
+            let tx = self.settle_items(user_id, &record, version, pending.as_ref(), &seq)?;
             let Some(cancelled) = self.transact(tx.items, "settle").await? else {
+                self.events.committed(seq).await;
                 return Ok(Some(record));
             };
+            let counter_moved = cancelled.failed(Some(tx.counter_at)) || cancelled.conflicted();
+            if counter_moved {
+                // Another process wrote the user's events meanwhile: take the next ids.
+                self.events.moved(seq).await;
+            } else {
+                drop(seq);
+            }
             if cancelled.failed(tx.effect_at) {
                 // A twin delivery stored its result first: that one stands.
                 self.take_twin_result(pending.take(), &mut transition)
                     .await?;
+            } else if counter_moved {
+                collided += 1;
+                continue;
             } else if !cancelled.failed(Some(tx.request_at)) {
                 return Err(Error::storage_msg(format!(
                     "settle cancelled: {:?}",
                     cancelled.0
                 )));
             }
+            moved += 1;
             // Either way, read the request again and write over its new version.
         }
         Err(Error::storage_msg(
@@ -95,14 +105,15 @@ impl AwsAtomic {
     }
 
     /// One attempt's transaction: the result record if absent, the request over `version`,
-    /// then its events (the last reply fragment, then `request.updated`).
+    /// then its events (the last reply fragment, then `request.updated`) as the user's next
+    /// ids.
     fn settle_items(
         &self,
         user_id: &str,
         record: &RequestRecord,
         version: i64,
         pending: Option<&Item>,
-        last_fragment: Option<&str>,
+        events: &Sequenced,
     ) -> Result<SettleItems> {
         let table = self.store.table.as_str();
         let mut items = Vec::new();
@@ -128,17 +139,13 @@ impl AwsAtomic {
                 )
                 .build(),
         );
-        // Event items take increasing ids as they are made: the delta sorts first.
-        if let Some(text) = last_fragment {
-            let (name, data) = Event::delta(&record.request_id, text).to_parts()?;
-            items.push(put(table, self.events.event_item(user_id, name, &data))?);
-        }
-        let (name, data) = Event::updated(record).to_parts()?;
-        items.push(put(table, self.events.event_item(user_id, name, &data))?);
+        let counter_at = items.len();
+        items.extend(events.items.iter().cloned());
         Ok(SettleItems {
             items,
             effect_at,
             request_at,
+            counter_at,
         })
     }
 

@@ -329,6 +329,14 @@ impl Cancelled {
         }
     }
 
+    /// Whether another transaction on the same items was under way (DynamoDB cancels rather
+    /// than waits): worth trying again.
+    pub(crate) fn conflicted(&self) -> bool {
+        self.0
+            .iter()
+            .any(|code| code.as_deref() == Some("TransactionConflict"))
+    }
+
     /// Whether the item at `at` failed its condition.
     pub(crate) fn failed(&self, at: Option<usize>) -> bool {
         at.and_then(|i| self.0.get(i).cloned().flatten())
