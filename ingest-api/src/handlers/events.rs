@@ -17,6 +17,9 @@ use crate::error::ApiError;
 use crate::extract::Caller;
 use crate::AppState;
 
+/// How long a client waits before it reconnects (the SSE `retry:` field).
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
 #[utoipa::path(get, path = "/v1/events", tag = "requests",
     params(("access_token" = Option<String>, Query, description = "For EventSource, which cannot send headers"),
            ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")),
@@ -52,7 +55,13 @@ pub async fn stream(
                 .data(&e.data))
         })
         .take_until(end);
-    // A first comment flushes the headers at once, so clients know they are subscribed.
-    let hello = futures::stream::once(async { Ok(Event::default().comment("subscribed")) });
+    // A first comment flushes the headers at once, so clients know they are subscribed; its
+    // `retry:` tells `EventSource` to reconnect a second after the stream ends (it sends
+    // `Last-Event-ID` by itself).
+    let hello = futures::stream::once(async {
+        Ok(Event::default()
+            .comment("subscribed")
+            .retry(RECONNECT_AFTER))
+    });
     Ok(Sse::new(hello.chain(stream)).keep_alive(KeepAlive::default()))
 }

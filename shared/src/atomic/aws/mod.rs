@@ -32,13 +32,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestKind, RequestRecord};
-use crate::error::Report;
 use crate::events::aws::AwsEventBus;
-use crate::events::{Event, EventBus};
 use crate::ids::RequestId;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
 use crate::store::dynamodb::{get_s, key, s, storage, Cancelled, DynamoStore, Item};
-use crate::store::{RequestStore, Transition};
+use crate::store::Transition;
 use crate::time::now_ms;
 use crate::Result;
 
@@ -137,13 +135,6 @@ impl AwsAtomic {
             RequestKind::Chat => &self.chat_queue,
         }
     }
-
-    async fn publish(&self, user_id: &str, record: &RequestRecord) {
-        let event = Event::updated(record);
-        if let Err(e) = self.events.publish(user_id, &event).await {
-            tracing::warn!(error = %Report(&e), "could not push a request update");
-        }
-    }
 }
 
 #[async_trait]
@@ -184,15 +175,18 @@ impl Atomic for AwsAtomic {
     }
 
     async fn start(&self, user_id: &str, request_id: &RequestId) -> Result<Started> {
-        let Some(record) = self.store.get_request(user_id, request_id).await? else {
-            return Ok(Started::Missing);
-        };
-        if record.status.is_final() {
-            return Ok(Started::Finished(record));
-        }
-        let (record, _) = self.store.transition(request_id, Transition::Start).await?;
-        self.publish(user_id, &record).await;
-        Ok(Started::Running(record))
+        // Written as a settlement is: the request over the version read and its
+        // `request.updated` in one transaction (a read and a write, where a separate update and
+        // event took four calls).
+        let started = self
+            .settle_records(user_id, request_id, Transition::Start, None)
+            .await?;
+        Ok(match started {
+            None => Started::Missing,
+            // Only a finished request refuses to start: this delivery is a duplicate.
+            Some(record) if record.status.is_final() => Started::Finished(record),
+            Some(record) => Started::Running(record),
+        })
     }
 
     async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<Option<RequestRecord>> {

@@ -29,6 +29,8 @@ struct SettleItems {
 impl AwsAtomic {
     /// The records of a settlement in one transaction: the result record (persona or reply,
     /// only if absent), the request over the version read, and its `request.updated` event.
+    /// A start is written the same way (no result). `None`: no such request of the user;
+    /// otherwise the record as it now stands (unchanged if it had finished already).
     /// A twin's result that stands already is taken instead; a request that moved meanwhile
     /// is read again.
     pub(super) async fn settle_records(
