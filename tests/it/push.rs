@@ -258,3 +258,108 @@ async fn a_workers_events_reach_streams_on_two_api_processes_without_polling_per
     }
     assert_eq!(inboxes(&run).await, (0, 0), "nothing left behind");
 }
+
+/// Reads a stream until it has seen `want` of its user's requests succeed; every event as
+/// `(id, request_id, status)` (`status` empty for a delta).
+async fn read_until_done(res: reqwest::Response, want: usize) -> Vec<(u64, String, String)> {
+    use futures::StreamExt;
+    let mut body = res.bytes_stream();
+    let (mut buf, mut seen, mut done) = (String::new(), Vec::new(), 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while done < want {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("events in time")
+            .expect("stream open")
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+            };
+            let (Some(id), Some(data)) = (field("id:"), field("data:")) else {
+                continue; // a comment, a keep-alive
+            };
+            let data: serde_json::Value = serde_json::from_str(&data).unwrap();
+            let status = data["status"].as_str().unwrap_or_default().to_owned();
+            done += usize::from(status == "succeeded");
+            let request = data["request_id"].as_str().unwrap().to_owned();
+            seen.push((id.parse().unwrap(), request, status));
+        }
+    }
+    seen
+}
+
+/// Two users with several streams each, on one API: every stream gets all of its user's
+/// events and none of the other's, each once, in id order.
+async fn each_of_many_streams_gets_its_users_events_once_in_order(app: common::TestApp) {
+    const STREAMS: usize = 4;
+    const REQUESTS: usize = 3;
+    let (ann, bob) = (app.user("ann").await, app.user("bob").await);
+    let mut readers = Vec::new();
+    for user in [&ann, &bob] {
+        for _ in 0..STREAMS {
+            let res = app
+                .http
+                .get(app.url("/v1/events"))
+                .bearer_auth(&user.token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            readers.push((
+                user.user_id.clone(),
+                tokio::spawn(read_until_done(res, REQUESTS)),
+            ));
+        }
+    }
+    let mut mine: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for user in [&ann, &bob] {
+        for i in 0..REQUESTS {
+            let accepted = app.persona_request(user, &format!("Persona {i}")).await;
+            mine.entry(user.user_id.clone())
+                .or_default()
+                .push(accepted["request_id"].as_str().unwrap().to_owned());
+        }
+    }
+    for (user, reader) in readers {
+        let seen = reader.await.unwrap();
+        let ids: Vec<u64> = seen.iter().map(|e| e.0).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "in order, once: {ids:?}"
+        );
+        for (_, request, _) in &seen {
+            assert!(
+                mine[&user].contains(request),
+                "another user's event: {request}"
+            );
+        }
+        for request in &mine[&user] {
+            let statuses: Vec<&str> = seen
+                .iter()
+                .filter(|e| &e.1 == request)
+                .map(|e| e.2.as_str())
+                .collect();
+            assert_eq!(statuses, ["running", "succeeded"], "{request}");
+        }
+    }
+}
+
+async fn embedded_app() -> common::TestApp {
+    common::TestApp::start().await
+}
+
+async fn aws_app() -> common::TestApp {
+    common::TestApp::builder().on_aws().start().await
+}
+
+contract!(
+    embedded_push => embedded_app,
+    aws_push => aws_app;
+    each_of_many_streams_gets_its_users_events_once_in_order,
+);
