@@ -154,13 +154,13 @@ async fn aws(settings: &Settings) -> anyhow::Result<Ports> {
     let identity = CognitoIdentity::new(cognito, client_id, a.cognito_client_secret.clone())
         .with_refresh_call(a.cognito_refresh.into());
     Ok(Ports {
-        atomic: Arc::new(AwsAtomic {
-            store: store.clone(),
-            persona_queue: persona_queue.clone(),
-            chat_queue: chat_queue.clone(),
-            events: events.clone(),
-            sweep_after: a.outbox_sweep_after(),
-        }),
+        atomic: Arc::new(AwsAtomic::new(
+            store.clone(),
+            persona_queue.clone(),
+            chat_queue.clone(),
+            events.clone(),
+            a.outbox_sweep_after(),
+        )),
         store,
         persona_queue,
         chat_queue,

@@ -92,13 +92,13 @@ async fn aws() -> Subject {
     events.listen(listening.clone()).await.unwrap();
     Subject {
         _listening: Some(listening.drop_guard()),
-        atomic: Arc::new(AwsAtomic {
-            store: dynamo_store,
-            sweep_after: Duration::from_secs(30),
-            persona_queue: persona_queue.clone(),
-            chat_queue: chat_queue.clone(),
-            events: dynamo_events,
-        }),
+        atomic: Arc::new(AwsAtomic::new(
+            dynamo_store,
+            persona_queue.clone(),
+            chat_queue.clone(),
+            dynamo_events,
+            Duration::from_secs(30),
+        )),
         store,
         persona_queue,
         chat_queue,
@@ -734,13 +734,13 @@ mod aws_only {
         persona_queue: Arc<dyn Queue>,
         after: Duration,
     ) -> AwsAtomic {
-        AwsAtomic {
+        AwsAtomic::new(
             store,
             persona_queue,
-            chat_queue: s.chat_queue.clone(),
-            events: atomic_of_events(s).await,
-            sweep_after: after,
-        }
+            s.chat_queue.clone(),
+            atomic_of_events(s).await,
+            after,
+        )
     }
 
     async fn subject() -> (Subject, Arc<DynamoStore>) {

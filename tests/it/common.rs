@@ -479,6 +479,16 @@ pub async fn aws_event_bus(
     topic: &str,
     stale_after: Duration,
 ) -> std::sync::Arc<shared::events::aws::AwsEventBus> {
+    aws_event_bus_waiting(table, topic, stale_after, Duration::from_secs(20)).await
+}
+
+/// [`aws_event_bus`] whose inbox's receives wait at most `wait`.
+pub async fn aws_event_bus_waiting(
+    table: &str,
+    topic: &str,
+    stale_after: Duration,
+    wait: Duration,
+) -> std::sync::Arc<shared::events::aws::AwsEventBus> {
     use shared::events::aws::{AwsEventBus, InboxOptions, Topic};
     let sdk = aws_test_sdk_config();
     let topic = Topic::resolve_topic(aws_sdk_sns::Client::new(&sdk), topic)
@@ -490,7 +500,7 @@ pub async fn aws_event_bus(
             topic.arn().rsplit(':').next().unwrap_or_default()
         ),
         stale_after,
-        wait: Duration::from_secs(20),
+        wait,
     };
     std::sync::Arc::new(AwsEventBus::new(
         aws_sdk_dynamodb::Client::new(&sdk),

@@ -241,7 +241,7 @@ mod aws_only {
             client
                 .update_item()
                 .table_name(&table)
-                .key("pk", AttributeValue::S("EVT#fay".into()))
+                .key("pk", AttributeValue::S("EVS#fay".into()))
                 .key("sk", AttributeValue::S(format!("{id:020}")))
                 .update_expression("SET expires_at = :past")
                 .expression_attribute_values(":past", AttributeValue::N("1000".into()))
@@ -254,5 +254,57 @@ mod aws_only {
         assert_eq!(next(&mut replay).await.event, delta("6"));
         s.worker.publish("fay", &delta("7")).await.unwrap();
         assert_eq!(next(&mut replay).await.event, delta("7"), "then live");
+    }
+}
+
+mod aws_inbox {
+    use super::*;
+
+    async fn inbox_urls(prefix: &str) -> Vec<String> {
+        aws_sdk_sqs::Client::new(&common::aws_test_sdk_config())
+            .list_queues()
+            .queue_name_prefix(prefix)
+            .send()
+            .await
+            .unwrap()
+            .queue_urls()
+            .to_vec()
+    }
+
+    /// An instance whose inbox is deleted under it (by hand, or by another instance that took
+    /// it for a dead one's) makes a new one and goes on relaying.
+    #[tokio::test]
+    async fn an_instance_whose_inbox_was_deleted_makes_a_new_one() {
+        let client = aws_sdk_dynamodb::Client::new(&common::aws_test_sdk_config());
+        let table = format!("events-{}", uuid::Uuid::new_v4().simple());
+        DynamoStore::create_table(&client, &table).await.unwrap();
+        let (stale, wait) = (Duration::from_secs(300), Duration::from_secs(1));
+        let api = common::aws_event_bus_waiting(&table, &table, stale, wait).await;
+        let worker = common::aws_event_bus(&table, &table, stale).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
+        api.listen(stop).await.unwrap();
+        let mut stream = api.subscribe("gus", None).await.unwrap();
+        let prefix = format!("inbox-{table}-");
+        let first = inbox_urls(&prefix).await;
+        assert_eq!(first.len(), 1);
+
+        aws_sdk_sqs::Client::new(&common::aws_test_sdk_config())
+            .delete_queue()
+            .queue_url(&first[0])
+            .send()
+            .await
+            .unwrap();
+        let mut now = Vec::new();
+        for _ in 0..80 {
+            now = inbox_urls(&prefix).await;
+            if now.len() == 1 && now != first {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(now.len() == 1 && now != first, "a new inbox: {now:?}");
+        worker.publish("gus", &delta("after")).await.unwrap();
+        assert_eq!(next(&mut stream).await.event, delta("after"));
     }
 }

@@ -87,8 +87,9 @@ fn spawn(env: &[(String, String)], port: u16, args: &[&str]) -> Proc {
         .env("CHARACTERBOT_CHAT_MODEL", "offline")
         .env("CHARACTERBOT_OFFLINE_DELAY_MS", "300")
         .env("CHARACTERBOT_RECEIVE_WAIT_SECS", "1")
-        // Inboxes are tagged alive every second; one quiet for 2 s is stale.
-        .env("CHARACTERBOT_AWS_INBOX_STALE_SECS", "2")
+        // Inboxes are tagged alive every second; one quiet for 3 s is stale (and removed when
+        // two sweeps in a row find it so).
+        .env("CHARACTERBOT_AWS_INBOX_STALE_SECS", "3")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -203,13 +204,13 @@ async fn a_workers_events_reach_streams_on_two_api_processes_without_polling_per
     let (sse_a, sse_b) = (a.events().await, b.events().await);
     // The proxy does see the APIs' calls: opening a stream reads where the user's ids stand.
     assert!(
-        counts.of("GetItem", "EVT#") >= 2,
+        counts.of("GetItem", "EVS#") >= 2,
         "the proxy counts the APIs' calls"
     );
     counts.clear();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(counts.of("Query", "EVT#"), 0, "idle streams read nothing");
-    assert_eq!(counts.of("GetItem", "EVT#"), 0, "idle streams read nothing");
+    assert_eq!(counts.of("Query", "EVS#"), 0, "idle streams read nothing");
+    assert_eq!(counts.of("GetItem", "EVS#"), 0, "idle streams read nothing");
 
     let accepted = a
         .post("/v1/personas", json!({ "prompt": "Ada Lovelace" }))
@@ -225,7 +226,7 @@ async fn a_workers_events_reach_streams_on_two_api_processes_without_polling_per
         assert!(seen.contains(&"running".to_owned()), "{seen:?}");
     }
     assert_eq!(
-        counts.of("Query", "EVT#"),
+        counts.of("Query", "EVS#"),
         0,
         "the events came through the inboxes, not by reading the table"
     );

@@ -643,7 +643,7 @@ mod dynamodb_ttl {
             .query()
             .table_name(&table)
             .key_condition_expression("pk = :pk")
-            .expression_attribute_values(":pk", AttributeValue::S("EVT#alice".into()))
+            .expression_attribute_values(":pk", AttributeValue::S("EVS#alice".into()))
             .send()
             .await
             .unwrap()

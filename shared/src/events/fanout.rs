@@ -84,12 +84,6 @@ impl Fanout {
         }
     }
 
-    /// Whether any stream or long poll is held here (the AWS inbox skips parsing when not).
-    pub fn is_idle(&self) -> bool {
-        let users = self.users.lock().map(|u| u.is_empty()).unwrap_or(true);
-        users && self.watchers.lock().map(|w| w.is_empty()).unwrap_or(true)
-    }
-
     /// The user's events from now on, preceded by those after `after` when given, read from
     /// `backlog`.
     pub async fn subscribe(

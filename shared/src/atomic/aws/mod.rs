@@ -53,6 +53,31 @@ pub struct AwsAtomic {
     pub events: Arc<AwsEventBus>,
     /// How long an outbox item waits for its sender before a sweep sends it.
     pub sweep_after: std::time::Duration,
+    /// Requests this process started and has not settled yet, as it wrote them: (owner,
+    /// version, record). Saves the settlement a read; see `settle::current`.
+    known: std::sync::Mutex<std::collections::HashMap<RequestId, (String, i64, RequestRecord)>>,
+}
+
+/// Most requests an `AwsAtomic` remembers (running jobs of the process: a handful per slot).
+const KNOWN_KEPT: usize = 10_000;
+
+impl AwsAtomic {
+    pub fn new(
+        store: Arc<DynamoStore>,
+        persona_queue: Arc<dyn Queue>,
+        chat_queue: Arc<dyn Queue>,
+        events: Arc<AwsEventBus>,
+        sweep_after: std::time::Duration,
+    ) -> Self {
+        AwsAtomic {
+            store,
+            persona_queue,
+            chat_queue,
+            events,
+            sweep_after,
+            known: Default::default(),
+        }
+    }
 }
 
 /// What an outbox item holds: the jobs of one accept and, for a batch, the request records

@@ -4,7 +4,7 @@
 
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 
-use super::AwsAtomic;
+use super::{AwsAtomic, KNOWN_KEPT};
 use crate::domain::{RequestInput, RequestRecord, RequestResult};
 use crate::events::aws::Sequenced;
 use crate::events::Event;
@@ -48,14 +48,9 @@ impl AwsAtomic {
         // nothing about the request.
         let (mut moved, mut collided) = (0, 0);
         while moved < 10 && collided < 50 {
-            let Some(item) = self.store.get(&format!("REQ#{request_id}"), "REQ").await? else {
+            let Some((version, mut record)) = self.current(user_id, request_id).await? else {
                 return Ok(None);
             };
-            if get_s(&item, "user_id") != Some(user_id) {
-                return Ok(None);
-            }
-            let version = get_n(&item, "version").unwrap_or(0);
-            let mut record: RequestRecord = body(&item)?;
             if record.status.is_final() {
                 return Ok(Some(record));
             }
@@ -76,12 +71,13 @@ impl AwsAtomic {
             let tx = self.settle_items(user_id, &record, version, pending.as_ref(), &seq)?;
             let Some(cancelled) = self.transact(tx.items, "settle").await? else {
                 self.events.committed(seq).await;
+                self.remember(user_id, &record, version + 1);
                 return Ok(Some(record));
             };
             let counter_moved = cancelled.failed(Some(tx.counter_at)) || cancelled.conflicted();
             if counter_moved {
                 // Another process wrote the user's events meanwhile: take the next ids.
-                self.events.moved(seq).await;
+                self.events.moved(seq, collided).await;
             } else {
                 drop(seq);
             }
@@ -104,6 +100,48 @@ impl AwsAtomic {
         Err(Error::storage_msg(
             "request kept changing under the settlement",
         ))
+    }
+
+    /// The request's version and record: as this process last wrote it (a start, then its
+    /// settlement, save a read; a stale one fails the write's condition and is read again), or
+    /// as stored. `None` when there is no such request of the user.
+    async fn current(
+        &self,
+        user_id: &str,
+        request_id: &RequestId,
+    ) -> Result<Option<(i64, RequestRecord)>> {
+        let known = self
+            .known
+            .lock()
+            .ok()
+            .and_then(|mut k| k.remove(request_id));
+        if let Some((owner, version, record)) = known {
+            if owner == user_id {
+                return Ok(Some((version, record)));
+            }
+        }
+        let Some(item) = self.store.get(&format!("REQ#{request_id}"), "REQ").await? else {
+            return Ok(None);
+        };
+        if get_s(&item, "user_id") != Some(user_id) {
+            return Ok(None);
+        }
+        let version = get_n(&item, "version").unwrap_or(0);
+        Ok(Some((version, body(&item)?)))
+    }
+
+    /// Keeps what this process wrote of a request that has more to come.
+    fn remember(&self, user_id: &str, record: &RequestRecord, version: i64) {
+        if record.status.is_final() {
+            return;
+        }
+        if let Ok(mut known) = self.known.lock() {
+            if known.len() >= KNOWN_KEPT {
+                known.clear();
+            }
+            let entry = (user_id.to_owned(), version, record.clone());
+            known.insert(record.request_id.clone(), entry);
+        }
     }
 
     /// One attempt's transaction: the result record if absent, the request over `version`,
@@ -201,9 +239,8 @@ impl AwsAtomic {
                 let conv_pk = format!("CONV#{conversation_id}");
                 let turn = self
                     .store
-                    .get(&conv_pk, &format!("MID#{message_id}"))
+                    .turn_of(conversation_id, message_id)
                     .await?
-                    .and_then(|i| get_n(&i, "turn"))
                     .ok_or(Error::NotFound)?;
                 let mut item = key(&conv_pk, msg_sk(turn, 1));
                 item.insert("body".into(), s(serde_json::to_string(m)?));

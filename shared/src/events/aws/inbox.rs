@@ -3,7 +3,9 @@
 //! comes from the table), so it is made at start and deleted at stop, and the inboxes of
 //! instances that died are found by their stale `alive` tag and removed by the others.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
@@ -53,7 +55,63 @@ pub(super) struct Inbox {
     name: String,
     url: String,
     arn: String,
+    /// The topic's subscription of this queue.
+    subscription: String,
     options: InboxOptions,
+}
+
+/// Why [`Inbox::relay`] returned.
+#[derive(Debug, PartialEq)]
+enum Ended {
+    Shutdown,
+    /// The queue or its subscription is gone (removed by another instance that took this one
+    /// for dead, or by hand): a new inbox is needed.
+    Lost,
+}
+
+/// What the stale-inbox sweeps remember between runs: an inbox is removed only when two sweeps
+/// in a row find it stale, so one late heartbeat or a queue too new to be listed yet does not
+/// cost a live instance its inbox.
+#[derive(Default)]
+struct Sweeps {
+    suspects: Mutex<HashSet<String>>,
+    /// This instance's own subscription was missing from the last sweep's listing.
+    own_missing: AtomicBool,
+    /// ... and from two in a row.
+    lost: AtomicBool,
+}
+
+/// Runs this instance's inbox until `shutdown`, making a new one whenever it is lost, and
+/// removes the last one at the end.
+pub(super) async fn run(
+    mut inbox: Inbox,
+    fanout: Arc<Fanout>,
+    topic: Topic,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let ended = inbox.relay(&fanout, &topic, shutdown.clone()).await;
+        inbox.close_inbox(&topic).await;
+        if ended == Ended::Shutdown {
+            return;
+        }
+        tracing::warn!(inbox = %inbox.name, "this instance's inbox is gone; making a new one");
+        loop {
+            match Inbox::open_subscribed(inbox.client.clone(), &inbox.options, &topic).await {
+                Ok(new) => {
+                    inbox = new;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %Report(&e), "could not make a new inbox");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The queue ARN of `name` beside the topic `topic_arn` (same partition, region and account).
@@ -69,13 +127,36 @@ fn queue_arn(topic_arn: &str, name: &str) -> Result<String> {
 }
 
 impl Inbox {
-    /// Makes this instance's queue, open to the topic's deliveries only.
-    pub(super) async fn open_inbox(
+    /// Makes this instance's queue, open to the topic's deliveries only, and subscribes it.
+    pub(super) async fn open_subscribed(
         client: Client,
         options: &InboxOptions,
-        topic_arn: &str,
+        topic: &Topic,
     ) -> Result<Inbox> {
-        let name = format!("{}{}", options.prefix, uuid::Uuid::new_v4().simple());
+        let mut inbox = Inbox::open_inbox(client, options, topic.arn()).await?;
+        match topic.subscribe_inbox(&inbox.arn).await {
+            Ok(subscription) => {
+                inbox.subscription = subscription;
+                Ok(inbox)
+            }
+            Err(e) => {
+                let _ = remove_queue(&inbox.client, &inbox.url).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_inbox(client: Client, options: &InboxOptions, topic_arn: &str) -> Result<Inbox> {
+        // 64 random bits: unique among instances, and short enough for SQS's 80 characters.
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+        let name = format!("{}{id}", options.prefix);
+        if name.len() > 80 {
+            return Err(Error::config_msg(format!(
+                "inbox prefix too long: `{name}` is over SQS's 80 characters"
+            )));
+        }
+        // The queue is made beside the topic (same region and account): the topic's
+        // deliveries go to this ARN.
         let arn = queue_arn(topic_arn, &name)?;
         let policy = serde_json::json!({
             "Version": "2012-10-17",
@@ -109,6 +190,7 @@ impl Inbox {
             name,
             url,
             arn,
+            subscription: String::new(),
             options: options.clone(),
         })
     }
@@ -117,26 +199,28 @@ impl Inbox {
         &self.arn
     }
 
-    /// Relays what arrives to `fanout` until `shutdown`; meanwhile tags the inbox alive and
-    /// removes stale ones.
-    pub(super) async fn relay(&self, fanout: &Fanout, topic: &Topic, shutdown: CancellationToken) {
+    /// Relays what arrives to `fanout` until `shutdown` or the inbox is lost; meanwhile tags
+    /// the inbox alive and removes stale ones.
+    async fn relay(&self, fanout: &Fanout, topic: &Topic, shutdown: CancellationToken) -> Ended {
         let mut receipts: Vec<String> = Vec::new();
         let mut deletes = tokio::time::interval(DELETE_EVERY);
         let mut heartbeat = tokio::time::interval(self.options.heartbeat());
+        let sweeps = Arc::new(Sweeps::default());
         // Not cancelled by the other branches: a receive dropped mid-flight would hide what it
         // took until its visibility ran out.
         let mut receive = Box::pin(self.take_news());
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => return Ended::Shutdown,
                 news = &mut receive => {
                     match news {
-                        Ok((events, handles)) => {
+                        Ok(Some((events, handles))) => {
                             for e in events {
                                 fanout.deliver(Arc::new(e));
                             }
                             receipts.extend(handles);
                         }
+                        Ok(None) => return Ended::Lost,
                         Err(e) => {
                             tracing::warn!(error = %Report(&e), "could not receive events");
                             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -146,14 +230,23 @@ impl Inbox {
                 }
                 _ = deletes.tick() => self.forget_news(std::mem::take(&mut receipts)).await,
                 _ = heartbeat.tick() => {
+                    if sweeps.lost.load(Ordering::Relaxed) {
+                        return Ended::Lost;
+                    }
                     fanout.housekeep();
                     if let Err(e) = self.tag_alive().await {
                         tracing::warn!(error = %Report(&e), "could not tag this instance's inbox alive");
                     }
-                    let (client, topic, options, own) =
-                        (self.client.clone(), topic.clone(), self.options.clone(), self.name.clone());
+                    let (client, topic, options, own, sweeps) = (
+                        self.client.clone(),
+                        topic.clone(),
+                        self.options.clone(),
+                        self.subscription.clone(),
+                        sweeps.clone(),
+                    );
                     tokio::spawn(async move {
-                        if let Err(e) = remove_stale_inboxes(&client, &topic, &options, &own).await {
+                        let swept = remove_stale_inboxes(&client, &topic, &options, &own, &sweeps);
+                        if let Err(e) = swept.await {
                             tracing::warn!(error = %Report(&e), "could not look for stale inboxes");
                         }
                     });
@@ -162,17 +255,28 @@ impl Inbox {
         }
     }
 
-    /// One long-polled receive: the events announced, and the receipts to delete them by.
-    async fn take_news(&self) -> Result<(Vec<Published>, Vec<String>)> {
-        let out = self
+    /// One long-polled receive (at least a second, so a zero wait cannot spin): the events
+    /// announced, and the receipts to delete them by.
+    /// `None` when the queue no longer exists.
+    async fn take_news(&self) -> Result<Option<(Vec<Published>, Vec<String>)>> {
+        let received = self
             .client
             .receive_message()
             .queue_url(&self.url)
             .max_number_of_messages(MAX_BATCH as i32)
-            .wait_time_seconds(self.options.wait.as_secs().min(20) as i32)
+            .wait_time_seconds(self.options.wait.as_secs().clamp(1, 20) as i32)
             .send()
-            .await
-            .map_err(|e| sqs("receive events", e))?;
+            .await;
+        let out = match received {
+            Ok(out) => out,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_queue_does_not_exist()) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(sqs("receive events", e)),
+        };
         let mut events = Vec::new();
         let mut receipts = Vec::new();
         for m in out.messages.unwrap_or_default() {
@@ -183,7 +287,7 @@ impl Inbox {
                 Err(e) => tracing::warn!(error = %e, "an announcement does not parse"),
             }
         }
-        Ok((events, receipts))
+        Ok(Some((events, receipts)))
     }
 
     /// Deletes received messages, ten to a call.
@@ -225,8 +329,15 @@ impl Inbox {
         Ok(())
     }
 
-    pub(super) async fn close_inbox(&self) -> Result<()> {
-        remove_queue(&self.client, &self.url).await
+    /// Unsubscribes and deletes the inbox; failures are logged (a stale inbox is removed by
+    /// the other instances).
+    async fn close_inbox(&self, topic: &Topic) {
+        if let Err(e) = topic.unsubscribe_inbox(&self.subscription).await {
+            tracing::warn!(error = %Report(&e), "could not unsubscribe this instance's inbox");
+        }
+        if let Err(e) = remove_queue(&self.client, &self.url).await {
+            tracing::warn!(error = %Report(&e), "could not delete this instance's inbox");
+        }
     }
 }
 
@@ -241,52 +352,106 @@ async fn remove_queue(client: &Client, url: &str) -> Result<()> {
 }
 
 /// Unsubscribes, and deletes, the inboxes of other instances that stopped tagging them alive
-/// (they died without cleaning up), and the subscriptions of inboxes already deleted.
+/// (they died without cleaning up), and the subscriptions of inboxes already deleted, when two
+/// sweeps in a row find them so. Notes in `sweeps` whether this instance's own subscription
+/// (`own`) is still listed.
 async fn remove_stale_inboxes(
     client: &Client,
     topic: &Topic,
     options: &InboxOptions,
     own: &str,
-) -> Result<usize> {
-    let mut removed = 0;
-    for (subscription, queue) in topic.inbox_subscriptions().await? {
+    sweeps: &Sweeps,
+) -> Result<()> {
+    let subscriptions = topic.inbox_subscriptions().await?;
+    let listed = subscriptions
+        .iter()
+        .any(|(subscription, _)| subscription == own);
+    let missing_twice = !listed && sweeps.own_missing.swap(true, Ordering::Relaxed);
+    if listed {
+        sweeps.own_missing.store(false, Ordering::Relaxed);
+    }
+    if missing_twice {
+        sweeps.lost.store(true, Ordering::Relaxed);
+    }
+    let mut stale = HashSet::new();
+    for (subscription, queue) in subscriptions {
         let name = queue.rsplit(':').next().unwrap_or_default();
-        if !name.starts_with(&options.prefix) || name == own {
+        if !name.starts_with(&options.prefix) || subscription == own {
             continue;
         }
-        let url = match client.get_queue_url().queue_name(name).send().await {
-            Ok(out) => out.queue_url,
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_queue_does_not_exist()) =>
-            {
-                None
+        match inbox_state(client, name, options).await {
+            Ok(InboxState::Alive) => continue,
+            Ok(state) => {
+                stale.insert(subscription.clone());
+                let suspected = sweeps.suspects.lock().map(|s| s.contains(&subscription));
+                if suspected.unwrap_or(false) {
+                    tracing::info!(inbox = %name, "removing the inbox of an instance that stopped");
+                    if let Err(e) = remove_inbox(client, topic, &subscription, state).await {
+                        tracing::warn!(error = %Report(&e), inbox = %name, "could not remove a stale inbox");
+                    }
+                }
             }
-            Err(e) => return Err(sqs("find an inbox", e)),
-        };
-        if let Some(url) = &url {
-            let tags = client
-                .list_queue_tags()
-                .queue_url(url)
-                .send()
-                .await
-                .map_err(|e| sqs("read an inbox's tags", e))?;
-            let alive = tags
-                .tags
-                .as_ref()
-                .and_then(|t| t.get(ALIVE_TAG))
-                .and_then(|v| v.parse::<i64>().ok())
-                .unwrap_or(0);
-            if now_secs() - alive <= options.stale_after.as_secs() as i64 {
-                continue;
+            Err(e) => {
+                tracing::warn!(error = %Report(&e), inbox = %name, "could not check an inbox")
             }
         }
-        tracing::info!(inbox = %name, "removing the inbox of an instance that stopped");
-        topic.unsubscribe_inbox(&subscription).await?;
-        if let Some(url) = url {
-            remove_queue(client, &url).await?;
-        }
-        removed += 1;
     }
-    Ok(removed)
+    if let Ok(mut suspects) = sweeps.suspects.lock() {
+        *suspects = stale;
+    }
+    Ok(())
+}
+
+/// What a sweep finds of another instance's inbox.
+enum InboxState {
+    Alive,
+    /// Its queue is gone; the subscription is left.
+    Gone,
+    /// Not tagged alive for too long: its URL.
+    Stale(String),
+}
+
+async fn inbox_state(client: &Client, name: &str, options: &InboxOptions) -> Result<InboxState> {
+    let url = match client.get_queue_url().queue_name(name).send().await {
+        Ok(out) => out.queue_url.unwrap_or_default(),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_queue_does_not_exist()) =>
+        {
+            return Ok(InboxState::Gone)
+        }
+        Err(e) => return Err(sqs("find an inbox", e)),
+    };
+    let tags = client
+        .list_queue_tags()
+        .queue_url(&url)
+        .send()
+        .await
+        .map_err(|e| sqs("read an inbox's tags", e))?;
+    let alive = tags
+        .tags
+        .as_ref()
+        .and_then(|t| t.get(ALIVE_TAG))
+        .and_then(|v| v.parse::<i64>().ok());
+    // No tag: not an inbox made by this code (they are tagged when made); left alone.
+    let Some(alive) = alive else {
+        return Ok(InboxState::Alive);
+    };
+    if now_secs() - alive <= options.stale_after.as_secs() as i64 {
+        return Ok(InboxState::Alive);
+    }
+    Ok(InboxState::Stale(url))
+}
+
+async fn remove_inbox(
+    client: &Client,
+    topic: &Topic,
+    subscription: &str,
+    state: InboxState,
+) -> Result<()> {
+    topic.unsubscribe_inbox(subscription).await?;
+    if let InboxState::Stale(url) = state {
+        remove_queue(client, &url).await?;
+    }
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! The event bus on AWS, for API and workers on any number of hosts.
 //!
 //! **Stored** in DynamoDB, for replay: each event is an item in its user's partition
-//! (`pk = EVT#{user}`, `sk` = its id, zero-padded), expired by TTL after
+//! (`pk = EVS#{user}`, `sk` = its id, zero-padded; `EVS`, not the `EVT` of the clock-based ids
+//! before them, so the two never mix in one read during a rolling deploy), expired by TTL after
 //! [`RETENTION_MS`](super::RETENTION_MS). A user's ids count 1, 2, 3, ... with no holes: a
 //! counter item (`sk = #seq`) moves from n to n+k in the same transaction that writes events
 //! n+1..=n+k, on the condition that it still says n. So an event becomes visible only after
@@ -40,7 +41,6 @@ pub use topic::Topic;
 
 use super::fanout::{Backlog, Fanout, Read};
 use super::{Event, EventBus, Published, RETENTION_MS};
-use crate::error::Report;
 use crate::ids::RequestId;
 use crate::store::dynamodb::{get_n, get_s, key, n, put_if_absent, s, storage, Cancelled, Item};
 use crate::time::now_secs;
@@ -54,9 +54,14 @@ const MAX_TRIES: usize = 50;
 /// Users whose newest id this process remembers (saving a read before its next write); the
 /// memory is dropped whole past this.
 const HEADS_KEPT: usize = 100_000;
-/// Longest pause before trying again after another process moved a user's counter (the pause
-/// is random, up to this: two writers that collided are unlikely to collide again).
+/// Longest pause before trying again after another process moved a user's counter a second
+/// time in a row (random, up to this: two writers that collided are unlikely to collide again).
+/// The first retry goes at once: most collisions are a remembered head gone stale, not a race.
 const CONFLICT_PAUSE_MS: u64 = 50;
+/// How long a remembered head is trusted: long enough for one job's writes (its start, reply
+/// fragments and settlement), short enough that a user's next turn, likely run by another
+/// worker process, reads the counter instead of failing on a stale head.
+const HEAD_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct AwsEventBus {
     stored: Arc<Stored>,
@@ -66,7 +71,7 @@ pub struct AwsEventBus {
     fanout: Arc<Fanout>,
     /// The newest id of each user this process wrote: the base of its next write. Wrong when
     /// another process wrote since; the counter's condition catches that.
-    heads: Mutex<HashMap<String, u64>>,
+    heads: Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// One writer at a time per user in this process: the tasks of a process (a user's many
     /// jobs at once, a batch) take turns instead of racing each other for the counter, so
     /// only writers in other processes ever collide.
@@ -122,9 +127,10 @@ impl AwsEventBus {
     /// The items that store `events` as the user's next ids (see [`Sequenced`]).
     pub async fn sequenced(&self, user_id: &str, events: &[Event]) -> Result<Sequenced> {
         let turn = self.turn(user_id).await;
-        let head = match self.heads.lock().ok().and_then(|h| h.get(user_id).copied()) {
-            Some(head) => head,
-            None => self.stored.current(user_id).await?,
+        let remembered = self.heads.lock().ok().and_then(|h| h.get(user_id).copied());
+        let head = match remembered {
+            Some((head, at)) if at.elapsed() < HEAD_FRESH => head,
+            _ => self.stored.current(user_id).await?,
         };
         let new_head = head + events.len() as u64;
         let mut items = vec![self.stored.counter_put(user_id, head, new_head)?];
@@ -162,7 +168,7 @@ impl AwsEventBus {
             if heads.len() >= HEADS_KEPT {
                 heads.clear();
             }
-            heads.insert(user_id, last.id);
+            heads.insert(user_id, (last.id, std::time::Instant::now()));
         }
         // The next writer need not wait for the announcement: streams put events in order.
         drop(_turn);
@@ -170,22 +176,24 @@ impl AwsEventBus {
     }
 
     /// After the transaction of `seq` failed on the counter's condition: another process
-    /// wrote the user's events since. The next write reads the counter again, after a short
-    /// random pause.
-    pub async fn moved(&self, seq: Sequenced) {
+    /// wrote the user's events since. The next write reads the counter again (after a short
+    /// random pause if this is not the first collision of the write).
+    pub async fn moved(&self, seq: Sequenced, collisions_before: usize) {
         if let Ok(mut heads) = self.heads.lock() {
             heads.remove(&seq.user_id);
         }
         drop(seq);
-        let pause = rand::random::<u64>() % CONFLICT_PAUSE_MS;
-        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        if collisions_before > 0 {
+            let pause = rand::random::<u64>() % CONFLICT_PAUSE_MS;
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        }
     }
 }
 
 #[async_trait]
 impl EventBus for AwsEventBus {
     async fn publish(&self, user_id: &str, event: &Event) -> Result<()> {
-        for _ in 0..MAX_TRIES {
+        for attempt in 0..MAX_TRIES {
             let seq = self.sequenced(user_id, std::slice::from_ref(event)).await?;
             let written = self
                 .stored
@@ -207,7 +215,7 @@ impl EventBus for AwsEventBus {
                             cancelled.0
                         )));
                     }
-                    self.moved(seq).await;
+                    self.moved(seq, attempt).await;
                 }
             }
         }
@@ -234,26 +242,16 @@ impl EventBus for AwsEventBus {
 
     async fn listen(&self, shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
         let inbox =
-            inbox::Inbox::open_inbox(self.sqs.clone(), &self.inbox, self.topic.arn()).await?;
-        let subscription = match self.topic.subscribe_inbox(inbox.arn()).await {
-            Ok(subscription) => subscription,
-            Err(e) => {
-                let _ = inbox.close_inbox().await;
-                return Err(e);
-            }
-        };
+            inbox::Inbox::open_subscribed(self.sqs.clone(), &self.inbox, &self.topic).await?;
         tracing::info!(inbox = %inbox.arn(), "listening for events");
         let (topic, fanout) = (self.topic.clone(), self.fanout.clone());
-        Ok(tokio::spawn(async move {
-            inbox.relay(&fanout, &topic, shutdown).await;
-            if let Err(e) = topic.unsubscribe_inbox(&subscription).await {
-                tracing::warn!(error = %Report(&e), "could not unsubscribe this instance's inbox");
-            }
-            if let Err(e) = inbox.close_inbox().await {
-                tracing::warn!(error = %Report(&e), "could not delete this instance's inbox");
-            }
-        }))
+        Ok(tokio::spawn(inbox::run(inbox, fanout, topic, shutdown)))
     }
+}
+
+/// The partition of a user's events.
+fn events_pk(user_id: &str) -> String {
+    format!("EVS#{user_id}")
 }
 
 fn sk(id: u64) -> String {
@@ -261,7 +259,7 @@ fn sk(id: u64) -> String {
 }
 
 fn event_item(user_id: &str, id: u64, name: &str, data: &str) -> Item {
-    let mut item = key(format!("EVT#{user_id}"), sk(id));
+    let mut item = key(events_pk(user_id), sk(id));
     item.insert("name".into(), s(name));
     item.insert("data".into(), s(data));
     item.insert("expires_at".into(), n(now_secs() + RETENTION_MS / 1000));
@@ -277,7 +275,7 @@ struct Stored {
 impl Stored {
     /// The counter's move from `old` to `new`, only if no one moved it since `old` was read.
     fn counter_put(&self, user_id: &str, old: u64, new: u64) -> Result<TransactWriteItem> {
-        let mut item = key(format!("EVT#{user_id}"), COUNTER_SK);
+        let mut item = key(events_pk(user_id), COUNTER_SK);
         item.insert("seq".into(), n(new));
         let put = Put::builder().table_name(&self.table).set_item(Some(item));
         let put = if old == 0 {
@@ -306,7 +304,7 @@ impl Stored {
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(key(format!("EVT#{user_id}"), sk)))
+            .set_key(Some(key(events_pk(user_id), sk)))
             .consistent_read(true)
             .send()
             .await
@@ -355,7 +353,7 @@ impl Backlog for Stored {
             .table_name(&self.table)
             .key_condition_expression("pk = :pk AND sk > :after")
             .filter_expression("expires_at > :now")
-            .expression_attribute_values(":pk", s(format!("EVT#{user_id}")))
+            .expression_attribute_values(":pk", s(events_pk(user_id)))
             .expression_attribute_values(":after", s(sk(after)))
             .expression_attribute_values(":now", n(now_secs()))
             .consistent_read(true)

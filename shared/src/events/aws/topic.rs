@@ -106,28 +106,38 @@ impl Topic {
         self.publish_entries(batch).await;
     }
 
+    /// Publishes one batch; entries SNS reports failed are sent once more (the SDK already
+    /// retries a failed call as a whole).
     async fn publish_entries(&self, entries: Vec<PublishBatchRequestEntry>) {
-        if entries.is_empty() {
-            return;
-        }
-        let sent = self
-            .client
-            .publish_batch()
-            .topic_arn(&self.arn)
-            .set_publish_batch_request_entries(Some(entries))
-            .send()
-            .await;
-        match sent {
-            Ok(out) if !out.failed().is_empty() => {
-                tracing::warn!(
-                    failed = out.failed().len(),
-                    "some events were not announced"
-                )
+        let mut entries = entries;
+        for last_try in [false, true] {
+            if entries.is_empty() {
+                return;
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %Report(&sns("announce events", e)), "events were not announced")
+            let sent = self
+                .client
+                .publish_batch()
+                .topic_arn(&self.arn)
+                .set_publish_batch_request_entries(Some(entries.clone()))
+                .send()
+                .await;
+            let out = match sent {
+                Ok(out) => out,
+                Err(e) => {
+                    let e = sns("announce events", e);
+                    tracing::warn!(error = %Report(&e), "events were not announced");
+                    return;
+                }
+            };
+            let failed: Vec<String> = out.failed().iter().map(|f| f.id().to_owned()).collect();
+            if failed.is_empty() {
+                return;
             }
+            if last_try {
+                tracing::warn!(failed = failed.len(), "some events were not announced");
+                return;
+            }
+            entries.retain(|e| failed.iter().any(|id| id == e.id()));
         }
     }
 

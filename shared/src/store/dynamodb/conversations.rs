@@ -7,6 +7,7 @@ use aws_sdk_dynamodb::types::{ConditionCheck, ReturnValue, TransactWriteItem};
 
 use super::{
     body, get_n, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
+    TURNS_KEPT,
 };
 use crate::domain::{Conversation, Message, Page, RequestRecord};
 use crate::ids::{ConversationId, MessageId};
@@ -82,18 +83,35 @@ impl DynamoStore {
             .ok_or_else(|| Error::storage_msg("turn counter missing"))
     }
 
-    async fn turn_of(
+    /// The turn of a user message of the conversation (remembered once read: it never
+    /// changes).
+    pub(crate) async fn turn_of(
         &self,
         conversation_id: &ConversationId,
         message_id: &MessageId,
     ) -> Result<Option<i64>> {
-        Ok(self
+        if let Some(turn) = self
+            .turns
+            .lock()
+            .ok()
+            .and_then(|t| t.get(message_id).copied())
+        {
+            return Ok(Some(turn));
+        }
+        let turn = self
             .get(
                 &format!("CONV#{conversation_id}"),
                 &format!("MID#{message_id}"),
             )
             .await?
-            .and_then(|i| get_n(&i, "turn")))
+            .and_then(|i| get_n(&i, "turn"));
+        if let (Some(turn), Ok(mut turns)) = (turn, self.turns.lock()) {
+            if turns.len() >= TURNS_KEPT {
+                turns.clear();
+            }
+            turns.insert(message_id.clone(), turn);
+        }
+        Ok(turn)
     }
 }
 
