@@ -472,6 +472,19 @@ pub fn aws_process_env(endpoint: &str, run: &str, pool: &CognitoPool) -> Vec<(St
     .collect()
 }
 
+/// Runs `characterbot aws-init` in `env` (see [`aws_process_env`]), as an operator would.
+pub fn aws_init_process(env: &[(String, String)]) {
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_characterbot"))
+        .arg("aws-init")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env_remove("AWS_PROFILE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("spawn characterbot aws-init");
+    assert!(init.success(), "aws-init");
+}
+
 /// An AWS event bus on moto, on `table`, announcing on a topic of its own (`topic` names it:
 /// buses of one test share it) with inboxes named `inbox-{topic}-...`.
 pub async fn aws_event_bus(

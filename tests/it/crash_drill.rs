@@ -169,15 +169,7 @@ async fn killing_serve_on_aws_mid_load_loses_no_turn_and_stores_none_twice() {
     let pool = common::cognito_pool(false).await;
     let run = uuid::Uuid::new_v4().simple().to_string();
     let env = common::aws_process_env(&common::moto_endpoint(), &run, &pool);
-    let init = Command::new(env!("CARGO_BIN_EXE_characterbot"))
-        .arg("aws-init")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env_remove("AWS_PROFILE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(init.success(), "aws-init");
+    common::aws_init_process(&env);
     let drill = Drill::start(env, |http, base| async move {
         let creds = json!({ "email": "drill@example.com", "password": "Correct-Horse-9!" });
         let status = post_public(&http, &base, "/v1/auth/signup", &creds).await;

@@ -169,15 +169,7 @@ async fn a_workers_events_reach_streams_on_two_api_processes_without_polling_per
     let pool = common::cognito_pool(false).await;
     let run = uuid::Uuid::new_v4().simple().to_string();
     let direct = common::aws_process_env(&common::moto_endpoint(), &run, &pool);
-    let init = Command::new(env!("CARGO_BIN_EXE_characterbot"))
-        .arg("aws-init")
-        .envs(direct.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env_remove("AWS_PROFILE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(init.success(), "aws-init");
+    common::aws_init_process(&direct);
     // The APIs' calls go through the counting proxy; the worker's straight to moto.
     let (proxy, counts) = counting_proxy(common::moto_endpoint()).await;
     let counted = common::aws_process_env(&proxy, &run, &pool);
