@@ -304,10 +304,34 @@ mod tests {
             .unwrap());
     }
 
+    /// Holds the pool's (one) hashing thread with a job of the test's own until the returned
+    /// sender lets go, so a test fills the lines without racing the hashes.
+    async fn hold(
+        pool: &Arc<PasswordHashing>,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<()>>,
+    ) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel::<()>();
+        let pool = pool.clone();
+        let holder = tokio::spawn(async move {
+            pool.run(Lane::Anyone, move |_| {
+                let _ = started.send(());
+                let _ = held.recv();
+                Ok(())
+            })
+            .await
+        });
+        running.await.unwrap();
+        (release, holder)
+    }
+
     #[tokio::test]
     async fn a_full_queue_turns_callers_away_instead_of_queueing_them() {
         let pool = Arc::new(PasswordHashing::new(1, 1).unwrap());
         let hash = pool.hash("a password".into()).await.unwrap();
+        let (release, holder) = hold(&pool).await;
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let (pool, hash) = (pool.clone(), hash.clone());
@@ -316,10 +340,10 @@ mod tests {
                     .await
             });
         }
-        let (mut busy, mut answered) = (0, 0);
-        while let Some(r) = calls.join_next().await {
-            match r.unwrap() {
-                Ok(false) => answered += 1,
+        // One waits (the line holds one); the other seven are answered at once.
+        let mut busy = 0;
+        for _ in 0..7 {
+            match calls.join_next().await.unwrap().unwrap() {
                 Err(Error::Busy { retry_after, .. }) => {
                     assert!(retry_after >= Duration::from_secs(1));
                     busy += 1;
@@ -327,9 +351,13 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        // One running and one waiting at most get an answer from the burst.
-        assert!(busy >= 6, "busy {busy}, answered {answered}");
-        assert!(answered >= 1);
+        assert_eq!(busy, 7);
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        assert!(
+            !calls.join_next().await.unwrap().unwrap().unwrap(),
+            "the one that waited"
+        );
         // Once the burst is over the pool answers again.
         assert!(pool
             .verify(Lane::Anyone, hash, "a password".into())
@@ -337,27 +365,59 @@ mod tests {
             .unwrap());
     }
 
+    /// Waits until `lane`'s line holds `n` jobs.
+    async fn queued(pool: &PasswordHashing, lane: Lane, n: usize) {
+        loop {
+            let len = {
+                let lines = pool.queue.lines.lock().unwrap();
+                match lane {
+                    Lane::Account => lines.account.len(),
+                    Lane::Anyone => lines.anyone.len(),
+                }
+            };
+            if len == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test]
     async fn an_accounts_sign_in_gets_through_a_flood_of_unknown_ones() {
         let pool = Arc::new(PasswordHashing::new(1, 2).unwrap());
         let hash = pool.hash("the owner's password".into()).await.unwrap();
-        // The flood fills the line of unknown e-mails (one hashing, two waiting, the rest
-        // turned away), and keeps it full.
+        // The one hashing thread is held, so the lines fill without racing the hashes (a fast
+        // machine finished them before the next try, and the line was never full).
+        let (release, holder) = hold(&pool).await;
+        // The flood fills the line of unknown e-mails (two waiting), and the next is turned
+        // away.
         let mut flood = tokio::task::JoinSet::new();
-        for _ in 0..6 {
+        for _ in 0..2 {
             let (pool, hash) = (pool.clone(), hash.clone());
             flood.spawn(async move { pool.verify(Lane::Anyone, hash, "guess".into()).await });
         }
-        tokio::task::yield_now().await;
+        queued(&pool, Lane::Anyone, 2).await;
         let anyone = pool
             .verify(Lane::Anyone, hash.clone(), "one more guess".into())
             .await;
         assert!(matches!(anyone, Err(Error::Busy { .. })), "{anyone:?}");
         // The owner's try is not turned away: it waits in its own line, served first.
-        assert!(pool
-            .verify(Lane::Account, hash, "the owner's password".into())
-            .await
-            .unwrap());
+        let owner = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.verify(Lane::Account, hash, "the owner's password".into())
+                    .await
+            })
+        };
+        queued(&pool, Lane::Account, 1).await;
+        assert_eq!(
+            pool.queue.lines.lock().unwrap().anyone.len(),
+            2,
+            "the flood still waits"
+        );
+        release.send(()).unwrap();
+        assert!(owner.await.unwrap().unwrap());
+        holder.await.unwrap().unwrap();
         while flood.join_next().await.is_some() {}
     }
 }
