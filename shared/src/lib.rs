@@ -22,7 +22,8 @@
 //!   work across store, queue and events: `atomic::sqlite` (one transaction), `atomic::aws`
 //!   (a folder: `accept`, `settle`, the outbox sweep in its `mod.rs`).
 //! - [`events`]   the `EventBus` port, request changes and stream deltas pushed to clients:
-//!   `events::sqlite` (embedded), `events::dynamodb`.
+//!   `events::sqlite` (embedded), `events::aws` (DynamoDB for replay, SNS for news, an SQS
+//!   inbox per API instance); both hand what reaches a process to `events::fanout`.
 //! - [`auth`]     the `TokenVerifier` and `IdentityProvider` ports, the one JWKS verifier,
 //!   `auth::local` (the embedded issuer: sign-up, sign-in, refresh, RS256 keys) and
 //!   `auth::cognito`.
