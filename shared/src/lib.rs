@@ -48,6 +48,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod job;
+mod memo;
 pub mod metrics;
 pub mod models;
 pub mod ports;

@@ -331,8 +331,21 @@ impl TestApp {
 pub async fn read_sse(
     res: reqwest::Response,
     limit: Duration,
-    mut until: impl FnMut(&str, &Value) -> bool,
+    until: impl FnMut(&str, &Value) -> bool,
 ) -> Vec<(String, Value)> {
+    read_sse_with_ids(res, limit, until)
+        .await
+        .into_iter()
+        .map(|(_, name, data)| (name, data))
+        .collect()
+}
+
+/// [`read_sse`], each event with its `id:`.
+pub async fn read_sse_with_ids(
+    res: reqwest::Response,
+    limit: Duration,
+    mut until: impl FnMut(&str, &Value) -> bool,
+) -> Vec<(Option<u64>, String, Value)> {
     use futures::StreamExt;
     let mut stream = res.bytes_stream();
     let mut buf = String::new();
@@ -346,10 +359,11 @@ pub async fn read_sse(
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buf.find("\n\n") {
             let block: String = buf.drain(..end + 2).collect();
-            let mut name = String::new();
-            let mut data = String::new();
+            let (mut id, mut name, mut data) = (None, String::new(), String::new());
             for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = line.strip_prefix("event:") {
                     name = v.trim().to_owned();
                 } else if let Some(v) = line.strip_prefix("data:") {
                     data.push_str(v.trim_start());
@@ -360,7 +374,7 @@ pub async fn read_sse(
             }
             let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
             let stop = until(&name, &value);
-            events.push((name, value));
+            events.push((id, name, value));
             if stop {
                 return events;
             }

@@ -255,36 +255,20 @@ async fn a_workers_events_reach_streams_on_two_api_processes_without_polling_per
 /// Reads a stream until it has seen `want` of its user's requests succeed; every event as
 /// `(id, request_id, status)` (`status` empty for a delta).
 async fn read_until_done(res: reqwest::Response, want: usize) -> Vec<(u64, String, String)> {
-    use futures::StreamExt;
-    let mut body = res.bytes_stream();
-    let (mut buf, mut seen, mut done) = (String::new(), Vec::new(), 0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while done < want {
-        let chunk = tokio::time::timeout_at(deadline, body.next())
-            .await
-            .expect("events in time")
-            .expect("stream open")
-            .unwrap();
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let field = |name: &str| {
-                block
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(|v| v.trim().to_owned())
-            };
-            let (Some(id), Some(data)) = (field("id:"), field("data:")) else {
-                continue; // a comment, a keep-alive
-            };
-            let data: serde_json::Value = serde_json::from_str(&data).unwrap();
+    let mut done = 0;
+    let events = common::read_sse_with_ids(res, Duration::from_secs(60), |_, data| {
+        done += usize::from(data["status"] == "succeeded");
+        done == want
+    })
+    .await;
+    events
+        .into_iter()
+        .map(|(id, _, data)| {
             let status = data["status"].as_str().unwrap_or_default().to_owned();
-            done += usize::from(status == "succeeded");
             let request = data["request_id"].as_str().unwrap().to_owned();
-            seen.push((id.parse().unwrap(), request, status));
-        }
-    }
-    seen
+            (id.expect("an id on every event"), request, status)
+        })
+        .collect()
 }
 
 /// Two users with several streams each, on one API: every stream gets all of its user's

@@ -34,6 +34,7 @@ use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
 use crate::domain::{RequestKind, RequestRecord};
 use crate::events::aws::AwsEventBus;
 use crate::ids::RequestId;
+use crate::memo::Memo;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
 use crate::store::dynamodb::{get_s, key, s, storage, Cancelled, DynamoStore, Item};
 use crate::store::Transition;
@@ -55,7 +56,7 @@ pub struct AwsAtomic {
     pub sweep_after: std::time::Duration,
     /// Requests this process started and has not settled yet, as it wrote them: (owner,
     /// version, record). Saves the settlement a read; see `settle::current`.
-    known: std::sync::Mutex<std::collections::HashMap<RequestId, (String, i64, RequestRecord)>>,
+    known: Memo<RequestId, (String, i64, RequestRecord)>,
 }
 
 /// Most requests an `AwsAtomic` remembers (running jobs of the process: a handful per slot).
@@ -75,7 +76,7 @@ impl AwsAtomic {
             chat_queue,
             events,
             sweep_after,
-            known: Default::default(),
+            known: Memo::new(KNOWN_KEPT),
         }
     }
 }
@@ -204,7 +205,7 @@ impl Atomic for AwsAtomic {
         // `request.updated` in one transaction (a read and a write, where a separate update and
         // event took four calls).
         let started = self
-            .settle_records(user_id, request_id, Transition::Start, None)
+            .write_transition(user_id, request_id, Transition::Start, None)
             .await?;
         Ok(match started {
             None => Started::Missing,
@@ -224,7 +225,7 @@ impl Atomic for AwsAtomic {
             last_fragment,
         } = settle;
         let record = self
-            .settle_records(&user_id, &request_id, transition, last_fragment.as_deref())
+            .write_transition(&user_id, &request_id, transition, last_fragment.as_deref())
             .await?;
         // Then the message: if this worker dies first, the redelivery finds the request
         // finished and only deletes it.

@@ -4,7 +4,7 @@
 
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 
-use super::{AwsAtomic, KNOWN_KEPT};
+use super::AwsAtomic;
 use crate::domain::{RequestInput, RequestRecord, RequestResult};
 use crate::events::aws::Sequenced;
 use crate::events::Event;
@@ -33,7 +33,7 @@ impl AwsAtomic {
     /// otherwise the record as it now stands (unchanged if it had finished already).
     /// A twin's result that stands already is taken instead; a request that moved meanwhile
     /// is read again.
-    pub(super) async fn settle_records(
+    pub(super) async fn write_transition(
         &self,
         user_id: &str,
         request_id: &RequestId,
@@ -110,11 +110,7 @@ impl AwsAtomic {
         user_id: &str,
         request_id: &RequestId,
     ) -> Result<Option<(i64, RequestRecord)>> {
-        let known = self
-            .known
-            .lock()
-            .ok()
-            .and_then(|mut k| k.remove(request_id));
+        let known = self.known.take(request_id);
         if let Some((owner, version, record)) = known {
             if owner == user_id {
                 return Ok(Some((version, record)));
@@ -135,13 +131,8 @@ impl AwsAtomic {
         if record.status.is_final() {
             return;
         }
-        if let Ok(mut known) = self.known.lock() {
-            if known.len() >= KNOWN_KEPT {
-                known.clear();
-            }
-            let entry = (user_id.to_owned(), version, record.clone());
-            known.insert(record.request_id.clone(), entry);
-        }
+        let entry = (user_id.to_owned(), version, record.clone());
+        self.known.insert(record.request_id.clone(), entry);
     }
 
     /// One attempt's transaction: the result record if absent, the request over `version`,

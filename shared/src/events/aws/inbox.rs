@@ -27,10 +27,6 @@ const DELETE_EVERY: Duration = Duration::from_secs(1);
 /// SQS's limit on the messages of one receive, and of one delete batch.
 const MAX_BATCH: usize = 10;
 
-fn sqs(op: &'static str, e: impl Into<crate::error::BoxError>) -> Error {
-    Error::queue(op, e)
-}
-
 /// How API instances name, keep and clean up their inboxes.
 #[derive(Debug, Clone)]
 pub struct InboxOptions {
@@ -181,7 +177,7 @@ impl Inbox {
             .tags(ALIVE_TAG, now_secs().to_string())
             .send()
             .await
-            .map_err(|e| sqs("create this instance's inbox", e))?;
+            .map_err(|e| Error::queue("create this instance's inbox", e))?;
         let url = out
             .queue_url
             .ok_or_else(|| Error::internal_msg("CreateQueue answered no URL"))?;
@@ -275,7 +271,7 @@ impl Inbox {
             {
                 return Ok(None)
             }
-            Err(e) => return Err(sqs("receive events", e)),
+            Err(e) => return Err(Error::queue("receive events", e)),
         };
         let mut events = Vec::new();
         let mut receipts = Vec::new();
@@ -313,7 +309,7 @@ impl Inbox {
                 .await;
             if let Err(e) = deleted {
                 // They expire within the minute anyway.
-                tracing::debug!(error = %Report(&sqs("delete received events", e)), "delete failed");
+                tracing::debug!(error = %Report(&Error::queue("delete received events", e)), "delete failed");
             }
         }
     }
@@ -325,7 +321,7 @@ impl Inbox {
             .tags(ALIVE_TAG, now_secs().to_string())
             .send()
             .await
-            .map_err(|e| sqs("tag the inbox alive", e))?;
+            .map_err(|e| Error::queue("tag the inbox alive", e))?;
         Ok(())
     }
 
@@ -347,7 +343,7 @@ async fn remove_queue(client: &Client, url: &str) -> Result<()> {
         .queue_url(url)
         .send()
         .await
-        .map_err(|e| sqs("delete an inbox", e))?;
+        .map_err(|e| Error::queue("delete an inbox", e))?;
     Ok(())
 }
 
@@ -420,14 +416,14 @@ async fn inbox_state(client: &Client, name: &str, options: &InboxOptions) -> Res
         {
             return Ok(InboxState::Gone)
         }
-        Err(e) => return Err(sqs("find an inbox", e)),
+        Err(e) => return Err(Error::queue("find an inbox", e)),
     };
     let tags = client
         .list_queue_tags()
         .queue_url(&url)
         .send()
         .await
-        .map_err(|e| sqs("read an inbox's tags", e))?;
+        .map_err(|e| Error::queue("read an inbox's tags", e))?;
     let alive = tags
         .tags
         .as_ref()

@@ -42,6 +42,7 @@ pub use topic::Topic;
 use super::fanout::{Backlog, Fanout, Read};
 use super::{Event, EventBus, Published, RETENTION_MS};
 use crate::ids::RequestId;
+use crate::memo::Memo;
 use crate::store::dynamodb::{get_n, get_s, key, n, put_if_absent, s, storage, Cancelled, Item};
 use crate::time::now_secs;
 use crate::{Error, Result};
@@ -71,7 +72,7 @@ pub struct AwsEventBus {
     fanout: Arc<Fanout>,
     /// The newest id of each user this process wrote: the base of its next write. Wrong when
     /// another process wrote since; the counter's condition catches that.
-    heads: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    heads: Memo<String, (u64, std::time::Instant)>,
     /// One writer at a time per user in this process: the tasks of a process (a user's many
     /// jobs at once, a batch) take turns instead of racing each other for the counter, so
     /// only writers in other processes ever collide.
@@ -107,7 +108,7 @@ impl AwsEventBus {
             sqs,
             inbox,
             fanout: Arc::default(),
-            heads: Mutex::default(),
+            heads: Memo::new(HEADS_KEPT),
             turns: Mutex::default(),
         }
     }
@@ -127,8 +128,7 @@ impl AwsEventBus {
     /// The items that store `events` as the user's next ids (see [`Sequenced`]).
     pub async fn sequenced(&self, user_id: &str, events: &[Event]) -> Result<Sequenced> {
         let turn = self.turn(user_id).await;
-        let remembered = self.heads.lock().ok().and_then(|h| h.get(user_id).copied());
-        let head = match remembered {
+        let head = match self.heads.get(user_id) {
             Some((head, at)) if at.elapsed() < HEAD_FRESH => head,
             _ => self.stored.current(user_id).await?,
         };
@@ -164,11 +164,9 @@ impl AwsEventBus {
             _turn,
             ..
         } = seq;
-        if let (Ok(mut heads), Some(last)) = (self.heads.lock(), published.last()) {
-            if heads.len() >= HEADS_KEPT {
-                heads.clear();
-            }
-            heads.insert(user_id, (last.id, std::time::Instant::now()));
+        if let Some(last) = published.last() {
+            self.heads
+                .insert(user_id, (last.id, std::time::Instant::now()));
         }
         // The next writer need not wait for the announcement: streams put events in order.
         drop(_turn);
@@ -179,9 +177,7 @@ impl AwsEventBus {
     /// wrote the user's events since. The next write reads the counter again (after a short
     /// random pause if this is not the first collision of the write).
     pub async fn moved(&self, seq: Sequenced, collisions_before: usize) {
-        if let Ok(mut heads) = self.heads.lock() {
-            heads.remove(&seq.user_id);
-        }
+        self.heads.take(&seq.user_id);
         drop(seq);
         if collisions_before > 0 {
             let pause = rand::random::<u64>() % CONFLICT_PAUSE_MS;

@@ -14,10 +14,6 @@ const MAX_PAYLOAD: usize = 256 * 1024;
 /// SNS's limit on the messages of one `PublishBatch`.
 const MAX_BATCH: usize = 10;
 
-fn sns(op: &'static str, e: impl Into<crate::error::BoxError>) -> Error {
-    Error::queue(op, e)
-}
-
 /// What an announcement carries: the stored event, whole, so an inbox needs no read to pass it
 /// on.
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,7 +46,7 @@ impl Topic {
             .name(name_or_arn)
             .send()
             .await
-            .map_err(|e| sns("find the events topic", e))?;
+            .map_err(|e| Error::queue("find the events topic", e))?;
         let arn = out
             .topic_arn
             .ok_or_else(|| Error::internal_msg("CreateTopic answered no ARN"))?;
@@ -124,7 +120,7 @@ impl Topic {
             let out = match sent {
                 Ok(out) => out,
                 Err(e) => {
-                    let e = sns("announce events", e);
+                    let e = Error::queue("announce events", e);
                     tracing::warn!(error = %Report(&e), "events were not announced");
                     return;
                 }
@@ -154,7 +150,7 @@ impl Topic {
             .return_subscription_arn(true)
             .send()
             .await
-            .map_err(|e| sns("subscribe the inbox", e))?;
+            .map_err(|e| Error::queue("subscribe the inbox", e))?;
         out.subscription_arn
             .ok_or_else(|| Error::internal_msg("Subscribe answered no ARN"))
     }
@@ -165,7 +161,7 @@ impl Topic {
             .subscription_arn(subscription_arn)
             .send()
             .await
-            .map_err(|e| sns("unsubscribe an inbox", e))?;
+            .map_err(|e| Error::queue("unsubscribe an inbox", e))?;
         Ok(())
     }
 
@@ -181,7 +177,7 @@ impl Topic {
                 .set_next_token(next)
                 .send()
                 .await
-                .map_err(|e| sns("list the topic's subscriptions", e))?;
+                .map_err(|e| Error::queue("list the topic's subscriptions", e))?;
             for sub in out.subscriptions() {
                 if let (Some("sqs"), Some(arn), Some(endpoint)) =
                     (sub.protocol(), sub.subscription_arn(), sub.endpoint())

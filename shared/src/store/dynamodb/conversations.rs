@@ -7,7 +7,6 @@ use aws_sdk_dynamodb::types::{ConditionCheck, ReturnValue, TransactWriteItem};
 
 use super::{
     body, get_n, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
-    TURNS_KEPT,
 };
 use crate::domain::{Conversation, Message, Page, RequestRecord};
 use crate::ids::{ConversationId, MessageId};
@@ -90,12 +89,7 @@ impl DynamoStore {
         conversation_id: &ConversationId,
         message_id: &MessageId,
     ) -> Result<Option<i64>> {
-        if let Some(turn) = self
-            .turns
-            .lock()
-            .ok()
-            .and_then(|t| t.get(message_id).copied())
-        {
+        if let Some(turn) = self.turns.get(message_id) {
             return Ok(Some(turn));
         }
         let turn = self
@@ -105,11 +99,8 @@ impl DynamoStore {
             )
             .await?
             .and_then(|i| get_n(&i, "turn"));
-        if let (Some(turn), Ok(mut turns)) = (turn, self.turns.lock()) {
-            if turns.len() >= TURNS_KEPT {
-                turns.clear();
-            }
-            turns.insert(message_id.clone(), turn);
+        if let Some(turn) = turn {
+            self.turns.insert(message_id.clone(), turn);
         }
         Ok(turn)
     }

@@ -34,6 +34,7 @@ use aws_sdk_dynamodb::Client;
 use super::{token, Ping};
 use crate::domain::Page;
 use crate::ids::MessageId;
+use crate::memo::Memo;
 use crate::{Error, Result};
 
 pub(crate) type Item = HashMap<String, AttributeValue>;
@@ -44,11 +45,11 @@ pub struct DynamoStore {
     /// Turns of user messages this process has looked up (a worker needs a message's turn for
     /// its history, then for its reply): a message's turn never changes once written. Dropped
     /// whole past [`TURNS_KEPT`].
-    pub(crate) turns: std::sync::Mutex<HashMap<MessageId, i64>>,
+    pub(crate) turns: Memo<MessageId, i64>,
 }
 
 /// Most message turns a store remembers.
-pub(crate) const TURNS_KEPT: usize = 10_000;
+const TURNS_KEPT: usize = 10_000;
 
 pub(crate) fn storage(op: &str, e: impl Into<crate::error::BoxError>) -> Error {
     Error::storage(format!("dynamodb {op}"), e)
@@ -141,7 +142,7 @@ impl DynamoStore {
         DynamoStore {
             client,
             table: table.into(),
-            turns: Default::default(),
+            turns: Memo::new(TURNS_KEPT),
         }
     }
 
