@@ -6,7 +6,7 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 pub(crate) struct Memo<K, V> {
     map: Mutex<HashMap<K, V>>,
@@ -46,5 +46,35 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
             }
             map.insert(key, value);
         }
+    }
+}
+
+/// One async lock per key, made on first use: the tasks of a process that write the same
+/// counter (a user's events, a conversation's turns) take turns instead of racing each other
+/// for it, so only writers in other processes ever collide. Locks nobody holds are dropped
+/// once `most` keys are known.
+pub(crate) struct KeyedLocks<K> {
+    map: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+    most: usize,
+}
+
+impl<K: Eq + Hash + Clone> KeyedLocks<K> {
+    pub(crate) fn new(most: usize) -> Self {
+        KeyedLocks {
+            map: Mutex::new(HashMap::new()),
+            most,
+        }
+    }
+
+    /// Waits for `key`'s lock; held until the guard is dropped.
+    pub(crate) async fn lock(&self, key: &K) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() >= self.most {
+                map.retain(|_, lock| Arc::strong_count(lock) > 1);
+            }
+            map.entry(key.clone()).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 }

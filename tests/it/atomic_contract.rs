@@ -10,7 +10,9 @@ use std::time::Duration;
 use crate::common::{self, key_claim, stored};
 use shared::atomic::aws::AwsAtomic;
 use shared::atomic::sqlite::SqliteAtomic;
-use shared::atomic::{Accept, AcceptOutcome, Ack, Answer, Atomic, Settle, Started, UserMessage};
+use shared::atomic::{
+    Accept, AcceptOutcome, Ack, Answer, Atomic, Found, Settle, Started, UserMessage,
+};
 use shared::domain::{
     Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource, RequestInput,
     RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
@@ -180,6 +182,7 @@ fn succeed(kind: RequestKind, request_id: &str, result: RequestResult) -> Settle
         },
         ack: Ack::Delete,
         last_fragment: None,
+        unstarted: None,
     }
 }
 
@@ -428,6 +431,59 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
     assert_eq!(page.items, vec![made]);
 }
 
+/// A job that finishes before anyone could see it running writes no start: `look` reads the
+/// request without changing it, and the settlement counts the attempt itself, so the request
+/// goes from `queued` straight to its final state, in one write and one event.
+async fn a_job_settled_without_a_start_counts_its_attempt_in_the_settlement(s: Subject) {
+    let r = persona_request();
+    s.atomic
+        .accept(persona_accept("alice", &r, None))
+        .await
+        .unwrap();
+    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    let mut events = s.events.subscribe("alice", None).await.unwrap();
+
+    assert!(matches!(
+        s.atomic.look("mallory", &r.request_id).await.unwrap(),
+        Found::Missing
+    ));
+    let Found::Pending(seen) = s.atomic.look("alice", &r.request_id).await.unwrap() else {
+        panic!("a queued request is pending");
+    };
+    assert_eq!((seen.status, seen.attempts), (RequestStatus::Queued, 0));
+    let stored = s
+        .store
+        .get_request("alice", &r.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, RequestStatus::Queued, "look writes nothing");
+
+    let made = persona(r.request_id.persona_id());
+    let mut settle = succeed(
+        RequestKind::Persona,
+        &r.request_id,
+        RequestResult::Persona(made.clone()),
+    );
+    settle.unstarted = Some(0);
+    let done = s.atomic.settle(&d, settle).await.unwrap().unwrap();
+    assert_eq!((done.status, done.attempts), (RequestStatus::Succeeded, 1));
+    let (name, data) = next_event(&mut events).await;
+    assert_eq!(
+        (
+            name.as_str(),
+            data["status"].as_str(),
+            data["attempts"].as_u64()
+        ),
+        ("request.updated", Some("succeeded"), Some(1)),
+        "one event, the final one"
+    );
+    assert!(matches!(
+        s.atomic.look("alice", &r.request_id).await.unwrap(),
+        Found::Finished(_)
+    ));
+}
+
 async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s: Subject) {
     let conv = a_conversation(&s, "alice").await;
     let (accept, r, _) = chat_accept("alice", &conv, "Hello?");
@@ -494,6 +550,7 @@ async fn a_retry_puts_the_job_back_and_the_request_back_in_the_queue(s: Subject)
             delay: Duration::ZERO,
         },
         last_fragment: None,
+        unstarted: None,
     };
     let record = s.atomic.settle(&d, retry).await.unwrap().unwrap();
     assert_eq!(record.status, RequestStatus::Queued);
@@ -598,6 +655,7 @@ contract!(
     start_and_settle_move_the_request_store_the_result_once_and_ack,
     a_retry_puts_the_job_back_and_the_request_back_in_the_queue,
     a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it,
+    a_job_settled_without_a_start_counts_its_attempt_in_the_settlement,
 );
 
 /// One transaction: a failure inside an accept leaves nothing of it visible, and a failure

@@ -138,6 +138,9 @@ async fn a_killed_worker_and_a_poison_job_on_sqs() {
     tokio::time::timeout(Duration::from_secs(30), started.notified())
         .await
         .expect("job started");
+    // Killed once the attempt is on the request (a worker killed sooner leaves no trace of it).
+    app.running(&alice, accepted["request_id"].as_str().unwrap())
+        .await;
     doomed.abort();
     let survivor = app.start_worker(
         RequestKind::Chat,

@@ -275,6 +275,23 @@ impl TestApp {
         panic!("request {request_id} did not finish");
     }
 
+    /// Waits (10 s at most) until the request is seen running: a job's start is written only
+    /// once it has run a moment (`workers::start`), so a test that kills a worker mid-job
+    /// waits for this first.
+    pub async fn running(&self, user: &User, request_id: &str) -> Value {
+        for _ in 0..200 {
+            let (status, body) = self
+                .get(Some(&user.token), &format!("/v1/requests/{request_id}"))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if body["status"] == "running" {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("request {request_id} was never seen running");
+    }
+
     /// Asks for a persona through the API; the request once finished, whatever its outcome.
     pub async fn persona_request(&self, user: &User, prompt: &str) -> Value {
         let (status, body) = self

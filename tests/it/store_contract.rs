@@ -664,3 +664,77 @@ mod dynamodb_ttl {
         assert!((now + 3_500..=now + 3_700).contains(&at), "{at} vs {now}");
     }
 }
+
+/// Two processes appending to one conversation on DynamoDB: each remembers the last turn it
+/// saw and sends its append without reading, so the other's appends make its guess stale. The
+/// counter's condition refuses a stale turn and the append is built again: every message gets
+/// its own turn, in the order the appends committed, with none lost or doubled.
+mod dynamodb_turns {
+    use super::*;
+    use shared::store::ConversationStore;
+
+    #[tokio::test]
+    async fn two_processes_appending_to_one_conversation_take_distinct_turns() {
+        let client = aws_sdk_dynamodb::Client::from_conf(aws_sdk_dynamodb::Config::from(
+            &common::aws_test_sdk_config(),
+        ));
+        let table = format!("turns-{}", uuid::Uuid::new_v4().simple());
+        DynamoStore::create_table(&client, &table).await.unwrap();
+        let (a, b) = (
+            DynamoStore::new(client.clone(), table.clone()),
+            DynamoStore::new(client, table),
+        );
+        let conv = conversation();
+        let c = &conv.conversation_id;
+        a.create_conversation("alice", &conv).await.unwrap();
+
+        // One after the other, alternating: each append after the first of a process starts
+        // from a turn the other process has moved past.
+        let mut sent = Vec::new();
+        for i in 0..6 {
+            let st = if i % 2 == 0 { &a } else { &b };
+            let m = message(Role::User, &format!("m{i}"));
+            st.add_user_message("alice", c, &m, &chat_request(c, &m))
+                .await
+                .unwrap();
+            sent.push(m.text);
+        }
+        // Then both at once, several each.
+        let both = (0..8).map(|i| {
+            let st = if i % 2 == 0 { &a } else { &b };
+            let m = message(Role::User, &format!("c{i}"));
+            async move {
+                st.add_user_message("alice", c, &m, &chat_request(c, &m))
+                    .await
+                    .map(|()| m.text)
+            }
+        });
+        let concurrent: Vec<String> = futures::future::join_all(both)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
+
+        let stored: Vec<String> = a
+            .list_messages("alice", c, 100, None)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+        assert_eq!(stored[..6], sent[..], "sequential appends keep their order");
+        let mut rest = stored[6..].to_vec();
+        rest.sort();
+        let mut expected = concurrent;
+        expected.sort();
+        assert_eq!(rest, expected, "every concurrent append stored once");
+        // And a stale guess still refuses another user.
+        let intruder = message(Role::User, "not yours");
+        assert!(matches!(
+            b.add_user_message("mallory", c, &intruder, &chat_request(c, &intruder))
+                .await,
+            Err(Error::NotFound)
+        ));
+    }
+}

@@ -59,7 +59,7 @@ impl Job for ChatJob {
     async fn run(&self, request: &RequestRecord, ctx: &JobContext) -> Result<JobOutput> {
         let chat = self.chat_request(request, &ctx.user_id).await?;
         let (out, last_fragment) = self
-            .reply_streaming(&chat, &ctx.user_id, &request.request_id)
+            .reply_streaming(&chat, ctx, &request.request_id)
             .await?;
         let reply = Message {
             message_id: request.request_id.reply_id(),
@@ -119,9 +119,10 @@ impl ChatJob {
     async fn reply_streaming(
         &self,
         chat: &ChatRequest,
-        user_id: &str,
+        ctx: &JobContext,
         request_id: &RequestId,
     ) -> Result<(ModelOutput<String>, Option<String>)> {
+        let user_id = ctx.user_id.as_str();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let events = &self.events;
         // Forwarded in this task, beside the model call: a fast reply then costs no extra task
@@ -138,6 +139,8 @@ impl ChatJob {
                         Err(TryRecvError::Disconnected) => return Some(text),
                     }
                 }
+                // Seen running before its first fragment (see `crate::start`).
+                ctx.start.ensure().await;
                 if let Err(e) = events
                     .publish(user_id, &Event::delta(request_id, &text))
                     .await
@@ -153,6 +156,7 @@ impl ChatJob {
             Err(e) => {
                 // No settlement will carry the rest: push it now, as before the failure.
                 if let Some(text) = last_fragment {
+                    ctx.start.ensure().await;
                     let _ = events
                         .publish(user_id, &Event::delta(request_id, &text))
                         .await;

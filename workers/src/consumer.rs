@@ -1,8 +1,8 @@
 //! The consume loop, written once for both kinds of job.
 //!
 //! For each delivery: keep the message hidden with a heartbeat from the moment it is received,
-//! mark the request running (or drop the message if the request already finished: a
-//! duplicate, however often it was delivered), run the job with a few in-process retries of
+//! read the request (and drop the message if it already finished: a duplicate, however often
+//! it was delivered), run the job (marked running once it has run a moment: [`crate::start`]) with a few in-process retries of
 //! transient failures (exponential back-off, full jitter, `Retry-After` honoured), and then
 //! settle the delivery exactly one way, in one step (`shared::atomic`: the request's state, its
 //! result record, the event and the message together). Which way is decided by
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
-use shared::atomic::{Atomic, Started};
+use shared::atomic::{Atomic, Found};
 use shared::domain::{RequestKind, RequestRecord, RequestResult, Usage};
 use shared::job::Job as QueuedJob;
 use shared::metrics::{KindLabels, Metrics};
@@ -26,6 +26,7 @@ use shared::queue::{Delivery, Queue};
 
 use crate::options::WorkerOptions;
 use crate::settlement::{decide, Limits, Outcome};
+use crate::start::StartGate;
 use shared::error::Report;
 use shared::{Error, Result};
 use tokio::sync::Semaphore;
@@ -45,6 +46,9 @@ const INPROCESS_MAX_DELAY: Duration = Duration::from_secs(5);
 pub struct JobContext {
     pub user_id: String,
     pub attempt: u32,
+    /// Marks the request running; a job that pushes progress calls it first, so that no
+    /// fragment reaches a client before the request is seen running.
+    pub start: Arc<StartGate>,
 }
 
 /// What a finished job leaves on its request.
@@ -233,33 +237,29 @@ impl Consumer {
         tokio::pin!(hidden);
         // The request's state first: a finished request whose message came back (its delete
         // was lost) is a duplicate to drop, never a job to dead-letter.
-        let started = tokio::select! {
-            started = self.atomic.start(&msg.user_id, &msg.request_id) => started?,
+        let found = tokio::select! {
+            found = self.atomic.look(&msg.user_id, &msg.request_id) => found?,
             never = &mut hidden => match never {},
         };
-        let record = match started {
-            Started::Running(record) => record,
-            Started::Finished(record) => {
-                tracing::info!(
-                    status = record.status.as_str(),
-                    "request already finished; duplicate delivery dropped"
-                );
-                self.metrics.job(self.job.kind().as_str(), "duplicate");
-                return self.queue.delete(&delivery.receipt).await;
-            }
-            Started::Missing => {
-                tracing::warn!("request no longer exists; dropping the message");
-                return self.queue.delete(&delivery.receipt).await;
-            }
+        let Some(record) = self.pending(delivery, found).await? else {
+            return Ok(());
         };
+        // This attempt counts, started or not (see `crate::start`).
+        let attempts = record.attempts + 1;
+        let start = Arc::new(StartGate::new(
+            self.atomic.clone(),
+            &msg.user_id,
+            &msg.request_id,
+        ));
         let attempt_started = Instant::now();
-        let outcome = if record.attempts > limits.max_attempts {
+        let outcome = if attempts > limits.max_attempts {
             // Earlier attempts never settled: their workers died mid-job.
             Outcome::Exhausted
         } else {
             let ctx = JobContext {
                 user_id: msg.user_id.clone(),
-                attempt: record.attempts,
+                attempt: attempts,
+                start: start.clone(),
             };
             let budget = self.options.job_timeout.max(Duration::from_secs(1));
             tokio::select! {
@@ -272,12 +272,38 @@ impl Consumer {
                         retry_after: None,
                     }),
                 },
+                never = start.after_a_while() => match never {},
                 never = &mut hidden => match never {},
             }
         };
-        let settlement = decide(outcome, record.attempts, &limits, rand::random::<f64>());
-        self.apply(delivery, msg, settlement, attempt_started.elapsed())
-            .await
+        let settlement = decide(outcome, attempts, &limits, rand::random::<f64>());
+        let unstarted = (!start.written().await).then_some(record.attempts);
+        self.apply(
+            delivery,
+            msg,
+            settlement,
+            attempt_started.elapsed(),
+            unstarted,
+        )
+        .await
+    }
+
+    /// The request to run, or `None` when the delivery was a duplicate or names no request
+    /// (then its message is deleted).
+    async fn pending(&self, delivery: &Delivery, found: Found) -> Result<Option<RequestRecord>> {
+        match found {
+            Found::Pending(record) => return Ok(Some(record)),
+            Found::Finished(record) => {
+                tracing::info!(
+                    status = record.status.as_str(),
+                    "request already finished; duplicate delivery dropped"
+                );
+                self.metrics.job(self.job.kind().as_str(), "duplicate");
+            }
+            Found::Missing => tracing::warn!("request no longer exists; dropping the message"),
+        }
+        self.queue.delete(&delivery.receipt).await?;
+        Ok(None)
     }
 
     async fn run_with_retries(

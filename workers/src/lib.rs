@@ -9,6 +9,8 @@
 //! - [`options`]   [`WorkerOptions`], the plain options of the consume loop.
 //! - [`settle`]    applies a settlement: the request's transition, the message's fate and the
 //!   reply's end in one step (`shared::atomic`), then logs and counts it.
+//! - [`start`]     when a job is marked running: after a quarter second, or at its first
+//!   reply fragment; a quicker job's settlement counts its attempt instead.
 //! - [`settlement`] how an attempt settles (succeed, retry after a back-off, fail,
 //!   dead-letter, release): a pure decision and its table.
 //! - [`persona`]   the persona job: prompt → validated persona record.
@@ -25,6 +27,7 @@ pub mod options;
 pub mod persona;
 pub mod settle;
 pub mod settlement;
+pub mod start;
 
 pub use consumer::{Consumer, Job, JobContext, JobOutput};
 pub use error::Error;

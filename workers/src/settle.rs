@@ -25,6 +25,7 @@ impl Consumer {
         msg: &QueuedJob,
         settlement: Settlement,
         latency: Duration,
+        unstarted: Option<u32>,
     ) -> Result<()> {
         let kind = self.job.kind();
         let (transition, ack, last_fragment, outcome) = self.parts(settlement, latency);
@@ -35,6 +36,7 @@ impl Consumer {
             transition,
             ack,
             last_fragment,
+            unstarted,
         };
         self.atomic.settle(delivery, settle).await?;
         self.metrics.job(kind.as_str(), outcome);

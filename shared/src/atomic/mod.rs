@@ -96,6 +96,24 @@ pub struct Settle {
     /// for a reply that came at once): published as the request's `message.delta` in the
     /// same step, just before its `request.updated`, instead of in a write of its own.
     pub last_fragment: Option<String>,
+    /// `None` when this attempt's start was written ([`Atomic::start`]). A job that finishes
+    /// quickly never writes one (which saves a write, an announcement and every instance's
+    /// receive of it): then `Some(n)`, the attempts the request had when the job read it, and
+    /// the settlement counts this attempt itself, the request going through `running` inside
+    /// the same write, unseen. Unless the attempts moved past `n` meanwhile: a start this
+    /// attempt lost track of (written, but its caller went away first) counted it already.
+    pub unstarted: Option<u32>,
+}
+
+/// What `look` found.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// Queued or running: a job to run.
+    Pending(RequestRecord),
+    /// The request had already finished: the delivery is a duplicate.
+    Finished(RequestRecord),
+    /// There is no such request of the user.
+    Missing,
 }
 
 /// What `start` found.
@@ -113,6 +131,11 @@ pub enum Started {
 pub trait Atomic: Send + Sync + 'static {
     /// Records and queues everything in `accept`, or nothing.
     async fn accept(&self, accept: Accept) -> Result<AcceptOutcome>;
+
+    /// Reads a request before its job runs; tells a duplicate delivery apart. Writes nothing:
+    /// a job is started ([`start`](Atomic::start)) only once it runs long enough for anyone
+    /// to see it running.
+    async fn look(&self, user_id: &str, request_id: &RequestId) -> Result<Found>;
 
     /// Marks a request running, one attempt more, and publishes the change, in one step; tells
     /// a duplicate delivery apart.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
+use super::{Accept, AcceptOutcome, Ack, Atomic, Found, Settle, Started};
 use crate::domain::{RequestInput, RequestKind, RequestRecord, RequestResult};
 use crate::events::sqlite::{insert_event_in as publish_in, SqliteEventBus};
 use crate::events::Event;
@@ -145,6 +145,17 @@ impl Atomic for SqliteAtomic {
         Ok(out)
     }
 
+    async fn look(&self, user_id: &str, request_id: &RequestId) -> Result<Found> {
+        // A read by key: on the calling thread (see `Db::read_here`).
+        self.db.read_here(|c| {
+            Ok(match owned_request(c, user_id, request_id)? {
+                None => Found::Missing,
+                Some(record) if record.status.is_final() => Found::Finished(record),
+                Some(record) => Found::Pending(record),
+            })
+        })
+    }
+
     async fn start(&self, user_id: &str, request_id: &RequestId) -> Result<Started> {
         let (user_id, id) = (user_id.to_owned(), request_id.to_owned());
         let started = self
@@ -180,10 +191,15 @@ impl Atomic for SqliteAtomic {
                     transition,
                     ack,
                     last_fragment,
+                    unstarted,
                 } = settle;
                 let record = match owned_request(c, &user_id, &request_id)? {
                     Some(record) if record.status.is_final() => Some(record),
-                    Some(record) => {
+                    Some(mut record) => {
+                        if unstarted == Some(record.attempts) {
+                            // The attempt was never started: count it here (see `Settle`).
+                            record = transition_in(c, &request_id, Transition::Start)?.0;
+                        }
                         let transition = match transition {
                             Transition::Succeed {
                                 result,

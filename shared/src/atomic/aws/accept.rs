@@ -8,13 +8,24 @@ use super::{outbox_pk, AwsAtomic, Cancelled, Outbox, OutboxJob, OUTBOX_SHARDS};
 use crate::atomic::{Accept, AcceptOutcome, Answer};
 use crate::error::Report;
 use crate::store::dynamodb::{
-    key, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore,
+    key, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore, TurnItems, TURN_TRIES,
 };
 use crate::time::now_ms;
 use crate::{Error, Result};
 
 /// DynamoDB takes at most this many items in one transaction.
 const MAX_TRANSACTION_ITEMS: usize = 100;
+
+/// Where an accept's transaction holds what can refuse it.
+#[derive(Default)]
+struct Checks {
+    /// The turn a chat message takes (its checks sit at `TurnItems`' indices).
+    turn: Option<i64>,
+    /// The idempotency key's answer.
+    answer: Option<usize>,
+    /// This process's turn to append to the conversation, held until the transaction ended.
+    _append: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
 
 /// An outbox item to write with the accept, and where it goes.
 struct OutboxItem {
@@ -25,19 +36,64 @@ struct OutboxItem {
 
 impl AwsAtomic {
     pub(super) async fn accept_records(&self, a: Accept) -> Result<AcceptOutcome> {
-        let table = self.store.table.as_str();
         let now = now_ms();
+        let outbox = self.outbox_item(&a, now)?;
+        // A chat turn's number is the conversation's last turn as this process last saw it,
+        // checked by the transaction: when another accept took it first, build again.
+        for attempt in 0..TURN_TRIES {
+            let (items, at) = self.accept_items(&a, &outbox, now, attempt > 0).await?;
+            let Some(cancelled) = self.transact(items, "accept").await? else {
+                if let (Some(m), Some(turn)) = (&a.message, at.turn) {
+                    self.store
+                        .took_turn(&m.conversation_id, &m.message.message_id, turn);
+                }
+                // Accepted: the outbox guarantees the jobs from here on, so a failed send is
+                // not the client's problem.
+                let OutboxItem { pk, sk, outbox } = outbox;
+                if let Err(e) = self.dispatch(a.kind, &pk, &sk, outbox).await {
+                    tracing::warn!(error = %Report(&e), "jobs not sent yet; the outbox sweep will send them");
+                }
+                return Ok(AcceptOutcome::Recorded);
+            };
+            let stale_turn = at
+                .turn
+                .is_some_and(|_| cancelled.failed(Some(TurnItems::COUNTER_AT)));
+            if !stale_turn || cancelled.failed(at.answer) {
+                return self
+                    .refused(
+                        &a,
+                        &cancelled,
+                        at.turn.map(|_| TurnItems::OWNER_AT),
+                        at.answer,
+                    )
+                    .await;
+            }
+        }
+        Err(Error::Conflict(
+            "the conversation's turns kept moving; try again".into(),
+        ))
+    }
+
+    /// The items of an accept's transaction, and where its conditional ones sit.
+    async fn accept_items(
+        &self,
+        a: &Accept,
+        outbox: &OutboxItem,
+        now: i64,
+        fresh: bool,
+    ) -> Result<(Vec<TransactWriteItem>, Checks)> {
+        let table = self.store.table.as_str();
         let mut items = Vec::new();
-        // Index in `items` of the conversation check and of the key's answer, to tell apart
-        // why a transaction was cancelled.
-        let (mut owner_check, mut answer_at) = (None, None);
+        let mut at = Checks::default();
         if let Some(m) = &a.message {
-            owner_check = Some(items.len());
-            items.extend(
-                self.store
-                    .user_message_items(&a.user_id, &m.conversation_id, &m.message)
-                    .await?,
-            );
+            // First, so that `TurnItems`' indices hold in the whole transaction.
+            let turn = self
+                .store
+                .user_message_items(&a.user_id, &m.conversation_id, &m.message, fresh)
+                .await?;
+            at.turn = Some(turn.turn);
+            at._append = Some(turn._append);
+            items.extend(turn.items);
         }
         // A batch's requests are written through the outbox (see the module's comment).
         if a.batch.is_none() {
@@ -53,12 +109,11 @@ impl AwsAtomic {
             item.insert("body".into(), s(serde_json::to_string(b)?));
             items.push(put_if_absent(table, item)?);
         }
-        let outbox = self.outbox_item(&a, now)?;
         let mut item = key(&outbox.pk, &outbox.sk);
         item.insert("body".into(), s(serde_json::to_string(&outbox.outbox)?));
         items.push(put_if_absent(table, item)?);
         if let Some(x) = &a.answer {
-            answer_at = Some(items.len());
+            at.answer = Some(items.len());
             items.push(self.answer_item(&a.user_id, x, now)?);
         }
         if items.len() > MAX_TRANSACTION_ITEMS {
@@ -66,16 +121,7 @@ impl AwsAtomic {
                 "too much for one DynamoDB transaction (100 items)".into(),
             ));
         }
-        if let Some(cancelled) = self.transact(items, "accept").await? {
-            return self.refused(&a, &cancelled, owner_check, answer_at).await;
-        }
-        // Accepted: the outbox guarantees the jobs from here on, so a failed send is not the
-        // client's problem.
-        let OutboxItem { pk, sk, outbox } = outbox;
-        if let Err(e) = self.dispatch(a.kind, &pk, &sk, outbox).await {
-            tracing::warn!(error = %Report(&e), "jobs not sent yet; the outbox sweep will send them");
-        }
-        Ok(AcceptOutcome::Recorded)
+        Ok((items, at))
     }
 
     /// The outbox item of an accept: its jobs and, for a batch, its request records; due for a

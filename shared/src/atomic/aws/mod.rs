@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::TransactWriteItem;
 use serde::{Deserialize, Serialize};
 
-use super::{Accept, AcceptOutcome, Ack, Atomic, Settle, Started};
+use super::{Accept, AcceptOutcome, Ack, Atomic, Found, Settle, Started};
 use crate::domain::{RequestKind, RequestRecord};
 use crate::events::aws::AwsEventBus;
 use crate::ids::RequestId;
@@ -200,12 +200,24 @@ impl Atomic for AwsAtomic {
         Ok(sent)
     }
 
+    async fn look(&self, user_id: &str, request_id: &RequestId) -> Result<Found> {
+        let Some((version, record)) = self.current(user_id, request_id).await? else {
+            return Ok(Found::Missing);
+        };
+        if record.status.is_final() {
+            return Ok(Found::Finished(record));
+        }
+        // The start or settlement that follows writes over what was just read.
+        self.remember(user_id, &record, version);
+        Ok(Found::Pending(record))
+    }
+
     async fn start(&self, user_id: &str, request_id: &RequestId) -> Result<Started> {
         // Written as a settlement is: the request over the version read and its
         // `request.updated` in one transaction (a read and a write, where a separate update and
         // event took four calls).
         let started = self
-            .write_transition(user_id, request_id, Transition::Start, None)
+            .write_transition(user_id, request_id, Transition::Start, None, None)
             .await?;
         Ok(match started {
             None => Started::Missing,
@@ -223,9 +235,16 @@ impl Atomic for AwsAtomic {
             transition,
             ack,
             last_fragment,
+            unstarted,
         } = settle;
         let record = self
-            .write_transition(&user_id, &request_id, transition, last_fragment.as_deref())
+            .write_transition(
+                &user_id,
+                &request_id,
+                transition,
+                last_fragment.as_deref(),
+                unstarted,
+            )
             .await?;
         // Then the message: if this worker dies first, the redelivery finds the request
         // finished and only deletes it.

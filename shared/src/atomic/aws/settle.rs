@@ -39,6 +39,7 @@ impl AwsAtomic {
         request_id: &RequestId,
         transition: Transition,
         last_fragment: Option<&str>,
+        unstarted: Option<u32>,
     ) -> Result<Option<RequestRecord>> {
         let mut transition = transition;
         // The result record to write, and where it goes; `None` once a twin's stands.
@@ -58,6 +59,10 @@ impl AwsAtomic {
                 if let Transition::Succeed { result, .. } = &transition {
                     pending = Some(self.result_item(user_id, &record, result).await?);
                 }
+            }
+            if unstarted == Some(record.attempts) {
+                // The attempt was never started: count it here (see `Settle`).
+                Transition::Start.apply(&mut record);
             }
             if !transition.clone().apply(&mut record) {
                 return Ok(Some(record));
@@ -105,7 +110,7 @@ impl AwsAtomic {
     /// The request's version and record: as this process last wrote it (a start, then its
     /// settlement, save a read; a stale one fails the write's condition and is read again), or
     /// as stored. `None` when there is no such request of the user.
-    async fn current(
+    pub(super) async fn current(
         &self,
         user_id: &str,
         request_id: &RequestId,
@@ -127,7 +132,7 @@ impl AwsAtomic {
     }
 
     /// Keeps what this process wrote of a request that has more to come.
-    fn remember(&self, user_id: &str, record: &RequestRecord, version: i64) {
+    pub(super) fn remember(&self, user_id: &str, record: &RequestRecord, version: i64) {
         if record.status.is_final() {
             return;
         }

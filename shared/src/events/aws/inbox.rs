@@ -21,9 +21,6 @@ use crate::{Error, Result};
 
 /// The tag an inbox's owner refreshes while it runs: seconds since the epoch.
 const ALIVE_TAG: &str = "characterbot-alive";
-/// How long a received announcement may wait for its delete: deletes go in batches, at most
-/// this far apart (the queue expires what is never deleted anyway).
-const DELETE_EVERY: Duration = Duration::from_secs(1);
 /// SQS's limit on the messages of one receive, and of one delete batch.
 const MAX_BATCH: usize = 10;
 
@@ -198,8 +195,11 @@ impl Inbox {
     /// Relays what arrives to `fanout` until `shutdown` or the inbox is lost; meanwhile tags
     /// the inbox alive and removes stale ones.
     async fn relay(&self, fanout: &Fanout, topic: &Topic, shutdown: CancellationToken) -> Ended {
+        // Received announcements are deleted only ten at a time, in full batches: what is left
+        // (fewer than ten) stays hidden past the queue's retention and expires there (see
+        // `open_inbox`), so a quiet inbox makes no delete calls at all, and a busy one keeps at
+        // most a batch in flight, far under SQS's limit of in-flight messages.
         let mut receipts: Vec<String> = Vec::new();
-        let mut deletes = tokio::time::interval(DELETE_EVERY);
         let mut heartbeat = tokio::time::interval(self.options.heartbeat());
         let sweeps = Arc::new(Sweeps::default());
         // Not cancelled by the other branches: a receive dropped mid-flight would hide what it
@@ -215,6 +215,11 @@ impl Inbox {
                                 fanout.deliver(Arc::new(e));
                             }
                             receipts.extend(handles);
+                            if receipts.len() >= MAX_BATCH {
+                                let full = receipts.len() - receipts.len() % MAX_BATCH;
+                                let batch: Vec<String> = receipts.drain(..full).collect();
+                                self.forget_news(batch).await;
+                            }
                         }
                         Ok(None) => return Ended::Lost,
                         Err(e) => {
@@ -224,7 +229,6 @@ impl Inbox {
                     }
                     receive = Box::pin(self.take_news());
                 }
-                _ = deletes.tick() => self.forget_news(std::mem::take(&mut receipts)).await,
                 _ = heartbeat.tick() => {
                     if sweeps.lost.load(Ordering::Relaxed) {
                         return Ended::Lost;
@@ -279,7 +283,7 @@ impl Inbox {
             receipts.extend(m.receipt_handle);
             let Some(body) = m.body else { continue };
             match serde_json::from_str::<Announcement>(&body) {
-                Ok(a) => events.extend(Published::from_stored(a.id, a.user_id, &a.name, a.data)),
+                Ok(a) => events.extend(a.into_published()),
                 Err(e) => tracing::warn!(error = %e, "an announcement does not parse"),
             }
         }

@@ -27,8 +27,7 @@
 mod inbox;
 mod topic;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
@@ -42,7 +41,7 @@ pub use topic::Topic;
 use super::fanout::{Backlog, Fanout, Read};
 use super::{Event, EventBus, Published, RETENTION_MS};
 use crate::ids::RequestId;
-use crate::memo::Memo;
+use crate::memo::{KeyedLocks, Memo};
 use crate::store::dynamodb::{get_n, get_s, key, n, put_if_absent, s, storage, Cancelled, Item};
 use crate::time::now_secs;
 use crate::{Error, Result};
@@ -76,7 +75,7 @@ pub struct AwsEventBus {
     /// One writer at a time per user in this process: the tasks of a process (a user's many
     /// jobs at once, a batch) take turns instead of racing each other for the counter, so
     /// only writers in other processes ever collide.
-    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    turns: KeyedLocks<String>,
 }
 
 /// Events to write as a user's next ids, in a transaction of the caller's: the counter's
@@ -109,25 +108,13 @@ impl AwsEventBus {
             inbox,
             fanout: Arc::default(),
             heads: Memo::new(HEADS_KEPT),
-            turns: Mutex::default(),
+            turns: KeyedLocks::new(HEADS_KEPT),
         }
-    }
-
-    /// Waits for this process's turn to write `user_id`'s events.
-    async fn turn(&self, user_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
-            if turns.len() >= HEADS_KEPT {
-                turns.retain(|_, lock| Arc::strong_count(lock) > 1);
-            }
-            turns.entry(user_id.to_owned()).or_default().clone()
-        };
-        lock.lock_owned().await
     }
 
     /// The items that store `events` as the user's next ids (see [`Sequenced`]).
     pub async fn sequenced(&self, user_id: &str, events: &[Event]) -> Result<Sequenced> {
-        let turn = self.turn(user_id).await;
+        let turn = self.turns.lock(&user_id.to_owned()).await;
         let head = match self.heads.get(user_id) {
             Some((head, at)) if at.elapsed() < HEAD_FRESH => head,
             _ => self.stored.current(user_id).await?,

@@ -14,14 +14,35 @@ const MAX_PAYLOAD: usize = 256 * 1024;
 /// SNS's limit on the messages of one `PublishBatch`.
 const MAX_BATCH: usize = 10;
 
-/// What an announcement carries: the stored event, whole, so an inbox needs no read to pass it
-/// on.
+/// What an announcement carries: a user's stored events, whole, so an inbox needs no read to
+/// pass them on. The events of one write (a settlement's last fragment and its
+/// `request.updated`) travel in one message: one delivery to each inbox, not one per event.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Announcement {
     pub user_id: String,
+    #[serde(default)]
+    pub events: Vec<Announced>,
+    /// One event, as instances before grouped announcements sent it (read, never written).
+    #[serde(default, flatten, skip_serializing)]
+    pub single: Option<Announced>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Announced {
     pub id: u64,
     pub name: String,
     pub data: String,
+}
+
+impl Announcement {
+    /// The events announced, in order.
+    pub(super) fn into_published(self) -> impl Iterator<Item = Published> {
+        let user_id = self.user_id;
+        self.single
+            .into_iter()
+            .chain(self.events)
+            .filter_map(move |a| Published::from_stored(a.id, user_id.clone(), &a.name, a.data))
+    }
 }
 
 #[derive(Clone)]
@@ -57,34 +78,13 @@ impl Topic {
         &self.arn
     }
 
-    /// Publishes `events` (in batches of what SNS takes at once). Failures are logged: the
-    /// events are stored already (see the module of the bus).
+    /// Publishes `events`: one message per run of one user's events (as many as fit in a
+    /// message), in batches of what SNS takes at once. Failures are logged: the events are
+    /// stored already (see the module of the bus).
     pub async fn announce(&self, events: &[Published]) {
         let mut batch: Vec<PublishBatchRequestEntry> = Vec::new();
         let mut size = 0;
-        for e in events {
-            let message = match serde_json::to_string(&Announcement {
-                user_id: e.user_id.clone(),
-                id: e.id,
-                name: e.event.name().to_owned(),
-                data: e.data.clone(),
-            }) {
-                Ok(m) => m,
-                Err(err) => {
-                    tracing::warn!(error = %err, "could not encode an announcement");
-                    continue;
-                }
-            };
-            if message.len() > MAX_PAYLOAD {
-                // Too big for SNS: streams read it from the table as a gap at the user's next
-                // event; long polls on their re-read.
-                tracing::warn!(
-                    id = e.id,
-                    bytes = message.len(),
-                    "event too large to announce"
-                );
-                continue;
-            }
+        for message in announcements(events) {
             if batch.len() == MAX_BATCH || size + message.len() > MAX_PAYLOAD {
                 self.publish_entries(std::mem::take(&mut batch)).await;
                 size = 0;
@@ -190,5 +190,113 @@ impl Topic {
                 return Ok(found);
             }
         }
+    }
+}
+
+/// The messages that announce `events`: consecutive events of one user share a message while
+/// it stays under SNS's limit. An event too big to announce alone is left out (streams read it
+/// from the table as a gap at the user's next event; long polls on their re-read).
+fn announcements(events: &[Published]) -> Vec<String> {
+    let mut messages = Vec::new();
+    let mut open: Option<Announcement> = None;
+    let encode = |a: &Announcement| serde_json::to_string(a).unwrap_or_default();
+    for e in events {
+        let event = Announced {
+            id: e.id,
+            name: e.event.name().to_owned(),
+            data: e.data.clone(),
+        };
+        if let Some(a) = open.as_mut().filter(|a| a.user_id == e.user_id) {
+            a.events.push(event);
+            if encode(a).len() <= MAX_PAYLOAD {
+                continue;
+            }
+            // Too big together: close the message without it, and start another.
+            let event = a.events.pop();
+            messages.extend(open.take().map(|a| encode(&a)));
+            open = Some(Announcement {
+                user_id: e.user_id.clone(),
+                events: event.into_iter().collect(),
+                single: None,
+            });
+        } else {
+            messages.extend(open.take().map(|a| encode(&a)));
+            open = Some(Announcement {
+                user_id: e.user_id.clone(),
+                events: vec![event],
+                single: None,
+            });
+        }
+        if open.as_ref().is_some_and(|a| encode(a).len() > MAX_PAYLOAD) {
+            tracing::warn!(id = e.id, "event too large to announce");
+            open = None;
+        }
+    }
+    messages.extend(open.map(|a| encode(&a)));
+    messages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Event;
+    use crate::ids::RequestId;
+
+    fn published(user: &str, id: u64, text: &str) -> Published {
+        let event = Event::delta(&RequestId::from("r1".to_owned()), text);
+        let data = event.to_parts().unwrap().1;
+        Published {
+            id,
+            user_id: user.into(),
+            event,
+            data,
+        }
+    }
+
+    fn read(message: &str) -> Vec<(String, u64)> {
+        serde_json::from_str::<Announcement>(message)
+            .unwrap()
+            .into_published()
+            .map(|p| (p.user_id, p.id))
+            .collect()
+    }
+
+    #[test]
+    fn one_message_per_run_of_a_users_events() {
+        let events = [
+            published("a", 1, "x"),
+            published("a", 2, "y"),
+            published("b", 7, "z"),
+            published("a", 3, "w"),
+        ];
+        let messages = announcements(&events);
+        assert_eq!(messages.len(), 3);
+        assert_eq!(read(&messages[0]), [("a".into(), 1), ("a".into(), 2)]);
+        assert_eq!(read(&messages[1]), [("b".into(), 7)]);
+        assert_eq!(read(&messages[2]), [("a".into(), 3)]);
+    }
+
+    #[test]
+    fn a_message_stays_under_the_limit_and_a_giant_is_left_out() {
+        let big = "x".repeat(MAX_PAYLOAD / 2);
+        let events = [
+            published("a", 1, &big),
+            published("a", 2, &big),
+            published("a", 3, &"y".repeat(MAX_PAYLOAD + 1)),
+            published("a", 4, "small"),
+        ];
+        let messages = announcements(&events);
+        assert!(messages.iter().all(|m| m.len() <= MAX_PAYLOAD));
+        let ids: Vec<Vec<u64>> = messages
+            .iter()
+            .map(|m| read(m).into_iter().map(|(_, id)| id).collect())
+            .collect();
+        assert_eq!(ids, [vec![1], vec![2], vec![4]]);
+    }
+
+    #[test]
+    fn an_announcement_of_one_event_from_an_older_instance_is_read() {
+        let old = r#"{"user_id":"a","id":5,"name":"message.delta","data":"{\"request_id\":\"r1\",\"text\":\"hi\"}"}"#;
+        assert_eq!(read(old), [("a".into(), 5)]);
     }
 }

@@ -1,9 +1,10 @@
 //! Conversations and messages on DynamoDB. A conversation's messages live in its own partition
 //! (`CONV#{id}`): `MSG#{turn}#{sub}` items in order, a `MID#{message_id}` index item per user
-//! message (id → turn) and a `META` turn counter.
+//! message (id → turn) and a `META` turn counter (moved by a conditional update inside the
+//! append's transaction, from the turn last seen).
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{ConditionCheck, ReturnValue, TransactWriteItem};
+use aws_sdk_dynamodb::types::{ConditionCheck, TransactWriteItem, Update};
 
 use super::{
     body, get_n, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
@@ -13,29 +14,63 @@ use crate::ids::{ConversationId, MessageId};
 use crate::store::{chat_context_in_reads, ChatContext, ConversationStore};
 use crate::{Error, Result};
 
+/// The transaction items that append a user message, and where its checks sit.
+pub(crate) struct TurnItems {
+    /// The ownership check, the turn counter's update, the message, its index.
+    pub items: [TransactWriteItem; 4],
+    pub turn: i64,
+    /// This process's turn to append to the conversation, held until the transaction ended.
+    pub _append: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl TurnItems {
+    /// Where in `items` the ownership check sits: its failure means another user's (or no)
+    /// conversation.
+    pub const OWNER_AT: usize = 0;
+    /// Where the counter's update sits: its failure means the turn taken was stale (another
+    /// accept took it first), and the append is to be built again from a fresh read.
+    pub const COUNTER_AT: usize = 1;
+}
+
+/// How often an append is built again over a turn another accept took first.
+pub(crate) const TURN_TRIES: usize = 5;
+/// How long the last turn seen is trusted: a chat's quick follow-ups, likely through the same
+/// instance, skip the read; a turn after a pause reads the counter instead of betting on a
+/// guess that another instance may have moved (a stale guess costs a refused transaction).
+const HEAD_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl DynamoStore {
-    /// The items that append a user message to a conversation as its next turn, led by a
-    /// check that the conversation is the user's: a cancelled transaction whose first reason
-    /// is a failed condition means another user's conversation. Written once for the store's
-    /// own append and for the atomic accept, which adds its request and job to the same
-    /// transaction.
+    /// The items that append a user message to a conversation as its next turn: a check that
+    /// the conversation is the user's, the counter moved from the turn last seen (a
+    /// conditional update: no turn number is ever taken twice, and none is lost to a write
+    /// that fails), the message and its index. Written once for the store's own append and
+    /// for the atomic accept, which adds its request and job to the same transaction.
+    ///
+    /// The turn last seen is remembered per conversation, so a conversation's next message
+    /// costs no read before its transaction; `fresh` reads it (after a transaction refused a
+    /// remembered one).
     pub(crate) async fn user_message_items(
         &self,
         user_id: &str,
         conversation_id: &ConversationId,
         message: &Message,
-    ) -> Result<[TransactWriteItem; 3]> {
-        // A cheap early "no" for another user's conversation (the transaction checks again),
-        // before a turn number is taken.
-        if self
-            .get_conversation(user_id, conversation_id)
-            .await?
-            .is_none()
-        {
-            return Err(Error::NotFound);
-        }
+        fresh: bool,
+    ) -> Result<TurnItems> {
+        let append = self.appends.lock(conversation_id).await;
         let conv_pk = format!("CONV#{conversation_id}");
-        let turn = self.next_turn(&conv_pk).await?;
+        let remembered = self
+            .heads
+            .get(conversation_id)
+            .filter(|(_, at)| !fresh && at.elapsed() < HEAD_FRESH);
+        let last = match remembered {
+            Some((last, _)) => last,
+            None => self
+                .get(&conv_pk, "META")
+                .await?
+                .and_then(|i| get_n(&i, "turns"))
+                .unwrap_or(0),
+        };
+        let turn = last + 1;
         let owner = TransactWriteItem::builder()
             .condition_check(
                 ConditionCheck::builder()
@@ -49,37 +84,57 @@ impl DynamoStore {
                     .map_err(|e| storage("build a transaction item", e))?,
             )
             .build();
+        let counter = self.counter_item(&conv_pk, last)?;
         let mut msg = key(&conv_pk, msg_sk(turn, 0));
         msg.insert("body".into(), s(serde_json::to_string(message)?));
         let mut index = key(&conv_pk, format!("MID#{}", message.message_id));
         index.insert("turn".into(), n(turn));
-        Ok([
-            owner,
-            put_if_absent(&self.table, msg)?,
-            put_if_absent(&self.table, index)?,
-        ])
+        Ok(TurnItems {
+            items: [
+                owner,
+                counter,
+                put_if_absent(&self.table, msg)?,
+                put_if_absent(&self.table, index)?,
+            ],
+            turn,
+            _append: append,
+        })
     }
 
-    /// Takes the next turn number of the conversation whose partition is `conv_pk` (an atomic
-    /// counter; a number taken by a write that then fails is skipped, which only leaves a gap
-    /// in the sort keys).
-    pub(crate) async fn next_turn(&self, conv_pk: &str) -> Result<i64> {
-        let turns = self
-            .client
-            .update_item()
+    /// The turn counter moved from `last` to the next turn, on condition that it still is at
+    /// `last` (absent for a conversation's first message).
+    fn counter_item(&self, conv_pk: &str, last: i64) -> Result<TransactWriteItem> {
+        let counter = Update::builder()
             .table_name(&self.table)
             .set_key(Some(key(conv_pk, "META")))
-            .update_expression("ADD turns :one")
-            .expression_attribute_values(":one", n(1))
-            .return_values(ReturnValue::UpdatedNew)
-            .send()
-            .await
-            .map_err(|e| storage("count turn", e))?;
-        turns
-            .attributes
-            .as_ref()
-            .and_then(|a| get_n(a, "turns"))
-            .ok_or_else(|| Error::storage_msg("turn counter missing"))
+            .update_expression("SET turns = :turn")
+            .expression_attribute_values(":turn", n(last + 1));
+        let counter = if last == 0 {
+            counter.condition_expression("attribute_not_exists(turns)")
+        } else {
+            counter
+                .condition_expression("turns = :last")
+                .expression_attribute_values(":last", n(last))
+        };
+        Ok(TransactWriteItem::builder()
+            .update(
+                counter
+                    .build()
+                    .map_err(|e| storage("build a transaction item", e))?,
+            )
+            .build())
+    }
+
+    /// Remembers the turn an append took, once its transaction committed.
+    pub(crate) fn took_turn(
+        &self,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
+        turn: i64,
+    ) {
+        self.heads
+            .insert(conversation_id.clone(), (turn, std::time::Instant::now()));
+        self.turns.insert(message_id.clone(), turn);
     }
 
     /// The turn of a user message of the conversation (remembered once read: it never
@@ -150,31 +205,42 @@ impl ConversationStore for DynamoStore {
         message: &Message,
         request: &RequestRecord,
     ) -> Result<()> {
-        let [owner, msg, index] = self
-            .user_message_items(user_id, conversation_id, message)
-            .await?;
-        let sent = self
-            .client
-            .transact_write_items()
-            .transact_items(owner)
-            .transact_items(msg)
-            .transact_items(index)
-            .transact_items(put_if_absent(
-                &self.table,
-                Self::request_item(user_id, request, 1)?,
-            )?)
-            .send()
-            .await;
-        if let Err(e) = sent {
-            // The owner check leads the transaction (see `user_message_items`).
+        for attempt in 0..TURN_TRIES {
+            let TurnItems {
+                items,
+                turn,
+                _append,
+            } = self
+                .user_message_items(user_id, conversation_id, message, attempt > 0)
+                .await?;
+            let sent = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.into()))
+                .transact_items(put_if_absent(
+                    &self.table,
+                    Self::request_item(user_id, request, 1)?,
+                )?)
+                .send()
+                .await;
+            let Err(e) = sent else {
+                self.took_turn(conversation_id, &message.message_id, turn);
+                return Ok(());
+            };
             let cancelled = Cancelled::of(e, "add message")?;
-            return Err(if cancelled.failed(Some(0)) {
-                Error::NotFound
-            } else {
-                Error::storage_msg(format!("add message: cancelled: {:?}", cancelled.0))
-            });
+            if cancelled.failed(Some(TurnItems::OWNER_AT)) {
+                return Err(Error::NotFound);
+            }
+            if !cancelled.failed(Some(TurnItems::COUNTER_AT)) {
+                return Err(Error::storage_msg(format!(
+                    "add message: cancelled: {:?}",
+                    cancelled.0
+                )));
+            }
         }
-        Ok(())
+        Err(Error::Conflict(
+            "the conversation's turns kept moving; try again".into(),
+        ))
     }
 
     async fn put_reply(

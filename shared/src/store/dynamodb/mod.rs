@@ -7,7 +7,7 @@
 //! | conversation | `USER#{user}` | `CONV#{conversation_id}` | |
 //! | batch | `USER#{user}` | `BATCH#{batch_id}` | counts read from its requests |
 //! | idempotency key | `USER#{user}` | `IDEM#{key}` | TTL |
-//! | turn counter | `CONV#{conversation_id}` | `META` | atomic `ADD turns 1` |
+//! | turn counter | `CONV#{conversation_id}` | `META` | `SET turns` on condition of the last turn |
 //! | message | `CONV#{conversation_id}` | `MSG#{turn:012}#{sub}` | user message sub 0, its reply sub 1 |
 //! | message index | `CONV#{conversation_id}` | `MID#{message_id}` | message id → turn |
 //! | request | `REQ#{request_id}` | `REQ` | owner, status, version; TTL once finished |
@@ -24,6 +24,7 @@ mod idempotency;
 mod personas;
 mod requests;
 
+pub(crate) use conversations::{TurnItems, TURN_TRIES};
 pub(crate) use idempotency::stored_answer;
 
 use async_trait::async_trait;
@@ -33,8 +34,8 @@ use aws_sdk_dynamodb::Client;
 
 use super::{token, Ping};
 use crate::domain::Page;
-use crate::ids::MessageId;
-use crate::memo::Memo;
+use crate::ids::{ConversationId, MessageId};
+use crate::memo::{KeyedLocks, Memo};
 use crate::{Error, Result};
 
 pub(crate) type Item = HashMap<String, AttributeValue>;
@@ -46,6 +47,12 @@ pub struct DynamoStore {
     /// its history, then for its reply): a message's turn never changes once written. Dropped
     /// whole past [`TURNS_KEPT`].
     pub(crate) turns: Memo<MessageId, i64>,
+    /// The last turn this process saw taken per conversation: the next append's guess, checked
+    /// by its transaction's condition (a stale guess costs a read and a second try).
+    pub(crate) heads: Memo<ConversationId, (i64, std::time::Instant)>,
+    /// One append at a time per conversation in this process, so its own appends never
+    /// collide on the counter (see `KeyedLocks`).
+    pub(crate) appends: KeyedLocks<ConversationId>,
 }
 
 /// Most message turns a store remembers.
@@ -143,6 +150,8 @@ impl DynamoStore {
             client,
             table: table.into(),
             turns: Memo::new(TURNS_KEPT),
+            heads: Memo::new(TURNS_KEPT),
+            appends: KeyedLocks::new(TURNS_KEPT),
         }
     }
 
