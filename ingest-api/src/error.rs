@@ -162,6 +162,12 @@ impl From<shared::Error> for ApiError {
                 code: "conflict",
                 message,
             },
+            E::PersonaDeleted => ApiError::Conflict {
+                code: "persona_deleted",
+                message: "the conversation's persona was deleted: the conversation can be read, \
+                          but takes no new messages"
+                    .into(),
+            },
             E::Invalid(message) => ApiError::BadRequest {
                 code: "invalid_request",
                 message,

@@ -22,6 +22,10 @@ pub enum Error {
     /// A write lost a race or broke a uniqueness rule (e.g. e-mail already registered).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The conversation's persona was deleted: the conversation stays readable, and takes no
+    /// new messages.
+    #[error("the conversation's persona was deleted")]
+    PersonaDeleted,
     #[error("invalid: {0}")]
     Invalid(String),
     #[error("unauthorized: {0}")]
@@ -102,6 +106,7 @@ impl Error {
             Error::ModelTransient { .. } => "model_unavailable".into(),
             Error::NotFound => "not_found".into(),
             Error::Conflict(_) => "conflict".into(),
+            Error::PersonaDeleted => "persona_deleted".into(),
             Error::Invalid(_) => "invalid".into(),
             Error::Unauthorized(_) => "unauthorized".into(),
             Error::NotConfirmed(_) => "user_not_confirmed".into(),

@@ -249,14 +249,16 @@ async fn receive_n(q: &dyn Queue, n: usize) -> Vec<Delivery> {
 }
 
 async fn a_conversation(s: &Subject, user: &str) -> ConversationId {
+    let with = persona(PersonaId::new());
+    s.store.put_persona(user, &with).await.unwrap();
     let conversation = Conversation {
         conversation_id: ConversationId::new(),
-        persona_id: PersonaId::new(),
+        persona_id: with.persona_id.clone(),
         persona_name: "Sherlock Holmes".into(),
         created_at: shared::time::now_rfc3339(),
     };
     s.store
-        .create_conversation(user, &conversation)
+        .create_conversation(user, &conversation, &with)
         .await
         .unwrap();
     conversation.conversation_id

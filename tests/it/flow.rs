@@ -335,3 +335,71 @@ async fn operational_endpoints_answer() {
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
 }
+
+/// A conversation keeps the persona it began with: deleting the persona leaves the
+/// conversation and its messages readable, and refuses new messages with `409
+/// persona_deleted`, on both backends.
+async fn a_deleted_personas_conversation_stays_readable_and_refuses_messages(app: TestApp) {
+    let alice = app.user("alice").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let path = format!("/v1/conversations/{conv}/messages");
+    let (_, accepted) = app
+        .post(Some(&alice.token), &path, json!({ "text": "Hello" }))
+        .await;
+    let done = app
+        .finished(&alice, accepted["request_id"].as_str().unwrap())
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    let (_, about) = app
+        .get(Some(&alice.token), &format!("/v1/conversations/{conv}"))
+        .await;
+    let persona = about["persona_id"].as_str().unwrap().to_owned();
+    let (status, _) = app
+        .delete(Some(&alice.token), &format!("/v1/personas/{persona}"))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let (status, refused) = app
+        .post(Some(&alice.token), &path, json!({ "text": "Still there?" }))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["error"]["code"], "persona_deleted", "{refused}");
+    let (status, _) = app
+        .get(Some(&alice.token), &format!("/v1/conversations/{conv}"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let texts: Vec<String> = app
+        .messages(&alice, &conv)
+        .await
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert_eq!(texts[0], "Hello");
+    // And a new conversation with the deleted persona is refused.
+    let (status, _) = app
+        .post(
+            Some(&alice.token),
+            "/v1/conversations",
+            json!({ "persona_id": persona }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_deleted_personas_conversation_stays_readable_on_the_embedded_default() {
+    a_deleted_personas_conversation_stays_readable_and_refuses_messages(
+        TestApp::builder().start().await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_personas_conversation_stays_readable_on_aws() {
+    a_deleted_personas_conversation_stays_readable_and_refuses_messages(
+        TestApp::builder().on_aws().start().await,
+    )
+    .await;
+}

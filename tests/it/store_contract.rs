@@ -79,6 +79,15 @@ fn conversation() -> Conversation {
     }
 }
 
+/// A conversation of `user` with a persona of theirs, both stored.
+async fn stored_conversation<S: Store + ?Sized>(st: &S, user: &str) -> Conversation {
+    let p = persona("per_x", "X");
+    st.put_persona(user, &p).await.unwrap();
+    let conv = conversation();
+    st.create_conversation(user, &conv, &p).await.unwrap();
+    conv
+}
+
 fn chat_request(conv: &str, m: &Message) -> RequestRecord {
     RequestRecord::new(
         RequestKind::Chat,
@@ -156,9 +165,8 @@ async fn personas_are_written_once_listed_newest_first_and_paged(s: Subject) {
 
 async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
     let st = s.store.as_ref();
-    let conv = conversation();
+    let conv = stored_conversation(st, "alice").await;
     let c = &conv.conversation_id;
-    st.create_conversation("alice", &conv).await.unwrap();
     assert_eq!(
         st.get_conversation("alice", c).await.unwrap().unwrap(),
         conv
@@ -227,11 +235,82 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
         .is_empty());
 }
 
+/// What a chat job reads: the persona as the conversation began with it (kept after the
+/// persona is deleted), and the messages before the one it answers, skipping that turn and
+/// any later one (sent while the job waited).
+async fn the_chat_context_is_the_persona_snapshot_and_the_turns_before(s: Subject) {
+    let st = s.store.as_ref();
+    let conv = stored_conversation(st, "alice").await;
+    let c = &conv.conversation_id;
+    let ms: Vec<Message> = ["one", "two", "three"]
+        .iter()
+        .map(|t| message(Role::User, t))
+        .collect();
+    for m in &ms {
+        st.add_user_message("alice", c, m, &chat_request(c, m))
+            .await
+            .unwrap();
+    }
+    for (m, text) in ms.iter().zip(["reply one", "reply two"]) {
+        st.put_reply(c, &m.message_id, &message(Role::Assistant, text))
+            .await
+            .unwrap();
+    }
+    let texts = |h: &[Message]| h.iter().map(|m| m.text.clone()).collect::<Vec<_>>();
+    let context = st
+        .chat_context("alice", c, &ms[1].message_id, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(context.conversation, conv);
+    assert_eq!(context.persona.as_ref().unwrap().name, "X");
+    assert_eq!(texts(&context.history), ["one", "reply one"]);
+    let newest = st
+        .chat_context("alice", c, &ms[2].message_id, 3)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(texts(&newest.history), ["reply one", "two", "reply two"]);
+    assert!(st
+        .chat_context("bob", c, &ms[1].message_id, 10)
+        .await
+        .unwrap()
+        .is_none());
+
+    // The persona goes; its conversation keeps the snapshot, and takes no new message.
+    assert!(st.delete_persona("alice", &conv.persona_id).await.unwrap());
+    let after = st
+        .chat_context("alice", c, &ms[2].message_id, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.persona, context.persona);
+    let late = message(Role::User, "late");
+    assert!(matches!(
+        st.add_user_message("alice", c, &late, &chat_request(c, &late))
+            .await,
+        Err(Error::PersonaDeleted)
+    ));
+    assert_eq!(
+        st.list_messages("alice", c, 10, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        5
+    );
+    // Nor does a new conversation begin with it.
+    assert!(matches!(
+        st.create_conversation("alice", &conversation(), after.persona.as_ref().unwrap())
+            .await,
+        Err(Error::NotFound)
+    ));
+}
+
 async fn a_user_message_goes_only_into_the_users_own_conversation(s: Subject) {
     let st = s.store.as_ref();
-    let conv = conversation();
+    let conv = stored_conversation(st, "alice").await;
     let c = &conv.conversation_id;
-    st.create_conversation("alice", &conv).await.unwrap();
     let intruder = message(Role::User, "not yours");
     let request = chat_request(c, &intruder);
     assert!(matches!(
@@ -509,6 +588,7 @@ contract!(
     personas_are_written_once_listed_newest_first_and_paged,
     each_user_message_gets_one_reply_in_its_place,
     a_user_message_goes_only_into_the_users_own_conversation,
+    the_chat_context_is_the_persona_snapshot_and_the_turns_before,
     requests_only_move_forward_and_batches_count_them,
     idempotency_keys_claim_replay_and_release,
     expired_idempotency_keys_are_forgotten,
@@ -682,11 +762,10 @@ mod dynamodb_turns {
         DynamoStore::create_table(&client, &table).await.unwrap();
         let (a, b) = (
             DynamoStore::new(client.clone(), table.clone()),
-            DynamoStore::new(client, table),
+            DynamoStore::new(client.clone(), table.clone()),
         );
-        let conv = conversation();
+        let conv = stored_conversation(&a, "alice").await;
         let c = &conv.conversation_id;
-        a.create_conversation("alice", &conv).await.unwrap();
 
         // One after the other, alternating: each append after the first of a process starts
         // from a turn the other process has moved past.
@@ -729,6 +808,22 @@ mod dynamodb_turns {
         let mut expected = concurrent;
         expected.sort();
         assert_eq!(rest, expected, "every concurrent append stored once");
+        // A process that never saw the conversation's turns finds the message by id.
+        let fresh = DynamoStore::new(client, table);
+        let page = a.list_messages("alice", c, 100, None).await.unwrap().items;
+        let context = fresh
+            .chat_context("alice", c, &page[3].message_id, 2)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            context
+                .history
+                .iter()
+                .map(|m| m.text.as_str())
+                .collect::<Vec<_>>(),
+            [sent[1].as_str(), sent[2].as_str()]
+        );
         // And a stale guess still refuses another user.
         let intruder = message(Role::User, "not yours");
         assert!(matches!(

@@ -54,15 +54,20 @@ pub async fn create(
         .ok_or(ApiError::NotFound("persona"))?;
     let conversation = Conversation {
         conversation_id: ConversationId::new(),
-        persona_id: persona.persona_id,
-        persona_name: persona.name,
+        persona_id: persona.persona_id.clone(),
+        persona_name: persona.name.clone(),
         created_at: shared::time::now_rfc3339(),
     };
+    // The persona as it is now stays with the conversation (see `ConversationStore`).
     state
         .ports
         .store
-        .create_conversation(caller.id(), &conversation)
-        .await?;
+        .create_conversation(caller.id(), &conversation, &persona)
+        .await
+        .map_err(|e| match e {
+            shared::Error::NotFound => ApiError::NotFound("persona"),
+            other => other.into(),
+        })?;
     Ok((StatusCode::CREATED, AppJson(conversation)))
 }
 

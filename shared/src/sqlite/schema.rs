@@ -131,6 +131,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
      UPDATE refresh_tokens SET family = token_hash WHERE family IS NULL;
      CREATE INDEX IF NOT EXISTS refresh_tokens_by_family ON refresh_tokens (family);
      CREATE INDEX IF NOT EXISTS refresh_tokens_by_user ON refresh_tokens (user_id, created_ms);",
+    // 5: the persona a conversation began with (JSON): the model answers from it, and it
+    // outlives the persona. NULL for conversations made before (they read the live persona).
+    "ALTER TABLE conversations ADD COLUMN persona TEXT;",
 ];
 
 fn migrate(c: &Connection) -> Result<()> {

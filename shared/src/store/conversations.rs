@@ -1,5 +1,7 @@
 //! The conversations port: conversations and their messages, a user message and its reply
-//! paired by turn. The rule that a conversation's messages are read only by its owner is
+//! paired by turn. A conversation keeps a snapshot of its persona as it was when the
+//! conversation began: the model answers from it, and it outlives the persona (a deleted
+//! persona's conversations stay readable and refuse new messages: `Error::PersonaDeleted`). The rule that a conversation's messages are read only by its owner is
 //! written here once ([`ConversationStore::list_messages`]), not in every adapter.
 
 use async_trait::async_trait;
@@ -20,7 +22,14 @@ pub struct ChatContext {
 
 #[async_trait]
 pub trait ConversationStore: Send + Sync + 'static {
-    async fn create_conversation(&self, user_id: &str, conversation: &Conversation) -> Result<()>;
+    /// Records a new conversation with `persona`'s snapshot; `NotFound` when the persona is
+    /// not (or no longer) the user's.
+    async fn create_conversation(
+        &self,
+        user_id: &str,
+        conversation: &Conversation,
+        persona: &Persona,
+    ) -> Result<()>;
     async fn get_conversation(
         &self,
         user_id: &str,
@@ -36,7 +45,7 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     /// Appends a user message to a conversation and records the chat request that will answer
     /// it, in one step; `NotFound` (and nothing stored) when the conversation is not the
-    /// user's.
+    /// user's, `PersonaDeleted` when its persona is gone.
     async fn add_user_message(
         &self,
         user_id: &str,
@@ -94,9 +103,10 @@ pub trait ConversationStore: Send + Sync + 'static {
     ) -> Result<Vec<Message>>;
 
     /// What a chat job reads before calling the model: the user's conversation (absent: `None`
-    /// and nothing else), its persona (`None` if deleted) and up to `history_limit` messages
-    /// before `message_id`. One round trip where the backend can; [`chat_context_in_reads`]
-    /// makes three.
+    /// and nothing else), its persona (the snapshot; the live persona for a conversation made
+    /// before snapshots, `None` if that was deleted) and up to `history_limit` messages before
+    /// `message_id`. One round trip where the backend can; [`chat_context_in_reads`] makes
+    /// three.
     async fn chat_context(
         &self,
         user_id: &str,

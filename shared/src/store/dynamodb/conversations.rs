@@ -1,5 +1,6 @@
 //! Conversations and messages on DynamoDB. A conversation's messages live in its own partition
-//! (`CONV#{id}`): `MSG#{turn}#{sub}` items in order, a `MID#{message_id}` index item per user
+//! (`CONV#{id}`): its persona snapshot (`PERSONA`, written with the conversation),
+//! `MSG#{turn}#{sub}` items in order, a `MID#{message_id}` index item per user
 //! message (id → turn) and a `META` turn counter (moved by a conditional update inside the
 //! append's transaction, from the turn last seen).
 
@@ -7,12 +8,22 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{ConditionCheck, TransactWriteItem, Update};
 
 use super::{
-    body, get_n, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
+    body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
 };
-use crate::domain::{Conversation, Message, Page, RequestRecord};
+use crate::domain::{Conversation, Message, Page, Persona, RequestRecord};
 use crate::ids::{ConversationId, MessageId};
 use crate::store::{chat_context_in_reads, ChatContext, ConversationStore};
 use crate::{Error, Result};
+
+/// The sort key of a conversation's persona snapshot, in the conversation's partition. It sorts
+/// after every `MSG#` key, so one query, newest first, reads the snapshot and then the latest
+/// messages: a chat job's whole context in one round trip.
+const SNAPSHOT_SK: &str = "PERSONA";
+
+/// The turn of a message's sort key (`MSG#{turn:012}#{sub}`).
+fn sk_turn(sk: &str) -> Option<i64> {
+    sk.strip_prefix("MSG#")?.split('#').next()?.parse().ok()
+}
 
 /// The transaction items that append a user message, and where its checks sit.
 pub(crate) struct TurnItems {
@@ -64,11 +75,16 @@ impl DynamoStore {
             .filter(|(_, at)| !fresh && at.elapsed() < HEAD_FRESH);
         let last = match remembered {
             Some((last, _)) => last,
-            None => self
-                .get(&conv_pk, "META")
-                .await?
-                .and_then(|i| get_n(&i, "turns"))
-                .unwrap_or(0),
+            None => {
+                let meta = self.get(&conv_pk, "META").await?;
+                if meta
+                    .as_ref()
+                    .is_some_and(|m| m.contains_key("persona_deleted"))
+                {
+                    return Err(Error::PersonaDeleted);
+                }
+                meta.and_then(|m| get_n(&m, "turns")).unwrap_or(0)
+            }
         };
         let turn = last + 1;
         let owner = TransactWriteItem::builder()
@@ -102,7 +118,8 @@ impl DynamoStore {
     }
 
     /// The turn counter moved from `last` to the next turn, on condition that it still is at
-    /// `last` (absent for a conversation's first message).
+    /// `last` (absent for a conversation's first message) and that the conversation's persona
+    /// was not deleted (a refusal is read again, and then told apart).
     fn counter_item(&self, conv_pk: &str, last: i64) -> Result<TransactWriteItem> {
         let counter = Update::builder()
             .table_name(&self.table)
@@ -110,10 +127,12 @@ impl DynamoStore {
             .update_expression("SET turns = :turn")
             .expression_attribute_values(":turn", n(last + 1));
         let counter = if last == 0 {
-            counter.condition_expression("attribute_not_exists(turns)")
+            counter.condition_expression(
+                "attribute_not_exists(turns) AND attribute_not_exists(persona_deleted)",
+            )
         } else {
             counter
-                .condition_expression("turns = :last")
+                .condition_expression("turns = :last AND attribute_not_exists(persona_deleted)")
                 .expression_attribute_values(":last", n(last))
         };
         Ok(TransactWriteItem::builder()
@@ -123,6 +142,78 @@ impl DynamoStore {
                     .map_err(|e| storage("build a transaction item", e))?,
             )
             .build())
+    }
+
+    /// A chat job's context in one query (see [`SNAPSHOT_SK`]): the snapshot, then messages
+    /// newest first, skipping those of `message_id`'s turn and later ones (sent while this job
+    /// waited: a page holds a few more than `limit` for them), the next `limit` being the
+    /// history. `None` when the conversation has no snapshot (made before them, or absent):
+    /// the caller reads the records one by one.
+    async fn context_query(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
+        limit: usize,
+    ) -> Result<Option<ChatContext>> {
+        let pk = format!("CONV#{conversation_id}");
+        let mut found: Option<(Conversation, Persona)> = None;
+        let mut turn = self.turns.get(message_id);
+        let mut history = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":lo", s("MSG#"))
+                .expression_attribute_values(":hi", s(SNAPSHOT_SK))
+                .scan_index_forward(false)
+                .limit(limit as i32 + 8)
+                .set_exclusive_start_key(start)
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| storage("query chat context", e))?;
+            for item in out.items.unwrap_or_default() {
+                let sk = get_s(&item, "sk").unwrap_or_default();
+                if sk == SNAPSHOT_SK {
+                    if get_s(&item, "user_id") != Some(user_id) {
+                        return Ok(None);
+                    }
+                    let conversation = get_s(&item, "conversation").unwrap_or_default();
+                    found = Some((serde_json::from_str(conversation)?, body(&item)?));
+                    continue;
+                }
+                if found.is_none() {
+                    return Ok(None);
+                }
+                let Some(at) = sk_turn(sk) else { continue };
+                let message: Message = body(&item)?;
+                if turn.is_none() && message.message_id == *message_id {
+                    self.turns.insert(message_id.clone(), at);
+                    turn = Some(at);
+                }
+                if turn.is_some_and(|t| at < t) && history.len() < limit {
+                    history.push(message);
+                }
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() || history.len() >= limit {
+                break;
+            }
+        }
+        let Some((conversation, persona)) = found else {
+            return Ok(None);
+        };
+        history.reverse();
+        Ok(Some(ChatContext {
+            conversation,
+            persona: Some(persona),
+            history,
+        }))
     }
 
     /// Remembers the turn an append took, once its transaction committed.
@@ -163,17 +254,52 @@ impl DynamoStore {
 
 #[async_trait]
 impl ConversationStore for DynamoStore {
-    async fn create_conversation(&self, user_id: &str, conversation: &Conversation) -> Result<()> {
-        let mut item = key(
-            user_pk(user_id),
-            format!("CONV#{}", conversation.conversation_id),
+    async fn create_conversation(
+        &self,
+        user_id: &str,
+        conversation: &Conversation,
+        persona: &Persona,
+    ) -> Result<()> {
+        let conv_pk = format!("CONV#{}", conversation.conversation_id);
+        let mut listed = key(user_pk(user_id), &conv_pk);
+        listed.insert("body".into(), s(serde_json::to_string(conversation)?));
+        let mut snapshot = key(&conv_pk, SNAPSHOT_SK);
+        snapshot.insert("body".into(), s(serde_json::to_string(persona)?));
+        snapshot.insert(
+            "conversation".into(),
+            s(serde_json::to_string(conversation)?),
         );
-        item.insert("body".into(), s(serde_json::to_string(conversation)?));
-        if self.put_new(item).await? {
-            Ok(())
+        snapshot.insert("user_id".into(), s(user_id));
+        // Only while the persona is the user's: one deleted meanwhile is refused here, and one
+        // deleted later finds this conversation to mark (see `PersonaStore::delete_persona`).
+        let persona_lives = TransactWriteItem::builder()
+            .condition_check(
+                ConditionCheck::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(key(
+                        user_pk(user_id),
+                        format!("PERSONA#{}", persona.persona_id),
+                    )))
+                    .condition_expression("attribute_exists(pk)")
+                    .build()
+                    .map_err(|e| storage("build a transaction item", e))?,
+            )
+            .build();
+        let sent = self
+            .client
+            .transact_write_items()
+            .transact_items(put_if_absent(&self.table, listed)?)
+            .transact_items(put_if_absent(&self.table, snapshot)?)
+            .transact_items(persona_lives)
+            .send()
+            .await;
+        let Err(e) = sent else { return Ok(()) };
+        let cancelled = Cancelled::of(e, "create conversation")?;
+        Err(if cancelled.failed(Some(2)) {
+            Error::NotFound
         } else {
-            Err(Error::Conflict("conversation exists".into()))
-        }
+            Error::Conflict(format!("conversation exists: {:?}", cancelled.0))
+        })
     }
 
     async fn get_conversation(
@@ -340,7 +466,16 @@ impl ConversationStore for DynamoStore {
         message_id: &MessageId,
         history_limit: usize,
     ) -> Result<Option<ChatContext>> {
-        // The three records live in different partitions: no one read fetches them together.
-        chat_context_in_reads(self, user_id, conversation_id, message_id, history_limit).await
+        match self
+            .context_query(user_id, conversation_id, message_id, history_limit)
+            .await?
+        {
+            Some(context) => Ok(Some(context)),
+            // Made before snapshots (or gone): the records one by one.
+            None => {
+                chat_context_in_reads(self, user_id, conversation_id, message_id, history_limit)
+                    .await
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use super::personas::PERSONA_BY_ID;
 use super::{
     bad_token, body_in, from_json, insert_request, one_body, page_by_id, to_json, SqliteStore,
 };
-use crate::domain::{Conversation, Message, Page, RequestRecord};
+use crate::domain::{Conversation, Message, Page, Persona, RequestRecord};
 use crate::ids::{ConversationId, MessageId};
 use crate::store::{token, ChatContext, ConversationStore};
 use crate::{Error, Result};
@@ -42,11 +42,21 @@ pub(crate) fn append_user_message(
     conversation_id: &ConversationId,
     message: &Message,
 ) -> Result<()> {
-    let owned = c
-        .prepare_cached("SELECT 1 FROM conversations WHERE user_id = ?1 AND conversation_id = ?2")?
-        .exists(params![user_id, conversation_id])?;
-    if !owned {
-        return Err(Error::NotFound);
+    // The conversation's persona, if it still exists: `None` when the conversation is not
+    // the user's, `Some(false)` when its persona was deleted.
+    let persona_lives: Option<bool> = c
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM personas p
+                            WHERE p.user_id = c.user_id
+                              AND p.persona_id = json_extract(c.body, '$.persona_id'))
+             FROM conversations c WHERE c.user_id = ?1 AND c.conversation_id = ?2",
+        )?
+        .query_row(params![user_id, conversation_id], |r| r.get(0))
+        .optional()?;
+    match persona_lives {
+        None => return Err(Error::NotFound),
+        Some(false) => return Err(Error::PersonaDeleted),
+        Some(true) => {}
     }
     let turn: i64 = c
         .prepare_cached(
@@ -102,18 +112,31 @@ pub(crate) fn put_reply_in(
 
 #[async_trait]
 impl ConversationStore for SqliteStore {
-    async fn create_conversation(&self, user_id: &str, conversation: &Conversation) -> Result<()> {
-        let (user_id, id, body) = (
+    async fn create_conversation(
+        &self,
+        user_id: &str,
+        conversation: &Conversation,
+        persona: &Persona,
+    ) -> Result<()> {
+        let (user_id, id, body, snapshot) = (
             user_id.to_owned(),
             conversation.conversation_id.clone(),
             to_json(conversation)?,
+            to_json(persona)?,
         );
+        let persona_id = persona.persona_id.clone();
         self.db
             .write(move |tx| {
-                tx.execute(
-                    "INSERT INTO conversations (user_id, conversation_id, body) VALUES (?1, ?2, ?3)",
-                    params![user_id, id, body],
+                // Only while the persona is the user's: one deleted meanwhile is refused.
+                let made = tx.execute(
+                    "INSERT INTO conversations (user_id, conversation_id, body, persona)
+                     SELECT ?1, ?2, ?3, ?4
+                     WHERE EXISTS (SELECT 1 FROM personas WHERE user_id = ?1 AND persona_id = ?5)",
+                    params![user_id, id, body, snapshot, persona_id],
                 )?;
+                if made == 0 {
+                    return Err(Error::NotFound);
+                }
                 Ok(())
             })
             .await
@@ -277,11 +300,24 @@ impl ConversationStore for SqliteStore {
         // On this thread (`Db::read_here`): nothing needs copying into a closure of its own.
         let (conv, msg) = (conversation_id, message_id);
         self.db.read_here(|c| {
-            let Some(conversation) = body_in::<Conversation>(c, CONVERSATION_BY_ID, user_id, conv)?
+            let Some((conversation, snapshot)) = c
+                .prepare_cached(
+                    "SELECT body, persona FROM conversations
+                     WHERE user_id = ?1 AND conversation_id = ?2",
+                )?
+                .query_row(params![user_id, conv], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+                })
+                .optional()?
             else {
                 return Ok(None);
             };
-            let persona = body_in(c, PERSONA_BY_ID, user_id, &conversation.persona_id)?;
+            let conversation: Conversation = from_json(&conversation)?;
+            let persona = match snapshot {
+                Some(snapshot) => Some(from_json(&snapshot)?),
+                // Made before snapshots: the live persona, if it still exists.
+                None => body_in(c, PERSONA_BY_ID, user_id, &conversation.persona_id)?,
+            };
             let history = history_in(c, conv, msg, history_limit)?;
             Ok(Some(ChatContext {
                 conversation,
