@@ -5,21 +5,27 @@
 //! module, so a renamed field breaks the build instead of a deployment where API and workers
 //! run different versions.
 //!
-//! The body carries ids only: payloads live in the store, so a message is tiny and a
-//! redelivered one reads the current state instead of a stale copy. The trace context travels
-//! as message attributes (SQS message attributes on AWS), never in the body.
+//! The body carries the ids, and the request as it was accepted: a job's first delivery runs
+//! from that copy instead of reading the store (on AWS, a read per job saved), while a
+//! redelivered or re-sent one reads the current state (its copy is dropped on decoding, see
+//! [`Job::accepted`]); the worker's writes are conditional on the version, so a stale copy can
+//! only waste work, never overwrite. The trace context, and on AWS the outbox item that holds
+//! the job until a worker has it, travel as message attributes (SQS message attributes on
+//! AWS), never in the body.
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::RequestKind;
+use crate::domain::{RequestKind, RequestRecord};
 use crate::ids::RequestId;
-use crate::queue::{Delivery, Outgoing};
+use crate::queue::{Attributes, Delivery, Outgoing};
 use crate::Result;
 
 /// Attribute names on the queue message.
 const REQUEST_ID: &str = "request_id";
 const HTTP_REQUEST_ID: &str = "http_request_id";
 const TRACE_ID: &str = "trace_id";
+const OUTBOX: &str = "outbox";
+const RESENT: &str = "resent";
 
 /// One job: the request a worker is to run, and the call that queued it.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +34,9 @@ pub struct Job {
     pub user_id: String,
     pub kind: RequestKind,
     pub trace: TraceContext,
+    /// The request as accepted (queued, version 1). After decoding, only on a first delivery
+    /// of the first send: then it stands for the stored record until a write says otherwise.
+    pub accepted: Option<RequestRecord>,
 }
 
 /// Ties a job to the HTTP call that queued it, for the worker's logs.
@@ -46,6 +55,8 @@ struct Body {
     request_id: RequestId,
     user_id: String,
     kind: RequestKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accepted: Option<RequestRecord>,
 }
 
 impl Job {
@@ -55,8 +66,9 @@ impl Job {
             request_id: self.request_id.clone(),
             user_id: self.user_id.clone(),
             kind: self.kind,
+            accepted: self.accepted.clone(),
         };
-        // Three strings and an enum: serialising them cannot fail.
+        // Strings, enums and a record of them: serialising them cannot fail.
         let body = serde_json::to_string(&body).unwrap_or_default();
         let mut message = Outgoing::new(body).with(REQUEST_ID, &self.request_id);
         if let Some(id) = &self.trace.http_request_id {
@@ -82,8 +94,28 @@ impl Job {
                 http_request_id: attribute(HTTP_REQUEST_ID),
                 trace_id: attribute(TRACE_ID),
             },
+            // A redelivery or a re-send may find the request moved on: it reads it.
+            accepted: body
+                .accepted
+                .filter(|_| delivery.receive_count <= 1 && attribute(RESENT).is_none()),
         })
     }
+}
+
+/// Names the outbox item that holds a job until a worker has it (AWS accept): the worker's
+/// start or settlement deletes it in the same transaction.
+pub fn with_outbox(message: Outgoing, key: &str) -> Outgoing {
+    message.with(OUTBOX, key)
+}
+
+/// The outbox item a delivered job names, if any.
+pub fn outbox_of(delivery: &Delivery) -> Option<&str> {
+    delivery.attributes.get(OUTBOX).map(String::as_str)
+}
+
+/// Marks a job sent again (by the outbox sweep): its copy of the request may be stale.
+pub fn mark_resent(attributes: &mut Attributes) {
+    attributes.insert(RESENT.into(), "1".into());
 }
 
 #[cfg(test)]
@@ -110,6 +142,7 @@ mod tests {
                 http_request_id: Some("h-1".into()),
                 trace_id: Some("t-1".into()),
             },
+            accepted: None,
         };
         assert_eq!(Job::decode(&delivered(job.encode())).unwrap(), job);
         let untraced = Job {
@@ -135,6 +168,36 @@ mod tests {
             encoded,
             serde_json::from_str::<serde_json::Value>(old).unwrap()
         );
+    }
+
+    #[test]
+    fn the_accepted_copy_serves_only_a_first_delivery_of_the_first_send() {
+        let record = RequestRecord::new(
+            RequestKind::Persona,
+            crate::domain::RequestInput::Persona { prompt: "p".into() },
+            None,
+        );
+        let job = Job {
+            request_id: record.request_id.clone(),
+            user_id: "alice".into(),
+            kind: RequestKind::Persona,
+            trace: TraceContext::default(),
+            accepted: Some(record.clone()),
+        };
+        let first = delivered(job.encode());
+        assert_eq!(Job::decode(&first).unwrap().accepted, Some(record));
+        let again = Delivery {
+            receive_count: 2,
+            ..first.clone()
+        };
+        assert_eq!(Job::decode(&again).unwrap().accepted, None);
+        let mut swept = job.encode();
+        mark_resent(&mut swept.attributes);
+        let swept = delivered(swept);
+        assert_eq!(Job::decode(&swept).unwrap().accepted, None);
+        let boxed = delivered(with_outbox(job.encode(), "OUTBOX#persona#1\n0001#req"));
+        assert_eq!(outbox_of(&boxed), Some("OUTBOX#persona#1\n0001#req"));
+        assert_eq!(outbox_of(&first), None);
     }
 
     #[test]

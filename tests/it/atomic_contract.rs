@@ -127,6 +127,7 @@ fn job(user: &str, r: &RequestRecord) -> Outgoing {
         user_id: user.into(),
         kind: r.kind,
         trace: TraceContext::default(),
+        accepted: None,
     }
     .encode()
 }
@@ -446,10 +447,10 @@ async fn a_job_settled_without_a_start_counts_its_attempt_in_the_settlement(s: S
     let mut events = s.events.subscribe("alice", None).await.unwrap();
 
     assert!(matches!(
-        s.atomic.look("mallory", &r.request_id).await.unwrap(),
+        s.atomic.look("mallory", &r.request_id, None).await.unwrap(),
         Found::Missing
     ));
-    let Found::Pending(seen) = s.atomic.look("alice", &r.request_id).await.unwrap() else {
+    let Found::Pending(seen) = s.atomic.look("alice", &r.request_id, None).await.unwrap() else {
         panic!("a queued request is pending");
     };
     assert_eq!((seen.status, seen.attempts), (RequestStatus::Queued, 0));
@@ -481,7 +482,7 @@ async fn a_job_settled_without_a_start_counts_its_attempt_in_the_settlement(s: S
         "one event, the final one"
     );
     assert!(matches!(
-        s.atomic.look("alice", &r.request_id).await.unwrap(),
+        s.atomic.look("alice", &r.request_id, None).await.unwrap(),
         Found::Finished(_)
     ));
 }
@@ -849,6 +850,114 @@ mod aws_only {
             "sent once"
         );
         assert_eq!(worker.sweep(RequestKind::Chat).await.unwrap(), 0);
+    }
+
+    /// A single job's outbox item stays until its worker starts or settles the job, and goes
+    /// in that transaction; until then the sweep sends the job again, marked, so that its
+    /// worker reads the request instead of trusting the job's copy.
+    #[tokio::test]
+    async fn a_single_jobs_outbox_item_goes_with_its_start_or_settlement() {
+        let (s, store) = subject().await;
+        let atomic = atomic_of(&s, store, s.persona_queue.clone(), Duration::ZERO).await;
+        let accepted = |r: &RequestRecord| {
+            let mut a = persona_accept("alice", r, None);
+            a.jobs = vec![Job {
+                request_id: r.request_id.clone(),
+                user_id: "alice".into(),
+                kind: r.kind,
+                trace: TraceContext::default(),
+                accepted: Some(r.clone()),
+            }
+            .encode()];
+            a
+        };
+
+        // Taken by no worker yet: sent again by the sweep, marked; then cleared.
+        let r = persona_request();
+        atomic.accept(accepted(&r)).await.unwrap();
+        let first = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+        assert!(shared::job::outbox_of(&first).is_some());
+        assert_eq!(Job::decode(&first).unwrap().accepted, Some(r.clone()));
+        assert_eq!(atomic.sweep(RequestKind::Persona).await.unwrap(), 1);
+        let again = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+        assert_eq!(Job::decode(&again).unwrap().request_id, r.request_id);
+        assert_eq!(
+            Job::decode(&again).unwrap().accepted,
+            None,
+            "re-sent: read it"
+        );
+        assert_eq!(atomic.sweep(RequestKind::Persona).await.unwrap(), 0);
+
+        // Started: the start took the item with it.
+        let r = persona_request();
+        atomic.accept(accepted(&r)).await.unwrap();
+        let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+        let started = atomic.start_delivery(&d, "alice", &r.request_id).await;
+        assert!(matches!(started.unwrap(), Started::Running(_)));
+        assert_eq!(atomic.sweep(RequestKind::Persona).await.unwrap(), 0);
+
+        // Settled without a start, from the job's copy: the settlement took it.
+        let r = persona_request();
+        atomic.accept(accepted(&r)).await.unwrap();
+        let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+        let copy = Job::decode(&d).unwrap().accepted;
+        assert!(matches!(
+            atomic
+                .look("alice", &r.request_id, copy.as_ref())
+                .await
+                .unwrap(),
+            Found::Pending(_)
+        ));
+        let mut settle = succeed(
+            RequestKind::Persona,
+            &r.request_id,
+            RequestResult::Persona(persona(r.request_id.persona_id())),
+        );
+        settle.unstarted = Some(0);
+        let done = atomic.settle(&d, settle).await.unwrap().unwrap();
+        assert_eq!((done.status, done.attempts), (RequestStatus::Succeeded, 1));
+        assert_eq!(atomic.sweep(RequestKind::Persona).await.unwrap(), 0);
+    }
+
+    /// A job's copy of the request stands in for a read, and may be stale (the queue delivered
+    /// a finished job again as new): the writes are conditional on the version, so the late
+    /// twin's settlement finds the first result and changes nothing.
+    #[tokio::test]
+    async fn a_stale_copy_of_the_request_overwrites_nothing() {
+        let (s, _) = subject().await;
+        let r = persona_request();
+        s.atomic
+            .accept(persona_accept("alice", &r, None))
+            .await
+            .unwrap();
+        let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+        let made = persona(r.request_id.persona_id());
+        let mut first = succeed(
+            RequestKind::Persona,
+            &r.request_id,
+            RequestResult::Persona(made.clone()),
+        );
+        first.unstarted = Some(0);
+        let done = s.atomic.settle(&d, first).await.unwrap().unwrap();
+
+        let found = s
+            .atomic
+            .look("alice", &r.request_id, Some(&r))
+            .await
+            .unwrap();
+        assert!(matches!(found, Found::Pending(_)), "the copy is taken");
+        let mut twin = made.clone();
+        twin.name = "A twin".into();
+        let mut late = succeed(
+            RequestKind::Persona,
+            &r.request_id,
+            RequestResult::Persona(twin),
+        );
+        late.unstarted = Some(0);
+        let after = s.atomic.settle(&d, late).await.unwrap().unwrap();
+        assert_eq!(after, done, "the first settlement stands");
+        let page = s.store.list_personas("alice", 10, None).await.unwrap();
+        assert_eq!(page.items, vec![made]);
     }
 
     #[tokio::test]

@@ -727,9 +727,10 @@ fn each_role_is_granted_the_calls_its_code_makes() {
 
 #[test]
 fn workers_delete_only_their_own_outbox_items() {
-    // The only deletes a worker's code reaches are the outbox sweep's (`dispatch`, which clears
-    // the item it sent); outbox items are keyed `OUTBOX#{kind}#{shard}`, and a worker sweeps
-    // its own kind only.
+    // The only deletes a worker's code reaches are of outbox items: the sweep's (`dispatch`,
+    // which clears the item it sent) and the one a job names, cleared in its start or
+    // settlement (`outbox_delete`, the accept's `OUTBOX#{kind}#{shard}` key of the job's own
+    // queue); a worker sweeps its own kind only.
     let adapters = Adapters::read();
     for (role, sources) in process_sources().into_iter().skip(1) {
         let deleting: BTreeSet<String> = adapters
@@ -742,7 +743,11 @@ fn workers_delete_only_their_own_outbox_items() {
                     .any(|op| op == "dynamodb:DeleteItem" || op == "item:dynamodb:DeleteItem")
             })
             .collect();
-        assert_eq!(deleting, BTreeSet::from(["dispatch".to_owned()]), "{role}");
+        assert_eq!(
+            deleting,
+            BTreeSet::from(["dispatch".to_owned(), "outbox_delete".to_owned()]),
+            "{role}"
+        );
     }
     let atomic = production_source(&workspace_file("shared/src/atomic/aws/mod.rs"));
     assert!(atomic.contains(r#"format!("OUTBOX#{kind}#{shard}")"#));

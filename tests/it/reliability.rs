@@ -168,6 +168,7 @@ async fn duplicate_deliveries_never_produce_a_second_reply_or_a_second_model_cal
         user_id: alice.user_id.clone(),
         kind: RequestKind::Chat,
         trace: TraceContext::default(),
+        accepted: None,
     };
     app.adapters.chat_queue.send(&[job.encode()]).await.unwrap();
     queue_drained(&app).await;
@@ -333,6 +334,7 @@ async fn a_finished_requests_message_that_keeps_coming_back_is_dropped_not_dead_
         user_id: alice.user_id.clone(),
         kind: RequestKind::Chat,
         trace: TraceContext::default(),
+        accepted: None,
     };
     app.adapters.chat_queue.send(&[job.encode()]).await.unwrap();
     received_by_dying_workers(&app, 2).await;

@@ -238,7 +238,7 @@ impl Consumer {
         // The request's state first: a finished request whose message came back (its delete
         // was lost) is a duplicate to drop, never a job to dead-letter.
         let found = tokio::select! {
-            found = self.atomic.look(&msg.user_id, &msg.request_id) => found?,
+            found = self.atomic.look(&msg.user_id, &msg.request_id, msg.accepted.as_ref()) => found?,
             never = &mut hidden => match never {},
         };
         let Some(record) = self.pending(delivery, found).await? else {
@@ -248,6 +248,7 @@ impl Consumer {
         let attempts = record.attempts + 1;
         let start = Arc::new(StartGate::new(
             self.atomic.clone(),
+            delivery,
             &msg.user_id,
             &msg.request_id,
         ));

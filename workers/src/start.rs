@@ -16,6 +16,7 @@ use std::time::Duration;
 use shared::atomic::Atomic;
 use shared::error::Report;
 use shared::ids::RequestId;
+use shared::queue::Delivery;
 
 /// How long a job runs before its start is written: under a person's notice, over what an
 /// instant answer takes.
@@ -24,6 +25,7 @@ pub const START_AFTER: Duration = Duration::from_millis(250);
 /// Writes one job's start at most once, whichever of its callers comes first.
 pub struct StartGate {
     atomic: Arc<dyn Atomic>,
+    delivery: Delivery,
     user_id: String,
     request_id: RequestId,
     written: tokio::sync::Mutex<bool>,
@@ -38,9 +40,15 @@ impl std::fmt::Debug for StartGate {
 }
 
 impl StartGate {
-    pub fn new(atomic: Arc<dyn Atomic>, user_id: &str, request_id: &RequestId) -> Self {
+    pub fn new(
+        atomic: Arc<dyn Atomic>,
+        delivery: &Delivery,
+        user_id: &str,
+        request_id: &RequestId,
+    ) -> Self {
         StartGate {
             atomic,
+            delivery: delivery.clone(),
             user_id: user_id.to_owned(),
             request_id: request_id.clone(),
             written: tokio::sync::Mutex::new(false),
@@ -55,7 +63,10 @@ impl StartGate {
         if *written {
             return;
         }
-        match self.atomic.start(&self.user_id, &self.request_id).await {
+        let started = self
+            .atomic
+            .start_delivery(&self.delivery, &self.user_id, &self.request_id);
+        match started.await {
             Ok(_) => *written = true,
             Err(e) => tracing::warn!(error = %Report(&e), "could not mark the request running"),
         }

@@ -95,6 +95,7 @@ pub fn job_for(user_id: &str, request: &RequestRecord, trace: &Trace) -> Outgoin
             http_request_id: Some(trace.http_request_id.clone()),
             trace_id: Some(trace.trace_id.clone()),
         },
+        accepted: Some(request.clone()),
     }
     .encode()
 }

@@ -134,12 +134,32 @@ pub trait Atomic: Send + Sync + 'static {
 
     /// Reads a request before its job runs; tells a duplicate delivery apart. Writes nothing:
     /// a job is started ([`start`](Atomic::start)) only once it runs long enough for anyone
-    /// to see it running.
-    async fn look(&self, user_id: &str, request_id: &RequestId) -> Result<Found>;
+    /// to see it running. `accepted` is the job's copy of the request as accepted (a first
+    /// delivery's: see `crate::job::Job::accepted`): an adapter whose reads cost a call may
+    /// take it instead of reading, its writes being conditional on the version anyway.
+    async fn look(
+        &self,
+        user_id: &str,
+        request_id: &RequestId,
+        accepted: Option<&RequestRecord>,
+    ) -> Result<Found>;
 
     /// Marks a request running, one attempt more, and publishes the change, in one step; tells
     /// a duplicate delivery apart.
     async fn start(&self, user_id: &str, request_id: &RequestId) -> Result<Started>;
+
+    /// [`start`](Atomic::start) for the job of `delivery`. On AWS the start also deletes the
+    /// outbox item the job names (see `crate::job::with_outbox`), in the same transaction: the
+    /// worker has the job, so the outbox sweep must not send it again.
+    async fn start_delivery(
+        &self,
+        delivery: &Delivery,
+        user_id: &str,
+        request_id: &RequestId,
+    ) -> Result<Started> {
+        let _ = delivery;
+        self.start(user_id, request_id).await
+    }
 
     /// Applies `settle` to the request and to `delivery`'s message in one step (on AWS: the
     /// records in one transaction, then the queue). Returns the request as it now stands, or

@@ -145,7 +145,12 @@ impl Atomic for SqliteAtomic {
         Ok(out)
     }
 
-    async fn look(&self, user_id: &str, request_id: &RequestId) -> Result<Found> {
+    async fn look(
+        &self,
+        user_id: &str,
+        request_id: &RequestId,
+        _accepted: Option<&RequestRecord>,
+    ) -> Result<Found> {
         // A read by key: on the calling thread (see `Db::read_here`).
         self.db.read_here(|c| {
             Ok(match owned_request(c, user_id, request_id)? {

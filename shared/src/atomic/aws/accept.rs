@@ -7,6 +7,7 @@ use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
 use super::{outbox_pk, AwsAtomic, Cancelled, Outbox, OutboxJob, OUTBOX_SHARDS};
 use crate::atomic::{Accept, AcceptOutcome, Answer};
 use crate::error::Report;
+use crate::job;
 use crate::store::dynamodb::{
     key, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore, TurnItems, TURN_TRIES,
 };
@@ -50,7 +51,11 @@ impl AwsAtomic {
                 // Accepted: the outbox guarantees the jobs from here on, so a failed send is
                 // not the client's problem.
                 let OutboxItem { pk, sk, outbox } = outbox;
-                if let Err(e) = self.dispatch(a.kind, &pk, &sk, outbox).await {
+                // A batch's item is cleared here once sent; a single job's stays until its
+                // worker starts or settles it (and deletes it in that transaction): one call
+                // fewer per accept.
+                let clear = a.batch.is_some();
+                if let Err(e) = self.dispatch(a.kind, &pk, &sk, outbox, clear).await {
                     tracing::warn!(error = %Report(&e), "jobs not sent yet; the outbox sweep will send them");
                 }
                 return Ok(AcceptOutcome::Recorded);
@@ -127,14 +132,29 @@ impl AwsAtomic {
     /// The outbox item of an accept: its jobs and, for a batch, its request records; due for a
     /// sweep `sweep_after` from now, in a partition chosen by its first request.
     fn outbox_item(&self, a: &Accept, now: i64) -> Result<OutboxItem> {
+        let first = a
+            .requests
+            .first()
+            .map(|r| r.request_id.clone())
+            .ok_or_else(|| Error::internal_msg("an accept without requests"))?;
+        let shard = first.bytes().map(u64::from).sum::<u64>() % OUTBOX_SHARDS;
+        let due = now + self.sweep_after.as_millis() as i64;
+        let (pk, sk) = (outbox_pk(a.kind, shard), format!("{due:015}#{first}"));
         let outbox = Outbox {
             user_id: a.user_id.clone(),
             jobs: a
                 .jobs
                 .iter()
-                .map(|j| OutboxJob {
-                    body: j.body.clone(),
-                    attributes: j.attributes.clone(),
+                .map(|j| {
+                    // A single job names its item, for its worker to delete (see above).
+                    let j = match &a.batch {
+                        None => job::with_outbox(j.clone(), &format!("{pk}\n{sk}")),
+                        Some(_) => j.clone(),
+                    };
+                    OutboxJob {
+                        body: j.body,
+                        attributes: j.attributes,
+                    }
                 })
                 .collect(),
             requests: if a.batch.is_some() {
@@ -143,18 +163,7 @@ impl AwsAtomic {
                 Vec::new()
             },
         };
-        let first = a
-            .requests
-            .first()
-            .map(|r| r.request_id.clone())
-            .ok_or_else(|| Error::internal_msg("an accept without requests"))?;
-        let shard = first.bytes().map(u64::from).sum::<u64>() % OUTBOX_SHARDS;
-        let due = now + self.sweep_after.as_millis() as i64;
-        Ok(OutboxItem {
-            pk: outbox_pk(a.kind, shard),
-            sk: format!("{due:015}#{first}"),
-            outbox,
-        })
+        Ok(OutboxItem { pk, sk, outbox })
     }
 
     /// The key's answer, recorded unless another call recorded one first; a key never claimed

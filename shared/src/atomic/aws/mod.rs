@@ -3,11 +3,16 @@
 //! **Accept** is a transactional outbox. One DynamoDB `TransactWriteItems` records everything
 //! the client is told about — the request(s), the chat turn's user message (with a check that
 //! the conversation is the caller's), the batch, the idempotency key's answer — together with an
-//! *outbox* item holding the jobs to send. Then the jobs go to SQS and the outbox item is
-//! deleted. A process that dies between the transaction and the send leaves the outbox item
-//! behind; every worker process sweeps the outbox of its queue (`sweep`) and sends what has
-//! waited longer than a setting (30 s), so the job still runs. Workers are idempotent, so a job
-//! sent twice (the sweeper raced a slow sender) is harmless.
+//! *outbox* item holding the jobs to send. Then the jobs go to SQS. A batch's outbox item is
+//! deleted right after; a single job's names itself on the job (a message attribute), and its
+//! worker deletes it inside the transaction of the job's start or settlement, whichever comes
+//! first: one call fewer per accept. A process that dies between the transaction and the send
+//! leaves the outbox item behind; every worker process sweeps the outbox of its queue (`sweep`)
+//! and sends what has waited longer than a setting (30 s), so the job still runs. Workers are
+//! idempotent, so a job sent twice is harmless: the sweep also re-sends a job that is still
+//! waiting in the queue after 30 s (a backlog), marked so that its worker reads the request
+//! rather than trust the job's copy of it, and one of the two runs is dropped as a duplicate
+//! (or, when both start before either settles, the second settlement finds the first's).
 //!
 //! Outbox items live in a few partitions per queue (`OUTBOX#{kind}#{shard}`) sorted by when
 //! they are due, so a sweep is a handful of key-range queries, never a scan. A batch records its
@@ -23,6 +28,8 @@
 mod accept;
 mod settle;
 
+use settle::Extras;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -34,6 +41,7 @@ use super::{Accept, AcceptOutcome, Ack, Atomic, Found, Settle, Started};
 use crate::domain::{RequestKind, RequestRecord};
 use crate::events::aws::AwsEventBus;
 use crate::ids::RequestId;
+use crate::job;
 use crate::memo::Memo;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
 use crate::store::dynamodb::{get_s, key, s, storage, Cancelled, DynamoStore, Item};
@@ -119,8 +127,15 @@ impl AwsAtomic {
 
     /// Carries out an outbox item: writes a batch's request records (each only if absent, so a
     /// second run never resets a request a worker already moved), sends the jobs, and deletes
-    /// the item.
-    async fn dispatch(&self, kind: RequestKind, pk: &str, sk: &str, outbox: Outbox) -> Result<()> {
+    /// the item if `clear` (else the worker of its single job does: see `accept`).
+    async fn dispatch(
+        &self,
+        kind: RequestKind,
+        pk: &str,
+        sk: &str,
+        outbox: Outbox,
+        clear: bool,
+    ) -> Result<()> {
         let records = outbox
             .requests
             .iter()
@@ -144,6 +159,9 @@ impl AwsAtomic {
         for chunk in jobs.chunks(10) {
             self.queue(kind).send(chunk).await?;
         }
+        if !clear {
+            return Ok(());
+        }
         self.store
             .client
             .delete_item()
@@ -160,6 +178,31 @@ impl AwsAtomic {
             RequestKind::Persona => &self.persona_queue,
             RequestKind::Chat => &self.chat_queue,
         }
+    }
+}
+
+impl AwsAtomic {
+    /// A start, written as a settlement is: the request over the version read and its
+    /// `request.updated` in one transaction, with the delete of the delivery's outbox item.
+    async fn write_start(
+        &self,
+        delivery: Option<&Delivery>,
+        user_id: &str,
+        request_id: &RequestId,
+    ) -> Result<Started> {
+        let extras = Extras {
+            outbox: delivery.and_then(job::outbox_of),
+            ..Extras::default()
+        };
+        let started = self
+            .write_transition(user_id, request_id, Transition::Start, extras)
+            .await?;
+        Ok(match started {
+            None => Started::Missing,
+            // Only a finished request refuses to start: this delivery is a duplicate.
+            Some(record) if record.status.is_final() => Started::Finished(record),
+            Some(record) => Started::Running(record),
+        })
     }
 }
 
@@ -191,16 +234,32 @@ impl Atomic for AwsAtomic {
                 let (Some(sk), Some(raw)) = (get_s(&item, "sk"), get_s(&item, "body")) else {
                     continue;
                 };
-                let outbox: Outbox = serde_json::from_str(raw)?;
-                tracing::warn!(outbox = %sk, jobs = outbox.jobs.len(), "sending jobs an accept left unsent");
-                self.dispatch(kind, &pk, sk, outbox).await?;
+                let mut outbox: Outbox = serde_json::from_str(raw)?;
+                tracing::warn!(outbox = %sk, jobs = outbox.jobs.len(), "sending jobs an accept left unsent, or their worker has not taken yet");
+                // Marked: the first send may be waiting in the queue still, and its copy of
+                // the request must not stand in for a read (see `crate::job`).
+                for j in &mut outbox.jobs {
+                    job::mark_resent(&mut j.attributes);
+                }
+                self.dispatch(kind, &pk, sk, outbox, true).await?;
                 sent += 1;
             }
         }
         Ok(sent)
     }
 
-    async fn look(&self, user_id: &str, request_id: &RequestId) -> Result<Found> {
+    async fn look(
+        &self,
+        user_id: &str,
+        request_id: &RequestId,
+        accepted: Option<&RequestRecord>,
+    ) -> Result<Found> {
+        if let Some(record) = accepted.filter(|r| &r.request_id == request_id) {
+            // A first delivery's copy: as written by the accept (version 1). The writes that
+            // follow are conditional on that version, so a copy gone stale costs a read then.
+            self.remember(user_id, record, 1);
+            return Ok(Found::Pending(record.clone()));
+        }
         let Some((version, record)) = self.current(user_id, request_id).await? else {
             return Ok(Found::Missing);
         };
@@ -216,15 +275,16 @@ impl Atomic for AwsAtomic {
         // Written as a settlement is: the request over the version read and its
         // `request.updated` in one transaction (a read and a write, where a separate update and
         // event took four calls).
-        let started = self
-            .write_transition(user_id, request_id, Transition::Start, None, None)
-            .await?;
-        Ok(match started {
-            None => Started::Missing,
-            // Only a finished request refuses to start: this delivery is a duplicate.
-            Some(record) if record.status.is_final() => Started::Finished(record),
-            Some(record) => Started::Running(record),
-        })
+        self.write_start(None, user_id, request_id).await
+    }
+
+    async fn start_delivery(
+        &self,
+        delivery: &Delivery,
+        user_id: &str,
+        request_id: &RequestId,
+    ) -> Result<Started> {
+        self.write_start(Some(delivery), user_id, request_id).await
     }
 
     async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<Option<RequestRecord>> {
@@ -242,8 +302,11 @@ impl Atomic for AwsAtomic {
                 &user_id,
                 &request_id,
                 transition,
-                last_fragment.as_deref(),
-                unstarted,
+                Extras {
+                    last_fragment: last_fragment.as_deref(),
+                    unstarted,
+                    outbox: job::outbox_of(delivery),
+                },
             )
             .await?;
         // Then the message: if this worker dies first, the redelivery finds the request

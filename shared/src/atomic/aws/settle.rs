@@ -2,7 +2,7 @@
 //! request over the version read (optimistic concurrency) and its events — retried over a
 //! request that moved meanwhile, with a twin delivery's result taken when it stands already.
 
-use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
 
 use super::AwsAtomic;
 use crate::domain::{RequestInput, RequestRecord, RequestResult};
@@ -26,6 +26,18 @@ struct SettleItems {
     counter_at: usize,
 }
 
+/// What one write of a request's state carries besides the transition.
+#[derive(Default, Clone, Copy)]
+pub(super) struct Extras<'a> {
+    /// The end of a streamed reply not pushed yet (see `Settle::last_fragment`).
+    pub last_fragment: Option<&'a str>,
+    /// See `Settle::unstarted`.
+    pub unstarted: Option<u32>,
+    /// The outbox item of the job (`pk` and `sk`, a newline apart), deleted in the same
+    /// transaction: the worker has the job (see `crate::job::with_outbox`).
+    pub outbox: Option<&'a str>,
+}
+
 impl AwsAtomic {
     /// The records of a settlement in one transaction: the result record (persona or reply,
     /// only if absent), the request over the version read, and its `request.updated` event.
@@ -38,9 +50,13 @@ impl AwsAtomic {
         user_id: &str,
         request_id: &RequestId,
         transition: Transition,
-        last_fragment: Option<&str>,
-        unstarted: Option<u32>,
+        extras: Extras<'_>,
     ) -> Result<Option<RequestRecord>> {
+        let Extras {
+            last_fragment,
+            unstarted,
+            outbox,
+        } = extras;
         let mut transition = transition;
         // The result record to write, and where it goes; `None` once a twin's stands.
         let mut pending: Option<Item> = None;
@@ -73,7 +89,10 @@ impl AwsAtomic {
             }
             events.push(Event::updated(&record));
             let seq = self.events.sequenced(user_id, &events).await?;
-            let tx = self.settle_items(user_id, &record, version, pending.as_ref(), &seq)?;
+            let mut tx = self.settle_items(user_id, &record, version, pending.as_ref(), &seq)?;
+            if let Some(item) = outbox.and_then(|k| self.outbox_delete(k)) {
+                tx.items.push(item);
+            }
             let Some(cancelled) = self.transact(tx.items, "settle").await? else {
                 self.events.committed(seq).await;
                 self.remember(user_id, &record, version + 1);
@@ -138,6 +157,17 @@ impl AwsAtomic {
         }
         let entry = (user_id.to_owned(), version, record.clone());
         self.known.insert(record.request_id.clone(), entry);
+    }
+
+    /// The delete of the outbox item named `pk\nsk`; `None` for a name that is not one.
+    fn outbox_delete(&self, name: &str) -> Option<TransactWriteItem> {
+        let (pk, sk) = name.split_once('\n')?;
+        let delete = Delete::builder()
+            .table_name(&self.store.table)
+            .set_key(Some(key(pk, sk)))
+            .build()
+            .ok()?;
+        Some(TransactWriteItem::builder().delete(delete).build())
     }
 
     /// One attempt's transaction: the result record if absent, the request over `version`,
