@@ -38,6 +38,15 @@ pub(super) struct Extras<'a> {
     pub outbox: Option<&'a str>,
 }
 
+/// Applies `transition` to `record`, counting first an attempt that was never started (see
+/// `Settle::unstarted`); false when the record had finished.
+fn advance(record: &mut RequestRecord, transition: &Transition, unstarted: Option<u32>) -> bool {
+    if unstarted == Some(record.attempts) {
+        Transition::Start.apply(record);
+    }
+    transition.clone().apply(record)
+}
+
 impl AwsAtomic {
     /// The records of a settlement in one transaction: the result record (persona or reply,
     /// only if absent), the request over the version read, and its `request.updated` event.
@@ -52,11 +61,8 @@ impl AwsAtomic {
         transition: Transition,
         extras: Extras<'_>,
     ) -> Result<Option<RequestRecord>> {
-        let Extras {
-            last_fragment,
-            unstarted,
-            outbox,
-        } = extras;
+        let (last_fragment, unstarted, outbox) =
+            (extras.last_fragment, extras.unstarted, extras.outbox);
         let mut transition = transition;
         // The result record to write, and where it goes; `None` once a twin's stands.
         let mut pending: Option<Item> = None;
@@ -76,23 +82,18 @@ impl AwsAtomic {
                     pending = Some(self.result_item(user_id, &record, result).await?);
                 }
             }
-            if unstarted == Some(record.attempts) {
-                // The attempt was never started: count it here (see `Settle`).
-                Transition::Start.apply(&mut record);
-            }
-            if !transition.clone().apply(&mut record) {
+            if !advance(&mut record, &transition, unstarted) {
                 return Ok(Some(record));
             }
-            let mut events = Vec::new();
-            if let Some(text) = last_fragment {
-                events.push(Event::delta(&record.request_id, text));
-            }
-            events.push(Event::updated(&record));
+            // The reply's last fragment, then the update that ends it.
+            let events: Vec<Event> = last_fragment
+                .map(|text| Event::delta(&record.request_id, text))
+                .into_iter()
+                .chain([Event::updated(&record)])
+                .collect();
             let seq = self.events.sequenced(user_id, &events).await?;
             let mut tx = self.settle_items(user_id, &record, version, pending.as_ref(), &seq)?;
-            if let Some(item) = outbox.and_then(|k| self.outbox_delete(k)) {
-                tx.items.push(item);
-            }
+            tx.items.extend(outbox.and_then(|k| self.outbox_delete(k)));
             let Some(cancelled) = self.transact(tx.items, "settle").await? else {
                 self.events.committed(seq).await;
                 self.remember(user_id, &record, version + 1);
