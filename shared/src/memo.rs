@@ -39,6 +39,16 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
         self.map.lock().ok()?.remove(key)
     }
 
+    /// Remembers `value` unless `key` has an entry already.
+    pub(crate) fn insert_new(&self, key: K, value: V) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= self.most {
+                map.clear();
+            }
+            map.entry(key).or_insert(value);
+        }
+    }
+
     pub(crate) fn insert(&self, key: K, value: V) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() >= self.most {

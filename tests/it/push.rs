@@ -223,6 +223,25 @@ async fn a_workers_events_reach_streams_on_two_api_processes_without_polling_per
         "the events came through the inboxes, not by reading the table"
     );
 
+    // A long poll on the API that accepted the request reads nothing: it knows the request
+    // from its own accept and waits for its update from the inbox. On the other API, the
+    // update that passed through its inbox answers it, or one read does.
+    counts.clear();
+    let accepted = a
+        .post("/v1/personas", json!({ "prompt": "Alan Turing" }))
+        .await;
+    let id = accepted["request_id"].as_str().unwrap().to_owned();
+    let done = a.get(&format!("/v1/requests/{id}?wait=20")).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        counts.of("GetItem", &format!("REQ#{id}")),
+        0,
+        "no read of the request"
+    );
+    let elsewhere = b.get(&format!("/v1/requests/{id}?wait=20")).await;
+    assert_eq!(elsewhere, done);
+    assert!(counts.of("GetItem", &format!("REQ#{id}")) <= 1);
+
     // An API killed outright leaves its inbox; the other one's clean-up removes it.
     signal(&api_a, "-KILL");
     assert_eq!(

@@ -116,6 +116,11 @@ pub async fn accept<T: Serialize>(
         stored: stored_answer(StatusCode::ACCEPTED, json.clone()),
         ttl: c.ttl,
     });
+    // A single request is noted for its long polls (see `EventBus::known_request`).
+    let noted = match accept.requests.as_slice() {
+        [one] => Some((accept.user_id.clone(), one.clone())),
+        _ => None,
+    };
     let (kind, ids): (RequestKind, Vec<RequestId>) = (
         accept.kind,
         accept
@@ -126,6 +131,9 @@ pub async fn accept<T: Serialize>(
     );
     match state.ports.atomic.accept(accept).await? {
         AcceptOutcome::Recorded => {
+            if let Some((user_id, record)) = &noted {
+                state.ports.events.note_accepted(user_id, record);
+            }
             for request_id in ids {
                 tracing::info!(%request_id, %kind, "request queued");
             }

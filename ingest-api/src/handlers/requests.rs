@@ -13,9 +13,11 @@ use crate::error::ApiError;
 use crate::extract::{AppJson, AppPath, AppQuery, Caller};
 use crate::AppState;
 
-/// A long poll waits for its request's `request.updated` events and reads the record only
-/// once, at the start; it reads it again only this often, a safety check for an event that
-/// went astray (on AWS, an announcement lost with a worker that died just after committing).
+/// A long poll waits for its request's `request.updated` events. It starts from what this
+/// process last knew of the request (its own accept, or an update that passed through) or
+/// else one read; it reads again only this often, a safety check for an event that went
+/// astray (on AWS, an announcement lost with a worker that died just after committing), and
+/// once at the end if nothing since its start confirmed the state it answers.
 const RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -52,7 +54,12 @@ pub async fn get(
     // Watch first, then read, so a change between the two is not missed.
     let mut events = state.ports.events.watch_request(caller.id(), &id).await?;
     let deadline = tokio::time::Instant::now() + wait;
-    let mut record = read().await?;
+    // Whether `record` is confirmed: read, or from an update since the watch began.
+    let (mut record, mut confirmed) = match state.ports.events.known_request(caller.id(), &id) {
+        Some(known) if known.status.is_final() => return Ok(AppJson(known)),
+        Some(known) => (known, false),
+        None => (read().await?, true),
+    };
     while !record.status.is_final() {
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -68,11 +75,16 @@ pub async fn get(
                 if let shared::events::Event::RequestUpdated(updated) = &event.event {
                     if updated.request_id == id {
                         record = (**updated).clone();
+                        confirmed = true;
                         continue;
                     }
                 }
             }
         }
+        record = read().await?;
+        confirmed = true;
+    }
+    if !confirmed {
         record = read().await?;
     }
     Ok(AppJson(record))

@@ -19,8 +19,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Event, Published};
+use crate::domain::RequestRecord;
 use crate::error::Report;
 use crate::ids::RequestId;
+use crate::memo::Memo;
 use crate::Result;
 
 /// Events a user's channel holds for a stream that has not taken them yet; one that falls
@@ -56,19 +58,70 @@ pub trait Backlog: Send + Sync + 'static {
 }
 
 /// The streams and long polls of this process.
-#[derive(Default)]
 pub struct Fanout {
     /// One live channel per user with an open stream; dropped when their last stream closes.
     users: Mutex<HashMap<String, broadcast::Sender<Arc<Published>>>>,
     /// Long polls waiting on one request each, by request id.
     watchers: Mutex<HashMap<RequestId, Vec<mpsc::UnboundedSender<Arc<Published>>>>>,
+    /// The latest this process knows of recent requests: their last update that passed
+    /// through, or the accept this process made. A long poll starts from it instead of a read
+    /// (see [`Fanout::known`]).
+    recent: Memo<RequestId, Known>,
+}
+
+/// Most recent requests a process keeps the latest state of (each an update it holds anyway,
+/// or a queued record): a few megabytes at most.
+const RECENT_KEPT: usize = 4096;
+
+#[derive(Clone)]
+enum Known {
+    /// Accepted here (queued), with its user.
+    Accepted(String, Arc<RequestRecord>),
+    /// Its last update seen here.
+    Updated(Arc<Published>),
+}
+
+impl Default for Fanout {
+    fn default() -> Self {
+        Fanout {
+            users: Mutex::default(),
+            watchers: Mutex::default(),
+            recent: Memo::new(RECENT_KEPT),
+        }
+    }
 }
 
 impl Fanout {
     /// Hands an event to the streams of its user and the waiters of its request held here.
     pub fn deliver(&self, e: Arc<Published>) {
+        if let Event::RequestUpdated(record) = &e.event {
+            self.recent
+                .insert(record.request_id.clone(), Known::Updated(e.clone()));
+        }
         self.tell_watchers(&e);
         self.tell_user(e);
+    }
+
+    /// Notes a request this process accepted (queued): a long poll of it need not read it to
+    /// know that it is the user's and not finished. Kept only if no update of it came first.
+    pub fn note_accepted(&self, user_id: &str, record: &RequestRecord) {
+        let known = Known::Accepted(user_id.to_owned(), Arc::new(record.clone()));
+        self.recent.insert_new(record.request_id.clone(), known);
+    }
+
+    /// The latest state of the user's request that passed through this process, if it is
+    /// recent: committed (an update, or the accept), but perhaps overtaken by an update this
+    /// process missed. A final one can be answered as it is; a pending one is a place to
+    /// start waiting, to be confirmed by an update or a read before it is answered.
+    pub fn known(&self, user_id: &str, request_id: &RequestId) -> Option<RequestRecord> {
+        match self.recent.get(request_id)? {
+            Known::Accepted(user, record) if user == user_id => Some((*record).clone()),
+            Known::Updated(e) if e.user_id == user_id => match &e.event {
+                Event::RequestUpdated(record) => Some((**record).clone()),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Drops what closed streams and ended long polls left behind; call it now and then.
@@ -297,6 +350,43 @@ mod tests {
     fn event(id: u64) -> Published {
         let data = format!(r#"{{"request_id":"req_1","text":"{id}"}}"#);
         Published::from_stored(id, "alice".into(), "message.delta", data).unwrap()
+    }
+
+    #[test]
+    fn a_long_poll_knows_its_users_recent_requests_and_a_final_update_is_not_overwritten() {
+        use crate::domain::{RequestInput, RequestKind, RequestStatus};
+        let fanout = Fanout::default();
+        let record = RequestRecord::new(
+            RequestKind::Persona,
+            RequestInput::Persona { prompt: "p".into() },
+            None,
+        );
+        let id = record.request_id.clone();
+        assert!(fanout.known("alice", &id).is_none());
+        fanout.note_accepted("alice", &record);
+        assert_eq!(
+            fanout.known("alice", &id).map(|r| r.status),
+            Some(RequestStatus::Queued)
+        );
+        assert!(fanout.known("bob", &id).is_none(), "another user's");
+
+        let mut done = record.clone();
+        done.status = RequestStatus::Succeeded;
+        let update = |r: &RequestRecord, at: u64| {
+            let (name, data) = Event::updated(r).to_parts().unwrap();
+            Arc::new(Published::from_stored(at, "alice".into(), name, data).unwrap())
+        };
+        fanout.deliver(update(&done, 7));
+        assert_eq!(
+            fanout.known("alice", &id).map(|r| r.status),
+            Some(RequestStatus::Succeeded)
+        );
+        // An accept noted late (its update overtook it) leaves the update standing.
+        fanout.note_accepted("alice", &record);
+        assert_eq!(
+            fanout.known("alice", &id).map(|r| r.status),
+            Some(RequestStatus::Succeeded)
+        );
     }
 
     async fn ids(stream: &mut BoxStream<'static, Arc<Published>>, n: usize) -> Vec<u64> {

@@ -145,6 +145,19 @@ pub trait EventBus: Send + Sync + 'static {
         Ok(tokio::spawn(async {}))
     }
 
+    /// Notes a request this process accepted, for [`known_request`](EventBus::known_request).
+    fn note_accepted(&self, user_id: &str, record: &RequestRecord) {
+        let _ = (user_id, record);
+    }
+
+    /// The latest state of the user's request this process knows of without a read (its
+    /// recent updates, its own accepts): a final one may be answered as it is; a pending one
+    /// only tells a long poll that the request is the user's and where to start waiting.
+    fn known_request(&self, user_id: &str, request_id: &RequestId) -> Option<RequestRecord> {
+        let _ = (user_id, request_id);
+        None
+    }
+
     /// The updates (`request.updated`) of one request of the user, from now on — what a long
     /// poll waits for; its other news (`message.delta`) is left out, so a waiter wakes only when
     /// the record changed. Events committed just before the call may or may not arrive, so a

@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 
 use super::fanout::{Backlog, Fanout, Read};
 use super::{Event, EventBus, Published, RETENTION_MS};
+use crate::domain::RequestRecord;
 use crate::error::Report;
 use crate::ids::RequestId;
 use crate::sqlite::Db;
@@ -212,6 +213,14 @@ impl EventBus for SqliteEventBus {
         request_id: &RequestId,
     ) -> Result<BoxStream<'static, Arc<Published>>> {
         Ok(self.fanout.watch(request_id))
+    }
+
+    fn note_accepted(&self, user_id: &str, record: &RequestRecord) {
+        self.fanout.note_accepted(user_id, record);
+    }
+
+    fn known_request(&self, user_id: &str, request_id: &RequestId) -> Option<RequestRecord> {
+        self.fanout.known(user_id, request_id)
     }
 }
 

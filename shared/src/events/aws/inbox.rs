@@ -21,8 +21,48 @@ use crate::{Error, Result};
 
 /// The tag an inbox's owner refreshes while it runs: seconds since the epoch.
 const ALIVE_TAG: &str = "characterbot-alive";
+/// How long an inbox keeps a message (SQS's least): what is received and not deleted is gone
+/// after this.
+const RETENTION: Duration = Duration::from_secs(60);
+/// Announcements received in one retention window past which an inbox deletes what it
+/// receives: in flight stay at most about twice this, against SQS's 120,000.
+const BUSY: usize = 10_000;
 /// SQS's limit on the messages of one receive, and of one delete batch.
 const MAX_BATCH: usize = 10;
+
+/// What becomes of the receipts of received announcements. They need no delete: they stay
+/// hidden past the queue's retention and expire there (see `open_inbox`). Only a busy inbox
+/// deletes them, ten to a call, to stay far under SQS's limit of 120,000 messages in flight.
+struct Receipts {
+    since: tokio::time::Instant,
+    received: usize,
+    kept: Vec<String>,
+}
+
+impl Default for Receipts {
+    fn default() -> Self {
+        Receipts {
+            since: tokio::time::Instant::now(),
+            received: 0,
+            kept: Vec::new(),
+        }
+    }
+}
+
+impl Receipts {
+    /// Takes a receive's receipts; returns whole batches to delete, when the inbox is busy.
+    fn take(&mut self, handles: Vec<String>) -> Vec<String> {
+        if self.since.elapsed() > RETENTION {
+            (self.since, self.received) = (tokio::time::Instant::now(), 0);
+        }
+        self.received += handles.len();
+        if self.received > BUSY {
+            self.kept.extend(handles);
+        }
+        let full = self.kept.len() - self.kept.len() % MAX_BATCH;
+        self.kept.drain(..full).collect()
+    }
+}
 
 /// How API instances name, keep and clean up their inboxes.
 #[derive(Debug, Clone)]
@@ -167,7 +207,10 @@ impl Inbox {
             // Live news only: a minute is the least SQS keeps a message. Received messages
             // stay hidden past that, so one whose delete failed expires instead of coming
             // back.
-            .attributes(QueueAttributeName::MessageRetentionPeriod, "60")
+            .attributes(
+                QueueAttributeName::MessageRetentionPeriod,
+                RETENTION.as_secs().to_string(),
+            )
             .attributes(QueueAttributeName::VisibilityTimeout, "120")
             .attributes(QueueAttributeName::SqsManagedSseEnabled, "true")
             .attributes(QueueAttributeName::Policy, policy.to_string())
@@ -195,11 +238,7 @@ impl Inbox {
     /// Relays what arrives to `fanout` until `shutdown` or the inbox is lost; meanwhile tags
     /// the inbox alive and removes stale ones.
     async fn relay(&self, fanout: &Fanout, topic: &Topic, shutdown: CancellationToken) -> Ended {
-        // Received announcements are deleted only ten at a time, in full batches: what is left
-        // (fewer than ten) stays hidden past the queue's retention and expires there (see
-        // `open_inbox`), so a quiet inbox makes no delete calls at all, and a busy one keeps at
-        // most a batch in flight, far under SQS's limit of in-flight messages.
-        let mut receipts: Vec<String> = Vec::new();
+        let mut receipts = Receipts::default();
         let mut heartbeat = tokio::time::interval(self.options.heartbeat());
         let sweeps = Arc::new(Sweeps::default());
         // Not cancelled by the other branches: a receive dropped mid-flight would hide what it
@@ -214,10 +253,8 @@ impl Inbox {
                             for e in events {
                                 fanout.deliver(Arc::new(e));
                             }
-                            receipts.extend(handles);
-                            if receipts.len() >= MAX_BATCH {
-                                let full = receipts.len() - receipts.len() % MAX_BATCH;
-                                let batch: Vec<String> = receipts.drain(..full).collect();
+                            let batch = receipts.take(handles);
+                            if !batch.is_empty() {
                                 self.forget_news(batch).await;
                             }
                         }
@@ -454,4 +491,30 @@ async fn remove_inbox(
         remove_queue(client, &url).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod receipt_tests {
+    use super::*;
+
+    fn handles(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("r{i}")).collect()
+    }
+
+    #[test]
+    fn a_quiet_inbox_deletes_nothing_and_a_busy_one_whole_batches() {
+        let mut receipts = Receipts::default();
+        assert!(receipts.take(handles(3)).is_empty());
+        assert!(
+            receipts.take(handles(BUSY - 3)).is_empty(),
+            "not past the mark yet"
+        );
+        assert!(
+            receipts.take(handles(4)).is_empty(),
+            "busy now: kept for a batch"
+        );
+        let batch = receipts.take(handles(17));
+        assert_eq!(batch.len(), 20, "whole batches only");
+        assert_eq!(receipts.kept.len(), 1);
+    }
 }

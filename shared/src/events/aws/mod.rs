@@ -40,6 +40,7 @@ pub use topic::Topic;
 
 use super::fanout::{Backlog, Fanout, Read};
 use super::{Event, EventBus, Published, RETENTION_MS};
+use crate::domain::RequestRecord;
 use crate::ids::RequestId;
 use crate::memo::{KeyedLocks, Memo};
 use crate::store::dynamodb::{get_n, get_s, key, n, put_if_absent, s, storage, Cancelled, Item};
@@ -221,6 +222,14 @@ impl EventBus for AwsEventBus {
         request_id: &RequestId,
     ) -> Result<BoxStream<'static, Arc<Published>>> {
         Ok(self.fanout.watch(request_id))
+    }
+
+    fn note_accepted(&self, user_id: &str, record: &RequestRecord) {
+        self.fanout.note_accepted(user_id, record);
+    }
+
+    fn known_request(&self, user_id: &str, request_id: &RequestId) -> Option<RequestRecord> {
+        self.fanout.known(user_id, request_id)
     }
 
     async fn listen(&self, shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
