@@ -139,8 +139,12 @@ impl ChatJob {
                         Err(TryRecvError::Disconnected) => return Some(text),
                     }
                 }
-                // Seen running before its first fragment (see `crate::start`).
+                // Seen running before its first fragment (see `crate::start`); nothing more of a
+                // job whose request finished elsewhere.
                 ctx.start.ensure().await;
+                if ctx.start.is_superseded() {
+                    continue;
+                }
                 if let Err(e) = events
                     .publish(user_id, &Event::delta(request_id, &text))
                     .await

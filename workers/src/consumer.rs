@@ -246,16 +246,13 @@ impl Consumer {
         };
         // This attempt counts, started or not (see `crate::start`).
         let attempts = record.attempts + 1;
-        let start = Arc::new(StartGate::new(
-            self.atomic.clone(),
-            delivery,
-            &msg.user_id,
-            &msg.request_id,
-        ));
+        let start = self.start_gate(delivery, msg).await;
         let attempt_started = Instant::now();
-        let outcome = if attempts > limits.max_attempts {
+        let outcome = if start.is_superseded() {
+            None
+        } else if attempts > limits.max_attempts {
             // Earlier attempts never settled: their workers died mid-job.
-            Outcome::Exhausted
+            Some(Outcome::Exhausted)
         } else {
             let ctx = JobContext {
                 user_id: msg.user_id.clone(),
@@ -264,18 +261,22 @@ impl Consumer {
             };
             let budget = self.options.job_timeout.max(Duration::from_secs(1));
             tokio::select! {
-                _ = cancel.cancelled() => Outcome::Interrupted,
-                r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => match r {
+                _ = cancel.cancelled() => Some(Outcome::Interrupted),
+                r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => Some(match r {
                     Ok(Ok(out)) => Outcome::Succeeded(Box::new(out)),
                     Ok(Err(e)) => Outcome::Failed(e),
                     Err(_) => Outcome::Failed(Error::ModelTransient {
                         message: format!("the job did not finish within {}s", budget.as_secs()),
                         retry_after: None,
                     }),
-                },
+                }),
+                () = start.superseded() => None,
                 never = start.after_a_while() => match never {},
                 never = &mut hidden => match never {},
             }
+        };
+        let Some(outcome) = outcome else {
+            return self.superseded(delivery).await;
         };
         let settlement = decide(outcome, attempts, &limits, rand::random::<f64>());
         let unstarted = (!start.written().await).then_some(record.attempts);
@@ -305,6 +306,24 @@ impl Consumer {
         }
         self.queue.delete(&delivery.receipt).await?;
         Ok(None)
+    }
+
+    /// What marks this delivery's request running. A delivery that is not the message's first
+    /// (an earlier one never settled: its worker may have died before its start was due)
+    /// counts its attempt at once, before the job runs (see `crate::start`).
+    async fn start_gate(&self, delivery: &Delivery, msg: &QueuedJob) -> Arc<StartGate> {
+        let start = StartGate::new(self.atomic.clone(), delivery, &msg.user_id, &msg.request_id);
+        if delivery.receive_count > 1 {
+            start.ensure().await;
+        }
+        Arc::new(start)
+    }
+
+    /// Drops a delivery whose start found its request finished by a twin delivery, or gone.
+    async fn superseded(&self, delivery: &Delivery) -> Result<()> {
+        tracing::info!("the request finished elsewhere, or is gone; delivery dropped");
+        self.metrics.job(self.job.kind().as_str(), "duplicate");
+        self.queue.delete(&delivery.receipt).await
     }
 
     async fn run_with_retries(

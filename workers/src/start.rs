@@ -6,17 +6,23 @@
 //! never writes a start: its settlement counts the attempt and goes from `queued` to the final
 //! state in one write. On AWS that saves, per job, a transaction, an SNS announcement and each
 //! API instance's receive of it. Attempts stay counted by the request: by the start when one
-//! is written, by the settlement otherwise (see `shared::atomic::Settle::unstarted`); a worker
-//! killed within [`START_AFTER`] of taking a job leaves no trace of the attempt on the request,
-//! and the queue's receive count (the dead-letter redrive) bounds such deaths instead.
+//! is written, by the settlement otherwise (see `shared::atomic::Settle::unstarted`). A worker
+//! killed within [`START_AFTER`] of taking a job leaves no trace of that attempt, so a delivery
+//! that is not the message's first (an earlier one never settled) writes its start before the
+//! job runs: a job that kills its worker at once is counted from its second delivery on, and
+//! dead-lettered once its attempts are used up, as before.
+//!
+//! A start that finds the request finished (a twin delivery settled it) or gone stops the job:
+//! its message is dropped as a duplicate, and nothing more of it is pushed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::atomic::Atomic;
+use shared::atomic::{Atomic, Started};
 use shared::error::Report;
 use shared::ids::RequestId;
 use shared::queue::Delivery;
+use tokio_util::sync::CancellationToken;
 
 /// How long a job runs before its start is written: under a person's notice, over what an
 /// instant answer takes.
@@ -29,6 +35,7 @@ pub struct StartGate {
     user_id: String,
     request_id: RequestId,
     written: tokio::sync::Mutex<bool>,
+    superseded: CancellationToken,
 }
 
 impl std::fmt::Debug for StartGate {
@@ -52,6 +59,7 @@ impl StartGate {
             user_id: user_id.to_owned(),
             request_id: request_id.clone(),
             written: tokio::sync::Mutex::new(false),
+            superseded: CancellationToken::new(),
         }
     }
 
@@ -60,14 +68,15 @@ impl StartGate {
     /// counts the attempt if no start was written.
     pub async fn ensure(&self) {
         let mut written = self.written.lock().await;
-        if *written {
+        if *written || self.superseded.is_cancelled() {
             return;
         }
         let started = self
             .atomic
             .start_delivery(&self.delivery, &self.user_id, &self.request_id);
         match started.await {
-            Ok(_) => *written = true,
+            Ok(Started::Running(_)) => *written = true,
+            Ok(Started::Finished(_) | Started::Missing) => self.superseded.cancel(),
             Err(e) => tracing::warn!(error = %Report(&e), "could not mark the request running"),
         }
     }
@@ -78,6 +87,15 @@ impl StartGate {
         tokio::time::sleep(START_AFTER).await;
         self.ensure().await;
         std::future::pending().await
+    }
+
+    /// Resolves once a start found the request finished elsewhere, or gone: the job is to stop.
+    pub async fn superseded(&self) {
+        self.superseded.cancelled().await;
+    }
+
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.is_cancelled()
     }
 
     /// Whether the start was written; waits for one in flight.

@@ -69,8 +69,9 @@ pub struct Fanout {
     recent: Memo<RequestId, Known>,
 }
 
-/// Most recent requests a process keeps the latest state of (each an update it holds anyway,
-/// or a queued record): a few megabytes at most.
+/// Most recent requests a process keeps the latest state of (an update it received, with the
+/// request's result, or a queued record): some 10 MiB at results of a couple of KiB, more if
+/// results are larger; forgotten whole when full.
 const RECENT_KEPT: usize = 4096;
 
 #[derive(Clone)]
@@ -95,8 +96,15 @@ impl Fanout {
     /// Hands an event to the streams of its user and the waiters of its request held here.
     pub fn deliver(&self, e: Arc<Published>) {
         if let Event::RequestUpdated(record) = &e.event {
-            self.recent
-                .insert(record.request_id.clone(), Known::Updated(e.clone()));
+            // An older update that arrives late never hides a final one.
+            let known_final = matches!(
+                self.recent.get(&record.request_id),
+                Some(Known::Updated(old)) if matches!(&old.event, Event::RequestUpdated(r) if r.status.is_final())
+            );
+            if !known_final {
+                self.recent
+                    .insert(record.request_id.clone(), Known::Updated(e.clone()));
+            }
         }
         self.tell_watchers(&e);
         self.tell_user(e);
@@ -171,9 +179,9 @@ impl Fanout {
         Ok(futures::stream::unfold(stream, Stream::next).boxed())
     }
 
-    /// The updates of one request, from now on. Routed by request id alone: the API reads the
-    /// request as the caller's right after watching and answers 404 (dropping this stream
-    /// unread) when it is not theirs.
+    /// The updates of one request, from now on. Routed by request id alone: the API checks the
+    /// request is the caller's right after watching (by `known`, or a read) and answers 404
+    /// (dropping this stream unread) when it is not theirs.
     pub fn watch(&self, request_id: &RequestId) -> BoxStream<'static, Arc<Published>> {
         let (tx, rx) = mpsc::unbounded_channel();
         if let Ok(mut watchers) = self.watchers.lock() {

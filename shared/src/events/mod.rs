@@ -161,7 +161,7 @@ pub trait EventBus: Send + Sync + 'static {
     /// The updates (`request.updated`) of one request of the user, from now on — what a long
     /// poll waits for; its other news (`message.delta`) is left out, so a waiter wakes only when
     /// the record changed. Events committed just before the call may or may not arrive, so a
-    /// caller reads the request after subscribing. This default filters the user's stream; an
+    /// caller reads the request (or takes what `known_request` says) after subscribing. This default filters the user's stream; an
     /// adapter that can route by request does better.
     async fn watch_request(
         &self,

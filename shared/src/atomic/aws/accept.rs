@@ -9,7 +9,8 @@ use crate::atomic::{Accept, AcceptOutcome, Answer};
 use crate::error::Report;
 use crate::job;
 use crate::store::dynamodb::{
-    key, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore, TurnItems, TURN_TRIES,
+    key, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore, LastTurn, TurnItems,
+    TURN_TRIES,
 };
 use crate::time::now_ms;
 use crate::{Error, Result};
@@ -41,9 +42,13 @@ impl AwsAtomic {
         let outbox = self.outbox_item(&a, now)?;
         // A chat turn's number is the conversation's last turn as this process last saw it,
         // checked by the transaction: when another accept took it first, build again.
-        for attempt in 0..TURN_TRIES {
-            let (items, at) = self.accept_items(&a, &outbox, now, attempt > 0).await?;
-            let Some(cancelled) = self.transact(items, "accept").await? else {
+        let mut from = LastTurn::Remembered;
+        for _ in 0..TURN_TRIES {
+            let (items, mut at) = self.accept_items(&a, &outbox, now, from).await?;
+            let outcome = self.transact(items, "accept").await?;
+            // The next append to the conversation need not wait for the send or a replay.
+            at._append = None;
+            let Some(cancelled) = outcome else {
                 if let (Some(m), Some(turn)) = (&a.message, at.turn) {
                     self.store
                         .took_turn(&m.conversation_id, &m.message.message_id, turn);
@@ -60,18 +65,24 @@ impl AwsAtomic {
                 }
                 return Ok(AcceptOutcome::Recorded);
             };
-            let stale_turn = at
+            let retry = at
                 .turn
-                .is_some_and(|_| cancelled.failed(Some(TurnItems::COUNTER_AT)));
-            if !stale_turn || cancelled.failed(at.answer) {
-                return self
-                    .refused(
-                        &a,
-                        &cancelled,
-                        at.turn.map(|_| TurnItems::OWNER_AT),
-                        at.answer,
-                    )
-                    .await;
+                .and_then(|_| TurnItems::retry_from(&cancelled))
+                .filter(|_| {
+                    !cancelled.failed(at.answer) && !cancelled.failed(Some(TurnItems::OWNER_AT))
+                });
+            match retry {
+                Some(next) => from = next,
+                None => {
+                    return self
+                        .refused(
+                            &a,
+                            &cancelled,
+                            at.turn.map(|_| TurnItems::OWNER_AT),
+                            at.answer,
+                        )
+                        .await
+                }
             }
         }
         Err(Error::Conflict(
@@ -85,7 +96,7 @@ impl AwsAtomic {
         a: &Accept,
         outbox: &OutboxItem,
         now: i64,
-        fresh: bool,
+        from: LastTurn,
     ) -> Result<(Vec<TransactWriteItem>, Checks)> {
         let table = self.store.table.as_str();
         let mut items = Vec::new();
@@ -94,7 +105,7 @@ impl AwsAtomic {
             // First, so that `TurnItems`' indices hold in the whole transaction.
             let turn = self
                 .store
-                .user_message_items(&a.user_id, &m.conversation_id, &m.message, fresh)
+                .user_message_items(&a.user_id, &m.conversation_id, &m.message, from)
                 .await?;
             at.turn = Some(turn.turn);
             at._append = Some(turn._append);

@@ -11,8 +11,10 @@
 //! and sends what has waited longer than a setting (30 s), so the job still runs. Workers are
 //! idempotent, so a job sent twice is harmless: the sweep also re-sends a job that is still
 //! waiting in the queue after 30 s (a backlog), marked so that its worker reads the request
-//! rather than trust the job's copy of it, and one of the two runs is dropped as a duplicate
-//! (or, when both start before either settles, the second settlement finds the first's).
+//! rather than trust the job's copy of it. The later of the two runs is dropped when it reads
+//! (or starts) the request finished, or else its settlement finds the first's result and
+//! stores nothing (an instant job's model call is then spent twice). One sweeper claims an
+//! item before sending it, so several worker processes do not each send it.
 //!
 //! Outbox items live in a few partitions per queue (`OUTBOX#{kind}#{shard}`) sorted by when
 //! they are due, so a sweep is a handful of key-range queries, never a scan. A batch records its
@@ -44,7 +46,9 @@ use crate::ids::RequestId;
 use crate::job;
 use crate::memo::Memo;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
-use crate::store::dynamodb::{get_s, key, s, storage, Cancelled, DynamoStore, Item};
+use crate::store::dynamodb::{
+    get_s, is_conditional_failure, key, n, s, storage, Cancelled, DynamoStore, Item,
+};
 use crate::store::Transition;
 use crate::time::now_ms;
 use crate::Result;
@@ -173,6 +177,35 @@ impl AwsAtomic {
         Ok(())
     }
 
+    /// Claims a due outbox item for this sweeper, so that the sweepers of other worker
+    /// processes leave it: false when another holds a fresh claim, or it is gone (its worker
+    /// took the job). A claim goes stale after `sweep_after`, in case its sweeper died.
+    async fn claim(&self, pk: &str, sk: &str) -> Result<bool> {
+        let now = now_ms();
+        let claimed = self
+            .store
+            .client
+            .update_item()
+            .table_name(&self.store.table)
+            .set_key(Some(key(pk, sk)))
+            .update_expression("SET claimed_ms = :now")
+            .condition_expression(
+                "attribute_exists(pk) AND (attribute_not_exists(claimed_ms) OR claimed_ms < :stale)",
+            )
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(
+                ":stale",
+                n(now - self.sweep_after.as_millis() as i64),
+            )
+            .send()
+            .await;
+        match claimed {
+            Ok(_) => Ok(true),
+            Err(e) if is_conditional_failure(&e) => Ok(false),
+            Err(e) => Err(storage("claim an outbox item", e)),
+        }
+    }
+
     fn queue(&self, kind: RequestKind) -> &Arc<dyn Queue> {
         match kind {
             RequestKind::Persona => &self.persona_queue,
@@ -234,6 +267,9 @@ impl Atomic for AwsAtomic {
                 let (Some(sk), Some(raw)) = (get_s(&item, "sk"), get_s(&item, "body")) else {
                     continue;
                 };
+                if !self.claim(&pk, sk).await? {
+                    continue;
+                }
                 let mut outbox: Outbox = serde_json::from_str(raw)?;
                 tracing::warn!(outbox = %sk, jobs = outbox.jobs.len(), "sending jobs an accept left unsent, or their worker has not taken yet");
                 // Marked: the first send may be waiting in the queue still, and its copy of

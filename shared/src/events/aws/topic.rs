@@ -22,9 +22,33 @@ pub(super) struct Announcement {
     pub user_id: String,
     #[serde(default)]
     pub events: Vec<Announced>,
-    /// One event, as instances before grouped announcements sent it (read, never written).
+    /// One event, flat beside `user_id`: how a single event is sent, the form instances
+    /// before grouped announcements read (see `encode`).
     #[serde(default, flatten, skip_serializing)]
     pub single: Option<Announced>,
+}
+
+/// A single event's announcement, as every version reads it.
+#[derive(Serialize)]
+struct Flat<'a> {
+    user_id: &'a str,
+    #[serde(flatten)]
+    event: &'a Announced,
+}
+
+/// An announcement as sent: one event in the flat form every version reads; several in
+/// `events`, which instances before this version drop (so a rolling deploy updates the API,
+/// the readers, before the workers; dropped news reaches streams as a gap at the user's next
+/// event or on reconnect, and long polls on their re-read).
+fn encode(a: &Announcement) -> String {
+    match a.events.as_slice() {
+        [one] => serde_json::to_string(&Flat {
+            user_id: &a.user_id,
+            event: one,
+        }),
+        _ => serde_json::to_string(a),
+    }
+    .unwrap_or_default()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -199,7 +223,6 @@ impl Topic {
 fn announcements(events: &[Published]) -> Vec<String> {
     let mut messages = Vec::new();
     let mut open: Option<Announcement> = None;
-    let encode = |a: &Announcement| serde_json::to_string(a).unwrap_or_default();
     for e in events {
         let event = Announced {
             id: e.id,
@@ -292,6 +315,15 @@ mod tests {
             .map(|m| read(m).into_iter().map(|(_, id)| id).collect())
             .collect();
         assert_eq!(ids, [vec![1], vec![2], vec![4]]);
+    }
+
+    #[test]
+    fn one_event_is_sent_in_the_form_older_instances_read() {
+        let messages = announcements(&[published("a", 4, "x")]);
+        let flat: serde_json::Value = serde_json::from_str(&messages[0]).unwrap();
+        assert_eq!(flat["id"], 4);
+        assert_eq!(flat["name"], "message.delta");
+        assert!(flat.get("events").is_none(), "{flat}");
     }
 
     #[test]

@@ -24,8 +24,8 @@ mod setup;
 /// SQS caps.
 const MAX_BATCH: usize = 10;
 const MAX_WAIT: Duration = Duration::from_secs(20);
-/// Attributes the adapter adds to a dead-lettered copy (SQS allows 10 per message; the API
-/// sets 3).
+/// Attributes the adapter adds to a dead-lettered copy (SQS allows 10 per message; a job has
+/// at most 5: its request and trace ids, its outbox item, the sweep's re-send mark).
 const DLQ_REASON: &str = "dlq_reason";
 const DLQ_RECEIVE_COUNT: &str = "dlq_receive_count";
 

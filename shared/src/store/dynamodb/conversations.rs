@@ -5,10 +5,13 @@
 //! append's transaction, from the turn last seen).
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{ConditionCheck, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{
+    ConditionCheck, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+};
 
 use super::{
     body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
+    Item,
 };
 use crate::domain::{Conversation, Message, Page, Persona, RequestRecord};
 use crate::ids::{ConversationId, MessageId};
@@ -39,8 +42,32 @@ impl TurnItems {
     /// conversation.
     pub const OWNER_AT: usize = 0;
     /// Where the counter's update sits: its failure means the turn taken was stale (another
-    /// accept took it first), and the append is to be built again from a fresh read.
+    /// accept took it first), and the append is to be built again from the counter as the
+    /// refusal returned it.
     pub const COUNTER_AT: usize = 1;
+
+    /// Where to build the next try from, when a transaction holding these items was cancelled
+    /// over the turn: its counter refused the turn (the refusal carries the counter), or
+    /// another transaction on the counter was under way (DynamoDB cancels rather than waits).
+    /// `None` when it was cancelled for another reason.
+    pub(crate) fn retry_from(cancelled: &Cancelled) -> Option<LastTurn> {
+        if cancelled.failed(Some(Self::COUNTER_AT)) {
+            let counter = cancelled.1.get(Self::COUNTER_AT).cloned().flatten();
+            return Some(LastTurn::Refused(counter));
+        }
+        cancelled.conflicted().then_some(LastTurn::Read)
+    }
+}
+
+/// Where an append takes the conversation's last turn from.
+pub(crate) enum LastTurn {
+    /// As this process last saw it (read when it has not, or not lately).
+    Remembered,
+    /// From the table, after a short random pause (another transaction on the counter was
+    /// under way).
+    Read,
+    /// The counter as a refused transaction returned it (read when it returned none).
+    Refused(Option<Item>),
 }
 
 /// How often an append is built again over a turn another accept took first.
@@ -58,32 +85,37 @@ impl DynamoStore {
     /// for the atomic accept, which adds its request and job to the same transaction.
     ///
     /// The turn last seen is remembered per conversation, so a conversation's next message
-    /// costs no read before its transaction; `fresh` reads it (after a transaction refused a
-    /// remembered one).
+    /// costs no read before its transaction; a refused guess is corrected from the counter the
+    /// refusal returns (see [`LastTurn`]).
     pub(crate) async fn user_message_items(
         &self,
         user_id: &str,
         conversation_id: &ConversationId,
         message: &Message,
-        fresh: bool,
+        from: LastTurn,
     ) -> Result<TurnItems> {
         let append = self.appends.lock(conversation_id).await;
         let conv_pk = format!("CONV#{conversation_id}");
-        let remembered = self
-            .heads
-            .get(conversation_id)
-            .filter(|(_, at)| !fresh && at.elapsed() < HEAD_FRESH);
-        let last = match remembered {
-            Some((last, _)) => last,
-            None => {
-                let meta = self.get(&conv_pk, "META").await?;
-                if meta
-                    .as_ref()
-                    .is_some_and(|m| m.contains_key("persona_deleted"))
-                {
-                    return Err(Error::PersonaDeleted);
+        let remembered = match from {
+            LastTurn::Remembered => self
+                .heads
+                .get(conversation_id)
+                .filter(|(_, at)| at.elapsed() < HEAD_FRESH),
+            LastTurn::Read | LastTurn::Refused(_) => None,
+        };
+        let last = match (remembered, from) {
+            (Some((last, _)), _) => last,
+            (None, LastTurn::Refused(Some(counter))) => {
+                self.counter_of(user_id, conversation_id, Some(counter))
+                    .await?
+            }
+            (None, from) => {
+                if matches!(from, LastTurn::Read) {
+                    let pause = rand::random::<u64>() % 50;
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
-                meta.and_then(|m| get_n(&m, "turns")).unwrap_or(0)
+                let meta = self.get(&conv_pk, "META").await?;
+                self.counter_of(user_id, conversation_id, meta).await?
             }
         };
         let turn = last + 1;
@@ -117,6 +149,31 @@ impl DynamoStore {
         })
     }
 
+    /// The last turn a conversation's counter item (`META`) holds: 0 when it has none, and
+    /// `PersonaDeleted` when the conversation is closed (once the conversation is known to be
+    /// the user's: another user's answers `NotFound`, as the append's own check would).
+    async fn counter_of(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        meta: Option<Item>,
+    ) -> Result<i64> {
+        if meta
+            .as_ref()
+            .is_some_and(|m| m.contains_key("persona_deleted"))
+        {
+            let owned = self
+                .get(&user_pk(user_id), &format!("CONV#{conversation_id}"))
+                .await?;
+            return Err(if owned.is_some() {
+                Error::PersonaDeleted
+            } else {
+                Error::NotFound
+            });
+        }
+        Ok(meta.and_then(|m| get_n(&m, "turns")).unwrap_or(0))
+    }
+
     /// The turn counter moved from `last` to the next turn, on condition that it still is at
     /// `last` (absent for a conversation's first message) and that the conversation's persona
     /// was not deleted (a refusal is read again, and then told apart).
@@ -125,7 +182,9 @@ impl DynamoStore {
             .table_name(&self.table)
             .set_key(Some(key(conv_pk, "META")))
             .update_expression("SET turns = :turn")
-            .expression_attribute_values(":turn", n(last + 1));
+            .expression_attribute_values(":turn", n(last + 1))
+            // A refusal returns the counter: the next try needs no read.
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         let counter = if last == 0 {
             counter.condition_expression(
                 "attribute_not_exists(turns) AND attribute_not_exists(persona_deleted)",
@@ -331,13 +390,14 @@ impl ConversationStore for DynamoStore {
         message: &Message,
         request: &RequestRecord,
     ) -> Result<()> {
-        for attempt in 0..TURN_TRIES {
+        let mut from = LastTurn::Remembered;
+        for _ in 0..TURN_TRIES {
             let TurnItems {
                 items,
                 turn,
                 _append,
             } = self
-                .user_message_items(user_id, conversation_id, message, attempt > 0)
+                .user_message_items(user_id, conversation_id, message, from)
                 .await?;
             let sent = self
                 .client
@@ -357,12 +417,9 @@ impl ConversationStore for DynamoStore {
             if cancelled.failed(Some(TurnItems::OWNER_AT)) {
                 return Err(Error::NotFound);
             }
-            if !cancelled.failed(Some(TurnItems::COUNTER_AT)) {
-                return Err(Error::storage_msg(format!(
-                    "add message: cancelled: {:?}",
-                    cancelled.0
-                )));
-            }
+            from = TurnItems::retry_from(&cancelled).ok_or_else(|| {
+                Error::storage_msg(format!("add message: cancelled: {:?}", cancelled.0))
+            })?;
         }
         Err(Error::Conflict(
             "the conversation's turns kept moving; try again".into(),

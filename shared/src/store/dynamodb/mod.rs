@@ -24,7 +24,7 @@ mod idempotency;
 mod personas;
 mod requests;
 
-pub(crate) use conversations::{TurnItems, TURN_TRIES};
+pub(crate) use conversations::{LastTurn, TurnItems, TURN_TRIES};
 pub(crate) use idempotency::stored_answer;
 
 use async_trait::async_trait;
@@ -328,8 +328,9 @@ impl Ping for DynamoStore {
     }
 }
 
-/// Why a transaction was cancelled: a reason code per item, in order.
-pub(crate) struct Cancelled(pub(crate) Vec<Option<String>>);
+/// Why a transaction was cancelled: a reason code per item, in order, and the item as it stood
+/// where one was asked for (`ReturnValuesOnConditionCheckFailure`) and its condition failed.
+pub(crate) struct Cancelled(pub(crate) Vec<Option<String>>, pub(crate) Vec<Option<Item>>);
 
 impl Cancelled {
     /// The reasons of a cancelled transaction; any other error is returned as one.
@@ -342,6 +343,10 @@ impl Cancelled {
                 c.cancellation_reasons()
                     .iter()
                     .map(|r| r.code().map(str::to_owned))
+                    .collect(),
+                c.cancellation_reasons()
+                    .iter()
+                    .map(|r| r.item().cloned())
                     .collect(),
             )),
             _ => Err(storage(op, e)),

@@ -76,9 +76,9 @@ impl PersonaStore for DynamoStore {
             .await
             .map_err(|e| storage("delete", e))?;
         let deleted = out.attributes.is_some_and(|a| !a.is_empty());
-        if deleted {
-            self.close_conversations_of(user_id, persona_id).await?;
-        }
+        // Also when it was gone already: a delete retried after a failure half-way through
+        // marks what the first left unmarked (marking is idempotent).
+        self.close_conversations_of(user_id, persona_id).await?;
         Ok(deleted)
     }
 }
