@@ -679,15 +679,15 @@ fn each_role_is_granted_the_calls_its_code_makes() {
             "sqs:ChangeMessageVisibility",
             "sqs:DeleteMessage",
             "sqs:SendMessage",     // dead letters; the outbox sweep
-            "dynamodb:DeleteItem", // the outbox sweep clears what it sent
+            "dynamodb:DeleteItem", // outbox items: the sweep's and a job's own
             "dynamodb:PutItem",    // results, request states, events
             "dynamodb:Query",      // the outbox sweep
+            "dynamodb:UpdateItem", // the outbox sweep's claim
         ] {
             assert!(worker.contains(action), "{role}: no {action} in {worker:?}");
         }
         // The worker roles used to have these without any code calling them.
         for action in [
-            "dynamodb:UpdateItem",
             "dynamodb:BatchWriteItem",
             "dynamodb:BatchGetItem",
             "dynamodb:ConditionCheckItem",
@@ -733,6 +733,16 @@ fn workers_delete_only_their_own_outbox_items() {
     // queue); a worker sweeps its own kind only.
     let adapters = Adapters::read();
     for (role, sources) in process_sources().into_iter().skip(1) {
+        let updating: BTreeSet<String> = adapters
+            .reached(&sources)
+            .into_iter()
+            .filter(|f| adapters.0[f].0.iter().any(|op| op == "dynamodb:UpdateItem"))
+            .collect();
+        assert_eq!(
+            updating,
+            BTreeSet::from(["claim".to_owned()]),
+            "{role}: a worker updates outbox items only, by the sweep's claim"
+        );
         let deleting: BTreeSet<String> = adapters
             .reached(&sources)
             .into_iter()
@@ -771,8 +781,8 @@ fn workers_delete_only_their_own_outbox_items() {
             "{kind}: deletes not bound to its outbox"
         );
         assert!(
-            deletes[0].contains("Action: dynamodb:DeleteItem\n"),
-            "{kind}: deletes alone"
+            deletes[0].contains("Action: [dynamodb:DeleteItem, dynamodb:UpdateItem]\n"),
+            "{kind}: deletes and the sweep's claims alone"
         );
     }
 }

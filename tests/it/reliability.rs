@@ -317,6 +317,37 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_aga
     assert_eq!(dead_letters(&app, 1).await.len(), 1);
 }
 
+/// A job that kills its worker at once, before it would be marked running, is not redelivered
+/// forever: from its second delivery on, each attempt is counted before the job runs, and once
+/// they are used up the request fails and the message is dead-lettered.
+#[tokio::test]
+async fn a_job_that_kills_its_worker_at_once_is_still_dead_lettered() {
+    let (app, alice, conv) =
+        app(&[("--max-receives", "2"), ("--visibility-timeout-secs", "1")]).await;
+    let request_id = say(&app, &alice, &conv, "Crash me fast").await;
+    for _ in 0..3 {
+        let started = Arc::new(Notify::new());
+        let doomed = app.start_worker(
+            RequestKind::Chat,
+            &with_chat(Arc::new(Hangs(started.clone()))),
+        );
+        tokio::time::timeout(Duration::from_secs(10), started.notified())
+            .await
+            .expect("job started");
+        doomed.abort(); // well within the 250 ms before a job is marked running
+    }
+    let model = Arc::new(Fails {
+        calls: AtomicUsize::new(0),
+        make: || Error::internal_msg("must not run"),
+    });
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let done = app.finished(&alice, &request_id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "max_attempts_exceeded");
+    assert_eq!(model.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(dead_letters(&app, 1).await.len(), 1);
+}
+
 #[tokio::test]
 async fn a_finished_requests_message_that_keeps_coming_back_is_dropped_not_dead_lettered() {
     let (app, alice, conv) = app(&[("--max-receives", "2")]).await;

@@ -103,3 +103,80 @@ impl StartGate {
         *self.written.lock().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use shared::atomic::{Accept, AcceptOutcome, Found, Settle};
+    use shared::domain::{RequestInput, RequestKind, RequestRecord};
+    use shared::Result;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Answers every start with `answer`, counting them.
+    struct Starts {
+        answer: fn(RequestRecord) -> Started,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Atomic for Starts {
+        async fn accept(&self, _: Accept) -> Result<AcceptOutcome> {
+            unreachable!("not used by the gate")
+        }
+        async fn look(&self, _: &str, _: &RequestId, _: Option<&RequestRecord>) -> Result<Found> {
+            unreachable!("not used by the gate")
+        }
+        async fn start(&self, _: &str, _: &RequestId) -> Result<Started> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let record = RequestRecord::new(
+                RequestKind::Chat,
+                RequestInput::Persona { prompt: "p".into() },
+                None,
+            );
+            Ok((self.answer)(record))
+        }
+        async fn settle(&self, _: &Delivery, _: Settle) -> Result<Option<RequestRecord>> {
+            unreachable!("not used by the gate")
+        }
+    }
+
+    fn gate(answer: fn(RequestRecord) -> Started) -> (StartGate, Arc<Starts>) {
+        let atomic = Arc::new(Starts {
+            answer,
+            calls: AtomicUsize::new(0),
+        });
+        let delivery = Delivery {
+            message_id: "m".into(),
+            receipt: "r".into(),
+            body: String::new(),
+            attributes: Default::default(),
+            receive_count: 1,
+        };
+        let gate = StartGate::new(atomic.clone(), &delivery, "alice", &"req_1".into());
+        (gate, atomic)
+    }
+
+    #[tokio::test]
+    async fn a_start_is_written_once_whoever_asks() {
+        let (gate, atomic) = gate(Started::Running);
+        gate.ensure().await;
+        gate.ensure().await;
+        assert!(gate.written().await);
+        assert!(!gate.is_superseded());
+        assert_eq!(atomic.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_start_that_finds_the_request_finished_stops_the_job() {
+        let (gate, atomic) = gate(Started::Finished);
+        gate.ensure().await;
+        assert!(gate.is_superseded());
+        assert!(!gate.written().await, "the settlement is not to count it");
+        tokio::time::timeout(std::time::Duration::from_secs(1), gate.superseded())
+            .await
+            .expect("the job is told to stop");
+        gate.ensure().await;
+        assert_eq!(atomic.calls.load(Ordering::SeqCst), 1, "not tried again");
+    }
+}

@@ -9,8 +9,8 @@ use crate::atomic::{Accept, AcceptOutcome, Answer};
 use crate::error::Report;
 use crate::job;
 use crate::store::dynamodb::{
-    key, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore, LastTurn, TurnItems,
-    TURN_TRIES,
+    before_try, key, n, put_if_absent, s, storage, stored_answer, user_pk, DynamoStore, LastTurn,
+    TurnItems, TURN_TRIES,
 };
 use crate::time::now_ms;
 use crate::{Error, Result};
@@ -43,7 +43,8 @@ impl AwsAtomic {
         // A chat turn's number is the conversation's last turn as this process last saw it,
         // checked by the transaction: when another accept took it first, build again.
         let mut from = LastTurn::Remembered;
-        for _ in 0..TURN_TRIES {
+        for attempt in 0..TURN_TRIES {
+            before_try(attempt).await;
             let (items, mut at) = self.accept_items(&a, &outbox, now, from).await?;
             let outcome = self.transact(items, "accept").await?;
             // The next append to the conversation need not wait for the send or a replay.

@@ -63,15 +63,27 @@ impl TurnItems {
 pub(crate) enum LastTurn {
     /// As this process last saw it (read when it has not, or not lately).
     Remembered,
-    /// From the table, after a short random pause (another transaction on the counter was
-    /// under way).
+    /// From the table (another transaction on the counter was under way).
     Read,
     /// The counter as a refused transaction returned it (read when it returned none).
     Refused(Option<Item>),
 }
 
 /// How often an append is built again over a turn another accept took first.
-pub(crate) const TURN_TRIES: usize = 5;
+pub(crate) const TURN_TRIES: u32 = 8;
+
+/// The pause before try `attempt` (from 0) of an append: none for the first two (most
+/// refusals are a remembered turn gone stale), then a random share of a window that doubles,
+/// so that two processes appending to one conversation in step fall out of step.
+pub(crate) async fn before_try(attempt: u32) {
+    if attempt >= 2 {
+        let window = 10u64 << attempt.min(6);
+        tokio::time::sleep(std::time::Duration::from_millis(
+            rand::random::<u64>() % window,
+        ))
+        .await;
+    }
+}
 /// How long the last turn seen is trusted: a chat's quick follow-ups, likely through the same
 /// instance, skip the read; a turn after a pause reads the counter instead of betting on a
 /// guess that another instance may have moved (a stale guess costs a refused transaction).
@@ -109,11 +121,7 @@ impl DynamoStore {
                 self.counter_of(user_id, conversation_id, Some(counter))
                     .await?
             }
-            (None, from) => {
-                if matches!(from, LastTurn::Read) {
-                    let pause = rand::random::<u64>() % 50;
-                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-                }
+            (None, _) => {
                 let meta = self.get(&conv_pk, "META").await?;
                 self.counter_of(user_id, conversation_id, meta).await?
             }
@@ -391,7 +399,8 @@ impl ConversationStore for DynamoStore {
         request: &RequestRecord,
     ) -> Result<()> {
         let mut from = LastTurn::Remembered;
-        for _ in 0..TURN_TRIES {
+        for attempt in 0..TURN_TRIES {
+            before_try(attempt).await;
             let TurnItems {
                 items,
                 turn,

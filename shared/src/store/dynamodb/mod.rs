@@ -24,7 +24,7 @@ mod idempotency;
 mod personas;
 mod requests;
 
-pub(crate) use conversations::{LastTurn, TurnItems, TURN_TRIES};
+pub(crate) use conversations::{before_try, LastTurn, TurnItems, TURN_TRIES};
 pub(crate) use idempotency::stored_answer;
 
 use async_trait::async_trait;
