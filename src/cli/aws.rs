@@ -35,11 +35,12 @@ pub struct AwsSettings {
         default_value = "characterbot-persona"
     )]
     pub persona_queue: String,
-    /// SQS queue of chat jobs (its dead-letter queue is `<name>-dlq`).
+    /// SQS queue of chat jobs: FIFO (a `.fifo` name), so that a conversation's turns are
+    /// answered in order (its dead-letter queue is `<name>-dlq.fifo`).
     #[arg(
         long,
         env = "CHARACTERBOT_AWS_CHAT_QUEUE",
-        default_value = "characterbot-chat"
+        default_value = "characterbot-chat.fifo"
     )]
     pub chat_queue: String,
     /// SNS topic that events are announced on, by name or ARN (the template passes the ARN;

@@ -78,7 +78,7 @@ async fn aws() -> Subject {
             .unwrap(),
     );
     let chat_queue: Arc<dyn Queue> = Arc::new(
-        SqsQueue::ensure(sqs, "chat", &format!("chat-{run}"), 10)
+        SqsQueue::ensure(sqs, "chat", &format!("chat-{run}.fifo"), 10)
             .await
             .unwrap(),
     );

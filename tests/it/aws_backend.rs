@@ -46,7 +46,7 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
         ("AWS_SECRET_ACCESS_KEY", "testing".into()),
         ("CHARACTERBOT_AWS_TABLE", format!("cb-{run}")),
         ("CHARACTERBOT_AWS_PERSONA_QUEUE", format!("persona-{run}")),
-        ("CHARACTERBOT_AWS_CHAT_QUEUE", format!("chat-{run}")),
+        ("CHARACTERBOT_AWS_CHAT_QUEUE", format!("chat-{run}.fifo")),
         ("CHARACTERBOT_COGNITO_USER_POOL_ID", pool_id.clone()),
         ("CHARACTERBOT_COGNITO_CLIENT_ID", client_id.clone()),
         (

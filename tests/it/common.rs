@@ -462,7 +462,7 @@ async fn aws_backend_args() -> Vec<String> {
         ("--backend", "aws".to_string()),
         ("--table", format!("characterbot-{run}")),
         ("--persona-queue", format!("persona-{run}")),
-        ("--chat-queue", format!("chat-{run}")),
+        ("--chat-queue", format!("chat-{run}.fifo")),
         // A topic and inbox names of its own: inbox clean-up never meets another test's.
         ("--events-topic", format!("events-{run}")),
         ("--inbox-prefix", format!("inbox-{run}-")),
@@ -488,7 +488,7 @@ pub fn aws_process_env(endpoint: &str, run: &str, pool: &CognitoPool) -> Vec<(St
         ("AWS_SECRET_ACCESS_KEY", "testing".into()),
         ("CHARACTERBOT_AWS_TABLE", format!("drill-{run}")),
         ("CHARACTERBOT_AWS_PERSONA_QUEUE", format!("persona-{run}")),
-        ("CHARACTERBOT_AWS_CHAT_QUEUE", format!("chat-{run}")),
+        ("CHARACTERBOT_AWS_CHAT_QUEUE", format!("chat-{run}.fifo")),
         ("CHARACTERBOT_AWS_EVENTS_TOPIC", format!("events-{run}")),
         ("CHARACTERBOT_AWS_INBOX_PREFIX", format!("inbox-{run}-")),
         ("CHARACTERBOT_COGNITO_USER_POOL_ID", pool.pool_id.clone()),

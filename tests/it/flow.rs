@@ -403,3 +403,57 @@ async fn a_deleted_personas_conversation_stays_readable_on_aws() {
     )
     .await;
 }
+
+/// Messages sent back to back are answered one at a time, in the order accepted: each reply
+/// sees the replies before it (the model takes a while, so that unordered jobs would overlap).
+async fn a_conversations_turns_are_answered_in_order(app: TestApp) {
+    let alice = app.user("alice").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let path = format!("/v1/conversations/{conv}/messages");
+    let texts = ["First", "Second", "Third"];
+    let mut ids = Vec::new();
+    for text in texts {
+        let (status, accepted) = app
+            .post(Some(&alice.token), &path, json!({ "text": text }))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        ids.push(accepted["request_id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        let done = app.finished(&alice, id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    let history = app.messages(&alice, &conv).await;
+    let said: Vec<&str> = history
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(said.len(), 6, "{said:?}");
+    assert_eq!([said[0], said[2], said[4]], texts);
+    assert!(said[1].contains("start of our conversation"), "{}", said[1]);
+    assert!(said[3].contains("exchanged 2 messages"), "{}", said[3]);
+    assert!(said[5].contains("exchanged 4 messages"), "{}", said[5]);
+}
+
+#[tokio::test]
+async fn a_conversations_turns_are_answered_in_order_on_the_embedded_default() {
+    a_conversations_turns_are_answered_in_order(
+        TestApp::builder()
+            .arg("--offline-delay-ms", "300")
+            .start()
+            .await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_conversations_turns_are_answered_in_order_on_aws() {
+    a_conversations_turns_are_answered_in_order(
+        TestApp::builder()
+            .on_aws()
+            .arg("--offline-delay-ms", "300")
+            .start()
+            .await,
+    )
+    .await;
+}

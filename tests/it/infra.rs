@@ -276,11 +276,21 @@ fn refresh_tokens_rotate_as_the_api_renews_them() {
 
 #[test]
 fn names_and_password_rules_follow_the_code() {
-    for kind in ["persona", "chat"] {
-        // `SqsQueue::connect` finds the dead-letter queue as `<queue name>-dlq`.
-        assert!(TEMPLATE.contains(&format!("QueueName: !Sub ${{AWS::StackName}}-{kind}\n")));
-        assert!(TEMPLATE.contains(&format!("QueueName: !Sub ${{AWS::StackName}}-{kind}-dlq\n")));
+    // `SqsQueue::connect` finds the dead-letter queue by `dead_letter_name`; the chat queue is
+    // FIFO (its name ends `.fifo`, which is what makes the adapter send groups).
+    for (kind, name) in [("persona", "persona"), ("chat", "chat.fifo")] {
+        let queue = format!("${{AWS::StackName}}-{name}");
+        assert!(
+            TEMPLATE.contains(&format!("QueueName: !Sub {queue}\n")),
+            "{kind}"
+        );
+        let dead = shared::queue::sqs::dead_letter_name(&queue);
+        assert!(
+            TEMPLATE.contains(&format!("QueueName: !Sub {dead}\n")),
+            "{kind}"
+        );
     }
+    assert!(TEMPLATE.contains("FifoQueue: true\n      ContentBasedDeduplication: true\n"));
     // A password the embedded issuer takes, Cognito takes too.
     assert!(TEMPLATE.contains(&format!(
         "MinimumLength: {}\n",
@@ -627,6 +637,7 @@ fn iam_actions(operations: &BTreeSet<String>) -> BTreeSet<String> {
             "dynamodb:TransactWriteItems" => None,
             "sqs:SendMessageBatch" => Some("sqs:SendMessage".to_owned()),
             "sqs:DeleteMessageBatch" => Some("sqs:DeleteMessage".to_owned()),
+            "sqs:ChangeMessageVisibilityBatch" => Some("sqs:ChangeMessageVisibility".to_owned()),
             "sns:PublishBatch" => Some("sns:Publish".to_owned()),
             _ => Some(op.trim_start_matches("item:").to_owned()),
         })

@@ -193,3 +193,77 @@ contract!(
     a_long_poll_returns_when_a_message_arrives,
     attributes_travel_with_the_message_and_into_the_dead_letters,
 );
+
+async fn sqs_fifo() -> Subject {
+    let client = aws_sdk_sqs::Client::from_conf(common::aws_test_config().await);
+    let name = format!("contract-{}.fifo", uuid::Uuid::new_v4().simple());
+    let queue = SqsQueue::ensure(client, "contract", &name, 10)
+        .await
+        .unwrap();
+    Subject {
+        queue: Arc::new(queue),
+        _dir: None,
+    }
+}
+
+/// A group's messages (a conversation's turns) come one at a time, in the order sent: the next
+/// only once the one before is deleted; a message waiting for a retry holds its group back;
+/// other groups and messages without one are not held back.
+async fn messages_of_a_group_come_one_at_a_time_in_order(s: Subject) {
+    let q = s.queue.as_ref();
+    let sent: Vec<Outgoing> = ["a1", "a2", "a3"]
+        .iter()
+        .map(|b| Outgoing::new(*b).in_group("a"))
+        .chain([Outgoing::new("b1").in_group("b"), Outgoing::new("none")])
+        .collect();
+    for m in &sent {
+        // One at a time, so that the order sent is the order of the sends.
+        q.send(std::slice::from_ref(m)).await.unwrap();
+    }
+    let bodies = |ds: &[shared::queue::Delivery]| {
+        let mut b: Vec<String> = ds.iter().map(|d| d.body.clone()).collect();
+        b.sort();
+        b
+    };
+    let first = receive_n(q, 3, Duration::from_secs(5)).await;
+    assert_eq!(bodies(&first), ["a1", "b1", "none"]);
+    let more = q
+        .receive(10, Duration::from_secs(30), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(
+        more.is_empty(),
+        "a1 in flight holds a2 back: {:?}",
+        bodies(&more)
+    );
+
+    // a1 goes back for a retry later: still in flight, still holding the group.
+    let a1 = first.iter().find(|d| d.body == "a1").unwrap();
+    q.change_visibility(&a1.receipt, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let again = receive_n(q, 1, Duration::from_secs(10)).await;
+    assert_eq!(bodies(&again), ["a1"], "the retry comes first");
+    q.delete(&again[0].receipt).await.unwrap();
+    let next = receive_n(q, 1, Duration::from_secs(10)).await;
+    assert_eq!(bodies(&next), ["a2"]);
+    q.delete(&next[0].receipt).await.unwrap();
+    let last = receive_n(q, 1, Duration::from_secs(10)).await;
+    assert_eq!(bodies(&last), ["a3"]);
+}
+
+contract!(
+    sqs_fifo_queue => sqs_fifo;
+    a_received_message_is_hidden_then_reappears_counted,
+    visibility_can_be_extended_and_released,
+    dead_letters_keep_body_reason_and_count,
+    many_messages_round_trip_exactly_once,
+    a_long_poll_returns_when_a_message_arrives,
+    attributes_travel_with_the_message_and_into_the_dead_letters,
+    messages_of_a_group_come_one_at_a_time_in_order,
+);
+
+contract!(
+    embedded_groups => embedded;
+    messages_of_a_group_come_one_at_a_time_in_order,
+);

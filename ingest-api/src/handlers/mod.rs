@@ -12,7 +12,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::atomic::{Accept, AcceptOutcome, Answer};
-use shared::domain::{RequestKind, RequestRecord, RequestStatus};
+use shared::domain::{RequestInput, RequestKind, RequestRecord, RequestStatus};
 use shared::ids::RequestId;
 use shared::job::{Job, TraceContext};
 use shared::queue::Outgoing;
@@ -87,7 +87,7 @@ pub fn check_text(
 
 /// The queue message of a request's job, traced to this call.
 pub fn job_for(user_id: &str, request: &RequestRecord, trace: &Trace) -> Outgoing {
-    Job {
+    let job = Job {
         request_id: request.request_id.clone(),
         user_id: user_id.to_owned(),
         kind: request.kind,
@@ -97,7 +97,15 @@ pub fn job_for(user_id: &str, request: &RequestRecord, trace: &Trace) -> Outgoin
         },
         accepted: Some(request.clone()),
     }
-    .encode()
+    .encode();
+    // A conversation's turns are answered one at a time, in the order accepted: each reply
+    // sees the one before it (see `shared::queue`).
+    match &request.input {
+        RequestInput::Chat {
+            conversation_id, ..
+        } => job.in_group(conversation_id.as_str()),
+        RequestInput::Persona { .. } => job,
+    }
 }
 
 /// Accepts work in one step (records, jobs and the idempotency key's answer: see

@@ -235,7 +235,8 @@ impl Atomic for SqliteAtomic {
             })
             .await?;
         self.events.wake();
-        if matches!(ack, Ack::Retry { delay } if delay.is_zero()) {
+        // Handed back now, or gone: itself, or the next message of its group, may be taken.
+        if !matches!(ack, Ack::Retry { delay } if !delay.is_zero()) {
             self.queue(kind).wake();
         }
         Ok(record)

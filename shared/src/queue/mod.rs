@@ -7,6 +7,11 @@
 //!   delivered again — the embedded queue deletes nothing; SQS may still delete. The consume loop
 //!   relies on neither: every effect is idempotent.
 //! - `dead_letter` moves a message out of the way for good; the consume loop decides when.
+//! - Messages of one *group* (a conversation's chat turns) are handed out one at a time, in the
+//!   order sent: the next is received only once the one before is deleted or dead-lettered (a
+//!   message waiting for a retry holds its group back). Messages without a group, and other
+//!   groups, are not held back. On AWS this is an SQS FIFO queue (`.fifo` names) with the group
+//!   as `MessageGroupId`; the embedded queue does the same in its receive.
 //!
 //! Delivery is at least once: consumers must make their effects idempotent.
 
@@ -29,6 +34,8 @@ pub type Attributes = BTreeMap<String, String>;
 pub struct Outgoing {
     pub body: String,
     pub attributes: Attributes,
+    /// The message's group: messages of one group are received one at a time, in order.
+    pub group: Option<String>,
 }
 
 impl Outgoing {
@@ -36,7 +43,14 @@ impl Outgoing {
         Outgoing {
             body: body.into(),
             attributes: Attributes::new(),
+            group: None,
         }
+    }
+
+    /// Puts the message in `group` (see the module).
+    pub fn in_group(mut self, group: impl Into<String>) -> Outgoing {
+        self.group = Some(group.into());
+        self
     }
 
     pub fn with(mut self, name: &str, value: impl Into<String>) -> Outgoing {

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,18 +30,37 @@ fn decode_attributes(json: &str) -> Attributes {
     serde_json::from_str(json).unwrap_or_default()
 }
 
+/// Which messages (`m`) of queue `?1` a receive may take at `?2` (ms): visible, and, in a group,
+/// the group's oldest, with none of the group in flight or waiting for a retry (see the port).
+const READY: &str = "m.queue = ?1 AND m.visible_ms <= ?2
+    AND (m.group_id IS NULL OR NOT EXISTS (
+        SELECT 1 FROM queue_messages o
+        WHERE o.queue = m.queue AND o.group_id = m.group_id AND o.id <> m.id
+          AND (o.visible_ms > ?2 OR o.sent_ms < m.sent_ms
+               OR (o.sent_ms = m.sent_ms AND o.id < m.id))))";
+
+static READY_EXISTS: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT EXISTS (SELECT 1 FROM queue_messages m WHERE {READY})"));
+/// The first `?3` ready messages, oldest first.
+static READY_FIRST: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT id, body, receive_count, attributes FROM queue_messages m
+         WHERE {READY} ORDER BY visible_ms, sent_ms LIMIT ?3"
+    )
+});
+
 /// The writes below run inside a caller's write (see [`crate::sqlite::Db::write`]), so the
 /// queue's own methods and the atomic accept/settle of [`crate::atomic::sqlite`] share them.
 pub(crate) fn enqueue_in(c: &Connection, queue: &str, messages: &[Outgoing]) -> Result<()> {
     let now = now_ms();
     let mut insert = c.prepare_cached(
-        "INSERT INTO queue_messages (id, queue, body, attributes, visible_ms, sent_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+        "INSERT INTO queue_messages (id, queue, body, attributes, visible_ms, sent_ms, group_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
     )?;
     for m in messages {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let attributes = serde_json::to_string(&m.attributes)?;
-        insert.execute(params![id, queue, m.body, attributes, now])?;
+        insert.execute(params![id, queue, m.body, attributes, now, m.group])?;
     }
     Ok(())
 }
@@ -137,10 +157,8 @@ impl SqliteQueue {
         // queue up behind (or hold up) the API's writes.
         let ready = self.backlog.load(Ordering::Relaxed)
             || self.db.read_here(|c| {
-                Ok(c.prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM queue_messages WHERE queue = ?1 AND visible_ms <= ?2)",
-                )?
-                .query_row(params![self.name, now_ms()], |r| r.get::<_, bool>(0))?)
+                Ok(c.prepare_cached(&READY_EXISTS)?
+                    .query_row(params![self.name, now_ms()], |r| r.get::<_, bool>(0))?)
             })?;
         if !ready {
             return Ok(Vec::new());
@@ -150,11 +168,7 @@ impl SqliteQueue {
         self.db
             .write_relaxed(move |tx| {
                 let now = now_ms();
-                let mut select = tx.prepare_cached(
-                    "SELECT id, body, receive_count, attributes FROM queue_messages
-                     WHERE queue = ?1 AND visible_ms <= ?2
-                     ORDER BY visible_ms, sent_ms LIMIT ?3",
-                )?;
+                let mut select = tx.prepare_cached(&READY_FIRST)?;
                 let rows = select
                     .query_map(params![queue, now, max as i64], |r| {
                         Ok((
@@ -227,7 +241,12 @@ impl Queue for SqliteQueue {
 
     async fn delete(&self, receipt: &str) -> Result<()> {
         let receipt = receipt.to_owned();
-        self.db.write_relaxed(move |c| delete_in(c, &receipt)).await
+        self.db
+            .write_relaxed(move |c| delete_in(c, &receipt))
+            .await?;
+        // The next message of its group may be taken now.
+        self.wake();
+        Ok(())
     }
 
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> Result<()> {

@@ -134,6 +134,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 5: the persona a conversation began with (JSON): the model answers from it, and it
     // outlives the persona. NULL for conversations made before (they read the live persona).
     "ALTER TABLE conversations ADD COLUMN persona TEXT;",
+    // 6: message groups (a conversation's chat turns): received one at a time, in order.
+    "ALTER TABLE queue_messages ADD COLUMN group_id TEXT;
+     CREATE INDEX IF NOT EXISTS queue_by_group ON queue_messages (queue, group_id, sent_ms)
+         WHERE group_id IS NOT NULL;",
 ];
 
 fn migrate(c: &Connection) -> Result<()> {

@@ -166,6 +166,7 @@ impl AwsAtomic {
                     OutboxJob {
                         body: j.body,
                         attributes: j.attributes,
+                        group: j.group,
                     }
                 })
                 .collect(),

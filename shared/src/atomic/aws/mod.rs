@@ -107,6 +107,8 @@ struct Outbox {
 struct OutboxJob {
     body: String,
     attributes: Attributes,
+    #[serde(default)]
+    group: Option<String>,
 }
 
 fn outbox_pk(kind: RequestKind, shard: u64) -> String {
@@ -157,6 +159,7 @@ impl AwsAtomic {
             .map(|j| Outgoing {
                 body: j.body,
                 attributes: j.attributes,
+                group: j.group,
             })
             .collect();
         // SQS takes at most 10 messages per call.

@@ -1,4 +1,7 @@
-//! The queue on Amazon SQS: one standard queue per kind, each with its dead-letter queue.
+//! The queue on Amazon SQS: one queue per kind, each with its dead-letter queue. A queue whose
+//! name ends `.fifo` (chat jobs) is a FIFO queue: a message's group is its `MessageGroupId`,
+//! and a receive keeps only the first message of each group (SQS may return several of one
+//! group; the rest are handed back at once), so a group goes one message at a time.
 //!
 //! SQS gives the semantics the port describes natively (visibility timeout, receive count,
 //! receipts); this adapter maps names and limits: batches of at most 10, long polls of at most
@@ -11,12 +14,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{
-    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
-    SendMessageBatchRequestEntry,
+    ChangeMessageVisibilityBatchRequestEntry, Message, MessageAttributeValue,
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 use super::{Attributes, DeadLetter, Delivery, Outgoing, Queue, QueueStats};
+use crate::error::Report;
 use crate::{Error, Result};
 
 mod setup;
@@ -34,6 +38,23 @@ pub struct SqsQueue {
     name: String,
     url: String,
     dlq_url: String,
+    /// A FIFO queue (its name ends `.fifo`): messages carry their group, and are deduplicated
+    /// by their body for five minutes, so the outbox sweep's re-send of a job still waiting in
+    /// the queue is dropped by SQS itself.
+    fifo: bool,
+}
+
+/// Whether a queue name or URL is a FIFO queue's.
+fn is_fifo(name: &str) -> bool {
+    name.ends_with(".fifo")
+}
+
+/// The name of a queue's dead-letter queue: `<name>-dlq`, before the `.fifo` of a FIFO queue.
+pub fn dead_letter_name(name: &str) -> String {
+    match name.strip_suffix(".fifo") {
+        Some(base) => format!("{base}-dlq.fifo"),
+        None => format!("{name}-dlq"),
+    }
 }
 
 fn queue_error(op: &str, e: impl Into<crate::error::BoxError>) -> Error {
@@ -52,6 +73,49 @@ impl SqsQueue {
     /// entries failed. Entries that failed on SQS's side (`SenderFault: false`: throttling, an
     /// internal error) are sent again, with jittered exponential back-off, a few times; an
     /// entry refused as the sender's fault (too large, bad attributes) fails at once.
+    /// The first message of each group of a FIFO receive; the others are handed back at once.
+    /// SQS may return several messages of one group in one receive (in order, and holds the
+    /// group back until all are deleted); the port hands a group out one at a time, so that a
+    /// conversation's second turn is answered only after its first. What is handed back comes
+    /// again once the first is deleted (its receive count one higher).
+    async fn first_of_each_group(&self, messages: Vec<Message>) -> Vec<Message> {
+        let mut seen = std::collections::HashSet::new();
+        let (first, rest): (Vec<Message>, Vec<Message>) = messages.into_iter().partition(|m| {
+            let group = m
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
+                .cloned();
+            group.is_none_or(|g| seen.insert(g))
+        });
+        let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = rest
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .set_receipt_handle(m.receipt_handle.clone())
+                    .visibility_timeout(0)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        if !entries.is_empty() {
+            let released = self
+                .client
+                .change_message_visibility_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+            if let Err(e) = released {
+                // They come back after their visibility timeout instead.
+                tracing::warn!(error = %Report(&queue_error("hand back", e)), "could not hand back the later messages of a group");
+            }
+        }
+        first
+    }
+
     async fn send_chunk(&self, chunk: &[Outgoing]) -> Result<()> {
         let mut pending: Vec<usize> = (0..chunk.len()).collect();
         let mut pauses = ExponentialBuilder::default()
@@ -85,10 +149,17 @@ impl SqsQueue {
             .iter()
             .map(|&i| {
                 let m = &chunk[i];
+                // A message without a group is a group of its own: nothing holds it back.
+                let group = self.fifo.then(|| {
+                    m.group
+                        .clone()
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+                });
                 SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
                     .message_body(&m.body)
                     .set_message_attributes(Some(to_sqs(&m.attributes)?))
+                    .set_message_group_id(group)
                     .build()
                     .map_err(|e| Error::queue("sqs message entry", e))
             })
@@ -209,13 +280,16 @@ impl Queue for SqsQueue {
             .visibility_timeout(secs(visibility))
             .wait_time_seconds(wait.min(MAX_WAIT).as_secs() as i32)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .message_attribute_names("All")
             .send()
             .await
             .map_err(|e| queue_error("receive", e))?;
-        Ok(out
-            .messages
-            .unwrap_or_default()
+        let mut messages = out.messages.unwrap_or_default();
+        if self.fifo {
+            messages = self.first_of_each_group(messages).await;
+        }
+        Ok(messages
             .into_iter()
             .map(|m| Delivery {
                 receive_count: m
@@ -268,6 +342,9 @@ impl Queue for SqsQueue {
                 DLQ_RECEIVE_COUNT,
                 string_attribute(&delivery.receive_count.to_string())?,
             )
+            // A FIFO dead-letter queue: each dead letter a group of its own.
+            .set_message_group_id(self.fifo.then(|| delivery.message_id.clone()))
+            .set_message_deduplication_id(self.fifo.then(|| delivery.message_id.clone()))
             .send()
             .await
             .map_err(|e| queue_error("dead-letter", e))?;

@@ -6,27 +6,29 @@ use std::collections::HashMap;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use super::{queue_error, SqsQueue};
+use super::{dead_letter_name, is_fifo, queue_error, SqsQueue};
 use crate::Result;
 
 impl SqsQueue {
-    /// Creates (or finds) the queue `name` and its dead-letter queue `name-dlq`, with a redrive
-    /// policy of `redrive_after` receives, and returns the adapter.
+    /// Creates (or finds) the queue `name` and its dead-letter queue (see
+    /// [`dead_letter_name`]), with a redrive policy of `redrive_after` receives, and returns the
+    /// adapter. A `.fifo` name makes FIFO queues: groups kept in order, deduplicated by body,
+    /// with the throughput of one group at a time per conversation, not per queue.
     pub async fn ensure(
         client: aws_sdk_sqs::Client,
         kind: &str,
         name: &str,
         redrive_after: u32,
     ) -> Result<SqsQueue> {
-        let dlq_url = create_or_update(
-            &client,
-            &format!("{name}-dlq"),
-            HashMap::from([
-                (QueueAttributeName::MessageRetentionPeriod, "1209600".into()),
-                (QueueAttributeName::SqsManagedSseEnabled, "true".into()),
-            ]),
-        )
-        .await?;
+        let fifo = is_fifo(name);
+        let mut dlq_attributes = HashMap::from([
+            (QueueAttributeName::MessageRetentionPeriod, "1209600".into()),
+            (QueueAttributeName::SqsManagedSseEnabled, "true".into()),
+        ]);
+        if fifo {
+            dlq_attributes.insert(QueueAttributeName::FifoQueue, "true".into());
+        }
+        let dlq_url = create_or_update(&client, &dead_letter_name(name), dlq_attributes).await?;
         let dlq_arn = client
             .get_queue_attributes()
             .queue_url(&dlq_url)
@@ -41,20 +43,31 @@ impl SqsQueue {
             "deadLetterTargetArn": dlq_arn,
             "maxReceiveCount": redrive_after.to_string(),
         });
-        let url = create_or_update(
-            &client,
-            name,
-            HashMap::from([
-                (QueueAttributeName::RedrivePolicy, redrive.to_string()),
-                (QueueAttributeName::SqsManagedSseEnabled, "true".into()),
-            ]),
-        )
-        .await?;
+        let mut attributes = HashMap::from([
+            (QueueAttributeName::RedrivePolicy, redrive.to_string()),
+            (QueueAttributeName::SqsManagedSseEnabled, "true".into()),
+        ]);
+        if fifo {
+            attributes.extend([
+                (QueueAttributeName::FifoQueue, "true".into()),
+                (QueueAttributeName::ContentBasedDeduplication, "true".into()),
+                (
+                    QueueAttributeName::DeduplicationScope,
+                    "messageGroup".into(),
+                ),
+                (
+                    QueueAttributeName::FifoThroughputLimit,
+                    "perMessageGroupId".into(),
+                ),
+            ]);
+        }
+        let url = create_or_update(&client, name, attributes).await?;
         Ok(SqsQueue {
             client,
             name: kind.to_owned(),
             url,
             dlq_url,
+            fifo,
         })
     }
 
@@ -73,12 +86,13 @@ impl SqsQueue {
             }
         };
         let url = url_of(name.to_owned()).await?;
-        let dlq_url = url_of(format!("{name}-dlq")).await?;
+        let dlq_url = url_of(dead_letter_name(name)).await?;
         Ok(SqsQueue {
             client,
             name: kind.to_owned(),
             url,
             dlq_url,
+            fifo: is_fifo(name),
         })
     }
 }
@@ -111,6 +125,9 @@ async fn create_or_update(
                 .map_err(|e| queue_error(&format!("find queue {name}"), e))?
                 .queue_url
                 .unwrap_or_default();
+            // Whether a queue is FIFO is fixed when it is made.
+            let mut attributes = attributes;
+            attributes.remove(&QueueAttributeName::FifoQueue);
             client
                 .set_queue_attributes()
                 .queue_url(&url)
