@@ -129,6 +129,7 @@ mod tests {
             body: message.body,
             attributes: message.attributes,
             receive_count: 1,
+            group: None,
         }
     }
 

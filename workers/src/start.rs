@@ -152,6 +152,7 @@ mod tests {
             body: String::new(),
             attributes: Default::default(),
             receive_count: 1,
+            group: None,
         };
         let gate = StartGate::new(atomic.clone(), &delivery, "alice", &"req_1".into());
         (gate, atomic)

@@ -235,8 +235,12 @@ impl Atomic for SqliteAtomic {
             })
             .await?;
         self.events.wake();
-        // Handed back now, or gone: itself, or the next message of its group, may be taken.
-        if !matches!(ack, Ack::Retry { delay } if !delay.is_zero()) {
+        // Handed back now: it may be taken again; gone: the next message of its group may be.
+        let next = match ack {
+            Ack::Retry { delay } => delay.is_zero(),
+            Ack::Delete | Ack::DeadLetter { .. } => delivery.group.is_some(),
+        };
+        if next {
             self.queue(kind).wake();
         }
         Ok(record)

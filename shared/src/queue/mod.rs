@@ -81,6 +81,8 @@ pub struct Delivery {
     pub attributes: Attributes,
     /// How many times the message has been delivered, this delivery included.
     pub receive_count: u32,
+    /// The message's group, if it has one (see the module).
+    pub group: Option<String>,
 }
 
 /// Depths of a queue, for metrics and readiness.

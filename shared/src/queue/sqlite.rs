@@ -44,7 +44,7 @@ static READY_EXISTS: LazyLock<String> =
 /// The first `?3` ready messages, oldest first.
 static READY_FIRST: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT id, body, receive_count, attributes FROM queue_messages m
+        "SELECT id, body, receive_count, attributes, group_id FROM queue_messages m
          WHERE {READY} ORDER BY visible_ms, sent_ms LIMIT ?3"
     )
 });
@@ -176,6 +176,7 @@ impl SqliteQueue {
                             r.get::<_, String>(1)?,
                             r.get::<_, u32>(2)?,
                             r.get::<_, String>(3)?,
+                            r.get::<_, Option<String>>(4)?,
                         ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
@@ -185,7 +186,7 @@ impl SqliteQueue {
                      WHERE id = ?1",
                 )?;
                 let mut out = Vec::with_capacity(rows.len());
-                for (id, body, count, attributes) in rows {
+                for (id, body, count, attributes, group) in rows {
                     let receipt = uuid::Uuid::new_v4().simple().to_string();
                     claim.execute(params![id, now + hide_ms, receipt])?;
                     out.push(Delivery {
@@ -194,6 +195,7 @@ impl SqliteQueue {
                         body,
                         attributes: decode_attributes(&attributes),
                         receive_count: count + 1,
+                        group,
                     });
                 }
                 Ok(out)

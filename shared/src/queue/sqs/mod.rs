@@ -292,6 +292,11 @@ impl Queue for SqsQueue {
         Ok(messages
             .into_iter()
             .map(|m| Delivery {
+                group: m
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
+                    .cloned(),
                 receive_count: m
                     .attributes
                     .as_ref()
