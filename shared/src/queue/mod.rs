@@ -11,7 +11,8 @@
 //!   order sent: the next is received only once the one before is deleted or dead-lettered (a
 //!   message waiting for a retry holds its group back). Messages without a group, and other
 //!   groups, are not held back. On AWS this is an SQS FIFO queue (`.fifo` names) with the group
-//!   as `MessageGroupId`; the embedded queue does the same in its receive.
+//!   as `MessageGroupId`, received a message at a time; the embedded queue does the same in
+//!   its receive.
 //!
 //! Delivery is at least once: consumers must make their effects idempotent.
 

@@ -1,7 +1,8 @@
 //! The queue on Amazon SQS: one queue per kind, each with its dead-letter queue. A queue whose
 //! name ends `.fifo` (chat jobs) is a FIFO queue: a message's group is its `MessageGroupId`,
-//! and a receive keeps only the first message of each group (SQS may return several of one
-//! group; the rest are handed back at once), so a group goes one message at a time.
+//! and a receive takes one message (SQS may return several of one group in one receive), so a
+//! group goes one message at a time: its next is received once the one before is deleted or
+//! visible again.
 //!
 //! SQS gives the semantics the port describes natively (visibility timeout, receive count,
 //! receipts); this adapter maps names and limits: batches of at most 10, long polls of at most
@@ -14,13 +15,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, Message, MessageAttributeValue,
-    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 use super::{Attributes, DeadLetter, Delivery, Outgoing, Queue, QueueStats};
-use crate::error::Report;
 use crate::{Error, Result};
 
 mod setup;
@@ -73,49 +73,6 @@ impl SqsQueue {
     /// entries failed. Entries that failed on SQS's side (`SenderFault: false`: throttling, an
     /// internal error) are sent again, with jittered exponential back-off, a few times; an
     /// entry refused as the sender's fault (too large, bad attributes) fails at once.
-    /// The first message of each group of a FIFO receive; the others are handed back at once.
-    /// SQS may return several messages of one group in one receive (in order, and holds the
-    /// group back until all are deleted); the port hands a group out one at a time, so that a
-    /// conversation's second turn is answered only after its first. What is handed back comes
-    /// again once the first is deleted (its receive count one higher).
-    async fn first_of_each_group(&self, messages: Vec<Message>) -> Vec<Message> {
-        let mut seen = std::collections::HashSet::new();
-        let (first, rest): (Vec<Message>, Vec<Message>) = messages.into_iter().partition(|m| {
-            let group = m
-                .attributes
-                .as_ref()
-                .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
-                .cloned();
-            group.is_none_or(|g| seen.insert(g))
-        });
-        let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = rest
-            .iter()
-            .enumerate()
-            .filter_map(|(i, m)| {
-                ChangeMessageVisibilityBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .set_receipt_handle(m.receipt_handle.clone())
-                    .visibility_timeout(0)
-                    .build()
-                    .ok()
-            })
-            .collect();
-        if !entries.is_empty() {
-            let released = self
-                .client
-                .change_message_visibility_batch()
-                .queue_url(&self.url)
-                .set_entries(Some(entries))
-                .send()
-                .await;
-            if let Err(e) = released {
-                // They come back after their visibility timeout instead.
-                tracing::warn!(error = %Report(&queue_error("hand back", e)), "could not hand back the later messages of a group");
-            }
-        }
-        first
-    }
-
     async fn send_chunk(&self, chunk: &[Outgoing]) -> Result<()> {
         let mut pending: Vec<usize> = (0..chunk.len()).collect();
         let mut pauses = ExponentialBuilder::default()
@@ -276,7 +233,14 @@ impl Queue for SqsQueue {
             .client
             .receive_message()
             .queue_url(&self.url)
-            .max_number_of_messages(max.clamp(1, MAX_BATCH) as i32)
+            // A FIFO receive takes one message: SQS may return several of one group at once
+            // (and handing the later ones back would count receives against them, towards
+            // the redrive), while the port hands a group out one message at a time.
+            .max_number_of_messages(if self.fifo {
+                1
+            } else {
+                max.clamp(1, MAX_BATCH) as i32
+            })
             .visibility_timeout(secs(visibility))
             .wait_time_seconds(wait.min(MAX_WAIT).as_secs() as i32)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
@@ -285,11 +249,9 @@ impl Queue for SqsQueue {
             .send()
             .await
             .map_err(|e| queue_error("receive", e))?;
-        let mut messages = out.messages.unwrap_or_default();
-        if self.fifo {
-            messages = self.first_of_each_group(messages).await;
-        }
-        Ok(messages
+        Ok(out
+            .messages
+            .unwrap_or_default()
             .into_iter()
             .map(|m| Delivery {
                 group: m
