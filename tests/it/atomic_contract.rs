@@ -121,6 +121,17 @@ fn persona_request() -> RequestRecord {
     )
 }
 
+/// Alice's persona request, accepted, and its job's delivery.
+async fn accepted_persona(s: &Subject) -> (RequestRecord, Delivery) {
+    let r = persona_request();
+    s.atomic
+        .accept(persona_accept("alice", &r, None))
+        .await
+        .unwrap();
+    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    (r, d)
+}
+
 fn job(user: &str, r: &RequestRecord) -> Outgoing {
     Job {
         request_id: r.request_id.clone(),
@@ -225,12 +236,7 @@ async fn messages(s: &Subject, conv: &ConversationId) -> shared::domain::Page<Me
 
 /// Alice's persona request, accepted, delivered and started: the request and its delivery.
 async fn running_persona_job(s: &Subject) -> (RequestRecord, Delivery) {
-    let r = persona_request();
-    s.atomic
-        .accept(persona_accept("alice", &r, None))
-        .await
-        .unwrap();
-    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    let (r, d) = accepted_persona(s).await;
     s.atomic.start("alice", &r.request_id).await.unwrap();
     (r, d)
 }
@@ -365,12 +371,7 @@ async fn a_chat_turn_is_accepted_only_in_the_users_own_conversation(s: Subject) 
 }
 
 async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subject) {
-    let r = persona_request();
-    s.atomic
-        .accept(persona_accept("alice", &r, None))
-        .await
-        .unwrap();
-    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    let (r, d) = accepted_persona(&s).await;
     let mut events = s.events.subscribe("alice", None).await.unwrap();
 
     // Another user's job message names a request they cannot see.
@@ -438,12 +439,7 @@ async fn start_and_settle_move_the_request_store_the_result_once_and_ack(s: Subj
 /// request without changing it, and the settlement counts the attempt itself, so the request
 /// goes from `queued` straight to its final state, in one write and one event.
 async fn a_job_settled_without_a_start_counts_its_attempt_in_the_settlement(s: Subject) {
-    let r = persona_request();
-    s.atomic
-        .accept(persona_accept("alice", &r, None))
-        .await
-        .unwrap();
-    let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+    let (r, d) = accepted_persona(&s).await;
     let mut events = s.events.subscribe("alice", None).await.unwrap();
 
     assert!(matches!(
@@ -925,12 +921,7 @@ mod aws_only {
     #[tokio::test]
     async fn a_stale_copy_of_the_request_overwrites_nothing() {
         let (s, _) = subject().await;
-        let r = persona_request();
-        s.atomic
-            .accept(persona_accept("alice", &r, None))
-            .await
-            .unwrap();
-        let d = receive_n(s.persona_queue.as_ref(), 1).await.remove(0);
+        let (r, d) = accepted_persona(&s).await;
         let made = persona(r.request_id.persona_id());
         let mut first = succeed(
             RequestKind::Persona,

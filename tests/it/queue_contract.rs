@@ -31,8 +31,13 @@ async fn embedded() -> Subject {
 }
 
 async fn sqs() -> Subject {
+    sqs_named("").await
+}
+
+/// An SQS queue of a fresh name ending in `suffix` (`.fifo`: a FIFO queue).
+async fn sqs_named(suffix: &str) -> Subject {
     let client = aws_sdk_sqs::Client::from_conf(common::aws_test_config().await);
-    let name = format!("contract-{}", uuid::Uuid::new_v4().simple());
+    let name = format!("contract-{}{suffix}", uuid::Uuid::new_v4().simple());
     let queue = SqsQueue::ensure(client, "contract", &name, 10)
         .await
         .unwrap();
@@ -195,15 +200,7 @@ contract!(
 );
 
 async fn sqs_fifo() -> Subject {
-    let client = aws_sdk_sqs::Client::from_conf(common::aws_test_config().await);
-    let name = format!("contract-{}.fifo", uuid::Uuid::new_v4().simple());
-    let queue = SqsQueue::ensure(client, "contract", &name, 10)
-        .await
-        .unwrap();
-    Subject {
-        queue: Arc::new(queue),
-        _dir: None,
-    }
+    sqs_named(".fifo").await
 }
 
 /// A group's messages (a conversation's turns) come one at a time, in the order sent: the next
