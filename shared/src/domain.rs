@@ -85,6 +85,10 @@ pub struct Persona {
     pub personality: String,
     pub speaking_style: String,
     pub greeting: String,
+    /// More first lines to choose from when a conversation begins (`greeting_index` 1 is the
+    /// first of these; 0 is `greeting`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternate_greetings: Vec<String>,
     pub source: PersonaSource,
     /// Which engine wrote it: `offline`, or the provider's model id.
     pub model: String,
@@ -94,6 +98,14 @@ pub struct Persona {
 }
 
 impl Persona {
+    /// Greeting `index`: 0 is `greeting`, 1 the first alternate, and so on.
+    pub fn greeting_at(&self, index: usize) -> Option<&str> {
+        match index {
+            0 => Some(&self.greeting),
+            n => self.alternate_greetings.get(n - 1).map(String::as_str),
+        }
+    }
+
     pub fn from_draft(
         persona_id: PersonaId,
         draft: PersonaDraft,
@@ -107,6 +119,7 @@ impl Persona {
             personality: draft.personality,
             speaking_style: draft.speaking_style,
             greeting: draft.greeting,
+            alternate_greetings: Vec::new(),
             source: draft.source,
             model,
             prompt,
@@ -141,6 +154,21 @@ impl Role {
     }
 }
 
+/// Where a message stands. A stored message is `complete`; a reply still being written is shown
+/// in its place as `pending` (queued), `streaming` (being written: its text arrives as
+/// `message.delta` events) or `failed` (with the request's `error`), so a client rebuilding a
+/// screen from one listing needs no other call.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageStatus {
+    Pending,
+    Streaming,
+    #[default]
+    Complete,
+    Failed,
+    Cancelled,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Message {
     #[schema(value_type = String)]
@@ -150,7 +178,39 @@ pub struct Message {
     /// The engine that wrote an assistant message (`offline` or the provider's model id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Stored messages are `complete` (and were, before the field existed).
+    #[serde(default)]
+    pub status: MessageStatus,
+    /// The chat request that answers a user message, or that wrote a reply: the id its events
+    /// carry. Absent on a persona's greeting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub request_id: Option<RequestId>,
+    /// Why a `failed` reply failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
     pub created_at: String,
+}
+
+impl Message {
+    /// A stored (complete) message written now.
+    pub fn new(
+        message_id: MessageId,
+        role: Role,
+        text: String,
+        request_id: Option<RequestId>,
+    ) -> Self {
+        Message {
+            message_id,
+            role,
+            text,
+            model: None,
+            status: MessageStatus::Complete,
+            request_id,
+            error: None,
+            created_at: crate::time::now_rfc3339(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, ToSchema)]

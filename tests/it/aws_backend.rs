@@ -159,5 +159,9 @@ async fn the_product_runs_on_sqs_dynamodb_and_cognito_as_separate_processes() {
         reply["result"]["message"]["text"].as_str().unwrap()
     );
     let history = client.get(&messages).await;
-    assert_eq!(history["items"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        history["items"].as_array().unwrap().len(),
+        3,
+        "the greeting, the message, its reply"
+    );
 }

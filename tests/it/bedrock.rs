@@ -121,6 +121,7 @@ async fn the_nova_request_is_signed_and_shaped_and_the_reply_stored() {
     );
     assert!(metrics.contains(r#"characterbot_model_tokens_total{kind="chat",model="amazon.nova-micro-v1:0",direction="output"} 18"#));
 
+    let greeting = app.all_messages(&user, &conv).await[0]["text"].clone();
     let sent = server.received_requests().await.unwrap();
     let last = sent.last().unwrap();
     assert!(
@@ -149,6 +150,9 @@ async fn the_nova_request_is_signed_and_shaped_and_the_reply_stored() {
     assert_eq!(
         body["messages"],
         json!([
+            // The greeting, after a turn that opens the conversation (Nova wants the user first).
+            { "role": "user", "content": [{ "text": "(The conversation begins.)" }] },
+            { "role": "assistant", "content": [{ "text": greeting }] },
             { "role": "user", "content": [{ "text": "How do I learn?" }] },
             { "role": "assistant", "content": [{ "text": "Patience, you must have." }] },
             { "role": "user", "content": [{ "text": "And then?" }] },
@@ -223,8 +227,10 @@ async fn a_validation_error_fails_at_once_and_a_filtered_reply_is_not_stored() {
     assert_eq!(filtered["error"]["code"], "content_filtered");
     let history = app.messages(&user, &conv).await;
     assert!(
-        history.iter().all(|m| m["role"] == "user"),
-        "no fake reply: {history:?}"
+        history
+            .iter()
+            .all(|m| m["role"] == "user" || (m["status"] == "failed" && m["text"] == "")),
+        "no reply stored, each failure shown as such: {history:?}"
     );
 }
 

@@ -327,7 +327,21 @@ impl TestApp {
         conv["conversation_id"].as_str().unwrap().to_owned()
     }
 
+    /// A conversation's turns: its messages after the persona's greeting (checked to be
+    /// there, first).
     pub async fn messages(&self, user: &User, conversation_id: &str) -> Vec<Value> {
+        let mut all = self.all_messages(user, conversation_id).await;
+        assert!(
+            all.first()
+                .is_some_and(|g| g["role"] == "assistant" && g.get("request_id").is_none()),
+            "a conversation begins with its greeting: {all:?}"
+        );
+        all.remove(0);
+        all
+    }
+
+    /// Every message of a conversation, its greeting first (up to 100).
+    pub async fn all_messages(&self, user: &User, conversation_id: &str) -> Vec<Value> {
         let (status, body) = self
             .get(
                 Some(&user.token),

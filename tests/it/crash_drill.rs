@@ -379,6 +379,8 @@ impl Drill {
                     None => break,
                 }
             }
+            assert_eq!(items[0]["role"], "assistant", "the greeting");
+            items.remove(0);
             assert_eq!(
                 items.len(),
                 2 * turns.len(),

@@ -157,6 +157,7 @@ async fn the_whole_flow_on_the_embedded_default() {
         )
         .await;
     assert_eq!(page1["items"].as_array().unwrap().len(), 4);
+    assert_eq!(page1["items"][1], history[0], "after the greeting");
     let token = page1["next_token"].as_str().unwrap();
     let (_, page2) = app
         .get(
@@ -164,9 +165,9 @@ async fn the_whole_flow_on_the_embedded_default() {
             &format!("/v1/conversations/{conv_id}/messages?limit=4&next_token={token}"),
         )
         .await;
-    assert_eq!(page2["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page2["items"].as_array().unwrap().len(), 3);
     assert!(page2["next_token"].is_null());
-    assert_eq!(page2["items"][1], history[5]);
+    assert_eq!(page2["items"][2], history[5]);
 
     let (_, convs) = app.get(Some(&alice.token), "/v1/conversations").await;
     assert_eq!(convs["items"][0]["conversation_id"], conv_id.as_str());

@@ -34,6 +34,7 @@ mod bad_input;
 mod bedrock;
 mod cli;
 mod cognito;
+mod conversations;
 mod crash_drill;
 mod events_contract;
 mod flow;

@@ -323,6 +323,7 @@ async fn openai_as_chat_provider_gets_the_persona_as_system_message_and_the_hist
     assert_eq!(
         turns,
         [
+            ("assistant", "Arr, state yer business, and mind the cats."),
             ("user", "How are the cats?"),
             ("assistant", "Arr, the cats be fine."),
             ("user", "And the ship?")

@@ -132,8 +132,8 @@ async fn api_and_workers_as_separate_processes_survive_a_killed_worker() {
         .collect();
     assert_eq!(
         roles,
-        ["user", "assistant", "user", "assistant"],
-        "exactly one reply per message"
+        ["assistant", "user", "assistant", "user", "assistant"],
+        "the greeting, then exactly one reply per message"
     );
 
     for p in [&mut replacement, &mut persona_worker, &mut api] {

@@ -197,7 +197,7 @@ async fn a_reply_stored_by_a_twin_delivery_stands_and_no_second_is_stored() {
             &format!("/v1/conversations/{conv}/messages"),
         )
         .await;
-    let user_message_id = history["items"][0]["message_id"]
+    let user_message_id = history["items"][1]["message_id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -206,6 +206,9 @@ async fn a_reply_stored_by_a_twin_delivery_stands_and_no_second_is_stored() {
         role: Role::Assistant,
         text: "The reply the twin wrote.".into(),
         model: Some("offline".into()),
+        status: Default::default(),
+        request_id: None,
+        error: None,
         created_at: shared::time::now_rfc3339(),
     };
     app.adapters
@@ -264,7 +267,14 @@ async fn a_job_that_always_fails_is_dead_lettered_after_max_receives() {
     assert_eq!(dead[0].receive_count, 3);
     let stats = app.adapters.chat_queue.stats().await.unwrap();
     assert_eq!((stats.visible, stats.in_flight, stats.dead), (0, 0, 1));
-    assert_eq!(app.messages(&alice, &conv).await.len(), 1, "no fake reply");
+    let messages = app.messages(&alice, &conv).await;
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(
+        (messages[1]["status"].as_str(), messages[1]["text"].as_str()),
+        (Some("failed"), Some("")),
+        "no fake reply: the failure in its place"
+    );
+    assert_eq!(messages[1]["error"]["code"], "model_unavailable");
 }
 
 #[tokio::test]

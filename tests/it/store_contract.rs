@@ -66,8 +66,16 @@ fn message(role: Role, text: &str) -> Message {
         role,
         text: text.into(),
         model: None,
+        status: Default::default(),
+        request_id: None,
+        error: None,
         created_at: shared::time::now_rfc3339(),
     }
+}
+
+/// The persona's first line, with which every conversation here begins.
+fn greeting() -> Message {
+    message(Role::Assistant, "greeting")
 }
 
 fn conversation() -> Conversation {
@@ -84,7 +92,9 @@ async fn stored_conversation<S: Store + ?Sized>(st: &S, user: &str) -> Conversat
     let p = persona("per_x", "X");
     st.put_persona(user, &p).await.unwrap();
     let conv = conversation();
-    st.create_conversation(user, &conv, &p).await.unwrap();
+    st.create_conversation(user, &conv, &p, &greeting())
+        .await
+        .unwrap();
     conv
 }
 
@@ -199,7 +209,7 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
 
     let all = st.list_messages("alice", c, 10, None).await.unwrap();
     let texts: Vec<_> = all.items.iter().map(|m| m.text.as_str()).collect();
-    assert_eq!(texts, ["one", "reply one", "two", "reply two"]);
+    assert_eq!(texts, ["greeting", "one", "reply one", "two", "reply two"]);
     let first = st.list_messages("alice", c, 3, None).await.unwrap();
     assert_eq!(first.items.len(), 3);
     let rest = st
@@ -211,7 +221,7 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
             .iter()
             .map(|m| m.text.as_str())
             .collect::<Vec<_>>(),
-        ["reply two"]
+        ["two", "reply two"]
     );
     assert!(matches!(
         st.list_messages("bob", c, 10, None).await,
@@ -221,18 +231,16 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
     let history = st.history_before(c, &m2.message_id, 10).await.unwrap();
     assert_eq!(
         history.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
-        ["one", "reply one"]
+        ["greeting", "one", "reply one"]
     );
     assert_eq!(
         st.history_before(c, &m2.message_id, 1).await.unwrap()[0].text,
         "reply one",
         "the newest within the limit"
     );
-    assert!(st
-        .history_before(c, &m1.message_id, 10)
-        .await
-        .unwrap()
-        .is_empty());
+    let before_first = st.history_before(c, &m1.message_id, 10).await.unwrap();
+    assert_eq!(before_first.len(), 1, "the greeting: {before_first:?}");
+    assert_eq!(before_first[0].text, "greeting");
 }
 
 /// What a chat job reads: the persona as the conversation began with it (kept after the
@@ -264,7 +272,7 @@ async fn the_chat_context_is_the_persona_snapshot_and_the_turns_before(s: Subjec
         .unwrap();
     assert_eq!(context.conversation, conv);
     assert_eq!(context.persona.as_ref().unwrap().name, "X");
-    assert_eq!(texts(&context.history), ["one", "reply one"]);
+    assert_eq!(texts(&context.history), ["greeting", "one", "reply one"]);
     let newest = st
         .chat_context("alice", c, &ms[2].message_id, 3)
         .await
@@ -297,12 +305,18 @@ async fn the_chat_context_is_the_persona_snapshot_and_the_turns_before(s: Subjec
             .unwrap()
             .items
             .len(),
-        5
+        6,
+        "the greeting and five messages"
     );
     // Nor does a new conversation begin with it.
     assert!(matches!(
-        st.create_conversation("alice", &conversation(), after.persona.as_ref().unwrap())
-            .await,
+        st.create_conversation(
+            "alice",
+            &conversation(),
+            after.persona.as_ref().unwrap(),
+            &greeting()
+        )
+        .await,
         Err(Error::NotFound)
     ));
 }
@@ -323,13 +337,15 @@ async fn a_user_message_goes_only_into_the_users_own_conversation(s: Subject) {
             .await,
         Err(Error::NotFound)
     ));
-    // Nothing of either attempt was stored.
-    assert!(st
-        .list_messages("alice", c, 10, None)
-        .await
-        .unwrap()
-        .items
-        .is_empty());
+    // Nothing of either attempt was stored: the greeting stays alone.
+    assert_eq!(
+        st.list_messages("alice", c, 10, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
     assert!(st
         .get_request("mallory", &request.request_id)
         .await
@@ -802,8 +818,13 @@ mod dynamodb_turns {
             .into_iter()
             .map(|m| m.text)
             .collect();
-        assert_eq!(stored[..6], sent[..], "sequential appends keep their order");
-        let mut rest = stored[6..].to_vec();
+        assert_eq!(stored[0], "greeting");
+        assert_eq!(
+            stored[1..7],
+            sent[..],
+            "sequential appends keep their order"
+        );
+        let mut rest = stored[7..].to_vec();
         rest.sort();
         let mut expected = concurrent;
         expected.sort();
@@ -812,7 +833,7 @@ mod dynamodb_turns {
         let fresh = DynamoStore::new(client, table);
         let page = a.list_messages("alice", c, 100, None).await.unwrap().items;
         let context = fresh
-            .chat_context("alice", c, &page[3].message_id, 2)
+            .chat_context("alice", c, &page[4].message_id, 2)
             .await
             .unwrap()
             .unwrap();

@@ -62,11 +62,13 @@ impl Job for ChatJob {
             .reply_streaming(&chat, ctx, &request.request_id)
             .await?;
         let reply = Message {
-            message_id: request.request_id.reply_id(),
-            role: Role::Assistant,
-            text: out.value,
             model: Some(out.model.clone()),
-            created_at: shared::time::now_rfc3339(),
+            ..Message::new(
+                request.request_id.reply_id(),
+                Role::Assistant,
+                out.value,
+                Some(request.request_id.clone()),
+            )
         };
         Ok(JobOutput {
             last_fragment,
@@ -176,13 +178,7 @@ mod tests {
     use super::*;
 
     fn msg(text: &str) -> Message {
-        Message {
-            message_id: text.into(),
-            role: Role::User,
-            text: text.into(),
-            model: None,
-            created_at: String::new(),
-        }
+        Message::new(text.into(), Role::User, text.into(), None)
     }
 
     #[test]

@@ -21,6 +21,11 @@ use crate::AppState;
 pub struct CreateConversation {
     #[schema(value_type = String)]
     pub persona_id: PersonaId,
+    /// Which of the persona's greetings opens the conversation: 0 (the default) is its
+    /// `greeting`, 1 the first of its `alternate_greetings`, and so on.
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub greeting_index: usize,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -39,7 +44,8 @@ pub struct MessageAccepted {
 }
 
 #[utoipa::path(post, path = "/v1/conversations", tag = "conversations", request_body = CreateConversation,
-    responses((status = 201, body = Conversation), (status = 404, description = "persona not found")),
+    responses((status = 201, body = Conversation), (status = 404, description = "persona not found"),
+        (status = 422, description = "no greeting at `greeting_index` (`bad_greeting_index`)")),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -52,6 +58,19 @@ pub async fn create(
         .get_persona(caller.id(), &body.persona_id)
         .await?
         .ok_or(ApiError::NotFound("persona"))?;
+    let greeting =
+        persona
+            .greeting_at(body.greeting_index)
+            .ok_or_else(|| ApiError::Unprocessable {
+                code: "bad_greeting_index",
+                message: format!(
+                    "`greeting_index` is {}; this persona has greetings 0 to {}",
+                    body.greeting_index,
+                    persona.alternate_greetings.len()
+                ),
+            })?;
+    // The persona's first line, as the conversation's first message.
+    let greeting = Message::new(MessageId::new(), Role::Assistant, greeting.to_owned(), None);
     let conversation = Conversation {
         conversation_id: ConversationId::new(),
         persona_id: persona.persona_id.clone(),
@@ -62,7 +81,7 @@ pub async fn create(
     state
         .ports
         .store
-        .create_conversation(caller.id(), &conversation, &persona)
+        .create_conversation(caller.id(), &conversation, &persona, &greeting)
         .await
         .map_err(|e| match e {
             shared::Error::NotFound => ApiError::NotFound("persona"),
@@ -125,15 +144,15 @@ pub async fn post_message(
         "message_too_long",
     )?;
     let ids = claim.ids(caller.id());
-    let message = Message {
-        message_id: ids.id("message"),
-        role: Role::User,
-        text: text.clone(),
-        model: None,
-        created_at: shared::time::now_rfc3339(),
-    };
+    let request_id: RequestId = ids.id("request");
+    let message = Message::new(
+        ids.id("message"),
+        Role::User,
+        text.clone(),
+        Some(request_id.clone()),
+    );
     let request = RequestRecord::with_id(
-        ids.id("request"),
+        request_id,
         RequestKind::Chat,
         RequestInput::Chat {
             conversation_id: id.clone(),
@@ -187,6 +206,9 @@ pub async fn list_messages(
             shared::Error::NotFound => ApiError::NotFound("conversation"),
             other => other.into(),
         })?;
+    let page =
+        shared::store::with_replies_in_flight(state.ports.store.as_ref(), caller.id(), &id, page)
+            .await?;
     Ok(AppJson(ListResponse {
         items: page.items,
         next_token: page.next_token,

@@ -60,10 +60,15 @@ impl BedrockChatModel {
     }
 }
 
+/// The user turn put before a history that begins with the persona speaking.
+const CONVERSATION_BEGINS: &str = "(The conversation begins.)";
+
 /// The Nova request body for a chat request.
 pub fn nova_body(request: &ChatRequest, opts: &BedrockOptions) -> Value {
-    // Nova wants turns that alternate and begin with the user: a history cut by the budget may
-    // begin with a reply, and a message whose reply failed leaves two user turns in a row.
+    // Nova wants turns that alternate and begin with the user: a history that begins with the
+    // persona's greeting (or is cut by the budget before a reply) gets a user turn before it,
+    // so the model still sees what it said; a message whose reply failed leaves two user turns
+    // in a row, joined.
     let mut turns: Vec<(&str, String)> = Vec::new();
     let texts = request
         .history
@@ -80,7 +85,10 @@ pub fn nova_body(request: &ChatRequest, opts: &BedrockOptions) -> Value {
                 joined.push_str("\n\n");
                 joined.push_str(text);
             }
-            None if role == "assistant" => {}
+            None if role == "assistant" => {
+                turns.push(("user", CONVERSATION_BEGINS.to_owned()));
+                turns.push((role, text.to_owned()));
+            }
             _ => turns.push((role, text.to_owned())),
         }
     }
@@ -291,6 +299,9 @@ mod tests {
             role,
             text: text.into(),
             model: None,
+            status: Default::default(),
+            request_id: None,
+            error: None,
             created_at: String::new(),
         }
     }
@@ -337,6 +348,8 @@ mod tests {
         assert_eq!(
             body["messages"],
             json!([
+                { "role": "user", "content": [{ "text": CONVERSATION_BEGINS }] },
+                { "role": "assistant", "content": [{ "text": "cut-off reply" }] },
                 { "role": "user", "content": [{ "text": "a\n\nb" }] },
                 { "role": "assistant", "content": [{ "text": "c" }] },
                 { "role": "user", "content": [{ "text": "d" }] },

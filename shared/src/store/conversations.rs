@@ -6,8 +6,11 @@
 
 use async_trait::async_trait;
 
-use super::PersonaStore;
-use crate::domain::{Conversation, Message, Page, Persona, RequestRecord};
+use super::{PersonaStore, RequestStore};
+use crate::domain::{
+    Conversation, Message, MessageStatus, Page, Persona, RequestRecord, RequestResult,
+    RequestStatus, Role,
+};
 use crate::ids::{ConversationId, MessageId};
 use crate::{Error, Result};
 
@@ -22,13 +25,15 @@ pub struct ChatContext {
 
 #[async_trait]
 pub trait ConversationStore: Send + Sync + 'static {
-    /// Records a new conversation with `persona`'s snapshot; `NotFound` when the persona is
-    /// not (or no longer) the user's.
+    /// Records a new conversation with `persona`'s snapshot and its first message, the
+    /// persona's `greeting` (turn 0: it precedes every user message); `NotFound` when the
+    /// persona is not (or no longer) the user's.
     async fn create_conversation(
         &self,
         user_id: &str,
         conversation: &Conversation,
         persona: &Persona,
+        greeting: &Message,
     ) -> Result<()>;
     async fn get_conversation(
         &self,
@@ -139,4 +144,87 @@ where
         persona,
         history,
     }))
+}
+
+/// A page of messages as a client shows it: each user message whose reply is not stored yet is
+/// followed by a stand-in for that reply, under the id the reply will have, with the state of
+/// the request writing it (`pending`, `streaming`, or `failed` with its error). Replies are
+/// stored only when written, so the write path pays nothing for this; a listing pays one
+/// request read per turn still unanswered (the one in flight, and failed ones).
+pub async fn with_replies_in_flight<S>(
+    store: &S,
+    user_id: &str,
+    conversation_id: &ConversationId,
+    page: Page<Message>,
+) -> Result<Page<Message>>
+where
+    S: ConversationStore + RequestStore + ?Sized,
+{
+    let last = page.items.len().saturating_sub(1);
+    let mut unanswered = Vec::new();
+    for (i, message) in page.items.iter().enumerate() {
+        let (Role::User, Some(request_id)) = (message.role, &message.request_id) else {
+            continue;
+        };
+        let answered = match page.items.get(i + 1) {
+            Some(next) => next.role == Role::Assistant,
+            // The page ends on it: its reply, if stored, opens the next page.
+            None if i == last && page.next_token.is_some() => store
+                .get_reply(conversation_id, &message.message_id)
+                .await?
+                .is_some(),
+            None => false,
+        };
+        if !answered {
+            unanswered.push((i, request_id.clone()));
+        }
+    }
+    if unanswered.is_empty() {
+        return Ok(page);
+    }
+    let requests = futures::future::try_join_all(
+        unanswered
+            .iter()
+            .map(|(_, id)| store.get_request(user_id, id)),
+    )
+    .await?;
+    let mut items = Vec::with_capacity(page.items.len() + unanswered.len());
+    let mut stand_ins = unanswered.iter().zip(requests).peekable();
+    for (i, message) in page.items.into_iter().enumerate() {
+        items.push(message);
+        if stand_ins.peek().is_some_and(|((at, _), _)| *at == i) {
+            if let Some((_, Some(request))) = stand_ins.next() {
+                items.extend(stand_in(request));
+            }
+        }
+    }
+    Ok(Page {
+        items,
+        next_token: page.next_token,
+    })
+}
+
+/// The reply a chat request is writing, as it stands; `None` for a request that is not a
+/// chat turn's.
+fn stand_in(request: RequestRecord) -> Option<Message> {
+    // Finished since the page was read: the reply itself.
+    if let Some(RequestResult::Message(reply)) = request.result {
+        return Some(reply);
+    }
+    let status = match request.status {
+        RequestStatus::Queued => MessageStatus::Pending,
+        RequestStatus::Running => MessageStatus::Streaming,
+        RequestStatus::Failed => MessageStatus::Failed,
+        RequestStatus::Succeeded => return None,
+    };
+    Some(Message {
+        message_id: request.request_id.reply_id(),
+        role: Role::Assistant,
+        text: String::new(),
+        model: request.model,
+        status,
+        request_id: Some(request.request_id),
+        error: request.error,
+        created_at: request.created_at,
+    })
 }

@@ -25,7 +25,9 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
-pub use conversations::{chat_context_in_reads, ChatContext, ConversationStore};
+pub use conversations::{
+    chat_context_in_reads, with_replies_in_flight, ChatContext, ConversationStore,
+};
 pub use idempotency::{IdempotencyBegin, IdempotencyStore, KeyClaim, StoredAnswer};
 pub use personas::PersonaStore;
 pub use requests::{RequestStore, Transition};

@@ -202,7 +202,14 @@ fn compose_reply(request: &ChatRequest) -> String {
         "that deserves an answer in my own manner",
     ];
     let stance = stances[((seed >> 8) % stances.len() as u64) as usize];
-    let memory = match request.history.len() {
+    // The persona's greeting (and whatever else precedes the user's first message) is not
+    // something the two have exchanged.
+    let exchanged = request
+        .history
+        .iter()
+        .skip_while(|m| m.role == crate::domain::Role::Assistant)
+        .count();
+    let memory = match exchanged {
         0 => "This is the start of our conversation.".to_string(),
         n => format!("We have exchanged {n} messages so far, and I remember them."),
     };

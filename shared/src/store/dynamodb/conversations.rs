@@ -1,5 +1,6 @@
 //! Conversations and messages on DynamoDB. A conversation's messages live in its own partition
-//! (`CONV#{id}`): its persona snapshot (`PERSONA`, written with the conversation),
+//! (`CONV#{id}`): its persona snapshot (`PERSONA`, written with the conversation, as is the
+//! persona's greeting, the reply of turn 0),
 //! `MSG#{turn}#{sub}` items in order, a `MID#{message_id}` index item per user
 //! message (id → turn) and a `META` turn counter (moved by a conditional update inside the
 //! append's transaction, from the turn last seen).
@@ -326,8 +327,12 @@ impl ConversationStore for DynamoStore {
         user_id: &str,
         conversation: &Conversation,
         persona: &Persona,
+        greeting: &Message,
     ) -> Result<()> {
         let conv_pk = format!("CONV#{}", conversation.conversation_id);
+        // The reply of turn 0, which has no user message: the counter starts at 0 all the same.
+        let mut first = key(&conv_pk, msg_sk(0, 1));
+        first.insert("body".into(), s(serde_json::to_string(greeting)?));
         let mut listed = key(user_pk(user_id), &conv_pk);
         listed.insert("body".into(), s(serde_json::to_string(conversation)?));
         let mut snapshot = key(&conv_pk, SNAPSHOT_SK);
@@ -358,6 +363,7 @@ impl ConversationStore for DynamoStore {
             .transact_items(put_if_absent(&self.table, listed)?)
             .transact_items(put_if_absent(&self.table, snapshot)?)
             .transact_items(persona_lives)
+            .transact_items(put_if_absent(&self.table, first)?)
             .send()
             .await;
         let Err(e) = sent else { return Ok(()) };

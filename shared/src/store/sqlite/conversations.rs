@@ -1,6 +1,7 @@
 //! Conversations and their messages in SQLite. A message row is keyed by its conversation and
 //! `(turn, sub)`: a user message is sub 0 of its turn, the reply to it sub 1, so a redelivered
-//! reply finds its place taken.
+//! reply finds its place taken. The persona's greeting is the reply of turn 0, which has no
+//! user message.
 
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
@@ -117,6 +118,7 @@ impl ConversationStore for SqliteStore {
         user_id: &str,
         conversation: &Conversation,
         persona: &Persona,
+        greeting: &Message,
     ) -> Result<()> {
         let (user_id, id, body, snapshot) = (
             user_id.to_owned(),
@@ -124,6 +126,7 @@ impl ConversationStore for SqliteStore {
             to_json(conversation)?,
             to_json(persona)?,
         );
+        let (greeting_id, greeting) = (greeting.message_id.clone(), to_json(greeting)?);
         let persona_id = persona.persona_id.clone();
         self.db
             .write(move |tx| {
@@ -137,6 +140,11 @@ impl ConversationStore for SqliteStore {
                 if made == 0 {
                     return Err(Error::NotFound);
                 }
+                tx.execute(
+                    "INSERT INTO messages (conversation_id, turn, sub, message_id, body)
+                     VALUES (?1, 0, 1, ?2, ?3)",
+                    params![id, greeting_id, greeting],
+                )?;
                 Ok(())
             })
             .await
