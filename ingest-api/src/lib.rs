@@ -120,14 +120,21 @@ fn authenticated_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/personas/batch", post(personas::create_batch))
         .route(
             "/v1/personas/{id}",
-            get(personas::get).delete(personas::delete),
+            get(personas::get)
+                .patch(personas::edit)
+                .delete(personas::delete),
         )
         .route("/v1/batches/{id}", get(personas::get_batch))
         .route(
             "/v1/conversations",
             post(conversations::create).get(conversations::list),
         )
-        .route("/v1/conversations/{id}", get(conversations::get))
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::get)
+                .patch(conversations::rename)
+                .delete(conversations::delete),
+        )
         .route(
             "/v1/conversations/{id}/messages",
             post(conversations::post_message).get(conversations::list_messages),

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 use shared::domain::{
-    Batch, Conversation, ErrorBody, Message, Persona, PersonaSource, RequestInput, RequestKind,
-    RequestRecord, RequestResult, RequestStatus, Role, Usage,
+    Batch, Conversation, ErrorBody, Message, MessageStatus, Persona, PersonaEdit, PersonaSource,
+    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -29,19 +29,22 @@ pub struct ErrorResponse {
         handlers::auth::sign_up, handlers::auth::confirm, handlers::auth::sign_in, handlers::auth::refresh,
         handlers::auth::sign_out, handlers::auth::sign_out_everywhere,
         handlers::personas::create, handlers::personas::create_batch, handlers::personas::list,
-        handlers::personas::get, handlers::personas::delete, handlers::personas::get_batch,
+        handlers::personas::get, handlers::personas::edit, handlers::personas::delete,
+        handlers::personas::get_batch,
         handlers::conversations::create, handlers::conversations::list, handlers::conversations::get,
+        handlers::conversations::rename, handlers::conversations::delete,
         handlers::conversations::post_message, handlers::conversations::list_messages,
         handlers::requests::get, handlers::events::stream,
         handlers::ops::healthz, handlers::ops::readyz, handlers::ops::metrics,
         handlers::ops::openapi, handlers::ops::jwks,
     ),
     components(schemas(
-        ErrorResponse, ErrorBody, Accepted, Persona, PersonaSource, Conversation, Message, Role,
+        ErrorResponse, ErrorBody, Accepted, Persona, PersonaEdit, PersonaSource, Conversation, Message, Role,
         RequestRecord, RequestKind, RequestStatus, RequestInput, RequestResult, Usage, Batch,
         auth::Credentials, auth::SignedUp, auth::ConfirmRequest, auth::Confirmed, auth::RefreshRequest, auth::SignOutRequest, shared::auth::Tokens,
         personas::CreatePersona, personas::CreateBatch, personas::BatchAccepted,
-        conversations::CreateConversation, conversations::PostMessage, conversations::MessageAccepted,
+        conversations::CreateConversation, conversations::RenameConversation,
+        conversations::PostMessage, conversations::MessageAccepted, MessageStatus,
     )),
     modifiers(&BearerAuth),
     tags(

@@ -128,6 +128,109 @@ impl Persona {
     }
 }
 
+/// What `PATCH /v1/personas/{id}` changes: the fields given; the others stay.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PersonaEdit {
+    #[schema(min_length = 1, max_length = 120)]
+    pub name: Option<String>,
+    #[schema(min_length = 1, max_length = 2000)]
+    pub description: Option<String>,
+    #[schema(min_length = 1, max_length = 2000)]
+    pub personality: Option<String>,
+    #[schema(min_length = 1, max_length = 2000)]
+    pub speaking_style: Option<String>,
+    #[schema(min_length = 1, max_length = 2000)]
+    pub greeting: Option<String>,
+    /// Replaces the alternates (at most 10; `[]` removes them).
+    #[schema(max_items = 10)]
+    pub alternate_greetings: Option<Vec<String>>,
+}
+
+impl PersonaEdit {
+    /// Most alternate greetings a persona keeps.
+    pub const MAX_ALTERNATES: usize = 10;
+
+    /// The edit with its texts trimmed, or why it cannot be made: nothing to change, an empty
+    /// or too long field, too many alternates.
+    pub fn checked(mut self) -> Result<Self, String> {
+        let fields = [
+            ("name", &mut self.name, 120),
+            (
+                "description",
+                &mut self.description,
+                PERSONA_FIELD_MAX_CHARS,
+            ),
+            (
+                "personality",
+                &mut self.personality,
+                PERSONA_FIELD_MAX_CHARS,
+            ),
+            (
+                "speaking_style",
+                &mut self.speaking_style,
+                PERSONA_FIELD_MAX_CHARS,
+            ),
+            ("greeting", &mut self.greeting, PERSONA_FIELD_MAX_CHARS),
+        ];
+        let mut any = false;
+        for (field, value, max) in fields {
+            if let Some(v) = value {
+                *v = checked_field(field, v, max)?;
+                any = true;
+            }
+        }
+        if let Some(alternates) = &mut self.alternate_greetings {
+            if alternates.len() > Self::MAX_ALTERNATES {
+                return Err(format!(
+                    "at most {} alternate greetings",
+                    Self::MAX_ALTERNATES
+                ));
+            }
+            for g in alternates.iter_mut() {
+                *g = checked_field("alternate_greetings", g, PERSONA_FIELD_MAX_CHARS)?;
+            }
+            any = true;
+        }
+        if !any {
+            return Err("nothing to change: give at least one field".into());
+        }
+        Ok(self)
+    }
+
+    pub fn apply(&self, persona: &mut Persona) {
+        let fields = [
+            (&self.name, &mut persona.name),
+            (&self.description, &mut persona.description),
+            (&self.personality, &mut persona.personality),
+            (&self.speaking_style, &mut persona.speaking_style),
+            (&self.greeting, &mut persona.greeting),
+        ];
+        for (new, old) in fields {
+            if let Some(new) = new {
+                old.clone_from(new);
+            }
+        }
+        if let Some(alternates) = &self.alternate_greetings {
+            persona.alternate_greetings.clone_from(alternates);
+        }
+    }
+}
+
+fn checked_field(field: &str, value: &str, max: usize) -> Result<String, String> {
+    let trimmed = value.trim();
+    let len = trimmed.chars().count();
+    if len == 0 {
+        return Err(format!("persona field `{field}` is empty"));
+    }
+    if len > max {
+        return Err(format!(
+            "persona field `{field}` is longer than {max} characters"
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Conversation {
     #[schema(value_type = String)]
@@ -135,7 +238,77 @@ pub struct Conversation {
     #[schema(value_type = String)]
     pub persona_id: PersonaId,
     pub persona_name: String,
+    /// As given (at creation or by a rename); otherwise the opening words of the first user
+    /// message, and null until there is one.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// When its latest message was written (the greeting, at first): conversations are listed
+    /// by it, newest first.
+    #[serde(default)]
+    pub last_message_at: Option<String>,
+    /// The opening words of its latest message.
+    #[serde(default)]
+    pub preview: Option<String>,
     pub created_at: String,
+}
+
+impl Conversation {
+    /// The record as it begins, with `greeting` its first message (and so its latest, for
+    /// now).
+    pub fn begun_with(mut self, greeting: &Message) -> Self {
+        Activity::of(greeting).apply(&mut self);
+        self
+    }
+}
+
+/// Longest title, in characters (a given one is refused beyond it; one taken from a message
+/// is cut to it).
+pub const TITLE_MAX_CHARS: usize = 80;
+/// Longest preview, in characters.
+pub const PREVIEW_MAX_CHARS: usize = 140;
+
+/// What a new message does to its conversation's record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activity {
+    /// The message's time: the conversation's `last_message_at`.
+    pub at: String,
+    pub preview: String,
+    /// The title a conversation without one takes (from a user message only).
+    pub title: Option<String>,
+}
+
+impl Activity {
+    pub fn of(message: &Message) -> Self {
+        Activity {
+            at: message.created_at.clone(),
+            preview: snippet(&message.text, PREVIEW_MAX_CHARS),
+            title: (message.role == Role::User).then(|| snippet(&message.text, TITLE_MAX_CHARS)),
+        }
+    }
+
+    /// A conversation's record once this activity happened to it.
+    pub fn apply(&self, conversation: &mut Conversation) {
+        conversation.last_message_at = Some(self.at.clone());
+        conversation.preview = Some(self.preview.clone());
+        if conversation.title.is_none() {
+            conversation.title.clone_from(&self.title);
+        }
+    }
+}
+
+/// `text` on one line, cut to at most `max` characters at a word boundary where there is one
+/// (with `…` when cut).
+pub fn snippet(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= max {
+        return line;
+    }
+    let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+    let at_word = match cut.rfind(' ') {
+        Some(i) if i > cut.len() / 2 => &cut[..i],
+        _ => cut.as_str(),
+    };
+    format!("{}…", at_word.trim_end())
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
@@ -397,4 +570,51 @@ impl Batch {
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_token: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snippet_is_one_line_cut_at_a_word() {
+        assert_eq!(snippet("  Hello,\n  world ", 20), "Hello, world");
+        assert_eq!(snippet("The quick brown fox jumps", 12), "The quick…");
+        assert_eq!(snippet("Supercalifragilistic", 8), "Superca…");
+        assert!(
+            snippet(&"word ".repeat(100), PREVIEW_MAX_CHARS)
+                .chars()
+                .count()
+                <= PREVIEW_MAX_CHARS
+        );
+    }
+
+    #[test]
+    fn a_user_message_titles_an_untitled_conversation_only() {
+        let mut c = Conversation {
+            conversation_id: "conv_1".into(),
+            persona_id: "per_1".into(),
+            persona_name: "Holmes".into(),
+            title: None,
+            last_message_at: None,
+            preview: None,
+            created_at: String::new(),
+        };
+        let reply = Message::new("m1".into(), Role::Assistant, "Elementary.".into(), None);
+        Activity::of(&reply).apply(&mut c);
+        assert_eq!(
+            (c.title.as_deref(), c.preview.as_deref()),
+            (None, Some("Elementary."))
+        );
+        let asked = Message::new("m2".into(), Role::User, "Who did it?".into(), None);
+        Activity::of(&asked).apply(&mut c);
+        assert_eq!(c.title.as_deref(), Some("Who did it?"));
+        let again = Message::new("m3".into(), Role::User, "And why?".into(), None);
+        Activity::of(&again).apply(&mut c);
+        assert_eq!(
+            (c.title.as_deref(), c.preview.as_deref()),
+            (Some("Who did it?"), Some("And why?"))
+        );
+        assert_eq!(c.last_message_at, Some(again.created_at));
+    }
 }

@@ -262,6 +262,9 @@ async fn a_conversation(s: &Subject, user: &str) -> ConversationId {
         conversation_id: ConversationId::new(),
         persona_id: with.persona_id.clone(),
         persona_name: "Sherlock Holmes".into(),
+        title: None,
+        last_message_at: None,
+        preview: None,
         created_at: shared::time::now_rfc3339(),
     };
     s.store

@@ -128,3 +128,278 @@ async fn a_reply_being_written_is_streaming() {
     .await;
     assert_eq!(messages[1]["request_id"], accepted["request_id"]);
 }
+
+async fn create(app: &TestApp, user: &User, body: Value) -> Value {
+    let (status, conv) = app.post(Some(&user.token), "/v1/conversations", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{conv}");
+    conv
+}
+
+async fn listed(app: &TestApp, user: &User, query: &str) -> Vec<String> {
+    let (status, page) = app
+        .get(Some(&user.token), &format!("/v1/conversations{query}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["conversation_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn conversations_are_records_people_manage(app: TestApp) {
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let holmes = app.persona(&alice, "Sherlock Holmes").await;
+    let pirate = app.persona(&alice, "a grumpy pirate who loves cats").await;
+    let id = |c: &Value| c["conversation_id"].as_str().unwrap().to_owned();
+
+    // Begun with the greeting: it is the preview; a title only when given.
+    let case = create(&app, &alice, json!({ "persona_id": holmes["persona_id"] })).await;
+    assert_eq!(case["title"], Value::Null);
+    assert_eq!(case["preview"], holmes["greeting"]);
+    assert_eq!(case["last_message_at"], case["created_at"]);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let voyage = create(
+        &app,
+        &alice,
+        json!({ "persona_id": pirate["persona_id"], "title": "  The voyage  " }),
+    )
+    .await;
+    assert_eq!(voyage["title"], "The voyage");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let other = create(&app, &alice, json!({ "persona_id": holmes["persona_id"] })).await;
+    let (case, voyage, other) = (id(&case), id(&voyage), id(&other));
+    assert_eq!(
+        listed(&app, &alice, "").await,
+        [other.clone(), voyage.clone(), case.clone()]
+    );
+
+    // A turn moves its conversation first, titles it, and the reply becomes its preview.
+    let accepted = say(&app, &alice, &case, "Who stole the Blue Carbuncle?").await;
+    let done = app
+        .finished(&alice, accepted["request_id"].as_str().unwrap())
+        .await;
+    let (_, record) = app
+        .get(Some(&alice.token), &format!("/v1/conversations/{case}"))
+        .await;
+    assert_eq!(record["title"], "Who stole the Blue Carbuncle?");
+    let reply = done["result"]["message"]["text"].as_str().unwrap();
+    let preview = record["preview"].as_str().unwrap();
+    assert!(
+        preview.ends_with('…') && reply.starts_with(preview.trim_end_matches('…')),
+        "{preview:?} of {reply:?}"
+    );
+    assert_eq!(
+        record["last_message_at"],
+        done["result"]["message"]["created_at"]
+    );
+    assert_eq!(
+        listed(&app, &alice, "").await,
+        [case.clone(), other.clone(), voyage.clone()]
+    );
+    let holmes_id = holmes["persona_id"].as_str().unwrap();
+    assert_eq!(
+        listed(&app, &alice, &format!("?persona_id={holmes_id}")).await,
+        [case.clone(), other.clone()]
+    );
+
+    // Renamed by its owner; others find nothing to rename or delete.
+    let path = format!("/v1/conversations/{voyage}");
+    let renamed = app
+        .send(
+            app.http
+                .patch(app.url(&path))
+                .bearer_auth(&alice.token)
+                .json(&json!({ "title": "Cats at sea" })),
+        )
+        .await;
+    assert_eq!(renamed.0, StatusCode::OK, "{}", renamed.1);
+    assert_eq!(renamed.1["title"], "Cats at sea");
+    for (body, code) in [
+        (json!({ "title": "   " }), "empty_title"),
+        (json!({ "title": "x".repeat(81) }), "title_too_long"),
+    ] {
+        let (status, err) = app
+            .send(
+                app.http
+                    .patch(app.url(&path))
+                    .bearer_auth(&alice.token)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(
+            (status, err["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code))
+        );
+    }
+    let (status, _) = app
+        .send(
+            app.http
+                .patch(app.url(&path))
+                .bearer_auth(&bob.token)
+                .json(&json!({ "title": "Mine" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.delete(Some(&bob.token), &path).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Deleted with its messages.
+    let gone = format!("/v1/conversations/{case}");
+    let (status, _) = app.delete(Some(&alice.token), &gone).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for path in [gone.clone(), format!("{gone}/messages")] {
+        let (status, _) = app.get(Some(&alice.token), &path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let (status, _) = app
+        .post(
+            Some(&alice.token),
+            &format!("{gone}/messages"),
+            json!({ "text": "Still there?" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.delete(Some(&alice.token), &gone).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(listed(&app, &alice, "").await, [other, voyage]);
+    assert!(listed(&app, &bob, "").await.is_empty());
+}
+
+#[tokio::test]
+async fn conversations_are_records_people_manage_on_the_embedded_default() {
+    conversations_are_records_people_manage(TestApp::start().await).await;
+}
+
+#[tokio::test]
+async fn conversations_are_records_people_manage_on_aws() {
+    conversations_are_records_people_manage(TestApp::builder().on_aws().start().await).await;
+}
+
+#[tokio::test]
+async fn a_conversation_begins_with_the_greeting_asked_for() {
+    let app = TestApp::start().await;
+    let alice = app.user("alice").await;
+    let persona = app.persona(&alice, "Sherlock Holmes").await;
+    let conv = create(&app, &alice, json!({ "persona_id": persona["persona_id"] })).await;
+    let messages = app
+        .all_messages(&alice, conv["conversation_id"].as_str().unwrap())
+        .await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(
+        (
+            messages[0]["role"].as_str(),
+            &messages[0]["text"],
+            messages[0]["status"].as_str()
+        ),
+        (Some("assistant"), &persona["greeting"], Some("complete"))
+    );
+    let (status, err) = app
+        .post(
+            Some(&alice.token),
+            "/v1/conversations",
+            json!({ "persona_id": persona["persona_id"], "greeting_index": 1 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["error"]["code"], "bad_greeting_index");
+}
+
+async fn patch(app: &TestApp, user: &User, path: &str, body: Value) -> (StatusCode, Value) {
+    app.send(
+        app.http
+            .patch(app.url(path))
+            .bearer_auth(&user.token)
+            .json(&body),
+    )
+    .await
+}
+
+async fn a_persona_is_edited_and_its_conversations_follow(app: TestApp) {
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let persona = app.persona(&alice, "Sherlock Holmes").await;
+    let persona_id = persona["persona_id"].as_str().unwrap();
+    let path = format!("/v1/personas/{persona_id}");
+    let conv = create(&app, &alice, json!({ "persona_id": persona_id })).await;
+    let conv = conv["conversation_id"].as_str().unwrap();
+
+    let (status, edited) = patch(
+        &app,
+        &alice,
+        &path,
+        json!({
+            "name": "  Mycroft Holmes ",
+            "alternate_greetings": ["Ah. You again.", "Sit down; you are late."]
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{edited}");
+    assert_eq!(edited["name"], "Mycroft Holmes");
+    assert_eq!(
+        edited["description"], persona["description"],
+        "the rest stays"
+    );
+    let (_, read) = app.get(Some(&alice.token), &path).await;
+    assert_eq!(read, edited);
+
+    // The conversation made before answers from the edited persona, under its new name.
+    let accepted = say(&app, &alice, conv, "Who are you?").await;
+    let done = app
+        .finished(&alice, accepted["request_id"].as_str().unwrap())
+        .await;
+    let reply = done["result"]["message"]["text"].as_str().unwrap();
+    assert!(reply.contains("As Mycroft Holmes"), "{reply}");
+    let (_, record) = app
+        .get(Some(&alice.token), &format!("/v1/conversations/{conv}"))
+        .await;
+    assert_eq!(record["persona_name"], "Mycroft Holmes");
+
+    // A new conversation may begin with an alternate greeting.
+    let second = create(
+        &app,
+        &alice,
+        json!({ "persona_id": persona_id, "greeting_index": 2 }),
+    )
+    .await;
+    let first = app
+        .all_messages(&alice, second["conversation_id"].as_str().unwrap())
+        .await;
+    assert_eq!(first[0]["text"], "Sit down; you are late.");
+
+    // Refused edits change nothing.
+    let too_many: Vec<String> = (0..11).map(|i| format!("Hello {i}")).collect();
+    for body in [
+        json!({}),
+        json!({ "name": "   " }),
+        json!({ "greeting": "x".repeat(2001) }),
+        json!({ "alternate_greetings": too_many }),
+        json!({ "alternate_greetings": ["fine", ""] }),
+    ] {
+        let (status, err) = patch(&app, &alice, &path, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {err}");
+        assert_eq!(err["error"]["code"], "invalid_persona", "{body}");
+    }
+    let (status, err) = patch(&app, &alice, &path, json!({ "source": "original" })).await;
+    assert!(
+        status.is_client_error(),
+        "unknown fields are refused: {status} {err}"
+    );
+    let (status, _) = patch(&app, &bob, &path, json!({ "name": "Moriarty" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, after) = app.get(Some(&alice.token), &path).await;
+    assert_eq!(after, edited);
+}
+
+#[tokio::test]
+async fn a_persona_is_edited_and_its_conversations_follow_on_the_embedded_default() {
+    a_persona_is_edited_and_its_conversations_follow(TestApp::start().await).await;
+}
+
+#[tokio::test]
+async fn a_persona_is_edited_and_its_conversations_follow_on_aws() {
+    a_persona_is_edited_and_its_conversations_follow(TestApp::builder().on_aws().start().await)
+        .await;
+}

@@ -213,7 +213,12 @@ async fn a_reply_stored_by_a_twin_delivery_stands_and_no_second_is_stored() {
     };
     app.adapters
         .store
-        .put_reply(&conv.as_str().into(), &user_message_id.into(), &earlier)
+        .put_reply(
+            &alice.user_id,
+            &conv.as_str().into(),
+            &user_message_id.into(),
+            &earlier,
+        )
         .await
         .unwrap();
 

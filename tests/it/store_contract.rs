@@ -83,6 +83,9 @@ fn conversation() -> Conversation {
         conversation_id: ConversationId::new(),
         persona_id: "per_x".into(),
         persona_name: "X".into(),
+        title: None,
+        last_message_at: None,
+        preview: None,
         created_at: shared::time::now_rfc3339(),
     }
 }
@@ -92,10 +95,11 @@ async fn stored_conversation<S: Store + ?Sized>(st: &S, user: &str) -> Conversat
     let p = persona("per_x", "X");
     st.put_persona(user, &p).await.unwrap();
     let conv = conversation();
-    st.create_conversation(user, &conv, &p, &greeting())
+    let greeting = greeting();
+    st.create_conversation(user, &conv, &p, &greeting)
         .await
         .unwrap();
-    conv
+    conv.begun_with(&greeting)
 }
 
 fn chat_request(conv: &str, m: &Message) -> RequestRecord {
@@ -183,7 +187,7 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
     );
     assert!(st.get_conversation("bob", c).await.unwrap().is_none());
     assert_eq!(
-        st.list_conversations("alice", 10, None)
+        st.list_conversations("alice", None, 10, None)
             .await
             .unwrap()
             .items,
@@ -199,12 +203,20 @@ async fn each_user_message_gets_one_reply_in_its_place(s: Subject) {
         .unwrap();
     // The reply to the second message lands first; the first's arrives late.
     let r2 = message(Role::Assistant, "reply two");
-    assert_eq!(st.put_reply(c, &m2.message_id, &r2).await.unwrap(), r2);
+    assert_eq!(
+        st.put_reply("alice", c, &m2.message_id, &r2).await.unwrap(),
+        r2
+    );
     let r1 = message(Role::Assistant, "reply one");
-    st.put_reply(c, &m1.message_id, &r1).await.unwrap();
+    st.put_reply("alice", c, &m1.message_id, &r1).await.unwrap();
     // A redelivery's reply does not replace the stored one.
     let twin = message(Role::Assistant, "a second reply");
-    assert_eq!(st.put_reply(c, &m1.message_id, &twin).await.unwrap(), r1);
+    assert_eq!(
+        st.put_reply("alice", c, &m1.message_id, &twin)
+            .await
+            .unwrap(),
+        r1
+    );
     assert_eq!(st.get_reply(c, &m1.message_id).await.unwrap().unwrap(), r1);
 
     let all = st.list_messages("alice", c, 10, None).await.unwrap();
@@ -260,7 +272,7 @@ async fn the_chat_context_is_the_persona_snapshot_and_the_turns_before(s: Subjec
             .unwrap();
     }
     for (m, text) in ms.iter().zip(["reply one", "reply two"]) {
-        st.put_reply(c, &m.message_id, &message(Role::Assistant, text))
+        st.put_reply("alice", c, &m.message_id, &message(Role::Assistant, text))
             .await
             .unwrap();
     }
@@ -270,7 +282,7 @@ async fn the_chat_context_is_the_persona_snapshot_and_the_turns_before(s: Subjec
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(context.conversation, conv);
+    assert_eq!(context.conversation.conversation_id, conv.conversation_id);
     assert_eq!(context.persona.as_ref().unwrap().name, "X");
     assert_eq!(texts(&context.history), ["greeting", "one", "reply one"]);
     let newest = st
@@ -319,6 +331,148 @@ async fn the_chat_context_is_the_persona_snapshot_and_the_turns_before(s: Subjec
         .await,
         Err(Error::NotFound)
     ));
+}
+
+/// A conversation of `user` with `persona` (stored already), a few milliseconds after the last
+/// one: listings order by time, to the millisecond.
+async fn conversation_with<S: Store + ?Sized>(
+    st: &S,
+    user: &str,
+    persona: &Persona,
+) -> ConversationId {
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    let conv = Conversation {
+        persona_id: persona.persona_id.clone(),
+        ..conversation()
+    };
+    st.create_conversation(user, &conv, persona, &greeting())
+        .await
+        .unwrap();
+    conv.conversation_id
+}
+
+async fn conversations_are_listed_by_activity_renamed_and_deleted(s: Subject) {
+    let st = s.store.as_ref();
+    let (one, two) = (persona("per_1", "One"), persona("per_2", "Two"));
+    st.put_persona("alice", &one).await.unwrap();
+    st.put_persona("alice", &two).await.unwrap();
+    let a = conversation_with(st, "alice", &one).await;
+    let b = conversation_with(st, "alice", &two).await;
+    let c = conversation_with(st, "alice", &one).await;
+    let ids = |page: Vec<Conversation>| {
+        page.into_iter()
+            .map(|c| c.conversation_id)
+            .collect::<Vec<_>>()
+    };
+    let list = |persona: Option<PersonaId>, limit: usize, token: Option<String>| async move {
+        st.list_conversations("alice", persona.as_ref(), limit, token.as_deref())
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        ids(list(None, 10, None).await.items),
+        [c.clone(), b.clone(), a.clone()]
+    );
+    let fresh = st.get_conversation("alice", &a).await.unwrap().unwrap();
+    assert_eq!(
+        (fresh.title.as_deref(), fresh.preview.as_deref()),
+        (None, Some("greeting")),
+        "untitled until the first message; the greeting is the latest"
+    );
+
+    // A message makes its conversation the latest, titles it, and its reply is the preview.
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    let asked = message(Role::User, "Who stole   the pearl?");
+    st.add_user_message("alice", &a, &asked, &chat_request(&a, &asked))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(list(None, 10, None).await.items),
+        [a.clone(), c.clone(), b.clone()]
+    );
+    let reply = message(Role::Assistant, "The butler, naturally.");
+    st.put_reply("alice", &a, &asked.message_id, &reply)
+        .await
+        .unwrap();
+    let now = st.get_conversation("alice", &a).await.unwrap().unwrap();
+    assert_eq!(now.title.as_deref(), Some("Who stole the pearl?"));
+    assert_eq!(now.preview.as_deref(), Some("The butler, naturally."));
+    assert_eq!(
+        now.last_message_at.as_deref(),
+        Some(reply.created_at.as_str())
+    );
+
+    // By persona, a page at a time.
+    let first = list(Some(one.persona_id.clone()), 1, None).await;
+    assert_eq!(ids(first.items), vec![a.clone()]);
+    let rest = list(Some(one.persona_id.clone()), 1, first.next_token).await;
+    assert_eq!(ids(rest.items), vec![c.clone()]);
+    if let Some(token) = rest.next_token {
+        assert!(list(Some(one.persona_id.clone()), 1, Some(token))
+            .await
+            .items
+            .is_empty());
+    }
+    assert_eq!(
+        ids(list(Some(two.persona_id.clone()), 10, None).await.items),
+        vec![b.clone()]
+    );
+
+    // Renamed by its owner only; a rename does not move it.
+    assert_eq!(
+        st.rename_conversation("alice", &b, "Case notes")
+            .await
+            .unwrap()
+            .title
+            .as_deref(),
+        Some("Case notes")
+    );
+    assert!(matches!(
+        st.rename_conversation("bob", &b, "Mine now").await,
+        Err(Error::NotFound)
+    ));
+    assert_eq!(
+        st.get_conversation("alice", &b)
+            .await
+            .unwrap()
+            .unwrap()
+            .title
+            .as_deref(),
+        Some("Case notes")
+    );
+    assert_eq!(
+        ids(list(None, 10, None).await.items),
+        [a.clone(), c.clone(), b.clone()]
+    );
+
+    // Deleted by its owner only, with its messages: nothing of it is left to read or add to.
+    assert!(matches!(
+        st.delete_conversation("bob", &a).await,
+        Err(Error::NotFound)
+    ));
+    st.delete_conversation("alice", &a).await.unwrap();
+    assert!(st.get_conversation("alice", &a).await.unwrap().is_none());
+    assert!(matches!(
+        st.list_messages("alice", &a, 10, None).await,
+        Err(Error::NotFound)
+    ));
+    assert!(st
+        .page_messages(&a, 10, None)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    let late = message(Role::User, "Still there?");
+    assert!(matches!(
+        st.add_user_message("alice", &a, &late, &chat_request(&a, &late))
+            .await,
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        st.delete_conversation("alice", &a).await,
+        Err(Error::NotFound)
+    ));
+    assert_eq!(ids(list(None, 10, None).await.items), [c, b]);
 }
 
 async fn a_user_message_goes_only_into_the_users_own_conversation(s: Subject) {
@@ -603,6 +757,7 @@ contract!(
     dynamodb_store => dynamodb;
     personas_are_written_once_listed_newest_first_and_paged,
     each_user_message_gets_one_reply_in_its_place,
+    conversations_are_listed_by_activity_renamed_and_deleted,
     a_user_message_goes_only_into_the_users_own_conversation,
     the_chat_context_is_the_persona_snapshot_and_the_turns_before,
     requests_only_move_forward_and_batches_count_them,

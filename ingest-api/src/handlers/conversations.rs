@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use shared::atomic::{Accept, UserMessage};
 use shared::domain::{
     Conversation, Message, RequestInput, RequestKind, RequestRecord, RequestStatus, Role,
+    TITLE_MAX_CHARS,
 };
 use shared::ids::{ConversationId, MessageId, PersonaId, RequestId};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::{accept, check_text, job_for, ListResponse, PageQuery};
 use crate::error::ApiError;
@@ -26,6 +27,37 @@ pub struct CreateConversation {
     #[serde(default)]
     #[schema(minimum = 0)]
     pub greeting_index: usize,
+    /// Its title; otherwise the opening words of the first message become it.
+    #[schema(max_length = 80)]
+    pub title: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RenameConversation {
+    #[schema(min_length = 1, max_length = 80)]
+    pub title: String,
+}
+
+/// `?limit=&next_token=&persona_id=` of the conversation list.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ConversationQuery {
+    /// 1 to 100; 20 when absent.
+    pub limit: Option<usize>,
+    /// The `next_token` of the previous page.
+    pub next_token: Option<String>,
+    /// Only the conversations with this persona.
+    pub persona_id: Option<String>,
+}
+
+/// A title as given: trimmed, not empty, not too long.
+fn check_title(title: &str) -> Result<String, ApiError> {
+    check_text(
+        title,
+        "title",
+        TITLE_MAX_CHARS,
+        "empty_title",
+        "title_too_long",
+    )
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -52,6 +84,7 @@ pub async fn create(
     caller: Caller,
     AppJson(body): AppJson<CreateConversation>,
 ) -> Result<(StatusCode, AppJson<Conversation>), ApiError> {
+    let title = body.title.as_deref().map(check_title).transpose()?;
     let persona = state
         .ports
         .store
@@ -75,8 +108,12 @@ pub async fn create(
         conversation_id: ConversationId::new(),
         persona_id: persona.persona_id.clone(),
         persona_name: persona.name.clone(),
-        created_at: shared::time::now_rfc3339(),
-    };
+        title,
+        last_message_at: None,
+        preview: None,
+        created_at: greeting.created_at.clone(),
+    }
+    .begun_with(&greeting);
     // The persona as it is now stays with the conversation (see `ConversationStore`).
     state
         .ports
@@ -90,17 +127,28 @@ pub async fn create(
     Ok((StatusCode::CREATED, AppJson(conversation)))
 }
 
-#[utoipa::path(get, path = "/v1/conversations", tag = "conversations", params(PageQuery),
-    responses((status = 200, body = ListResponse<Conversation>)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/conversations", tag = "conversations", params(ConversationQuery),
+    responses((status = 200, body = ListResponse<Conversation>, description = "Latest activity first")),
+    security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    AppQuery(q): AppQuery<PageQuery>,
+    AppQuery(q): AppQuery<ConversationQuery>,
 ) -> Result<AppJson<ListResponse<Conversation>>, ApiError> {
+    let paging = PageQuery {
+        limit: q.limit,
+        next_token: q.next_token,
+    };
+    let persona_id = q.persona_id.map(PersonaId::from);
     let page = state
         .ports
         .store
-        .list_conversations(caller.id(), q.limit()?, q.next_token.as_deref())
+        .list_conversations(
+            caller.id(),
+            persona_id.as_ref(),
+            paging.limit()?,
+            paging.next_token.as_deref(),
+        )
         .await?;
     Ok(AppJson(ListResponse {
         items: page.items,
@@ -122,6 +170,48 @@ pub async fn get(
         .await?
         .map(AppJson)
         .ok_or(ApiError::NotFound("conversation"))
+}
+
+#[utoipa::path(patch, path = "/v1/conversations/{id}", tag = "conversations", params(("id" = String, Path)),
+    request_body = RenameConversation,
+    responses((status = 200, body = Conversation), (status = 400), (status = 404)), security(("bearer" = [])))]
+pub async fn rename(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<ConversationId>,
+    AppJson(body): AppJson<RenameConversation>,
+) -> Result<AppJson<Conversation>, ApiError> {
+    let title = check_title(&body.title)?;
+    state
+        .ports
+        .store
+        .rename_conversation(caller.id(), &id, &title)
+        .await
+        .map(AppJson)
+        .map_err(|e| match e {
+            shared::Error::NotFound => ApiError::NotFound("conversation"),
+            other => other.into(),
+        })
+}
+
+#[utoipa::path(delete, path = "/v1/conversations/{id}", tag = "conversations", params(("id" = String, Path)),
+    responses((status = 204, description = "Deleted, with its messages"), (status = 404)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<ConversationId>,
+) -> Result<StatusCode, ApiError> {
+    match state
+        .ports
+        .store
+        .delete_conversation(caller.id(), &id)
+        .await
+    {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(shared::Error::NotFound) => Err(ApiError::NotFound("conversation")),
+        Err(other) => Err(other.into()),
+    }
 }
 
 #[utoipa::path(post, path = "/v1/conversations/{id}/messages", tag = "conversations",

@@ -1,11 +1,14 @@
-//! Personas: created asynchronously from a prompt (one or a batch), then listed, read, deleted.
+//! Personas: created asynchronously from a prompt (one or a batch), then listed, read, edited,
+//! deleted.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use shared::atomic::Accept;
-use shared::domain::{Batch, Persona, RequestInput, RequestKind, RequestRecord, RequestStatus};
+use shared::domain::{
+    Batch, Persona, PersonaEdit, RequestInput, RequestKind, RequestRecord, RequestStatus,
+};
 use shared::ids::{BatchId, PersonaId, RequestId};
 use utoipa::ToSchema;
 
@@ -169,6 +172,33 @@ pub async fn get(
         .await?
         .map(AppJson)
         .ok_or(ApiError::NotFound("persona"))
+}
+
+#[utoipa::path(patch, path = "/v1/personas/{id}", tag = "personas", params(("id" = String, Path)),
+    request_body = PersonaEdit,
+    responses((status = 200, body = Persona, description = "Edited; its conversations answer from it from their next message"),
+        (status = 400, description = "an empty or too long field, nothing to change (`invalid_persona`)"),
+        (status = 404)),
+    security(("bearer" = [])))]
+pub async fn edit(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<PersonaId>,
+    AppJson(body): AppJson<PersonaEdit>,
+) -> Result<AppJson<Persona>, ApiError> {
+    let edit = body
+        .checked()
+        .map_err(|message| ApiError::bad_request("invalid_persona", message))?;
+    match state
+        .ports
+        .store
+        .edit_persona(caller.id(), &id, &edit)
+        .await
+    {
+        Ok(persona) => Ok(AppJson(persona)),
+        Err(shared::Error::NotFound) => Err(ApiError::NotFound("persona")),
+        Err(other) => Err(other.into()),
+    }
 }
 
 #[utoipa::path(delete, path = "/v1/personas/{id}", tag = "personas", params(("id" = String, Path)),

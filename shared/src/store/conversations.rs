@@ -1,6 +1,6 @@
 //! The conversations port: conversations and their messages, a user message and its reply
-//! paired by turn. A conversation keeps a snapshot of its persona as it was when the
-//! conversation began: the model answers from it, and it outlives the persona (a deleted
+//! paired by turn. A conversation keeps a snapshot of its persona (as it began, replaced when
+//! the persona is edited): the model answers from it, and it outlives the persona (a deleted
 //! persona's conversations stay readable and refuse new messages: `Error::PersonaDeleted`). The rule that a conversation's messages are read only by its owner is
 //! written here once ([`ConversationStore::list_messages`]), not in every adapter.
 
@@ -11,7 +11,7 @@ use crate::domain::{
     Conversation, Message, MessageStatus, Page, Persona, RequestRecord, RequestResult,
     RequestStatus, Role,
 };
-use crate::ids::{ConversationId, MessageId};
+use crate::ids::{ConversationId, MessageId, PersonaId};
 use crate::{Error, Result};
 
 /// See [`ConversationStore::chat_context`].
@@ -40,15 +40,31 @@ pub trait ConversationStore: Send + Sync + 'static {
         user_id: &str,
         conversation_id: &ConversationId,
     ) -> Result<Option<Conversation>>;
-    /// Newest first.
+    /// Latest activity first (`last_message_at`); only those with `persona_id` when given.
     async fn list_conversations(
         &self,
         user_id: &str,
+        persona_id: Option<&PersonaId>,
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Conversation>>;
+    /// Gives a conversation its title; `NotFound` unless it is the user's.
+    async fn rename_conversation(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        title: &str,
+    ) -> Result<Conversation>;
+    /// Deletes a conversation with its messages; `NotFound` unless it is the user's. Its jobs
+    /// still queued then fail (`conversation_not_found`).
+    async fn delete_conversation(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+    ) -> Result<()>;
 
-    /// Appends a user message to a conversation and records the chat request that will answer
+    /// Appends a user message to a conversation (its latest activity: see
+    /// [`Activity`](crate::domain::Activity)) and records the chat request that will answer
     /// it, in one step; `NotFound` (and nothing stored) when the conversation is not the
     /// user's, `PersonaDeleted` when its persona is gone.
     async fn add_user_message(
@@ -58,10 +74,11 @@ pub trait ConversationStore: Send + Sync + 'static {
         message: &Message,
         request: &RequestRecord,
     ) -> Result<()>;
-    /// Stores the reply to user message `reply_to` unless one exists; returns the stored reply
-    /// (the earlier one, on a redelivery).
+    /// Stores the reply to user message `reply_to` unless one exists (the conversation's
+    /// latest activity); returns the stored reply (the earlier one, on a redelivery).
     async fn put_reply(
         &self,
+        user_id: &str,
         conversation_id: &ConversationId,
         reply_to: &MessageId,
         reply: &Message,

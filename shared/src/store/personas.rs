@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::domain::{Page, Persona};
+use crate::domain::{Page, Persona, PersonaEdit};
 use crate::ids::PersonaId;
 use crate::Result;
 
@@ -19,6 +19,15 @@ pub trait PersonaStore: Send + Sync + 'static {
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Persona>>;
+    /// Changes a persona as `edit` says and returns it; `NotFound` when it is not the user's.
+    /// Its conversations answer from the edited persona from their next message on (their
+    /// snapshots are replaced: see `ConversationStore`).
+    async fn edit_persona(
+        &self,
+        user_id: &str,
+        persona_id: &PersonaId,
+        edit: &PersonaEdit,
+    ) -> Result<Persona>;
     /// Returns whether something was deleted.
     async fn delete_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<bool>;
 }

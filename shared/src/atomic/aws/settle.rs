@@ -5,7 +5,7 @@
 use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
 
 use super::AwsAtomic;
-use crate::domain::{RequestInput, RequestRecord, RequestResult};
+use crate::domain::{Activity, RequestInput, RequestRecord, RequestResult};
 use crate::events::aws::Sequenced;
 use crate::events::Event;
 use crate::ids::RequestId;
@@ -20,10 +20,19 @@ struct SettleItems {
     items: Vec<TransactWriteItem>,
     /// The result record's put, when there is one.
     effect_at: Option<usize>,
+    /// The update of a reply's conversation (its latest activity), when there is one.
+    activity_at: Option<usize>,
     /// The request's put over the version read.
     request_at: usize,
     /// The user's event counter's put over the id it had.
     counter_at: usize,
+}
+
+impl SettleItems {
+    fn add_activity(&mut self, activity: Option<TransactWriteItem>) {
+        self.activity_at = activity.as_ref().map(|_| self.items.len());
+        self.items.extend(activity);
+    }
 }
 
 /// What one write of a request's state carries besides the transition.
@@ -36,6 +45,16 @@ pub(super) struct Extras<'a> {
     /// The outbox item of the job (`pk` and `sk`, a newline apart), deleted in the same
     /// transaction: the worker has the job (see `crate::job::with_outbox`).
     pub outbox: Option<&'a str>,
+}
+
+/// The events a write of `record` publishes: the reply's last fragment, then the update that
+/// ends it.
+fn settle_events(record: &RequestRecord, last_fragment: Option<&str>) -> Vec<Event> {
+    last_fragment
+        .map(|text| Event::delta(&record.request_id, text))
+        .into_iter()
+        .chain([Event::updated(record)])
+        .collect()
 }
 
 /// Applies `transition` to `record`, counting first an attempt that was never started (see
@@ -66,6 +85,8 @@ impl AwsAtomic {
         let mut transition = transition;
         // The result record to write, and where it goes; `None` once a twin's stands.
         let mut pending: Option<Item> = None;
+        // A reply's conversation update; `None` once the conversation is found gone.
+        let mut activity: Option<TransactWriteItem> = None;
         let mut first = true;
         // Tries lost to another process writing the user's events count apart: they say
         // nothing about the request.
@@ -80,19 +101,16 @@ impl AwsAtomic {
             if std::mem::take(&mut first) {
                 if let Transition::Succeed { result, .. } = &transition {
                     pending = Some(self.result_item(user_id, &record, result).await?);
+                    activity = self.activity_of(user_id, &record, result)?;
                 }
             }
             if !advance(&mut record, &transition, unstarted) {
                 return Ok(Some(record));
             }
-            // The reply's last fragment, then the update that ends it.
-            let events: Vec<Event> = last_fragment
-                .map(|text| Event::delta(&record.request_id, text))
-                .into_iter()
-                .chain([Event::updated(&record)])
-                .collect();
+            let events = settle_events(&record, last_fragment);
             let seq = self.events.sequenced(user_id, &events).await?;
             let mut tx = self.settle_items(user_id, &record, version, pending.as_ref(), &seq)?;
+            tx.add_activity(activity.clone());
             tx.items.extend(outbox.and_then(|k| self.outbox_delete(k)));
             let Some(cancelled) = self.transact(tx.items, "settle").await? else {
                 self.events.committed(seq).await;
@@ -106,7 +124,10 @@ impl AwsAtomic {
             } else {
                 drop(seq);
             }
-            if cancelled.failed(tx.effect_at) {
+            if cancelled.failed(tx.activity_at) {
+                // The conversation was deleted meanwhile: settle without moving it.
+                activity = None;
+            } else if cancelled.failed(tx.effect_at) {
                 // A twin delivery stored its result first: that one stands.
                 self.take_twin_result(pending.take(), &mut transition)
                     .await?;
@@ -211,9 +232,31 @@ impl AwsAtomic {
         Ok(SettleItems {
             items,
             effect_at,
+            activity_at: None,
             request_at,
             counter_at,
         })
+    }
+
+    /// The update that makes a reply its conversation's latest activity; `None` for a persona.
+    fn activity_of(
+        &self,
+        user_id: &str,
+        record: &RequestRecord,
+        result: &RequestResult,
+    ) -> Result<Option<TransactWriteItem>> {
+        match (result, &record.input) {
+            (
+                RequestResult::Message(reply),
+                RequestInput::Chat {
+                    conversation_id, ..
+                },
+            ) => self
+                .store
+                .activity_item(user_id, conversation_id, &Activity::of(reply))
+                .map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// Makes a `Succeed` carry the result a twin delivery stored first, in place of its own.

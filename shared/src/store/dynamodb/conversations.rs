@@ -7,15 +7,17 @@
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
-    ConditionCheck, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+    ConditionCheck, DeleteRequest, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    TransactWriteItem, Update, WriteRequest,
 };
 
 use super::{
-    body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
-    Item,
+    body, get_n, get_s, is_conditional_failure, key, msg_sk, n, put_if_absent, s, storage, user_pk,
+    Cancelled, DynamoStore, Item, ACTIVITY_INDEX,
 };
-use crate::domain::{Conversation, Message, Page, Persona, RequestRecord};
-use crate::ids::{ConversationId, MessageId};
+use crate::domain::{Activity, Conversation, Message, Page, Persona, RequestRecord};
+use crate::ids::{ConversationId, MessageId, PersonaId};
+use crate::store::token;
 use crate::store::{chat_context_in_reads, ChatContext, ConversationStore};
 use crate::{Error, Result};
 
@@ -23,6 +25,54 @@ use crate::{Error, Result};
 /// after every `MSG#` key, so one query, newest first, reads the snapshot and then the latest
 /// messages: a chat job's whole context in one round trip.
 const SNAPSHOT_SK: &str = "PERSONA";
+
+/// A conversation's record from its item (`USER#{user}` / `CONV#{id}`): the body as created,
+/// with what changed since in attributes of their own (`title`, `last_message_at`, `preview`:
+/// written by updates that need not read the body). `last_message_at` is also the activity
+/// index's sort key, and `persona_id` what a listing filters on.
+fn conversation_of(item: &Item) -> Result<Conversation> {
+    let mut conversation: Conversation = body(item)?;
+    if let Some(name) = get_s(item, "persona_name") {
+        conversation.persona_name = name.to_owned();
+    }
+    for (field, name) in [
+        (&mut conversation.title, "title"),
+        (&mut conversation.last_message_at, "last_message_at"),
+        (&mut conversation.preview, "preview"),
+    ] {
+        if let Some(value) = get_s(item, name) {
+            *field = Some(value.to_owned());
+        }
+    }
+    Ok(conversation)
+}
+
+/// How many index entries a listing reads per query (it stops early at its page's end).
+const LIST_READ: i32 = 100;
+
+/// The token after `item` in the activity index: its table key and its index key.
+fn activity_token(item: &Item) -> Option<String> {
+    let raw = serde_json::json!({
+        "pk": get_s(item, "pk")?,
+        "sk": get_s(item, "sk")?,
+        "at": get_s(item, "last_message_at")?,
+    });
+    Some(token::encode(&raw.to_string()))
+}
+
+fn activity_start(next_token: Option<&str>, pk: &str) -> Result<Option<Item>> {
+    let Some(t) = next_token else { return Ok(None) };
+    let bad = || Error::Invalid("next_token is not valid".into());
+    let raw: serde_json::Value =
+        serde_json::from_str(&token::decode(t).ok_or_else(bad)?).map_err(|_| bad())?;
+    let field = |name: &str| raw[name].as_str().map(str::to_owned).ok_or_else(bad);
+    if field("pk")? != pk {
+        return Err(bad());
+    }
+    let mut start = key(pk, field("sk")?);
+    start.insert("last_message_at".into(), s(field("at")?));
+    Ok(Some(start))
+}
 
 /// The turn of a message's sort key (`MSG#{turn:012}#{sub}`).
 fn sk_turn(sk: &str) -> Option<i64> {
@@ -128,19 +178,9 @@ impl DynamoStore {
             }
         };
         let turn = last + 1;
-        let owner = TransactWriteItem::builder()
-            .condition_check(
-                ConditionCheck::builder()
-                    .table_name(&self.table)
-                    .set_key(Some(key(
-                        user_pk(user_id),
-                        format!("CONV#{conversation_id}"),
-                    )))
-                    .condition_expression("attribute_exists(pk)")
-                    .build()
-                    .map_err(|e| storage("build a transaction item", e))?,
-            )
-            .build();
+        // The message is the conversation's latest activity; the update's condition is the
+        // check that the conversation is the user's.
+        let owner = self.activity_item(user_id, conversation_id, &Activity::of(message))?;
         let counter = self.counter_item(&conv_pk, last)?;
         let mut msg = key(&conv_pk, msg_sk(turn, 0));
         msg.insert("body".into(), s(serde_json::to_string(message)?));
@@ -156,6 +196,80 @@ impl DynamoStore {
             turn,
             _append: append,
         })
+    }
+
+    /// The update that makes `activity` a conversation's latest, on condition that the
+    /// conversation is the user's (the item exists). Unconditional otherwise: a condition on
+    /// the time would cancel the whole transaction it sits in, and a conversation's messages
+    /// are written in order anyway.
+    pub(crate) fn activity_item(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        activity: &Activity,
+    ) -> Result<TransactWriteItem> {
+        let update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                user_pk(user_id),
+                format!("CONV#{conversation_id}"),
+            )))
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":at", s(&activity.at))
+            .expression_attribute_values(":preview", s(&activity.preview));
+        let update = match &activity.title {
+            Some(title) => update
+                .update_expression(
+                    "SET last_message_at = :at, preview = :preview, \
+                     title = if_not_exists(title, :title)",
+                )
+                .expression_attribute_values(":title", s(title)),
+            None => update.update_expression("SET last_message_at = :at, preview = :preview"),
+        };
+        Ok(TransactWriteItem::builder()
+            .update(
+                update
+                    .build()
+                    .map_err(|e| storage("build a transaction item", e))?,
+            )
+            .build())
+    }
+
+    /// Deletes every item of a conversation's partition (its messages, their index, its
+    /// counter and snapshot), a page of keys at a time.
+    async fn purge_partition(&self, conversation_id: &ConversationId) -> Result<()> {
+        let pk = format!("CONV#{conversation_id}");
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(&pk))
+                .projection_expression("pk, sk")
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| storage("read a conversation's items", e))?;
+            for chunk in out.items.unwrap_or_default().chunks(25) {
+                let deletes = chunk
+                    .iter()
+                    .map(|k| {
+                        let delete = DeleteRequest::builder()
+                            .set_key(Some(k.clone()))
+                            .build()
+                            .map_err(|e| storage("build a delete", e))?;
+                        Ok(WriteRequest::builder().delete_request(delete).build())
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.batch_write(deletes).await?;
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     /// The last turn a conversation's counter item (`META`) holds: 0 when it has none, and
@@ -329,12 +443,19 @@ impl ConversationStore for DynamoStore {
         persona: &Persona,
         greeting: &Message,
     ) -> Result<()> {
+        let conversation = &conversation.clone().begun_with(greeting);
         let conv_pk = format!("CONV#{}", conversation.conversation_id);
         // The reply of turn 0, which has no user message: the counter starts at 0 all the same.
         let mut first = key(&conv_pk, msg_sk(0, 1));
         first.insert("body".into(), s(serde_json::to_string(greeting)?));
         let mut listed = key(user_pk(user_id), &conv_pk);
         listed.insert("body".into(), s(serde_json::to_string(conversation)?));
+        let last = conversation.last_message_at.clone().unwrap_or_default();
+        listed.insert("last_message_at".into(), s(last));
+        listed.insert("persona_id".into(), s(persona.persona_id.as_str()));
+        if let Some(title) = &conversation.title {
+            listed.insert("title".into(), s(title));
+        }
         let mut snapshot = key(&conv_pk, SNAPSHOT_SK);
         snapshot.insert("body".into(), s(serde_json::to_string(persona)?));
         snapshot.insert(
@@ -383,18 +504,118 @@ impl ConversationStore for DynamoStore {
         self.get(&user_pk(user_id), &format!("CONV#{conversation_id}"))
             .await?
             .as_ref()
-            .map(body)
+            .map(conversation_of)
             .transpose()
     }
 
+    /// From the activity index, newest first (eventually consistent, as every index read:
+    /// a conversation appears there a moment after its write). A persona filter applies after
+    /// the read, so a page is filled from as many reads as it takes, and its token continues
+    /// from its last conversation.
     async fn list_conversations(
         &self,
         user_id: &str,
+        persona_id: Option<&PersonaId>,
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Conversation>> {
-        self.page(&user_pk(user_id), "CONV#", false, limit, next_token)
-            .await
+        let pk = user_pk(user_id);
+        let mut start = activity_start(next_token, &pk)?;
+        let mut items = Vec::new();
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(ACTIVITY_INDEX)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(&pk))
+                .scan_index_forward(false)
+                .limit(LIST_READ)
+                .set_exclusive_start_key(start);
+            if let Some(persona_id) = persona_id {
+                query = query
+                    .filter_expression("persona_id = :persona")
+                    .expression_attribute_values(":persona", s(persona_id.as_str()));
+            }
+            let out = query
+                .send()
+                .await
+                .map_err(|e| storage("list conversations", e))?;
+            let read = out.items.unwrap_or_default();
+            let more = out.last_evaluated_key.is_some();
+            for (i, item) in read.iter().enumerate() {
+                items.push(conversation_of(item)?);
+                if items.len() == limit {
+                    let rest = i + 1 < read.len() || more;
+                    return Ok(Page {
+                        items,
+                        next_token: if rest { activity_token(item) } else { None },
+                    });
+                }
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(Page {
+                    items,
+                    next_token: None,
+                });
+            }
+        }
+    }
+
+    async fn rename_conversation(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        title: &str,
+    ) -> Result<Conversation> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                user_pk(user_id),
+                format!("CONV#{conversation_id}"),
+            )))
+            .update_expression("SET title = :title")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":title", s(title))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match out {
+            Ok(out) => conversation_of(&out.attributes.unwrap_or_default()),
+            Err(e) if is_conditional_failure(&e) => Err(Error::NotFound),
+            Err(e) => Err(storage("rename a conversation", e)),
+        }
+    }
+
+    /// The record first (the conversation is gone for its user, and its next message or
+    /// job finds it gone), then its partition. A crash between the two leaves items no
+    /// record leads to; a retried delete answers `NotFound` and leaves them: noted in
+    /// docs/architecture.md.
+    async fn delete_conversation(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+    ) -> Result<()> {
+        let out = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                user_pk(user_id),
+                format!("CONV#{conversation_id}"),
+            )))
+            .condition_expression("attribute_exists(pk)")
+            .send()
+            .await;
+        match out {
+            Ok(_) => self.purge_partition(conversation_id).await,
+            Err(e) if is_conditional_failure(&e) => Err(Error::NotFound),
+            Err(e) => Err(storage("delete a conversation", e)),
+        }
     }
 
     async fn add_user_message(
@@ -443,6 +664,7 @@ impl ConversationStore for DynamoStore {
 
     async fn put_reply(
         &self,
+        user_id: &str,
         conversation_id: &ConversationId,
         reply_to: &MessageId,
         reply: &Message,
@@ -455,6 +677,18 @@ impl ConversationStore for DynamoStore {
         let mut item = key(&pk, &sk);
         item.insert("body".into(), s(serde_json::to_string(reply)?));
         if self.put_new(item).await? {
+            let activity = self.activity_item(user_id, conversation_id, &Activity::of(reply))?;
+            // Gone meanwhile: the reply is stored all the same, and nothing to move.
+            let moved = self
+                .client
+                .transact_write_items()
+                .transact_items(activity)
+                .send()
+                .await;
+            if let Err(e) = moved {
+                let cancelled = Cancelled::of(e, "move a conversation's activity")?;
+                tracing::debug!(reasons = ?cancelled.0, "a reply's conversation is gone");
+            }
             return Ok(reply.clone());
         }
         // A twin delivery wrote first: its reply stands.

@@ -58,6 +58,55 @@ pub struct DynamoStore {
 /// Most message turns a store remembers.
 const TURNS_KEPT: usize = 10_000;
 
+/// The index that lists a user's conversations by their latest message: `pk` (the user's
+/// partition) and `last_message_at`, which only conversation items carry (a sparse index).
+/// The same in `infra/template.yaml`.
+pub(crate) const ACTIVITY_INDEX: &str = "by_activity";
+
+fn key_schema(
+    name: &str,
+    kt: aws_sdk_dynamodb::types::KeyType,
+) -> Result<aws_sdk_dynamodb::types::KeySchemaElement> {
+    aws_sdk_dynamodb::types::KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kt)
+        .build()
+        .map_err(|e| Error::config("key schema", e))
+}
+
+/// The attributes the table's and its index's keys are made of (all strings).
+fn key_attributes() -> Result<Vec<aws_sdk_dynamodb::types::AttributeDefinition>> {
+    use aws_sdk_dynamodb::types::{AttributeDefinition, ScalarAttributeType};
+    ["pk", "sk", "last_message_at"]
+        .into_iter()
+        .map(|name| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| Error::config("attribute definition", e))
+        })
+        .collect()
+}
+
+/// The activity index's key schema and projection (every attribute: conversation items are
+/// small, and a listing then reads nothing else).
+fn activity_index_parts() -> Result<(
+    Vec<aws_sdk_dynamodb::types::KeySchemaElement>,
+    aws_sdk_dynamodb::types::Projection,
+)> {
+    use aws_sdk_dynamodb::types::{KeyType, Projection, ProjectionType};
+    Ok((
+        vec![
+            key_schema("pk", KeyType::Hash)?,
+            key_schema("last_message_at", KeyType::Range)?,
+        ],
+        Projection::builder()
+            .projection_type(ProjectionType::All)
+            .build(),
+    ))
+}
+
 pub(crate) fn storage(op: &str, e: impl Into<crate::error::BoxError>) -> Error {
     Error::storage(format!("dynamodb {op}"), e)
 }
@@ -170,7 +219,65 @@ impl DynamoStore {
             return Self::create_table(client, table).await;
         }
         Self::wait_active(client, table).await?;
+        Self::ensure_activity_index(client, table).await?;
         Self::ensure_ttl(client, table).await
+    }
+
+    /// Adds the conversations' activity index to a table made before it, and waits until it
+    /// is built (DynamoDB fills a new index from the table's items; it answers queries only
+    /// once `ACTIVE`).
+    async fn ensure_activity_index(client: &Client, table: &str) -> Result<()> {
+        use aws_sdk_dynamodb::types::{
+            CreateGlobalSecondaryIndexAction, GlobalSecondaryIndexUpdate, IndexStatus,
+        };
+        let status = || async {
+            let described = client
+                .describe_table()
+                .table_name(table)
+                .send()
+                .await
+                .map_err(|e| storage("describe table", e))?;
+            Ok::<_, Error>(
+                described
+                    .table
+                    .and_then(|t| t.global_secondary_indexes)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|i| i.index_name() == Some(ACTIVITY_INDEX))
+                    .map(|i| i.index_status().cloned()),
+            )
+        };
+        if status().await?.is_none() {
+            let (key_schema, projection) = activity_index_parts()?;
+            client
+                .update_table()
+                .table_name(table)
+                .set_attribute_definitions(Some(key_attributes()?))
+                .global_secondary_index_updates(
+                    GlobalSecondaryIndexUpdate::builder()
+                        .create(
+                            CreateGlobalSecondaryIndexAction::builder()
+                                .index_name(ACTIVITY_INDEX)
+                                .set_key_schema(Some(key_schema))
+                                .projection(projection)
+                                .build()
+                                .map_err(|e| Error::config("activity index", e))?,
+                        )
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| storage("add the activity index", e))?;
+        }
+        for _ in 0..1800 {
+            match status().await? {
+                Some(Some(IndexStatus::Active)) | Some(None) => return Ok(()),
+                _ => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+            }
+        }
+        Err(Error::storage_msg(
+            "the activity index was not built within 30 minutes; run aws-init again",
+        ))
     }
 
     /// Waits until the table is `ACTIVE` (a new table is `CREATING` for a while, and refuses
@@ -222,31 +329,23 @@ impl DynamoStore {
     /// Creates the table (on-demand), waits until it is `ACTIVE`, and turns TTL on
     /// `expires_at` on.
     pub async fn create_table(client: &Client, table: &str) -> Result<()> {
-        use aws_sdk_dynamodb::types::{
-            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-        };
-        let attr = |name: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(|e| Error::config("attribute definition", e))
-        };
-        let schema = |name: &str, kt: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kt)
-                .build()
-                .map_err(|e| Error::config("key schema", e))
-        };
+        use aws_sdk_dynamodb::types::{BillingMode, GlobalSecondaryIndex, KeyType};
+        let (index_schema, projection) = activity_index_parts()?;
         client
             .create_table()
             .table_name(table)
             .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attr("pk")?)
-            .attribute_definitions(attr("sk")?)
-            .key_schema(schema("pk", KeyType::Hash)?)
-            .key_schema(schema("sk", KeyType::Range)?)
+            .set_attribute_definitions(Some(key_attributes()?))
+            .key_schema(key_schema("pk", KeyType::Hash)?)
+            .key_schema(key_schema("sk", KeyType::Range)?)
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(ACTIVITY_INDEX)
+                    .set_key_schema(Some(index_schema))
+                    .projection(projection)
+                    .build()
+                    .map_err(|e| Error::config("activity index", e))?,
+            )
             .send()
             .await
             .map_err(|e| storage("create table", e))?;
@@ -265,6 +364,32 @@ impl DynamoStore {
             .await
             .map_err(|e| storage("get", e))?
             .item)
+    }
+
+    /// Writes up to 25 puts or deletes in one batch, sending again what DynamoDB left
+    /// unprocessed (it does under throttling) a few times before giving up.
+    pub(crate) async fn batch_write(
+        &self,
+        mut writes: Vec<aws_sdk_dynamodb::types::WriteRequest>,
+    ) -> Result<()> {
+        for _ in 0..5 {
+            let out = self
+                .client
+                .batch_write_item()
+                .request_items(&self.table, writes)
+                .send()
+                .await
+                .map_err(|e| storage("batch write", e))?;
+            writes = out
+                .unprocessed_items
+                .and_then(|mut u| u.remove(&self.table))
+                .unwrap_or_default();
+            if writes.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Err(Error::storage_msg("dynamodb throttled a batch write"))
     }
 
     /// Puts an item unless one with its key exists; returns whether it was written.

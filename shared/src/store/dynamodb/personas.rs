@@ -1,41 +1,96 @@
-//! Personas on DynamoDB: `USER#{user}` / `PERSONA#{persona_id}`, written only if absent. Deleting
-//! one marks its conversations (`persona_deleted` on their `META`): they take no new messages.
+//! Personas on DynamoDB: `USER#{user}` / `PERSONA#{persona_id}`, written only if absent. Editing
+//! one replaces its conversations' snapshots; deleting one marks its conversations
+//! (`persona_deleted` on their `META`): they take no new messages.
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
-use super::{body, key, s, storage, user_pk, DynamoStore};
-use crate::domain::{Conversation, Page, Persona};
-use crate::ids::PersonaId;
+use super::{body, get_s, is_conditional_failure, key, s, storage, user_pk, DynamoStore};
+use crate::domain::{Conversation, Page, Persona, PersonaEdit};
+use crate::ids::{ConversationId, PersonaId};
 use crate::store::PersonaStore;
-use crate::Result;
+use crate::{Error, Result};
 
 impl DynamoStore {
     /// Marks the user's conversations with a deleted persona, so that their next message is
     /// refused by the accept's own condition (no read on its hot path). A rare write, as
     /// long as the user's list of conversations: read in pages, a conversation at a time.
     async fn close_conversations_of(&self, user_id: &str, persona_id: &PersonaId) -> Result<()> {
-        let mut next = None;
+        for id in self.conversations_of(user_id, persona_id).await? {
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(key(format!("CONV#{id}"), "META")))
+                .update_expression("SET persona_deleted = :yes")
+                .expression_attribute_values(":yes", AttributeValue::Bool(true))
+                .send()
+                .await
+                .map_err(|e| storage("close a conversation", e))?;
+        }
+        Ok(())
+    }
+
+    /// The user's conversations with a persona, read from the table (not the index: a
+    /// conversation made a moment ago is there too), a page at a time.
+    async fn conversations_of(
+        &self,
+        user_id: &str,
+        persona_id: &PersonaId,
+    ) -> Result<Vec<ConversationId>> {
+        let (mut ids, mut next) = (Vec::new(), None);
         loop {
             let page = self
                 .page::<Conversation>(&user_pk(user_id), "CONV#", true, 100, next.as_deref())
                 .await?;
-            for c in page.items.iter().filter(|c| &c.persona_id == persona_id) {
-                self.client
-                    .update_item()
-                    .table_name(&self.table)
-                    .set_key(Some(key(format!("CONV#{}", c.conversation_id), "META")))
-                    .update_expression("SET persona_deleted = :yes")
-                    .expression_attribute_values(":yes", AttributeValue::Bool(true))
-                    .send()
-                    .await
-                    .map_err(|e| storage("close a conversation", e))?;
-            }
+            ids.extend(
+                page.items
+                    .into_iter()
+                    .filter(|c| &c.persona_id == persona_id)
+                    .map(|c| c.conversation_id),
+            );
             match page.next_token {
                 Some(token) => next = Some(token),
-                None => return Ok(()),
+                None => return Ok(ids),
             }
         }
+    }
+
+    /// Gives the persona's conversations its edited self: their snapshots (what the model
+    /// answers from) and the name they show. A conversation deleted meanwhile is skipped.
+    async fn refresh_conversations_of(&self, user_id: &str, persona: &Persona) -> Result<()> {
+        let snapshot = serde_json::to_string(persona)?;
+        for id in self.conversations_of(user_id, &persona.persona_id).await? {
+            let writes = [
+                (
+                    key(format!("CONV#{id}"), "PERSONA"),
+                    "SET body = :v",
+                    s(&snapshot),
+                ),
+                (
+                    key(user_pk(user_id), format!("CONV#{id}")),
+                    "SET persona_name = :v",
+                    s(&persona.name),
+                ),
+            ];
+            for (at, expression, value) in writes {
+                let out = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(at))
+                    .update_expression(expression)
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":v", value)
+                    .send()
+                    .await;
+                match out {
+                    Ok(_) => {}
+                    Err(e) if is_conditional_failure(&e) => {}
+                    Err(e) => return Err(storage("refresh a conversation's persona", e)),
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -53,6 +108,52 @@ impl PersonaStore for DynamoStore {
             .as_ref()
             .map(body)
             .transpose()
+    }
+
+    /// Read, changed, and written back on condition that the stored body is still the one
+    /// read (an edit from another device meanwhile is not overwritten: this one is applied
+    /// to it instead). Then its conversations, as after a delete: a retried edit refreshes
+    /// what a failure half-way left.
+    async fn edit_persona(
+        &self,
+        user_id: &str,
+        persona_id: &PersonaId,
+        edit: &PersonaEdit,
+    ) -> Result<Persona> {
+        let at = key(user_pk(user_id), format!("PERSONA#{persona_id}"));
+        for _ in 0..5 {
+            let Some(item) = self
+                .get(&user_pk(user_id), &format!("PERSONA#{persona_id}"))
+                .await?
+            else {
+                return Err(Error::NotFound);
+            };
+            let read = get_s(&item, "body").unwrap_or_default().to_owned();
+            let mut persona: Persona = body(&item)?;
+            edit.apply(&mut persona);
+            let out = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(at.clone()))
+                .update_expression("SET body = :new")
+                .condition_expression("body = :read")
+                .expression_attribute_values(":new", s(serde_json::to_string(&persona)?))
+                .expression_attribute_values(":read", s(read))
+                .send()
+                .await;
+            match out {
+                Ok(_) => {
+                    self.refresh_conversations_of(user_id, &persona).await?;
+                    return Ok(persona);
+                }
+                Err(e) if is_conditional_failure(&e) => continue,
+                Err(e) => return Err(storage("edit a persona", e)),
+            }
+        }
+        Err(Error::Conflict(
+            "the persona kept changing; try again".into(),
+        ))
     }
 
     async fn list_personas(

@@ -45,7 +45,7 @@ impl RequestStore for DynamoStore {
         // Requests first, then the batch that names them: a crash in between leaves requests no
         // queue message points to and no client was told of (no 202 was sent).
         for chunk in requests.chunks(25) {
-            let mut writes = chunk
+            let writes = chunk
                 .iter()
                 .map(|r| {
                     Ok(WriteRequest::builder()
@@ -58,26 +58,7 @@ impl RequestStore for DynamoStore {
                         .build())
                 })
                 .collect::<Result<Vec<_>>>()?;
-            for _ in 0..5 {
-                let out = self
-                    .client
-                    .batch_write_item()
-                    .request_items(&self.table, writes.clone())
-                    .send()
-                    .await
-                    .map_err(|e| storage("write requests", e))?;
-                writes = out
-                    .unprocessed_items
-                    .and_then(|mut u| u.remove(&self.table))
-                    .unwrap_or_default();
-                if writes.is_empty() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            if !writes.is_empty() {
-                return Err(Error::storage_msg("dynamodb throttled the request writes"));
-            }
+            self.batch_write(writes).await?;
         }
         if let Some(b) = batch {
             let mut item = key(user_pk(user_id), format!("BATCH#{}", b.batch_id));

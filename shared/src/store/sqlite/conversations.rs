@@ -7,11 +7,9 @@ use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
 use super::personas::PERSONA_BY_ID;
-use super::{
-    bad_token, body_in, from_json, insert_request, one_body, page_by_id, to_json, SqliteStore,
-};
-use crate::domain::{Conversation, Message, Page, Persona, RequestRecord};
-use crate::ids::{ConversationId, MessageId};
+use super::{bad_token, body_in, from_json, insert_request, one_body, to_json, SqliteStore};
+use crate::domain::{Activity, Conversation, Message, Page, Persona, RequestRecord};
+use crate::ids::{ConversationId, MessageId, PersonaId};
 use crate::store::{token, ChatContext, ConversationStore};
 use crate::{Error, Result};
 
@@ -33,6 +31,24 @@ fn history_in(c: &Connection, conv: &str, msg: &str, limit: usize) -> Result<Vec
         .collect::<Result<Vec<Message>>>()?;
     out.reverse();
     Ok(out)
+}
+
+/// Makes `activity` a conversation's latest, unless a later one is recorded (a late write
+/// never moves it back): `last_message_at`, the preview, and the title it lacked.
+fn touch(c: &Connection, conversation_id: &ConversationId, activity: &Activity) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE conversations SET last_message_at = ?2,
+             body = json_set(body, '$.last_message_at', ?2, '$.preview', ?3,
+                             '$.title', COALESCE(json_extract(body, '$.title'), ?4))
+         WHERE conversation_id = ?1 AND last_message_at <= ?2",
+    )?
+    .execute(params![
+        conversation_id,
+        activity.at,
+        activity.preview,
+        activity.title
+    ])?;
+    Ok(())
 }
 
 /// Appends a user message as the conversation's next turn; `NotFound` when the conversation is
@@ -74,7 +90,7 @@ pub(crate) fn append_user_message(
         message.message_id,
         to_json(message)?
     ])?;
-    Ok(())
+    touch(c, conversation_id, &Activity::of(message))
 }
 
 /// Stores the reply to `reply_to` unless one exists; returns the one that stands.
@@ -101,6 +117,7 @@ pub(crate) fn put_reply_in(
             to_json(reply)?
         ])?;
     if inserted == 1 {
+        touch(c, conversation_id, &Activity::of(reply))?;
         return Ok(reply.clone());
     }
     let stored: String = c
@@ -120,10 +137,12 @@ impl ConversationStore for SqliteStore {
         persona: &Persona,
         greeting: &Message,
     ) -> Result<()> {
+        let conversation = conversation.clone().begun_with(greeting);
+        let last = conversation.last_message_at.clone().unwrap_or_default();
         let (user_id, id, body, snapshot) = (
             user_id.to_owned(),
             conversation.conversation_id.clone(),
-            to_json(conversation)?,
+            to_json(&conversation)?,
             to_json(persona)?,
         );
         let (greeting_id, greeting) = (greeting.message_id.clone(), to_json(greeting)?);
@@ -132,10 +151,10 @@ impl ConversationStore for SqliteStore {
             .write(move |tx| {
                 // Only while the persona is the user's: one deleted meanwhile is refused.
                 let made = tx.execute(
-                    "INSERT INTO conversations (user_id, conversation_id, body, persona)
-                     SELECT ?1, ?2, ?3, ?4
+                    "INSERT INTO conversations (user_id, conversation_id, body, persona, last_message_at)
+                     SELECT ?1, ?2, ?3, ?4, ?6
                      WHERE EXISTS (SELECT 1 FROM personas WHERE user_id = ?1 AND persona_id = ?5)",
-                    params![user_id, id, body, snapshot, persona_id],
+                    params![user_id, id, body, snapshot, persona_id, last],
                 )?;
                 if made == 0 {
                     return Err(Error::NotFound);
@@ -161,18 +180,101 @@ impl ConversationStore for SqliteStore {
     async fn list_conversations(
         &self,
         user_id: &str,
+        persona_id: Option<&PersonaId>,
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<Conversation>> {
-        page_by_id(
-            &self.db,
-            "conversations",
-            "conversation_id",
-            user_id,
-            limit,
-            next_token,
-        )
-        .await
+        // The token is the last row's (last_message_at, conversation_id); the first page starts
+        // above every time.
+        let (at, id) = match next_token {
+            Some(t) => {
+                let raw = token::decode(t).ok_or_else(bad_token)?;
+                let (at, id) = raw.split_once('\n').ok_or_else(bad_token)?;
+                (at.to_owned(), id.to_owned())
+            }
+            None => ("\u{10FFFF}".to_owned(), String::new()),
+        };
+        let (user_id, persona_id) = (user_id.to_owned(), persona_id.cloned());
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT last_message_at, conversation_id, body FROM conversations
+                     WHERE user_id = ?1 AND (last_message_at, conversation_id) < (?2, ?3)
+                       AND (?4 IS NULL OR json_extract(body, '$.persona_id') = ?4)
+                     ORDER BY last_message_at DESC, conversation_id DESC LIMIT ?5",
+                )?;
+                let rows = stmt
+                    .query_map(
+                        params![user_id, at, id, persona_id, limit as i64 + 1],
+                        |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, String>(2)?,
+                            ))
+                        },
+                    )?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let more = rows.len() > limit;
+                let rows = &rows[..rows.len().min(limit)];
+                let next_token = match rows.last() {
+                    Some((at, id, _)) if more => Some(token::encode(&format!("{at}\n{id}"))),
+                    _ => None,
+                };
+                let items = rows
+                    .iter()
+                    .map(|(_, _, body)| from_json(body))
+                    .collect::<Result<Vec<Conversation>>>()?;
+                Ok(Page { items, next_token })
+            })
+            .await
+    }
+
+    async fn rename_conversation(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        title: &str,
+    ) -> Result<Conversation> {
+        let (user_id, conv, title) = (
+            user_id.to_owned(),
+            conversation_id.to_owned(),
+            title.to_owned(),
+        );
+        self.db
+            .write(move |c| {
+                let body: Option<String> = c
+                    .query_row(
+                        "UPDATE conversations SET body = json_set(body, '$.title', ?3)
+                         WHERE user_id = ?1 AND conversation_id = ?2 RETURNING body",
+                        params![user_id, conv, title],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                from_json(&body.ok_or(Error::NotFound)?)
+            })
+            .await
+    }
+
+    async fn delete_conversation(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+    ) -> Result<()> {
+        let (user_id, conv) = (user_id.to_owned(), conversation_id.to_owned());
+        self.db
+            .write(move |c| {
+                let gone = c.execute(
+                    "DELETE FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
+                    params![user_id, conv],
+                )?;
+                if gone == 0 {
+                    return Err(Error::NotFound);
+                }
+                c.execute("DELETE FROM messages WHERE conversation_id = ?1", [&conv])?;
+                Ok(())
+            })
+            .await
     }
 
     async fn add_user_message(
@@ -198,6 +300,7 @@ impl ConversationStore for SqliteStore {
 
     async fn put_reply(
         &self,
+        _user_id: &str,
         conversation_id: &ConversationId,
         reply_to: &MessageId,
         reply: &Message,

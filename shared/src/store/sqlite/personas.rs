@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection};
 
 use super::{body_in, one_body, page_by_id, to_json, SqliteStore};
-use crate::domain::{Page, Persona};
+use crate::domain::{Page, Persona, PersonaEdit};
 use crate::ids::PersonaId;
 use crate::store::PersonaStore;
 use crate::{Error, Result};
@@ -39,6 +39,34 @@ impl PersonaStore for SqliteStore {
 
     async fn get_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<Option<Persona>> {
         one_body(&self.db, PERSONA_BY_ID, user_id, persona_id).await
+    }
+
+    async fn edit_persona(
+        &self,
+        user_id: &str,
+        persona_id: &PersonaId,
+        edit: &PersonaEdit,
+    ) -> Result<Persona> {
+        let (user_id, id, edit) = (user_id.to_owned(), persona_id.clone(), edit.clone());
+        self.db
+            .write(move |c| {
+                let mut persona: Persona =
+                    body_in(c, PERSONA_BY_ID, &user_id, &id)?.ok_or(Error::NotFound)?;
+                edit.apply(&mut persona);
+                let body = to_json(&persona)?;
+                c.execute(
+                    "UPDATE personas SET body = ?3 WHERE user_id = ?1 AND persona_id = ?2",
+                    params![user_id, id, body],
+                )?;
+                c.execute(
+                    "UPDATE conversations
+                     SET persona = ?3, body = json_set(body, '$.persona_name', ?4)
+                     WHERE user_id = ?1 AND json_extract(body, '$.persona_id') = ?2",
+                    params![user_id, id, body, persona.name],
+                )?;
+                Ok(persona)
+            })
+            .await
     }
 
     async fn list_personas(
