@@ -141,6 +141,7 @@ fn authenticated_routes(state: &AppState) -> Router<AppState> {
         )
         .route("/v1/auth/signout/all", post(auth::sign_out_everywhere))
         .route("/v1/requests/{id}", get(requests::get))
+        .route("/v1/requests/{id}/cancel", post(requests::cancel))
         .route("/v1/events", get(events::stream))
         // Layers run outside-in: authenticate (added last) runs before idempotency.
         .layer(from_fn_with_state(state.clone(), middleware::idempotency))

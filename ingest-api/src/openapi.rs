@@ -34,7 +34,7 @@ pub struct ErrorResponse {
         handlers::conversations::create, handlers::conversations::list, handlers::conversations::get,
         handlers::conversations::rename, handlers::conversations::delete,
         handlers::conversations::post_message, handlers::conversations::list_messages,
-        handlers::requests::get, handlers::events::stream,
+        handlers::requests::get, handlers::requests::cancel, handlers::events::stream,
         handlers::ops::healthz, handlers::ops::readyz, handlers::ops::metrics,
         handlers::ops::openapi, handlers::ops::jwks,
     ),

@@ -417,6 +417,9 @@ pub enum RequestStatus {
     Running,
     Succeeded,
     Failed,
+    /// Cancelled by its user: before it ran, or stopped while running (a chat reply keeps
+    /// what was written of it, as a `cancelled` message).
+    Cancelled,
 }
 
 impl RequestStatus {
@@ -426,6 +429,7 @@ impl RequestStatus {
             RequestStatus::Running => "running",
             RequestStatus::Succeeded => "succeeded",
             RequestStatus::Failed => "failed",
+            RequestStatus::Cancelled => "cancelled",
         }
     }
 
@@ -435,12 +439,16 @@ impl RequestStatus {
             "running" => RequestStatus::Running,
             "succeeded" => RequestStatus::Succeeded,
             "failed" => RequestStatus::Failed,
+            "cancelled" => RequestStatus::Cancelled,
             _ => return None,
         })
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, RequestStatus::Succeeded | RequestStatus::Failed)
+        matches!(
+            self,
+            RequestStatus::Succeeded | RequestStatus::Failed | RequestStatus::Cancelled
+        )
     }
 }
 
@@ -489,6 +497,10 @@ pub struct RequestRecord {
     pub status: RequestStatus,
     /// How many times a worker has started this job.
     pub attempts: u32,
+    /// Its user asked to cancel it while it ran: its worker stops it within a second or so,
+    /// and it ends `cancelled`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
     pub input: RequestInput,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
@@ -526,6 +538,7 @@ impl RequestRecord {
             kind,
             status: RequestStatus::Queued,
             attempts: 0,
+            cancel_requested: false,
             input,
             batch_id,
             result: None,
@@ -547,6 +560,9 @@ pub struct Batch {
     pub total: u32,
     pub succeeded: u32,
     pub failed: u32,
+    /// Cancelled by the user.
+    #[serde(default)]
+    pub cancelled: u32,
     pub pending: u32,
     #[schema(value_type = Vec<String>)]
     pub request_ids: Vec<RequestId>,
@@ -554,12 +570,13 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Counts `n` of the batch's requests as `status` says: succeeded, failed, or (queued,
-    /// running, unreadable) pending. Both stores count a batch with this, from zero.
+    /// Counts `n` of the batch's requests as `status` says: succeeded, failed, cancelled, or
+    /// (queued, running, unreadable) pending. Both stores count a batch with this, from zero.
     pub fn count(&mut self, status: Option<RequestStatus>, n: u32) {
         match status {
             Some(RequestStatus::Succeeded) => self.succeeded += n,
             Some(RequestStatus::Failed) => self.failed += n,
+            Some(RequestStatus::Cancelled) => self.cancelled += n,
             _ => self.pending += n,
         }
     }

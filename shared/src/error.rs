@@ -26,6 +26,9 @@ pub enum Error {
     /// new messages.
     #[error("the conversation's persona was deleted")]
     PersonaDeleted,
+    /// The job's user cancelled it: it stops, and its request ends `cancelled`.
+    #[error("the request was cancelled")]
+    Cancelled,
     #[error("invalid: {0}")]
     Invalid(String),
     #[error("unauthorized: {0}")]
@@ -107,6 +110,7 @@ impl Error {
             Error::NotFound => "not_found".into(),
             Error::Conflict(_) => "conflict".into(),
             Error::PersonaDeleted => "persona_deleted".into(),
+            Error::Cancelled => "cancelled".into(),
             Error::Invalid(_) => "invalid".into(),
             Error::Unauthorized(_) => "unauthorized".into(),
             Error::NotConfirmed(_) => "user_not_confirmed".into(),

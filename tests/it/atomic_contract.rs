@@ -610,6 +610,7 @@ async fn a_batch_is_accepted_whole(s: Subject) {
         total: 3,
         succeeded: 0,
         failed: 0,
+        cancelled: 0,
         pending: 3,
         request_ids: requests.iter().map(|r| r.request_id.clone()).collect(),
         created_at: shared::time::now_rfc3339(),

@@ -268,7 +268,10 @@ impl TestApp {
                 )
                 .await;
             assert_eq!(status, StatusCode::OK, "{body}");
-            if matches!(body["status"].as_str(), Some("succeeded" | "failed")) {
+            if matches!(
+                body["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
                 return body;
             }
         }

@@ -2,16 +2,20 @@
 //! persona's greeting, and conversations and personas as records to manage. On both backends
 //! where the storage differs.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::{Hangs, TestApp, User};
+use async_trait::async_trait;
 use characterbot::Models;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::domain::RequestKind;
 use shared::ids::RequestId;
-use shared::models::offline::OfflinePersonaModel;
+use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
+use shared::models::{ChatModel, ChatRequest, ModelOutput};
+use tokio::sync::mpsc::UnboundedSender;
 
 /// An app with a persona worker and no chat worker (each test starts its own).
 async fn without_chat_workers(aws: bool) -> TestApp {
@@ -401,5 +405,197 @@ async fn a_persona_is_edited_and_its_conversations_follow_on_the_embedded_defaul
 #[tokio::test]
 async fn a_persona_is_edited_and_its_conversations_follow_on_aws() {
     a_persona_is_edited_and_its_conversations_follow(TestApp::builder().on_aws().start().await)
+        .await;
+}
+
+/// A chat model that counts its calls and answers as the offline engine does.
+struct Counting {
+    calls: AtomicUsize,
+    inner: OfflineChatModel,
+}
+
+#[async_trait]
+impl ChatModel for Counting {
+    fn model(&self) -> &str {
+        "offline"
+    }
+    async fn reply(
+        &self,
+        request: &ChatRequest,
+        tx: Option<UnboundedSender<String>>,
+    ) -> shared::Result<ModelOutput<String>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.reply(request, tx).await
+    }
+}
+
+/// A chat model that writes the first words of a reply, then never finishes; tells when its
+/// call is dropped (stopped).
+struct Stalls {
+    dropped: Arc<AtomicBool>,
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+const FIRST_WORDS: &str = "It was a dark and stormy night; ";
+
+#[async_trait]
+impl ChatModel for Stalls {
+    fn model(&self) -> &str {
+        "stalls"
+    }
+    async fn reply(
+        &self,
+        _: &ChatRequest,
+        tx: Option<UnboundedSender<String>>,
+    ) -> shared::Result<ModelOutput<String>> {
+        let _stopped = SetOnDrop(self.dropped.clone());
+        if let Some(tx) = tx {
+            let _ = tx.send(FIRST_WORDS.to_owned());
+        }
+        std::future::pending().await
+    }
+}
+
+fn with_chat(chat: Arc<dyn ChatModel>) -> Models {
+    Models {
+        persona: Arc::new(OfflinePersonaModel::default()),
+        chat,
+    }
+}
+
+async fn cancel(app: &TestApp, user: &User, request_id: &str) -> (StatusCode, Value) {
+    app.post(
+        Some(&user.token),
+        &format!("/v1/requests/{request_id}/cancel"),
+        json!({}),
+    )
+    .await
+}
+
+async fn a_queued_turn_is_cancelled_without_running(app: TestApp) {
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let first = say(&app, &alice, &conv, "Never mind this one.").await;
+    let first_id = first["request_id"].as_str().unwrap();
+    let (status, _) = cancel(&app, &bob, first_id).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not bob's to cancel");
+    let (status, cancelled) = cancel(&app, &alice, first_id).await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled");
+    let (status, again) = cancel(&app, &alice, first_id).await;
+    assert_eq!(
+        (status, &again["status"]),
+        (StatusCode::OK, &json!("cancelled"))
+    );
+
+    // A worker comes: the cancelled turn does not reach the model; the next one is answered.
+    let model = Arc::new(Counting {
+        calls: AtomicUsize::new(0),
+        inner: OfflineChatModel::default(),
+    });
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let second = say(&app, &alice, &conv, "What do you make of it?").await;
+    let done = app
+        .finished(&alice, second["request_id"].as_str().unwrap())
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        model.calls.load(Ordering::SeqCst),
+        1,
+        "only the second turn ran"
+    );
+    let (_, first_now) = app
+        .get(Some(&alice.token), &format!("/v1/requests/{first_id}"))
+        .await;
+    assert_eq!(first_now["status"], "cancelled");
+    let messages = app.messages(&alice, &conv).await;
+    let statuses: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("user", "complete"),
+            ("assistant", "cancelled"),
+            ("user", "complete"),
+            ("assistant", "complete")
+        ]
+    );
+    assert_eq!(messages[1]["text"], "");
+    let (status, err) = cancel(&app, &alice, second["request_id"].as_str().unwrap()).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("request_finished"))
+    );
+}
+
+#[tokio::test]
+async fn a_queued_turn_is_cancelled_without_running_on_the_embedded_default() {
+    a_queued_turn_is_cancelled_without_running(without_chat_workers(false).await).await;
+}
+
+#[tokio::test]
+async fn a_queued_turn_is_cancelled_without_running_on_aws() {
+    a_queued_turn_is_cancelled_without_running(without_chat_workers(true).await).await;
+}
+
+async fn a_reply_being_written_is_stopped_and_keeps_its_beginning(app: TestApp) {
+    let alice = app.user("alice").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let dropped = Arc::new(AtomicBool::new(false));
+    app.start_worker(
+        RequestKind::Chat,
+        &with_chat(Arc::new(Stalls {
+            dropped: dropped.clone(),
+        })),
+    );
+    let accepted = say(&app, &alice, &conv, "Tell me a story.").await;
+    let request_id = accepted["request_id"].as_str().unwrap();
+    app.running(&alice, request_id).await;
+    let (status, asked) = cancel(&app, &alice, request_id).await;
+    assert_eq!(status, StatusCode::OK, "{asked}");
+    assert_eq!(
+        (
+            asked["status"].as_str(),
+            asked["cancel_requested"].as_bool()
+        ),
+        (Some("running"), Some(true)),
+        "its worker is told"
+    );
+    let done = app.finished(&alice, request_id).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert!(dropped.load(Ordering::SeqCst), "the model call was stopped");
+    let reply = &done["result"]["message"];
+    assert_eq!(
+        (reply["text"].as_str(), reply["status"].as_str()),
+        (Some(FIRST_WORDS), Some("cancelled"))
+    );
+    let messages = app.messages(&alice, &conv).await;
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1]["message_id"], reply["message_id"]);
+    assert_eq!(
+        (messages[1]["text"].as_str(), messages[1]["status"].as_str()),
+        (Some(FIRST_WORDS), Some("cancelled"))
+    );
+}
+
+#[tokio::test]
+async fn a_reply_being_written_is_stopped_and_keeps_its_beginning_on_the_embedded_default() {
+    a_reply_being_written_is_stopped_and_keeps_its_beginning(without_chat_workers(false).await)
+        .await;
+}
+
+#[tokio::test]
+async fn a_reply_being_written_is_stopped_and_keeps_its_beginning_on_aws() {
+    a_reply_being_written_is_stopped_and_keeps_its_beginning(without_chat_workers(true).await)
         .await;
 }

@@ -532,6 +532,7 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
         total: 3,
         succeeded: 0,
         failed: 0,
+        cancelled: 0,
         pending: 3,
         request_ids: requests.iter().map(|r| r.request_id.clone()).collect(),
         created_at: shared::time::now_rfc3339(),

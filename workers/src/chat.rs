@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use shared::domain::{Message, RequestInput, RequestKind, RequestRecord, RequestResult, Role};
+use shared::domain::{
+    Message, MessageStatus, RequestInput, RequestKind, RequestRecord, RequestResult, Role,
+};
 use shared::events::Event;
 use shared::events::EventBus;
 use shared::ids::RequestId;
@@ -56,6 +58,10 @@ impl Job for ChatJob {
         RequestKind::Chat
     }
 
+    fn stopped(&self, request: &RequestRecord, written: String) -> Option<RequestResult> {
+        self.cancelled_reply(request, written)
+    }
+
     async fn run(&self, request: &RequestRecord, ctx: &JobContext) -> Result<JobOutput> {
         let chat = self.chat_request(request, &ctx.user_id).await?;
         let (out, last_fragment) = self
@@ -80,6 +86,23 @@ impl Job for ChatJob {
 }
 
 impl ChatJob {
+    /// The beginning of a reply whose user cancelled it midway: a `cancelled` message.
+    fn cancelled_reply(&self, request: &RequestRecord, written: String) -> Option<RequestResult> {
+        if written.trim().is_empty() {
+            return None;
+        }
+        Some(RequestResult::Message(Message {
+            model: Some(self.model.model().to_owned()),
+            status: MessageStatus::Cancelled,
+            ..Message::new(
+                request.request_id.reply_id(),
+                Role::Assistant,
+                written,
+                Some(request.request_id.clone()),
+            )
+        }))
+    }
+
     /// What the model is asked: the persona, the history that fits, the user's text.
     async fn chat_request(&self, request: &RequestRecord, user_id: &str) -> Result<ChatRequest> {
         let RequestInput::Chat {
@@ -103,6 +126,9 @@ impl ChatJob {
                     "the conversation no longer exists",
                 )
             })?;
+        if context.cancelled {
+            return Err(Error::Cancelled);
+        }
         let persona = context.persona.ok_or_else(|| {
             permanent(
                 "persona_not_found",
@@ -134,12 +160,20 @@ impl ChatJob {
         // with the settlement instead of in a write of its own.
         let forward = async move {
             while let Some(mut text) = rx.recv().await {
-                loop {
+                let closed = loop {
                     match rx.try_recv() {
                         Ok(more) => text.push_str(&more),
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => return Some(text),
+                        Err(TryRecvError::Empty) => break false,
+                        Err(TryRecvError::Disconnected) => break true,
                     }
+                };
+                // Kept for a cancel midway (see `Job::stopped`).
+                ctx.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&text);
+                if closed {
+                    return Some(text);
                 }
                 // Seen running before its first fragment (see `crate::start`); nothing more of a
                 // job whose request finished elsewhere.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use shared::atomic::{Atomic, Found};
-use shared::domain::{RequestKind, RequestRecord, RequestResult, Usage};
+use shared::domain::{RequestKind, RequestRecord, RequestResult, RequestStatus, Usage};
 use shared::job::Job as QueuedJob;
 use shared::metrics::{KindLabels, Metrics};
 use shared::queue::{Delivery, Queue};
@@ -49,6 +49,9 @@ pub struct JobContext {
     /// Marks the request running; a job that pushes progress calls it first, so that no
     /// fragment reaches a client before the request is seen running.
     pub start: Arc<StartGate>,
+    /// What the job has written so far (a reply's fragments, as they arrive): kept when its
+    /// user cancels it midway (see [`Job::stopped`]).
+    pub written: Arc<std::sync::Mutex<String>>,
 }
 
 /// What a finished job leaves on its request.
@@ -64,9 +67,20 @@ pub struct JobOutput {
 #[async_trait]
 pub trait Job: Send + Sync + 'static {
     fn kind(&self) -> RequestKind;
-    /// Does the work of one request; must be idempotent.
+    /// Does the work of one request; must be idempotent. `Error::Cancelled` stops it as its
+    /// user asked.
     async fn run(&self, request: &RequestRecord, ctx: &JobContext) -> Result<JobOutput>;
+    /// What a job stopped by its user leaves, from what it had `written`: nothing, unless
+    /// a job says otherwise (a chat reply keeps its beginning).
+    fn stopped(&self, request: &RequestRecord, written: String) -> Option<RequestResult> {
+        let _ = (request, written);
+        None
+    }
 }
+
+/// How often a running job checks whether its user asked to cancel it; a job done sooner
+/// never checks (and costs no read for it).
+const CANCEL_POLL: Duration = Duration::from_secs(1);
 
 pub struct Consumer {
     pub job: Arc<dyn Job>,
@@ -248,28 +262,34 @@ impl Consumer {
         let attempts = record.attempts + 1;
         let start = self.start_gate(delivery, msg).await;
         let attempt_started = Instant::now();
+        let ctx = JobContext {
+            user_id: msg.user_id.clone(),
+            attempt: attempts,
+            start: start.clone(),
+            written: Arc::default(),
+        };
         let outcome = if start.is_superseded() {
             None
+        } else if record.cancel_requested {
+            // Its worker died after the cancel was asked: not run again.
+            Some(Outcome::Cancelled(None))
         } else if attempts > limits.max_attempts {
             // Earlier attempts never settled: their workers died mid-job.
             Some(Outcome::Exhausted)
         } else {
-            let ctx = JobContext {
-                user_id: msg.user_id.clone(),
-                attempt: attempts,
-                start: start.clone(),
-            };
             let budget = self.options.job_timeout.max(Duration::from_secs(1));
             tokio::select! {
                 _ = cancel.cancelled() => Some(Outcome::Interrupted),
                 r = tokio::time::timeout(budget, self.run_with_retries(&record, &ctx)) => Some(match r {
                     Ok(Ok(out)) => Outcome::Succeeded(Box::new(out)),
+                    Ok(Err(Error::Cancelled)) => Outcome::Cancelled(None),
                     Ok(Err(e)) => Outcome::Failed(e),
                     Err(_) => Outcome::Failed(Error::ModelTransient {
                         message: format!("the job did not finish within {}s", budget.as_secs()),
                         retry_after: None,
                     }),
                 }),
+                () = self.cancel_asked(msg) => Some(Outcome::Cancelled(self.stopped(&record, &ctx))),
                 () = start.superseded() => None,
                 never = start.after_a_while() => match never {},
                 never = &mut hidden => match never {},
@@ -317,6 +337,26 @@ impl Consumer {
             start.ensure().await;
         }
         Arc::new(start)
+    }
+
+    /// Resolves once the job's user asked to cancel it (`Atomic::cancel`): checked every
+    /// [`CANCEL_POLL`] while the job runs, from across processes (the request's record says).
+    async fn cancel_asked(&self, msg: &QueuedJob) {
+        loop {
+            tokio::time::sleep(CANCEL_POLL).await;
+            match self.atomic.look(&msg.user_id, &msg.request_id, None).await {
+                Ok(Found::Pending(r)) if r.cancel_requested => return,
+                Ok(Found::Finished(r)) if r.status == RequestStatus::Cancelled => return,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %Report(&e), "could not check for a cancel"),
+            }
+        }
+    }
+
+    /// What a job stopped midway leaves (see [`Job::stopped`]).
+    fn stopped(&self, record: &RequestRecord, ctx: &JobContext) -> Option<Box<RequestResult>> {
+        let written = std::mem::take(&mut *ctx.written.lock().unwrap_or_else(|e| e.into_inner()));
+        self.job.stopped(record, written).map(Box::new)
     }
 
     /// Drops a delivery whose start found its request finished by a twin delivery, or gone.

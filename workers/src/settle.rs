@@ -82,6 +82,10 @@ impl Consumer {
                 };
                 (Transition::Fail { error }, ack, "dead_lettered")
             }
+            Settlement::Stop(result) => {
+                tracing::info!(kept = result.is_some(), "cancelled by its user; stopped");
+                (Transition::Stopped { result }, Ack::Delete, "cancelled")
+            }
             Settlement::Release => {
                 tracing::info!("shutting down; message handed back to the queue");
                 let error = ErrorBody {

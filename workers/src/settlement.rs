@@ -12,13 +12,14 @@
 //! | transient error, last attempt                          | `DeadLetter` (gave up)      |
 //! | started more than `max_attempts` times, never settled  | `DeadLetter` (not run)      |
 //! | shutdown before the job finished                       | `Release`                   |
+//! | its user cancelled it                                  | `Stop` (keeps what it wrote) |
 //!
 //! Attempts are counted by the request (each start adds one; a release takes it back), not by
 //! the queue's receive count: deploys and restarts never use up a job's attempts.
 
 use std::time::Duration;
 
-use shared::domain::ErrorBody;
+use shared::domain::{ErrorBody, RequestResult};
 use shared::error::Report;
 use shared::Error;
 
@@ -35,6 +36,8 @@ pub enum Outcome {
     Failed(Error),
     /// Shutdown interrupted the attempt.
     Interrupted,
+    /// Its user cancelled it; what it had written, if it keeps any.
+    Cancelled(Option<Box<RequestResult>>),
 }
 
 /// The retry policy, from the worker's options.
@@ -59,6 +62,8 @@ pub enum Settlement {
     DeadLetter { error: ErrorBody },
     /// Queue the request again without counting the attempt; the message comes back at once.
     Release,
+    /// End the request `cancelled`, keeping what the job wrote; delete the message.
+    Stop(Option<Box<RequestResult>>),
 }
 
 /// Decides the settlement of an attempt. `attempts` counts this one; `jitter`, in `[0, 1)`, is
@@ -68,6 +73,7 @@ pub fn decide(outcome: Outcome, attempts: u32, limits: &Limits, jitter: f64) -> 
     match outcome {
         Outcome::Succeeded(out) => Settlement::Succeed(out),
         Outcome::Interrupted => Settlement::Release,
+        Outcome::Cancelled(result) => Settlement::Stop(result),
         Outcome::Exhausted => Settlement::DeadLetter {
             error: ErrorBody {
                 code: "max_attempts_exceeded".into(),

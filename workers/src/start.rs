@@ -136,6 +136,9 @@ mod tests {
             );
             Ok((self.answer)(record))
         }
+        async fn cancel(&self, _: &str, _: &RequestId) -> Result<Option<RequestRecord>> {
+            unreachable!("not used by the gate")
+        }
         async fn settle(&self, _: &Delivery, _: Settle) -> Result<Option<RequestRecord>> {
             unreachable!("not used by the gate")
         }

@@ -113,6 +113,7 @@ pub async fn create_batch(
         total: requests.len() as u32,
         succeeded: 0,
         failed: 0,
+        cancelled: 0,
         pending: requests.len() as u32,
         request_ids: request_ids.clone(),
         created_at: shared::time::now_rfc3339(),

@@ -1,11 +1,11 @@
-//! The poll endpoint of asynchronous jobs, with optional long polling.
+//! The poll endpoint of asynchronous jobs, with optional long polling, and their cancel.
 
 use std::time::Duration;
 
 use axum::extract::State;
 use futures::StreamExt;
 use serde::Deserialize;
-use shared::domain::RequestRecord;
+use shared::domain::{RequestRecord, RequestStatus};
 use shared::ids::RequestId;
 use utoipa::IntoParams;
 
@@ -24,6 +24,37 @@ const RECHECK: Duration = Duration::from_secs(5);
 pub struct WaitQuery {
     /// Seconds to wait for the request to finish before answering (0 to 20).
     pub wait: Option<u64>,
+}
+
+#[utoipa::path(post, path = "/v1/requests/{id}/cancel", tag = "requests", params(("id" = String, Path)),
+    responses(
+        (status = 200, body = RequestRecord, description = "Queued: now `cancelled` (its job will not run). \
+            Running: `cancel_requested`; its worker stops it within about a second and it ends `cancelled`, \
+            a chat reply keeping what was written of it. Cancelled already: as it is."),
+        (status = 404),
+        (status = 409, description = "it had finished (`request_finished`)")),
+    security(("bearer" = [])))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<RequestId>,
+) -> Result<AppJson<RequestRecord>, ApiError> {
+    let record = state
+        .ports
+        .atomic
+        .cancel(caller.id(), &id)
+        .await?
+        .ok_or(ApiError::NotFound("request"))?;
+    match record.status {
+        RequestStatus::Succeeded | RequestStatus::Failed => Err(ApiError::Conflict {
+            code: "request_finished",
+            message: format!(
+                "the request had {} already; there is nothing to cancel",
+                record.status.as_str()
+            ),
+        }),
+        _ => Ok(AppJson(record)),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/requests/{id}", tag = "requests", params(("id" = String, Path), WaitQuery),

@@ -87,8 +87,8 @@ pub struct Settle {
     pub kind: RequestKind,
     pub user_id: String,
     pub request_id: RequestId,
-    /// A `Succeed` transition stores its result as a record too: the persona, or the reply to
-    /// the request's user message. A twin delivery that settled first keeps its record, and
+    /// A `Succeed` transition (and a `Stopped` one with a partial reply) stores its result as
+    /// a record too: the persona, or the reply to the request's user message. A twin delivery that settled first keeps its record, and
     /// the request then carries that one.
     pub transition: Transition,
     pub ack: Ack,
@@ -160,6 +160,12 @@ pub trait Atomic: Send + Sync + 'static {
         let _ = delivery;
         self.start(user_id, request_id).await
     }
+
+    /// Cancels a request for its user and publishes the change, in one step: a queued one
+    /// ends `cancelled` (its job, when delivered, does not run), a running one is marked for
+    /// its worker to stop (`cancel_requested`). A finished one is returned as it is; `None`
+    /// when there is no such request of the user.
+    async fn cancel(&self, user_id: &str, request_id: &RequestId) -> Result<Option<RequestRecord>>;
 
     /// Applies `settle` to the request and to `delivery`'s message in one step (on AWS: the
     /// records in one transaction, then the queue). Returns the request as it now stands, or

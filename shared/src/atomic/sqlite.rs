@@ -183,6 +183,26 @@ impl Atomic for SqliteAtomic {
         Ok(started)
     }
 
+    async fn cancel(&self, user_id: &str, request_id: &RequestId) -> Result<Option<RequestRecord>> {
+        let (user_id, id) = (user_id.to_owned(), request_id.to_owned());
+        let record = self
+            .db
+            .write(move |c| {
+                let Some(record) = owned_request(c, &user_id, &id)? else {
+                    return Ok(None);
+                };
+                if record.status.is_final() {
+                    return Ok(Some(record));
+                }
+                let (record, _) = transition_in(c, &id, Transition::Cancel)?;
+                publish_update(c, &user_id, &record)?;
+                Ok(Some(record))
+            })
+            .await?;
+        self.events.wake();
+        Ok(record)
+    }
+
     async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<Option<RequestRecord>> {
         let delivery_ = delivery.clone();
         let (kind, ack) = (settle.kind, settle.ack.clone());
@@ -205,20 +225,11 @@ impl Atomic for SqliteAtomic {
                             // The attempt was never started: count it here (see `Settle`).
                             record = transition_in(c, &request_id, Transition::Start)?.0;
                         }
-                        let transition = match transition {
-                            Transition::Succeed {
-                                result,
-                                usage,
-                                model,
-                                latency_ms,
-                            } => Transition::Succeed {
-                                result: Box::new(store_result(c, &user_id, &record, *result)?),
-                                usage,
-                                model,
-                                latency_ms,
-                            },
-                            other => other,
-                        };
+                        let mut transition = transition;
+                        if let Some(result) = transition.result_mut() {
+                            let stands = store_result(c, &user_id, &record, result.clone())?;
+                            *result = stands;
+                        }
                         let (record, applied) = transition_in(c, &request_id, transition)?;
                         if applied {
                             if let Some(text) = &last_fragment {

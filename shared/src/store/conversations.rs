@@ -21,6 +21,10 @@ pub struct ChatContext {
     pub persona: Option<Persona>,
     /// Oldest first.
     pub history: Vec<Message>,
+    /// The turn was marked cancelled (see `Atomic::cancel`): the job is not to run. Set where
+    /// a job's first delivery does not read its request (AWS); the embedded worker reads the
+    /// request itself before it runs.
+    pub cancelled: bool,
 }
 
 #[async_trait]
@@ -160,12 +164,14 @@ where
         conversation,
         persona,
         history,
+        cancelled: false,
     }))
 }
 
 /// A page of messages as a client shows it: each user message whose reply is not stored yet is
 /// followed by a stand-in for that reply, under the id the reply will have, with the state of
-/// the request writing it (`pending`, `streaming`, or `failed` with its error). Replies are
+/// the request writing it (`pending`, `streaming`, `failed` with its error, or `cancelled`
+/// before a word of it was written). Replies are
 /// stored only when written, so the write path pays nothing for this; a listing pays one
 /// request read per turn still unanswered (the one in flight, and failed ones).
 pub async fn with_replies_in_flight<S>(
@@ -232,6 +238,7 @@ fn stand_in(request: RequestRecord) -> Option<Message> {
         RequestStatus::Queued => MessageStatus::Pending,
         RequestStatus::Running => MessageStatus::Streaming,
         RequestStatus::Failed => MessageStatus::Failed,
+        RequestStatus::Cancelled => MessageStatus::Cancelled,
         RequestStatus::Succeeded => return None,
     };
     Some(Message {

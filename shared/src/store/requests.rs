@@ -33,6 +33,14 @@ pub enum Transition {
     Fail {
         error: ErrorBody,
     },
+    /// Its user cancels it: a queued request ends `cancelled` at once; a running one is
+    /// marked (`cancel_requested`) for its worker, which stops it (`Stopped`).
+    Cancel,
+    /// A worker stopped a job whose cancel was asked: `cancelled`, with what it had written
+    /// so far (a chat reply's beginning), if anything.
+    Stopped {
+        result: Option<Box<RequestResult>>,
+    },
 }
 
 #[async_trait]
@@ -61,6 +69,17 @@ pub trait RequestStore: Send + Sync + 'static {
 }
 
 impl Transition {
+    /// The result a transition stores as a record of its own (the persona, the reply).
+    pub fn result_mut(&mut self) -> Option<&mut RequestResult> {
+        match self {
+            Transition::Succeed { result, .. } => Some(result),
+            Transition::Stopped {
+                result: Some(result),
+            } => Some(result),
+            _ => None,
+        }
+    }
+
     /// Applies the transition to a record in memory; false (and no change) when the record has
     /// already finished. Every store adapter runs this inside its own atomic update, so the
     /// forward-only rule is written once.
@@ -99,6 +118,14 @@ impl Transition {
             Transition::Fail { error } => {
                 record.status = RequestStatus::Failed;
                 record.error = Some(error);
+            }
+            Transition::Cancel if record.status == RequestStatus::Running => {
+                record.cancel_requested = true;
+            }
+            Transition::Cancel => record.status = RequestStatus::Cancelled,
+            Transition::Stopped { result } => {
+                record.status = RequestStatus::Cancelled;
+                record.result = result.map(|r| *r);
             }
         }
         record.updated_at = crate::time::now_rfc3339();

@@ -36,18 +36,18 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use aws_sdk_dynamodb::types::TransactWriteItem;
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 use serde::{Deserialize, Serialize};
 
 use super::{Accept, AcceptOutcome, Ack, Atomic, Found, Settle, Started};
-use crate::domain::{RequestKind, RequestRecord};
+use crate::domain::{RequestInput, RequestKind, RequestRecord};
 use crate::events::aws::AwsEventBus;
 use crate::ids::RequestId;
 use crate::job;
 use crate::memo::Memo;
 use crate::queue::{Attributes, Delivery, Outgoing, Queue};
 use crate::store::dynamodb::{
-    get_s, is_conditional_failure, key, n, s, storage, Cancelled, DynamoStore, Item,
+    get_s, is_conditional_failure, key, msg_sk, n, s, storage, Cancelled, DynamoStore, Item,
 };
 use crate::store::Transition;
 use crate::time::now_ms;
@@ -116,6 +116,44 @@ fn outbox_pk(kind: RequestKind, shard: u64) -> String {
 }
 
 impl AwsAtomic {
+    /// Marks a chat request's user message `cancelled`: the job's first delivery does not
+    /// read the request (it carries it as accepted), but it reads its turn with the chat
+    /// context, and so finds the mark at no cost of its own. Written before the request's
+    /// cancel: a job that finds the mark stops as cancelled either way.
+    async fn mark_turn_cancelled(&self, record: &RequestRecord) -> Result<()> {
+        let RequestInput::Chat {
+            conversation_id,
+            message_id,
+            ..
+        } = &record.input
+        else {
+            return Ok(());
+        };
+        // No turn: the conversation is gone, and the job with it.
+        let Some(turn) = self.store.turn_of(conversation_id, message_id).await? else {
+            return Ok(());
+        };
+        let out = self
+            .store
+            .client
+            .update_item()
+            .table_name(&self.store.table)
+            .set_key(Some(key(
+                format!("CONV#{conversation_id}"),
+                msg_sk(turn, 0),
+            )))
+            .update_expression("SET cancelled = :yes")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":yes", AttributeValue::Bool(true))
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(()),
+            Err(e) if is_conditional_failure(&e) => Ok(()),
+            Err(e) => Err(storage("mark a turn cancelled", e)),
+        }
+    }
+
     /// Runs a transaction: `None` when it committed, the reasons when DynamoDB cancelled it.
     async fn transact(&self, items: Vec<TransactWriteItem>, op: &str) -> Result<Option<Cancelled>> {
         match self
@@ -324,6 +362,18 @@ impl Atomic for AwsAtomic {
         request_id: &RequestId,
     ) -> Result<Started> {
         self.write_start(Some(delivery), user_id, request_id).await
+    }
+
+    async fn cancel(&self, user_id: &str, request_id: &RequestId) -> Result<Option<RequestRecord>> {
+        let Some((_, record)) = self.current(user_id, request_id).await? else {
+            return Ok(None);
+        };
+        if record.status.is_final() {
+            return Ok(Some(record));
+        }
+        self.mark_turn_cancelled(&record).await?;
+        self.write_transition(user_id, request_id, Transition::Cancel, Extras::default())
+            .await
     }
 
     async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<Option<RequestRecord>> {

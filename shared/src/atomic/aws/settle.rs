@@ -99,7 +99,7 @@ impl AwsAtomic {
                 return Ok(Some(record));
             }
             if std::mem::take(&mut first) {
-                if let Transition::Succeed { result, .. } = &transition {
+                if let Some(result) = transition.result_mut() {
                     pending = Some(self.result_item(user_id, &record, result).await?);
                     activity = self.activity_of(user_id, &record, result)?;
                 }
@@ -275,8 +275,8 @@ impl AwsAtomic {
             .get(&pk, &sk)
             .await?
             .ok_or_else(|| Error::storage_msg("a result vanished"))?;
-        if let Transition::Succeed { result, .. } = transition {
-            **result = match **result {
+        if let Some(result) = transition.result_mut() {
+            *result = match result {
                 RequestResult::Persona(_) => RequestResult::Persona(body(&stored)?),
                 RequestResult::Message(_) => RequestResult::Message(body(&stored)?),
             };

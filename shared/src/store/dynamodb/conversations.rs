@@ -342,7 +342,7 @@ impl DynamoStore {
         let mut found: Option<(Conversation, Persona)> = None;
         let mut turn = self.turns.get(message_id);
         let mut history = Vec::new();
-        let mut start = None;
+        let (mut start, mut cancelled) = (None, false);
         loop {
             let out = self
                 .client
@@ -374,9 +374,12 @@ impl DynamoStore {
                 }
                 let Some(at) = sk_turn(sk) else { continue };
                 let message: Message = body(&item)?;
-                if turn.is_none() && message.message_id == *message_id {
-                    self.turns.insert(message_id.clone(), at);
-                    turn = Some(at);
+                if message.message_id == *message_id {
+                    cancelled = item.contains_key("cancelled");
+                    if turn.is_none() {
+                        self.turns.insert(message_id.clone(), at);
+                        turn = Some(at);
+                    }
                 }
                 if turn.is_some_and(|t| at < t) && history.len() < limit {
                     history.push(message);
@@ -395,6 +398,7 @@ impl DynamoStore {
             conversation,
             persona: Some(persona),
             history,
+            cancelled,
         }))
     }
 

@@ -434,6 +434,7 @@ impl ConversationStore for SqliteStore {
                 conversation,
                 persona,
                 history,
+                cancelled: false,
             }))
         })
     }

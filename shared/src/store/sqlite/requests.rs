@@ -138,6 +138,7 @@ impl RequestStore for SqliteStore {
                     total: request_ids.len() as u32,
                     succeeded: 0,
                     failed: 0,
+                    cancelled: 0,
                     pending: 0,
                     request_ids,
                     created_at,
