@@ -599,3 +599,63 @@ async fn a_reply_being_written_is_stopped_and_keeps_its_beginning_on_aws() {
     a_reply_being_written_is_stopped_and_keeps_its_beginning(without_chat_workers(true).await)
         .await;
 }
+
+/// A chat model that answers once let go.
+struct Gated(Arc<tokio::sync::Notify>);
+
+#[async_trait]
+impl ChatModel for Gated {
+    fn model(&self) -> &str {
+        "gated"
+    }
+    async fn reply(
+        &self,
+        _: &ChatRequest,
+        _: Option<UnboundedSender<String>>,
+    ) -> shared::Result<ModelOutput<String>> {
+        self.0.notified().await;
+        Ok(ModelOutput {
+            value: "Too late.".into(),
+            usage: Default::default(),
+            model: "gated".into(),
+        })
+    }
+}
+
+async fn a_reply_to_a_deleted_conversation_is_not_stored(app: TestApp) {
+    let alice = app.user("alice").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    app.start_worker(RequestKind::Chat, &with_chat(Arc::new(Gated(gate.clone()))));
+    let accepted = say(&app, &alice, &conv, "Quick, before it goes.").await;
+    let request_id = accepted["request_id"].as_str().unwrap();
+    app.running(&alice, request_id).await;
+    let (status, _) = app
+        .delete(Some(&alice.token), &format!("/v1/conversations/{conv}"))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    gate.notify_one();
+    let done = app.finished(&alice, request_id).await;
+    assert_eq!(
+        (done["status"].as_str(), done["error"]["code"].as_str()),
+        (Some("failed"), Some("conversation_not_found")),
+        "{done}"
+    );
+    let left = app
+        .adapters
+        .store
+        .page_messages(&conv.as_str().into(), 10, None)
+        .await
+        .unwrap();
+    assert!(left.items.is_empty(), "nothing stored: {:?}", left.items);
+}
+
+#[tokio::test]
+async fn a_reply_to_a_deleted_conversation_is_not_stored_on_the_embedded_default() {
+    a_reply_to_a_deleted_conversation_is_not_stored(without_chat_workers(false).await).await;
+}
+
+#[tokio::test]
+async fn a_reply_to_a_deleted_conversation_is_not_stored_on_aws() {
+    a_reply_to_a_deleted_conversation_is_not_stored(without_chat_workers(true).await).await;
+}

@@ -1010,3 +1010,93 @@ mod dynamodb_turns {
         ));
     }
 }
+
+/// A table made before the activity index: `aws-init` adds the index and gives the
+/// conversations already there what it reads, so they are listed (and filtered) again.
+mod dynamodb_upgrade {
+    use super::*;
+    use shared::store::ConversationStore;
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+        ScalarAttributeType,
+    };
+
+    #[tokio::test]
+    async fn conversations_made_before_the_activity_index_are_listed_after_aws_init() {
+        let client = aws_sdk_dynamodb::Client::from_conf(aws_sdk_dynamodb::Config::from(
+            &common::aws_test_sdk_config(),
+        ));
+        let table = format!("upgrade-{}", uuid::Uuid::new_v4().simple());
+        let mut create = client
+            .create_table()
+            .table_name(&table)
+            .billing_mode(BillingMode::PayPerRequest);
+        for (name, kind) in [("pk", KeyType::Hash), ("sk", KeyType::Range)] {
+            create = create
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(name)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .unwrap(),
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(name)
+                        .key_type(kind)
+                        .build()
+                        .unwrap(),
+                );
+        }
+        create.send().await.unwrap();
+        // A conversation as the previous release stored it: its record in `body` alone.
+        let old = conversation();
+        let body = serde_json::json!({
+            "conversation_id": old.conversation_id,
+            "persona_id": "per_x",
+            "persona_name": "X",
+            "created_at": old.created_at,
+        });
+        client
+            .put_item()
+            .table_name(&table)
+            .item("pk", AttributeValue::S("USER#alice".into()))
+            .item(
+                "sk",
+                AttributeValue::S(format!("CONV#{}", old.conversation_id)),
+            )
+            .item("body", AttributeValue::S(body.to_string()))
+            .send()
+            .await
+            .unwrap();
+
+        DynamoStore::ensure_table(&client, &table).await.unwrap();
+        let st = DynamoStore::new(client, table);
+        let listed = st
+            .list_conversations("alice", None, 10, None)
+            .await
+            .unwrap();
+        assert_eq!(listed.items.len(), 1, "{listed:?}");
+        assert_eq!(listed.items[0].conversation_id, old.conversation_id);
+        assert_eq!(
+            listed.items[0].last_message_at.as_deref(),
+            Some(old.created_at.as_str())
+        );
+        let mine = st
+            .list_conversations("alice", Some(&PersonaId::from("per_x")), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(mine.items.len(), 1);
+        // A newer conversation is listed before it.
+        let newer = stored_conversation(&st, "alice").await;
+        let ids: Vec<_> = st
+            .list_conversations("alice", None, 10, None)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|c| c.conversation_id)
+            .collect();
+        assert_eq!(ids, [newer.conversation_id, old.conversation_id]);
+    }
+}

@@ -76,7 +76,9 @@ pub struct MessageAccepted {
 }
 
 #[utoipa::path(post, path = "/v1/conversations", tag = "conversations", request_body = CreateConversation,
-    responses((status = 201, body = Conversation), (status = 404, description = "persona not found"),
+    responses((status = 201, body = Conversation, description = "It begins with the persona's greeting"),
+        (status = 400, description = "`empty_title`, `title_too_long`"),
+        (status = 404, description = "persona not found"),
         (status = 422, description = "no greeting at `greeting_index` (`bad_greeting_index`)")),
     security(("bearer" = [])))]
 pub async fn create(

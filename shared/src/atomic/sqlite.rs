@@ -226,9 +226,21 @@ impl Atomic for SqliteAtomic {
                             record = transition_in(c, &request_id, Transition::Start)?.0;
                         }
                         let mut transition = transition;
-                        if let Some(result) = transition.result_mut() {
-                            let stands = store_result(c, &user_id, &record, result.clone())?;
-                            *result = stands;
+                        let stored = transition
+                            .result_mut()
+                            .map(|result| store_result(c, &user_id, &record, result.clone()));
+                        match stored {
+                            Some(Ok(stands)) => {
+                                if let Some(result) = transition.result_mut() {
+                                    *result = stands;
+                                }
+                            }
+                            // The reply's conversation was deleted while the job ran.
+                            Some(Err(Error::NotFound)) => {
+                                transition = transition.without_conversation();
+                            }
+                            Some(Err(e)) => return Err(e),
+                            None => {}
                         }
                         let (record, applied) = transition_in(c, &request_id, transition)?;
                         if applied {

@@ -141,7 +141,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 7: conversations listed by their latest message (RFC 3339 UTC strings of one width sort
     // as times do); the body keeps it too, with the title and preview.
     "ALTER TABLE conversations ADD COLUMN last_message_at TEXT NOT NULL DEFAULT '';
-     UPDATE conversations SET last_message_at = json_extract(body, '$.created_at');
+     UPDATE conversations SET last_message_at = json_extract(body, '$.created_at'),
+         body = json_set(body, '$.last_message_at', json_extract(body, '$.created_at'));
      CREATE INDEX IF NOT EXISTS conversations_by_activity
          ON conversations (user_id, last_message_at, conversation_id);",
 ];

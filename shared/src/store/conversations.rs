@@ -248,7 +248,8 @@ fn stand_in(request: RequestRecord) -> Option<Message> {
         model: request.model,
         status,
         request_id: Some(request.request_id),
-        error: request.error,
+        // A retried request keeps its last attempt's error; only a failure is shown with one.
+        error: request.error.filter(|_| status == MessageStatus::Failed),
         created_at: request.created_at,
     })
 }

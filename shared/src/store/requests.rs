@@ -69,6 +69,22 @@ pub trait RequestStore: Send + Sync + 'static {
 }
 
 impl Transition {
+    /// This settlement, for a reply whose conversation was deleted while the job ran: no
+    /// reply to store, and a success becomes a failure (`conversation_not_found`).
+    pub fn without_conversation(self) -> Self {
+        match self {
+            Transition::Succeed { .. } => Transition::Fail {
+                error: ErrorBody {
+                    code: "conversation_not_found".into(),
+                    message: "the conversation was deleted while its reply was being written"
+                        .into(),
+                },
+            },
+            Transition::Stopped { .. } => Transition::Stopped { result: None },
+            other => other,
+        }
+    }
+
     /// The result a transition stores as a record of its own (the persona, the reply).
     pub fn result_mut(&mut self) -> Option<&mut RequestResult> {
         match self {

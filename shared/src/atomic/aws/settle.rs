@@ -10,7 +10,8 @@ use crate::events::aws::Sequenced;
 use crate::events::Event;
 use crate::ids::RequestId;
 use crate::store::dynamodb::{
-    body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, DynamoStore, Item,
+    body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
+    Item,
 };
 use crate::store::Transition;
 use crate::{Error, Result};
@@ -57,6 +58,15 @@ fn settle_events(record: &RequestRecord, last_fragment: Option<&str>) -> Vec<Eve
         .collect()
 }
 
+/// Whether a settlement's conversation update was what refused it: `Some(true)` when the
+/// conversation is gone (deleted meanwhile), `Some(false)` when a later message moved it
+/// already (the update returned the item as it stands).
+fn refused_activity(cancelled: &Cancelled, at: Option<usize>) -> Option<bool> {
+    let at = at.filter(|&i| cancelled.failed(Some(i)))?;
+    let stands = cancelled.1.get(at).cloned().flatten();
+    Some(stands.is_none_or(|item| item.is_empty()))
+}
+
 /// Applies `transition` to `record`, counting first an attempt that was never started (see
 /// `Settle::unstarted`); false when the record had finished.
 fn advance(record: &mut RequestRecord, transition: &Transition, unstarted: Option<u32>) -> bool {
@@ -80,8 +90,6 @@ impl AwsAtomic {
         transition: Transition,
         extras: Extras<'_>,
     ) -> Result<Option<RequestRecord>> {
-        let (last_fragment, unstarted, outbox) =
-            (extras.last_fragment, extras.unstarted, extras.outbox);
         let mut transition = transition;
         // The result record to write, and where it goes; `None` once a twin's stands.
         let mut pending: Option<Item> = None;
@@ -99,19 +107,17 @@ impl AwsAtomic {
                 return Ok(Some(record));
             }
             if std::mem::take(&mut first) {
-                if let Some(result) = transition.result_mut() {
-                    pending = Some(self.result_item(user_id, &record, result).await?);
-                    activity = self.activity_of(user_id, &record, result)?;
-                }
+                (pending, activity) = self.effects(user_id, &record, &mut transition).await?;
             }
-            if !advance(&mut record, &transition, unstarted) {
+            if !advance(&mut record, &transition, extras.unstarted) {
                 return Ok(Some(record));
             }
-            let events = settle_events(&record, last_fragment);
+            let events = settle_events(&record, extras.last_fragment);
             let seq = self.events.sequenced(user_id, &events).await?;
             let mut tx = self.settle_items(user_id, &record, version, pending.as_ref(), &seq)?;
             tx.add_activity(activity.clone());
-            tx.items.extend(outbox.and_then(|k| self.outbox_delete(k)));
+            tx.items
+                .extend(extras.outbox.and_then(|k| self.outbox_delete(k)));
             let Some(cancelled) = self.transact(tx.items, "settle").await? else {
                 self.events.committed(seq).await;
                 self.remember(user_id, &record, version + 1);
@@ -124,9 +130,12 @@ impl AwsAtomic {
             } else {
                 drop(seq);
             }
-            if cancelled.failed(tx.activity_at) {
-                // The conversation was deleted meanwhile: settle without moving it.
+            if let Some(gone) = refused_activity(&cancelled, tx.activity_at) {
                 activity = None;
+                if gone {
+                    pending = None;
+                    transition = transition.without_conversation();
+                }
             } else if cancelled.failed(tx.effect_at) {
                 // A twin delivery stored its result first: that one stands.
                 self.take_twin_result(pending.take(), &mut transition)
@@ -238,6 +247,23 @@ impl AwsAtomic {
         })
     }
 
+    /// What a transition writes besides the request: its result record, and for a reply the
+    /// update of its conversation's latest activity.
+    async fn effects(
+        &self,
+        user_id: &str,
+        record: &RequestRecord,
+        transition: &mut Transition,
+    ) -> Result<(Option<Item>, Option<TransactWriteItem>)> {
+        let Some(result) = transition.result_mut() else {
+            return Ok((None, None));
+        };
+        Ok((
+            Some(self.result_item(user_id, record, result).await?),
+            self.activity_of(user_id, record, result)?,
+        ))
+    }
+
     /// The update that makes a reply its conversation's latest activity; `None` for a persona.
     fn activity_of(
         &self,
@@ -253,7 +279,7 @@ impl AwsAtomic {
                 },
             ) => self
                 .store
-                .activity_item(user_id, conversation_id, &Activity::of(reply))
+                .activity_item(user_id, conversation_id, &Activity::of(reply), true)
                 .map(Some),
             _ => Ok(None),
         }

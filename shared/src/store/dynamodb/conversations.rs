@@ -47,8 +47,12 @@ fn conversation_of(item: &Item) -> Result<Conversation> {
     Ok(conversation)
 }
 
-/// How many index entries a listing reads per query (it stops early at its page's end).
+/// How many index entries a filtered listing reads per query (it stops early at its page's
+/// end); an unfiltered one reads one more than its page.
 const LIST_READ: i32 = 100;
+/// Most queries one filtered listing makes: a page of a persona with few conversations among
+/// many ends there, short, with a token to go on from.
+const LIST_QUERIES: usize = 5;
 
 /// The token after `item` in the activity index: its table key and its index key.
 fn activity_token(item: &Item) -> Option<String> {
@@ -180,7 +184,7 @@ impl DynamoStore {
         let turn = last + 1;
         // The message is the conversation's latest activity; the update's condition is the
         // check that the conversation is the user's.
-        let owner = self.activity_item(user_id, conversation_id, &Activity::of(message))?;
+        let owner = self.activity_item(user_id, conversation_id, &Activity::of(message), false)?;
         let counter = self.counter_item(&conv_pk, last)?;
         let mut msg = key(&conv_pk, msg_sk(turn, 0));
         msg.insert("body".into(), s(serde_json::to_string(message)?));
@@ -199,22 +203,29 @@ impl DynamoStore {
     }
 
     /// The update that makes `activity` a conversation's latest, on condition that the
-    /// conversation is the user's (the item exists). Unconditional otherwise: a condition on
-    /// the time would cancel the whole transaction it sits in, and a conversation's messages
-    /// are written in order anyway.
+    /// conversation is the user's (the item exists) and, if `forward_only`, that no later
+    /// activity is recorded (a reply settled after the user's next message must not move it
+    /// back). A refusal returns the item as it stands: absent means gone.
     pub(crate) fn activity_item(
         &self,
         user_id: &str,
         conversation_id: &ConversationId,
         activity: &Activity,
+        forward_only: bool,
     ) -> Result<TransactWriteItem> {
+        let condition = if forward_only {
+            "attribute_exists(pk) AND (attribute_not_exists(last_message_at) OR last_message_at <= :at)"
+        } else {
+            "attribute_exists(pk)"
+        };
         let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(key(
                 user_pk(user_id),
                 format!("CONV#{conversation_id}"),
             )))
-            .condition_expression("attribute_exists(pk)")
+            .condition_expression(condition)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .expression_attribute_values(":at", s(&activity.at))
             .expression_attribute_values(":preview", s(&activity.preview));
         let update = match &activity.title {
@@ -249,6 +260,7 @@ impl DynamoStore {
                 .expression_attribute_values(":pk", s(&pk))
                 .projection_expression("pk, sk")
                 .set_exclusive_start_key(start)
+                .consistent_read(true)
                 .send()
                 .await
                 .map_err(|e| storage("read a conversation's items", e))?;
@@ -344,21 +356,7 @@ impl DynamoStore {
         let mut history = Vec::new();
         let (mut start, mut cancelled) = (None, false);
         loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
-                .expression_attribute_values(":pk", s(&pk))
-                .expression_attribute_values(":lo", s("MSG#"))
-                .expression_attribute_values(":hi", s(SNAPSHOT_SK))
-                .scan_index_forward(false)
-                .limit(limit as i32 + 8)
-                .set_exclusive_start_key(start)
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(|e| storage("query chat context", e))?;
+            let out = self.context_page(&pk, limit, start).await?;
             for item in out.items.unwrap_or_default() {
                 let sk = get_s(&item, "sk").unwrap_or_default();
                 if sk == SNAPSHOT_SK {
@@ -400,6 +398,30 @@ impl DynamoStore {
             history,
             cancelled,
         }))
+    }
+
+    /// One page of [`context_query`](Self::context_query): newest first, from the snapshot down
+    /// through the messages.
+    async fn context_page(
+        &self,
+        pk: &str,
+        limit: usize,
+        start: Option<Item>,
+    ) -> Result<aws_sdk_dynamodb::operation::query::QueryOutput> {
+        self.client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":lo", s("MSG#"))
+            .expression_attribute_values(":hi", s(SNAPSHOT_SK))
+            .scan_index_forward(false)
+            .limit(limit as i32 + 8)
+            .set_exclusive_start_key(start)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| storage("query chat context", e))
     }
 
     /// Remembers the turn an append took, once its transaction committed.
@@ -526,7 +548,11 @@ impl ConversationStore for DynamoStore {
         let pk = user_pk(user_id);
         let mut start = activity_start(next_token, &pk)?;
         let mut items = Vec::new();
-        loop {
+        let read_each = match persona_id {
+            Some(_) => LIST_READ,
+            None => (limit as i32).saturating_add(1).min(LIST_READ),
+        };
+        for queries in 1.. {
             let mut query = self
                 .client
                 .query()
@@ -535,7 +561,7 @@ impl ConversationStore for DynamoStore {
                 .key_condition_expression("pk = :pk")
                 .expression_attribute_values(":pk", s(&pk))
                 .scan_index_forward(false)
-                .limit(LIST_READ)
+                .limit(read_each)
                 .set_exclusive_start_key(start);
             if let Some(persona_id) = persona_id {
                 query = query
@@ -559,13 +585,21 @@ impl ConversationStore for DynamoStore {
                 }
             }
             start = out.last_evaluated_key;
-            if start.is_none() {
-                return Ok(Page {
-                    items,
-                    next_token: None,
-                });
+            match &start {
+                None => break,
+                Some(last) if queries >= LIST_QUERIES => {
+                    return Ok(Page {
+                        items,
+                        next_token: activity_token(last),
+                    });
+                }
+                Some(_) => {}
             }
         }
+        Ok(Page {
+            items,
+            next_token: None,
+        })
     }
 
     async fn rename_conversation(
@@ -681,7 +715,8 @@ impl ConversationStore for DynamoStore {
         let mut item = key(&pk, &sk);
         item.insert("body".into(), s(serde_json::to_string(reply)?));
         if self.put_new(item).await? {
-            let activity = self.activity_item(user_id, conversation_id, &Activity::of(reply))?;
+            let activity =
+                self.activity_item(user_id, conversation_id, &Activity::of(reply), true)?;
             // Gone meanwhile: the reply is stored all the same, and nothing to move.
             let moved = self
                 .client

@@ -220,7 +220,60 @@ impl DynamoStore {
         }
         Self::wait_active(client, table).await?;
         Self::ensure_activity_index(client, table).await?;
+        Self::backfill_activity(client, table).await?;
         Self::ensure_ttl(client, table).await
+    }
+
+    /// Gives conversations made before the activity index the attributes it and the persona
+    /// filter read (`last_message_at`, from when they were made; `persona_id`), so they are
+    /// listed again. One scan of the table per `aws-init`, writing only what lacks them: a
+    /// rerun after a failure half-way finishes the job.
+    async fn backfill_activity(client: &Client, table: &str) -> Result<()> {
+        let mut start = None;
+        loop {
+            let out = client
+                .scan()
+                .table_name(table)
+                .filter_expression(
+                    "begins_with(pk, :user) AND begins_with(sk, :conv) \
+                     AND attribute_not_exists(last_message_at)",
+                )
+                .expression_attribute_values(":user", s("USER#"))
+                .expression_attribute_values(":conv", s("CONV#"))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| storage("scan for conversations to backfill", e))?;
+            for item in out.items.unwrap_or_default() {
+                let Ok(old) = body::<crate::domain::Conversation>(&item) else {
+                    continue;
+                };
+                let (Some(pk), Some(sk)) = (get_s(&item, "pk"), get_s(&item, "sk")) else {
+                    continue;
+                };
+                let written = client
+                    .update_item()
+                    .table_name(table)
+                    .set_key(Some(key(pk, sk)))
+                    .update_expression("SET last_message_at = :at, persona_id = :persona")
+                    .condition_expression(
+                        "attribute_exists(pk) AND attribute_not_exists(last_message_at)",
+                    )
+                    .expression_attribute_values(":at", s(&old.created_at))
+                    .expression_attribute_values(":persona", s(old.persona_id.as_str()))
+                    .send()
+                    .await;
+                match written {
+                    Ok(_) => {}
+                    Err(e) if is_conditional_failure(&e) => {}
+                    Err(e) => return Err(storage("backfill a conversation", e)),
+                }
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     /// Adds the conversations' activity index to a table made before it, and waits until it
