@@ -1015,11 +1015,11 @@ mod dynamodb_turns {
 /// conversations already there what it reads, so they are listed (and filtered) again.
 mod dynamodb_upgrade {
     use super::*;
-    use shared::store::ConversationStore;
     use aws_sdk_dynamodb::types::{
         AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
         ScalarAttributeType,
     };
+    use shared::store::ConversationStore;
 
     #[tokio::test]
     async fn conversations_made_before_the_activity_index_are_listed_after_aws_init() {
