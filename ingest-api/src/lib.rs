@@ -39,7 +39,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Request};
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use shared::ports::Ports;
@@ -138,6 +138,14 @@ fn authenticated_routes(state: &AppState) -> Router<AppState> {
         .route(
             "/v1/conversations/{id}/messages",
             post(conversations::post_message).get(conversations::list_messages),
+        )
+        .route(
+            "/v1/conversations/{id}/messages/{message_id}/regenerate",
+            post(conversations::regenerate),
+        )
+        .route(
+            "/v1/conversations/{id}/messages/{message_id}/selected",
+            put(conversations::select),
         )
         .route("/v1/auth/signout/all", post(auth::sign_out_everywhere))
         .route("/v1/requests/{id}", get(requests::get))

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use shared::domain::{
     Batch, Conversation, ErrorBody, Message, MessageStatus, Persona, PersonaEdit, PersonaSource,
-    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
+    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage, Variant,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -34,6 +34,7 @@ pub struct ErrorResponse {
         handlers::conversations::create, handlers::conversations::list, handlers::conversations::get,
         handlers::conversations::rename, handlers::conversations::delete,
         handlers::conversations::post_message, handlers::conversations::list_messages,
+        handlers::conversations::regenerate, handlers::conversations::select,
         handlers::requests::get, handlers::requests::cancel, handlers::events::stream,
         handlers::ops::healthz, handlers::ops::readyz, handlers::ops::metrics,
         handlers::ops::openapi, handlers::ops::jwks,
@@ -44,7 +45,8 @@ pub struct ErrorResponse {
         auth::Credentials, auth::SignedUp, auth::ConfirmRequest, auth::Confirmed, auth::RefreshRequest, auth::SignOutRequest, shared::auth::Tokens,
         personas::CreatePersona, personas::CreateBatch, personas::BatchAccepted,
         conversations::CreateConversation, conversations::RenameConversation,
-        conversations::PostMessage, conversations::MessageAccepted, MessageStatus,
+        conversations::PostMessage, conversations::MessageAccepted, MessageStatus, Variant,
+        conversations::SelectVersion,
     )),
     modifiers(&BearerAuth),
     tags(

@@ -362,6 +362,32 @@ pub struct Message {
     /// Why a `failed` reply failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+    /// A user message: the id of its reply (stored or to come; kept through regenerations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub reply_id: Option<MessageId>,
+    /// A reply: its versions, oldest first (each regeneration adds one); `text`, `model`,
+    /// `status` and `request_id` are the selected one's, and the model only ever sees it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<Variant>,
+    /// The `variant_id` of the selected version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected: Option<String>,
+    pub created_at: String,
+}
+
+/// One version of a reply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Variant {
+    pub variant_id: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `complete`, or `cancelled` (stopped midway: the words written).
+    pub status: MessageStatus,
+    /// The request that wrote it.
+    #[schema(value_type = String)]
+    pub request_id: RequestId,
     pub created_at: String,
 }
 
@@ -381,8 +407,100 @@ impl Message {
             status: MessageStatus::Complete,
             request_id,
             error: None,
+            reply_id: None,
+            variants: Vec::new(),
+            selected: None,
             created_at: crate::time::now_rfc3339(),
         }
+    }
+
+    /// A reply written by `request`, as its first (or only) version: `variants` and
+    /// `selected` say so.
+    pub fn reply(
+        message_id: MessageId,
+        request: &RequestId,
+        text: String,
+        model: &str,
+        status: MessageStatus,
+    ) -> Self {
+        let mut reply = Message {
+            model: Some(model.to_owned()),
+            status,
+            ..Message::new(message_id, Role::Assistant, text, Some(request.clone()))
+        };
+        let variant = reply.as_variant();
+        reply.selected = Some(variant.variant_id.clone());
+        reply.variants = vec![variant];
+        reply
+    }
+
+    /// This message as the version of a reply it is (a reply stored before versions is its
+    /// own one version).
+    fn as_variant(&self) -> Variant {
+        let request_id = self.request_id.clone().unwrap_or_else(|| {
+            RequestId::from(format!(
+                "req_{}",
+                self.message_id.as_str().trim_start_matches("msg_")
+            ))
+        });
+        Variant {
+            variant_id: request_id.variant_id(),
+            text: self.text.clone(),
+            model: self.model.clone(),
+            status: self.status,
+            request_id,
+            created_at: self.created_at.clone(),
+        }
+    }
+
+    /// A reply's versions: `variants`, or itself for a reply stored before them.
+    pub fn versions(&self) -> Vec<Variant> {
+        if self.variants.is_empty() && self.role == Role::Assistant {
+            vec![self.as_variant()]
+        } else {
+            self.variants.clone()
+        }
+    }
+
+    /// Whether `request` wrote a version of this reply.
+    pub fn has_version_of(&self, request: &RequestId) -> bool {
+        let id = request.variant_id();
+        self.versions().iter().any(|v| v.variant_id == id)
+    }
+
+    /// Makes version `variant_id` the one shown and seen; false when there is none such.
+    pub fn select(&mut self, variant_id: &str) -> bool {
+        let versions = self.versions();
+        let Some(v) = versions.iter().find(|v| v.variant_id == variant_id) else {
+            return false;
+        };
+        self.text.clone_from(&v.text);
+        self.model.clone_from(&v.model);
+        self.status = v.status;
+        self.request_id = Some(v.request_id.clone());
+        self.selected = Some(v.variant_id.clone());
+        self.variants = versions;
+        true
+    }
+
+    /// The reply to store when `ours` (one new version) settles over `stored`: ours alone if
+    /// there was none, the stored one as it is if it has our version already (a twin
+    /// delivery's), else the stored one with ours added and selected.
+    pub fn merge_reply(stored: Option<Message>, ours: Message) -> Message {
+        let Some(mut stored) = stored else {
+            return ours;
+        };
+        let Some(request) = ours.request_id.clone() else {
+            return stored;
+        };
+        if stored.has_version_of(&request) {
+            return stored;
+        }
+        let mut versions = stored.versions();
+        versions.extend(ours.versions());
+        stored.variants = versions;
+        stored.select(&request.variant_id());
+        stored
     }
 }
 
@@ -466,6 +584,10 @@ pub enum RequestInput {
         #[schema(value_type = String)]
         message_id: MessageId,
         text: String,
+        /// A regeneration: the reply it adds a version to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        reply_to: Option<MessageId>,
     },
 }
 

@@ -177,6 +177,12 @@ impl RequestId {
     pub fn reply_id(&self) -> MessageId {
         MessageId(format!("{}_{}", MessageId::PREFIX, self.tail()))
     }
+
+    /// The version of a reply this (chat) request writes ("swipe"): the same tail, so every
+    /// attempt of the job adds the same one.
+    pub fn variant_id(&self) -> String {
+        format!("var_{}", self.tail())
+    }
 }
 
 /// An id type that [`Ids`] can make.

@@ -288,6 +288,9 @@ fn chat_accept(user: &str, conv: &str, text: &str) -> (Accept, RequestRecord, Me
         status: Default::default(),
         request_id: None,
         error: None,
+        reply_id: None,
+        variants: Vec::new(),
+        selected: None,
         created_at: shared::time::now_rfc3339(),
     };
     let request = RequestRecord::new(
@@ -296,6 +299,7 @@ fn chat_accept(user: &str, conv: &str, text: &str) -> (Accept, RequestRecord, Me
             conversation_id: conv.into(),
             message_id: message.message_id.clone(),
             text: text.into(),
+            reply_to: None,
         },
         None,
     );
@@ -509,6 +513,9 @@ async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s:
         status: Default::default(),
         request_id: None,
         error: None,
+        reply_id: None,
+        variants: Vec::new(),
+        selected: None,
         created_at: shared::time::now_rfc3339(),
     };
     let mut settle = succeed(
@@ -738,6 +745,9 @@ mod embedded_only {
             status: Default::default(),
             request_id: None,
             error: None,
+            reply_id: None,
+            variants: Vec::new(),
+            selected: None,
             created_at: shared::time::now_rfc3339(),
         };
         let settle = succeed(

@@ -495,6 +495,22 @@ async fn a_queued_turn_is_cancelled_without_running(app: TestApp) {
         (status, &again["status"]),
         (StatusCode::OK, &json!("cancelled"))
     );
+    // A reply still queued is not regenerated (cancel it first, as here).
+    let pending = say(&app, &alice, &conv, "Still there?").await;
+    let pending_reply = RequestId::from(pending["request_id"].as_str().unwrap()).reply_id();
+    let (status, err) = app
+        .post(
+            Some(&alice.token),
+            &format!("/v1/conversations/{conv}/messages/{pending_reply}/regenerate"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("reply_in_progress"))
+    );
+    let (status, _) = cancel(&app, &alice, pending["request_id"].as_str().unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
 
     // A worker comes: the cancelled turn does not reach the model; the next one is answered.
     let model = Arc::new(Counting {
@@ -524,6 +540,8 @@ async fn a_queued_turn_is_cancelled_without_running(app: TestApp) {
     assert_eq!(
         statuses,
         [
+            ("user", "complete"),
+            ("assistant", "cancelled"),
             ("user", "complete"),
             ("assistant", "cancelled"),
             ("user", "complete"),
@@ -658,4 +676,158 @@ async fn a_reply_to_a_deleted_conversation_is_not_stored_on_the_embedded_default
 #[tokio::test]
 async fn a_reply_to_a_deleted_conversation_is_not_stored_on_aws() {
     a_reply_to_a_deleted_conversation_is_not_stored(without_chat_workers(true).await).await;
+}
+
+/// A chat model whose every answer differs ("Version n"), that fails while `failing`, and
+/// that keeps the history each call was given.
+struct Versions {
+    failing: AtomicBool,
+    calls: AtomicUsize,
+    seen: std::sync::Mutex<Vec<Vec<String>>>,
+}
+
+#[async_trait]
+impl ChatModel for Versions {
+    fn model(&self) -> &str {
+        "versions"
+    }
+    async fn reply(
+        &self,
+        request: &ChatRequest,
+        _: Option<UnboundedSender<String>>,
+    ) -> shared::Result<ModelOutput<String>> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        self.seen
+            .lock()
+            .unwrap()
+            .push(request.history.iter().map(|m| m.text.clone()).collect());
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(shared::Error::ModelPermanent {
+                code: "content_filtered".into(),
+                message: "no".into(),
+            });
+        }
+        Ok(ModelOutput {
+            value: format!("Version {n}"),
+            usage: Default::default(),
+            model: "versions".into(),
+        })
+    }
+}
+
+async fn regenerate(app: &TestApp, user: &User, conv: &str, reply_id: &str) -> (StatusCode, Value) {
+    app.post(
+        Some(&user.token),
+        &format!("/v1/conversations/{conv}/messages/{reply_id}/regenerate"),
+        json!({}),
+    )
+    .await
+}
+
+async fn a_reply_is_regenerated_into_versions_and_one_is_selected(app: TestApp) {
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let model = Arc::new(Versions {
+        failing: AtomicBool::new(true),
+        calls: AtomicUsize::new(0),
+        seen: Default::default(),
+    });
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+
+    // The first try fails: it is retried by regenerating it, and the turn is not stored twice.
+    let asked = say(&app, &alice, &conv, "Hello?").await;
+    let failed = app
+        .finished(&alice, asked["request_id"].as_str().unwrap())
+        .await;
+    assert_eq!(failed["status"], "failed");
+    let listed = turns(&app, &alice, &conv).await;
+    let reply_id = listed[1]["message_id"].as_str().unwrap().to_owned();
+    assert_eq!(listed[1]["status"], "failed");
+    assert_eq!(listed[0]["reply_id"], reply_id.as_str());
+    let (status, _) = regenerate(&app, &bob, &conv, &reply_id).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not bob's");
+    model.failing.store(false, Ordering::SeqCst);
+    let mut requests = Vec::new();
+    for _ in 0..3 {
+        let (status, accepted) = regenerate(&app, &alice, &conv, &reply_id).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        assert_eq!(accepted["message_id"], reply_id.as_str());
+        let request_id = accepted["request_id"].as_str().unwrap().to_owned();
+        let done = app.finished(&alice, &request_id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        requests.push(request_id);
+    }
+    let listed = turns(&app, &alice, &conv).await;
+    assert_eq!(listed.len(), 2, "one user message, one reply: {listed:?}");
+    let reply = &listed[1];
+    assert_eq!(reply["message_id"], reply_id.as_str());
+    let variants = reply["variants"].as_array().unwrap();
+    let texts: Vec<&str> = variants
+        .iter()
+        .map(|v| v["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["Version 2", "Version 3", "Version 4"]);
+    assert_eq!(reply["selected"], variants[2]["variant_id"]);
+    assert_eq!(
+        (reply["text"].as_str(), reply["status"].as_str()),
+        (Some("Version 4"), Some("complete"))
+    );
+    assert_eq!(reply["request_id"], requests[2].as_str());
+
+    // The first version selected: shown, and the only one the model sees from now on.
+    let path = format!("/v1/conversations/{conv}/messages/{reply_id}/selected");
+    let pick = |variant: &Value| json!({ "variant_id": variant["variant_id"] });
+    let (status, selected) = app
+        .send(
+            app.http
+                .put(app.url(&path))
+                .bearer_auth(&alice.token)
+                .json(&pick(&variants[0])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{selected}");
+    assert_eq!(selected["text"], "Version 2");
+    let (status, _) = app
+        .send(
+            app.http
+                .put(app.url(&path))
+                .bearer_auth(&alice.token)
+                .json(&json!({ "variant_id": "var_nope" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app
+        .send(
+            app.http
+                .put(app.url(&path))
+                .bearer_auth(&bob.token)
+                .json(&pick(&variants[1])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not bob's");
+    let next = say(&app, &alice, &conv, "And then?").await;
+    app.finished(&alice, next["request_id"].as_str().unwrap())
+        .await;
+    let seen = model.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        seen[1..],
+        ["Hello?", "Version 2"],
+        "the greeting, then the turn as selected"
+    );
+    let listed = turns(&app, &alice, &conv).await;
+    assert_eq!(listed[1]["text"], "Version 2");
+    assert_eq!(listed.len(), 4);
+}
+
+#[tokio::test]
+async fn a_reply_is_regenerated_into_versions_and_one_is_selected_on_the_embedded_default() {
+    a_reply_is_regenerated_into_versions_and_one_is_selected(without_chat_workers(false).await)
+        .await;
+}
+
+#[tokio::test]
+async fn a_reply_is_regenerated_into_versions_and_one_is_selected_on_aws() {
+    a_reply_is_regenerated_into_versions_and_one_is_selected(without_chat_workers(true).await)
+        .await;
 }

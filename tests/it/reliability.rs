@@ -209,6 +209,9 @@ async fn a_reply_stored_by_a_twin_delivery_stands_and_no_second_is_stored() {
         status: Default::default(),
         request_id: None,
         error: None,
+        reply_id: None,
+        variants: Vec::new(),
+        selected: None,
         created_at: shared::time::now_rfc3339(),
     };
     app.adapters

@@ -69,6 +69,9 @@ fn message(role: Role, text: &str) -> Message {
         status: Default::default(),
         request_id: None,
         error: None,
+        reply_id: None,
+        variants: Vec::new(),
+        selected: None,
         created_at: shared::time::now_rfc3339(),
     }
 }
@@ -109,6 +112,7 @@ fn chat_request(conv: &str, m: &Message) -> RequestRecord {
             conversation_id: conv.into(),
             message_id: m.message_id.clone(),
             text: m.text.clone(),
+            reply_to: None,
         },
         None,
     )

@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use shared::domain::{
-    Message, MessageStatus, RequestInput, RequestKind, RequestRecord, RequestResult, Role,
+    Message, MessageStatus, RequestInput, RequestKind, RequestRecord, RequestResult,
 };
 use shared::events::Event;
 use shared::events::EventBus;
-use shared::ids::RequestId;
+use shared::ids::{MessageId, RequestId};
 use shared::models::{ChatModel, ChatRequest, ModelOutput};
 use shared::store::Store;
 use shared::{Error, Result};
@@ -35,6 +35,17 @@ fn permanent(code: &str, message: &str) -> Error {
     Error::ModelPermanent {
         code: code.into(),
         message: message.into(),
+    }
+}
+
+/// The reply a chat request writes (a version of): the one it regenerates, or its own.
+fn reply_id_of(request: &RequestRecord) -> MessageId {
+    match &request.input {
+        RequestInput::Chat {
+            reply_to: Some(reply),
+            ..
+        } => reply.clone(),
+        _ => request.request_id.reply_id(),
     }
 }
 
@@ -67,15 +78,13 @@ impl Job for ChatJob {
         let (out, last_fragment) = self
             .reply_streaming(&chat, ctx, &request.request_id)
             .await?;
-        let reply = Message {
-            model: Some(out.model.clone()),
-            ..Message::new(
-                request.request_id.reply_id(),
-                Role::Assistant,
-                out.value,
-                Some(request.request_id.clone()),
-            )
-        };
+        let reply = Message::reply(
+            reply_id_of(request),
+            &request.request_id,
+            out.value,
+            &out.model,
+            MessageStatus::Complete,
+        );
         Ok(JobOutput {
             last_fragment,
             result: RequestResult::Message(reply),
@@ -91,16 +100,13 @@ impl ChatJob {
         if written.trim().is_empty() {
             return None;
         }
-        Some(RequestResult::Message(Message {
-            model: Some(self.model.model().to_owned()),
-            status: MessageStatus::Cancelled,
-            ..Message::new(
-                request.request_id.reply_id(),
-                Role::Assistant,
-                written,
-                Some(request.request_id.clone()),
-            )
-        }))
+        Some(RequestResult::Message(Message::reply(
+            reply_id_of(request),
+            &request.request_id,
+            written,
+            self.model.model(),
+            MessageStatus::Cancelled,
+        )))
     }
 
     /// What the model is asked: the persona, the history that fits, the user's text.
@@ -109,6 +115,7 @@ impl ChatJob {
             conversation_id,
             message_id,
             text,
+            ..
         } = &request.input
         else {
             return Err(permanent(
@@ -126,7 +133,7 @@ impl ChatJob {
                     "the conversation no longer exists",
                 )
             })?;
-        if context.cancelled {
+        if context.cancelled.as_ref() == Some(&request.request_id) {
             return Err(Error::Cancelled);
         }
         let persona = context.persona.ok_or_else(|| {
@@ -135,7 +142,14 @@ impl ChatJob {
                 "the conversation's persona was deleted",
             )
         })?;
+        let variation = match &request.input {
+            RequestInput::Chat {
+                reply_to: Some(_), ..
+            } => Some(request.request_id.to_string()),
+            _ => None,
+        };
         Ok(ChatRequest {
+            variation,
             persona,
             history: fit_history(context.history, self.history_chars),
             user_text: text.clone(),
@@ -212,7 +226,7 @@ mod tests {
     use super::*;
 
     fn msg(text: &str) -> Message {
-        Message::new(text.into(), Role::User, text.into(), None)
+        Message::new(text.into(), shared::domain::Role::User, text.into(), None)
     }
 
     #[test]

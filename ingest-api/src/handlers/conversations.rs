@@ -11,6 +11,7 @@ use shared::domain::{
     TITLE_MAX_CHARS,
 };
 use shared::ids::{ConversationId, MessageId, PersonaId, RequestId};
+use shared::store::Turn;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{accept, check_text, job_for, ListResponse, PageQuery};
@@ -237,12 +238,15 @@ pub async fn post_message(
     )?;
     let ids = claim.ids(caller.id());
     let request_id: RequestId = ids.id("request");
-    let message = Message::new(
-        ids.id("message"),
-        Role::User,
-        text.clone(),
-        Some(request_id.clone()),
-    );
+    let message = Message {
+        reply_id: Some(request_id.reply_id()),
+        ..Message::new(
+            ids.id("message"),
+            Role::User,
+            text.clone(),
+            Some(request_id.clone()),
+        )
+    };
     let request = RequestRecord::with_id(
         request_id,
         RequestKind::Chat,
@@ -250,6 +254,7 @@ pub async fn post_message(
             conversation_id: id.clone(),
             message_id: message.message_id.clone(),
             text,
+            reply_to: None,
         },
         None,
     );
@@ -277,6 +282,116 @@ pub async fn post_message(
         .map_err(|e| match e {
             ApiError::NotFound(_) => ApiError::NotFound("conversation"),
             other => other,
+        })
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SelectVersion {
+    /// One of the reply's `variants`.
+    pub variant_id: String,
+}
+
+/// The turn of reply `reply_id` in the user's conversation, with the store's refusals as the
+/// API's.
+async fn reply_turn(
+    state: &AppState,
+    user_id: &str,
+    conversation_id: &ConversationId,
+    reply_id: &MessageId,
+) -> Result<Turn, ApiError> {
+    state
+        .ports
+        .store
+        .reply_turn(user_id, conversation_id, reply_id)
+        .await
+        .map_err(|e| match e {
+            shared::Error::NotFound => ApiError::NotFound("reply"),
+            other => other.into(),
+        })
+}
+
+#[utoipa::path(post, path = "/v1/conversations/{id}/messages/{message_id}/regenerate", tag = "conversations",
+    params(("id" = String, Path), ("message_id" = String, Path, description = "The reply (stored, or a failed one's stand-in)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses((status = 202, body = MessageAccepted, description = "A new version of the reply is queued; `message_id` is the reply's"),
+        (status = 404, description = "no such reply"),
+        (status = 409, description = "`reply_in_progress` (a version is being written: wait, or cancel it), `persona_deleted`")),
+    security(("bearer" = [])))]
+pub async fn regenerate(
+    State(state): State<AppState>,
+    caller: Caller,
+    claim: Claim,
+    trace: Trace,
+    AppPath((id, reply_id)): AppPath<(ConversationId, MessageId)>,
+) -> Result<Response, ApiError> {
+    let turn = reply_turn(&state, caller.id(), &id, &reply_id).await?;
+    let latest = match &turn.asked.request_id {
+        Some(r) => state.ports.store.get_request(caller.id(), r).await?,
+        None => None,
+    };
+    if latest.is_some_and(|r| !r.status.is_final()) {
+        return Err(ApiError::Conflict {
+            code: "reply_in_progress",
+            message: "a version of this reply is being written; wait for it, or cancel it".into(),
+        });
+    }
+    let ids = claim.ids(caller.id());
+    let request = RequestRecord::with_id(
+        ids.id("request"),
+        RequestKind::Chat,
+        RequestInput::Chat {
+            conversation_id: id.clone(),
+            message_id: turn.asked.message_id.clone(),
+            text: turn.asked.text.clone(),
+            reply_to: Some(reply_id.clone()),
+        },
+        None,
+    );
+    let request_id = request.request_id.clone();
+    let answer = MessageAccepted {
+        request_id: request_id.clone(),
+        status: RequestStatus::Queued,
+        message_id: reply_id,
+    };
+    let work = Accept {
+        user_id: caller.id().to_owned(),
+        kind: RequestKind::Chat,
+        jobs: vec![job_for(caller.id(), &request, &trace)],
+        requests: vec![request],
+        batch: None,
+        message: None,
+        answer: None,
+    };
+    let response = accept(&state, &claim, work, &answer).await?;
+    // Listings show the new version's state on the reply from here on. After the accept: a
+    // failure here loses only that (the job runs and its version lands all the same).
+    if let Err(e) = state.ports.store.answer_with(&id, &turn, &request_id).await {
+        tracing::warn!(error = %shared::error::Report(&e), "could not point the turn at its regeneration");
+    }
+    Ok(response)
+}
+
+#[utoipa::path(put, path = "/v1/conversations/{id}/messages/{message_id}/selected", tag = "conversations",
+    params(("id" = String, Path), ("message_id" = String, Path, description = "The reply")),
+    request_body = SelectVersion,
+    responses((status = 200, body = Message, description = "The reply, showing the version selected; the model sees it from now on"),
+        (status = 404, description = "no such reply, or no such version of it")),
+    security(("bearer" = [])))]
+pub async fn select(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath((id, reply_id)): AppPath<(ConversationId, MessageId)>,
+    AppJson(body): AppJson<SelectVersion>,
+) -> Result<AppJson<Message>, ApiError> {
+    state
+        .ports
+        .store
+        .select_version(caller.id(), &id, &reply_id, &body.variant_id)
+        .await
+        .map(AppJson)
+        .map_err(|e| match e {
+            shared::Error::NotFound => ApiError::NotFound("reply or version"),
+            other => other.into(),
         })
 }
 

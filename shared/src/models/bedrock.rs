@@ -302,6 +302,9 @@ mod tests {
             status: Default::default(),
             request_id: None,
             error: None,
+            reply_id: None,
+            variants: Vec::new(),
+            selected: None,
             created_at: String::new(),
         }
     }
@@ -330,6 +333,7 @@ mod tests {
                 msg(Role::Assistant, "c"),
             ],
             user_text: "d".into(),
+            variation: None,
         };
         let opts = BedrockOptions {
             model_id: DEFAULT_MODEL.into(),

@@ -41,6 +41,9 @@ pub struct ChatRequest {
     /// Earlier messages, oldest first, already cut to the context budget.
     pub history: Vec<Message>,
     pub user_text: String,
+    /// Set for a regeneration (its request id): another version of a reply is wanted. The
+    /// offline engine varies its answer with it; providers vary by themselves.
+    pub variation: Option<String>,
 }
 
 #[async_trait]

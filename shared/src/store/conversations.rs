@@ -11,8 +11,18 @@ use crate::domain::{
     Conversation, Message, MessageStatus, Page, Persona, RequestRecord, RequestResult,
     RequestStatus, Role,
 };
-use crate::ids::{ConversationId, MessageId, PersonaId};
+use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use crate::{Error, Result};
+
+/// A turn found by its reply's id (see [`ConversationStore::reply_turn`]).
+#[derive(Debug, Clone)]
+pub struct Turn {
+    pub turn: i64,
+    /// The user message.
+    pub asked: Message,
+    /// Its reply, if stored.
+    pub reply: Option<Message>,
+}
 
 /// See [`ConversationStore::chat_context`].
 #[derive(Debug, Clone)]
@@ -21,10 +31,10 @@ pub struct ChatContext {
     pub persona: Option<Persona>,
     /// Oldest first.
     pub history: Vec<Message>,
-    /// The turn was marked cancelled (see `Atomic::cancel`): the job is not to run. Set where
-    /// a job's first delivery does not read its request (AWS); the embedded worker reads the
-    /// request itself before it runs.
-    pub cancelled: bool,
+    /// The request whose cancel marked the turn (see `Atomic::cancel`): a job of that request
+    /// is not to run. Set where a job's first delivery does not read its request (AWS); the
+    /// embedded worker reads the request itself before it runs.
+    pub cancelled: Option<RequestId>,
 }
 
 #[async_trait]
@@ -92,6 +102,34 @@ pub trait ConversationStore: Send + Sync + 'static {
         conversation_id: &ConversationId,
         reply_to: &MessageId,
     ) -> Result<Option<Message>>;
+
+    /// The turn whose reply is `reply_id` (stored, or still to come): its user message, and
+    /// the reply if stored. `NotFound` unless the conversation is the user's and has such a
+    /// reply (a greeting answers no user message: not one); `PersonaDeleted` when the
+    /// conversation's persona is gone.
+    async fn reply_turn(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        reply_id: &MessageId,
+    ) -> Result<Turn>;
+    /// Makes `request_id` the request that answers the turn's user message (a regeneration):
+    /// listings show its state on the reply.
+    async fn answer_with(
+        &self,
+        conversation_id: &ConversationId,
+        turn: &Turn,
+        request_id: &RequestId,
+    ) -> Result<()>;
+    /// Shows version `variant_id` of a reply, and gives it to the model from now on; returns
+    /// the reply. `NotFound` when the user has no such reply, or it no such version.
+    async fn select_version(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        reply_id: &MessageId,
+        variant_id: &str,
+    ) -> Result<Message>;
 
     /// A conversation's messages, oldest first; `NotFound` unless the conversation is the
     /// user's. The ownership read costs nothing new: both backends keep messages under the
@@ -164,16 +202,17 @@ where
         conversation,
         persona,
         history,
-        cancelled: false,
+        cancelled: None,
     }))
 }
 
-/// A page of messages as a client shows it: each user message whose reply is not stored yet is
-/// followed by a stand-in for that reply, under the id the reply will have, with the state of
-/// the request writing it (`pending`, `streaming`, `failed` with its error, or `cancelled`
-/// before a word of it was written). Replies are
-/// stored only when written, so the write path pays nothing for this; a listing pays one
-/// request read per turn still unanswered (the one in flight, and failed ones).
+/// A page of messages as a client shows it. Each user message's latest request (its first, or
+/// the regeneration since) is checked against its reply: a reply not stored yet is shown by a
+/// stand-in under the id it will have, and a stored reply whose newest version is still being
+/// written carries that request's state; either way `pending`, `streaming`, `failed` (with the
+/// error) or `cancelled`. Replies are stored only when written, so the write path pays nothing
+/// for this; a listing pays one request read per turn still open (the one in flight, and
+/// failed ones). Every reply is shown with its versions (`variants`, `selected`).
 pub async fn with_replies_in_flight<S>(
     store: &S,
     user_id: &str,
@@ -183,42 +222,48 @@ pub async fn with_replies_in_flight<S>(
 where
     S: ConversationStore + RequestStore + ?Sized,
 {
-    let last = page.items.len().saturating_sub(1);
-    let mut unanswered = Vec::new();
-    for (i, message) in page.items.iter().enumerate() {
+    let mut items = page.items;
+    let last = items.len().saturating_sub(1);
+    // (the user message's place, its latest request, whether its reply follows it here)
+    let mut open = Vec::new();
+    for (i, message) in items.iter().enumerate() {
         let (Role::User, Some(request_id)) = (message.role, &message.request_id) else {
             continue;
         };
-        let answered = match page.items.get(i + 1) {
-            Some(next) => next.role == Role::Assistant,
+        match items.get(i + 1) {
+            Some(next) if next.role == Role::Assistant => {
+                if !next.has_version_of(request_id) {
+                    open.push((i, request_id.clone(), true));
+                }
+            }
             // The page ends on it: its reply, if stored, opens the next page.
-            None if i == last && page.next_token.is_some() => store
-                .get_reply(conversation_id, &message.message_id)
-                .await?
-                .is_some(),
-            None => false,
-        };
-        if !answered {
-            unanswered.push((i, request_id.clone()));
+            None if i == last && page.next_token.is_some() => {
+                let reply = store
+                    .get_reply(conversation_id, &message.message_id)
+                    .await?;
+                if reply.is_none() {
+                    open.push((i, request_id.clone(), false));
+                }
+            }
+            _ => open.push((i, request_id.clone(), false)),
         }
     }
-    if unanswered.is_empty() {
-        return Ok(page);
+    let requests =
+        futures::future::try_join_all(open.iter().map(|(_, id, _)| store.get_request(user_id, id)))
+            .await?;
+    // From the end, so that each stand-in goes in where its place still is.
+    for ((i, _, follows), request) in open.into_iter().zip(requests).rev() {
+        let Some(request) = request else { continue };
+        if follows {
+            in_flight(&mut items[i + 1], request);
+        } else if let Some(stand_in) = stand_in(request, &items[i]) {
+            items.insert(i + 1, stand_in);
+        }
     }
-    let requests = futures::future::try_join_all(
-        unanswered
-            .iter()
-            .map(|(_, id)| store.get_request(user_id, id)),
-    )
-    .await?;
-    let mut items = Vec::with_capacity(page.items.len() + unanswered.len());
-    let mut stand_ins = unanswered.iter().zip(requests).peekable();
-    for (i, message) in page.items.into_iter().enumerate() {
-        items.push(message);
-        if stand_ins.peek().is_some_and(|((at, _), _)| *at == i) {
-            if let Some((_, Some(request))) = stand_ins.next() {
-                items.extend(stand_in(request));
-            }
+    for reply in items.iter_mut().filter(|m| m.role == Role::Assistant) {
+        if reply.variants.is_empty() && reply.request_id.is_some() {
+            reply.variants = reply.versions();
+            reply.selected = reply.variants.first().map(|v| v.variant_id.clone());
         }
     }
     Ok(Page {
@@ -227,22 +272,45 @@ where
     })
 }
 
-/// The reply a chat request is writing, as it stands; `None` for a request that is not a
-/// chat turn's.
-fn stand_in(request: RequestRecord) -> Option<Message> {
-    // Finished since the page was read: the reply itself.
-    if let Some(RequestResult::Message(reply)) = request.result {
-        return Some(reply);
-    }
-    let status = match request.status {
+/// A request's state as a message's.
+fn message_status(status: RequestStatus) -> Option<MessageStatus> {
+    Some(match status {
         RequestStatus::Queued => MessageStatus::Pending,
         RequestStatus::Running => MessageStatus::Streaming,
         RequestStatus::Failed => MessageStatus::Failed,
         RequestStatus::Cancelled => MessageStatus::Cancelled,
         RequestStatus::Succeeded => return None,
-    };
+    })
+}
+
+/// A stored reply whose newest version `request` is writing: the reply as the request left it
+/// if it finished since the page was read, else with the request's state.
+fn in_flight(reply: &mut Message, request: RequestRecord) {
+    if let Some(RequestResult::Message(done)) = request.result {
+        if done.message_id == reply.message_id {
+            *reply = done;
+        }
+        return;
+    }
+    if let Some(status) = message_status(request.status) {
+        reply.status = status;
+        reply.error = request.error.filter(|_| status == MessageStatus::Failed);
+    }
+}
+
+/// The reply a chat request is writing for user message `asked`, as it stands; `None` for a
+/// request that is not a chat turn's.
+fn stand_in(request: RequestRecord, asked: &Message) -> Option<Message> {
+    // Finished since the page was read: the reply itself.
+    if let Some(RequestResult::Message(reply)) = request.result {
+        return Some(reply);
+    }
+    let status = message_status(request.status)?;
     Some(Message {
-        message_id: request.request_id.reply_id(),
+        message_id: asked
+            .reply_id
+            .clone()
+            .unwrap_or_else(|| request.request_id.reply_id()),
         role: Role::Assistant,
         text: String::new(),
         model: request.model,
@@ -250,6 +318,9 @@ fn stand_in(request: RequestRecord) -> Option<Message> {
         request_id: Some(request.request_id),
         // A retried request keeps its last attempt's error; only a failure is shown with one.
         error: request.error.filter(|_| status == MessageStatus::Failed),
+        reply_id: None,
+        variants: Vec::new(),
+        selected: None,
         created_at: request.created_at,
     })
 }

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
+use aws_sdk_dynamodb::types::TransactWriteItem;
 use serde::{Deserialize, Serialize};
 
 use super::{Accept, AcceptOutcome, Ack, Atomic, Found, Settle, Started};
@@ -142,9 +142,9 @@ impl AwsAtomic {
                 format!("CONV#{conversation_id}"),
                 msg_sk(turn, 0),
             )))
-            .update_expression("SET cancelled = :yes")
+            .update_expression("SET cancelled = :request")
             .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":yes", AttributeValue::Bool(true))
+            .expression_attribute_values(":request", s(record.request_id.as_str()))
             .send()
             .await;
         match out {

@@ -5,16 +5,48 @@
 use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
 
 use super::AwsAtomic;
-use crate::domain::{Activity, RequestInput, RequestRecord, RequestResult};
+use crate::domain::{Activity, Message, RequestInput, RequestRecord, RequestResult};
 use crate::events::aws::Sequenced;
 use crate::events::Event;
-use crate::ids::RequestId;
+use crate::ids::{ConversationId, MessageId, RequestId};
 use crate::store::dynamodb::{
     body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
     Item,
 };
 use crate::store::Transition;
 use crate::{Error, Result};
+
+/// A result record to write: put if absent, or (`over`) in place of the body it was read
+/// with.
+struct Effect {
+    item: Item,
+    over: Option<String>,
+}
+
+impl Effect {
+    fn write(&self, table: &str) -> Result<TransactWriteItem> {
+        let Some(over) = &self.over else {
+            return put_if_absent(table, self.item.clone());
+        };
+        let put = Put::builder()
+            .table_name(table)
+            .set_item(Some(self.item.clone()))
+            .condition_expression("body = :over")
+            .expression_attribute_values(":over", s(over))
+            .build()
+            .map_err(|e| storage("build a transaction item", e))?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+}
+
+/// What a settlement writes besides the request, mended between tries.
+struct Writes {
+    transition: Transition,
+    /// The result record to write; `None` once a twin's stands.
+    pending: Option<Effect>,
+    /// A reply's conversation update; `None` once the conversation is found gone or moved on.
+    activity: Option<TransactWriteItem>,
+}
 
 /// The transaction of one settlement attempt, with where its conditional items sit.
 struct SettleItems {
@@ -90,11 +122,11 @@ impl AwsAtomic {
         transition: Transition,
         extras: Extras<'_>,
     ) -> Result<Option<RequestRecord>> {
-        let mut transition = transition;
-        // The result record to write, and where it goes; `None` once a twin's stands.
-        let mut pending: Option<Item> = None;
-        // A reply's conversation update; `None` once the conversation is found gone.
-        let mut activity: Option<TransactWriteItem> = None;
+        let mut w = Writes {
+            transition,
+            pending: None,
+            activity: None,
+        };
         let mut first = true;
         // Tries lost to another process writing the user's events count apart: they say
         // nothing about the request.
@@ -107,15 +139,15 @@ impl AwsAtomic {
                 return Ok(Some(record));
             }
             if std::mem::take(&mut first) {
-                (pending, activity) = self.effects(user_id, &record, &mut transition).await?;
+                (w.pending, w.activity) = self.effects(user_id, &record, &mut w.transition).await?;
             }
-            if !advance(&mut record, &transition, extras.unstarted) {
+            if !advance(&mut record, &w.transition, extras.unstarted) {
                 return Ok(Some(record));
             }
             let events = settle_events(&record, extras.last_fragment);
             let seq = self.events.sequenced(user_id, &events).await?;
-            let mut tx = self.settle_items(user_id, &record, version, pending.as_ref(), &seq)?;
-            tx.add_activity(activity.clone());
+            let mut tx = self.settle_items(user_id, &record, version, w.pending.as_ref(), &seq)?;
+            tx.add_activity(w.activity.clone());
             tx.items
                 .extend(extras.outbox.and_then(|k| self.outbox_delete(k)));
             let Some(cancelled) = self.transact(tx.items, "settle").await? else {
@@ -130,24 +162,19 @@ impl AwsAtomic {
             } else {
                 drop(seq);
             }
-            if let Some(gone) = refused_activity(&cancelled, tx.activity_at) {
-                activity = None;
-                if gone {
-                    pending = None;
-                    transition = transition.without_conversation();
+            let refused = (tx.activity_at, tx.effect_at);
+            let redone = self.redo(user_id, &record, &mut w, &cancelled, refused);
+            if !redone.await? {
+                if counter_moved {
+                    collided += 1;
+                    continue;
                 }
-            } else if cancelled.failed(tx.effect_at) {
-                // A twin delivery stored its result first: that one stands.
-                self.take_twin_result(pending.take(), &mut transition)
-                    .await?;
-            } else if counter_moved {
-                collided += 1;
-                continue;
-            } else if !cancelled.failed(Some(tx.request_at)) {
-                return Err(Error::storage_msg(format!(
-                    "settle cancelled: {:?}",
-                    cancelled.0
-                )));
+                if !cancelled.failed(Some(tx.request_at)) {
+                    return Err(Error::storage_msg(format!(
+                        "settle cancelled: {:?}",
+                        cancelled.0
+                    )));
+                }
             }
             moved += 1;
             // Either way, read the request again and write over its new version.
@@ -155,6 +182,40 @@ impl AwsAtomic {
         Err(Error::storage_msg(
             "request kept changing under the settlement",
         ))
+    }
+
+    /// Mends the writes after a refusal by their own items (at `activity_at`, `effect_at`):
+    /// the conversation gone (no reply to store) or moved on (leave its activity), the
+    /// regenerated reply changed since it was read, or a twin's result that stands. False
+    /// when neither refused.
+    async fn redo(
+        &self,
+        user_id: &str,
+        record: &RequestRecord,
+        w: &mut Writes,
+        cancelled: &Cancelled,
+        (activity_at, effect_at): (Option<usize>, Option<usize>),
+    ) -> Result<bool> {
+        if let Some(gone) = refused_activity(cancelled, activity_at) {
+            w.activity = None;
+            if gone {
+                w.pending = None;
+                w.transition = w.transition.clone().without_conversation();
+            }
+        } else if cancelled.failed(effect_at) {
+            (w.pending, w.activity) = self
+                .after_refused_effect(
+                    user_id,
+                    record,
+                    w.pending.take(),
+                    w.activity.take(),
+                    &mut w.transition,
+                )
+                .await?;
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The request's version and record: as this process last wrote it (a start, then its
@@ -209,14 +270,14 @@ impl AwsAtomic {
         user_id: &str,
         record: &RequestRecord,
         version: i64,
-        pending: Option<&Item>,
+        pending: Option<&Effect>,
         events: &Sequenced,
     ) -> Result<SettleItems> {
         let table = self.store.table.as_str();
         let mut items = Vec::new();
         let effect_at = pending.map(|_| items.len());
         if let Some(effect) = pending {
-            items.push(put_if_absent(table, effect.clone())?);
+            items.push(effect.write(table)?);
         }
         let request_at = items.len();
         items.push(
@@ -254,14 +315,12 @@ impl AwsAtomic {
         user_id: &str,
         record: &RequestRecord,
         transition: &mut Transition,
-    ) -> Result<(Option<Item>, Option<TransactWriteItem>)> {
+    ) -> Result<(Option<Effect>, Option<TransactWriteItem>)> {
         let Some(result) = transition.result_mut() else {
             return Ok((None, None));
         };
-        Ok((
-            Some(self.result_item(user_id, record, result).await?),
-            self.activity_of(user_id, record, result)?,
-        ))
+        let effect = self.result_item(user_id, record, result).await?;
+        Ok((effect, self.activity_of(user_id, record, result)?))
     }
 
     /// The update that makes a reply its conversation's latest activity; `None` for a persona.
@@ -285,13 +344,64 @@ impl AwsAtomic {
         }
     }
 
+    /// What to write after the result's write was refused: a regeneration's reply changed
+    /// since it was read (another version, a selection), so merge into it as it stands now;
+    /// or a twin delivery stored its result first, and that one stands.
+    async fn after_refused_effect(
+        &self,
+        user_id: &str,
+        record: &RequestRecord,
+        pending: Option<Effect>,
+        activity: Option<TransactWriteItem>,
+        transition: &mut Transition,
+    ) -> Result<(Option<Effect>, Option<TransactWriteItem>)> {
+        match pending {
+            Some(Effect { over: Some(_), .. }) => self.effects(user_id, record, transition).await,
+            effect => {
+                self.take_twin_result(effect, transition).await?;
+                Ok((None, activity))
+            }
+        }
+    }
+
+    /// A regeneration's write: its version merged into the reply as stored (read now), over
+    /// it; `None` (and `result` the stored reply) when the reply has the version already.
+    async fn version_item(
+        &self,
+        conversation_id: &ConversationId,
+        message_id: &MessageId,
+        result: &mut RequestResult,
+    ) -> Result<Option<Effect>> {
+        let RequestResult::Message(ours) = &*result else {
+            return Err(Error::internal_msg("a persona for a chat request"));
+        };
+        let turn = self
+            .store
+            .turn_of(conversation_id, message_id)
+            .await?
+            .ok_or(Error::NotFound)?;
+        let (pk, sk) = (format!("CONV#{conversation_id}"), msg_sk(turn, 1));
+        let stored = self.store.get(&pk, &sk).await?;
+        let over = stored
+            .as_ref()
+            .and_then(|i| get_s(i, "body"))
+            .map(str::to_owned);
+        let stored: Option<Message> = stored.as_ref().map(body).transpose()?;
+        let merged = Message::merge_reply(stored.clone(), ours.clone());
+        let unchanged = stored.as_ref() == Some(&merged);
+        let mut item = key(pk, sk);
+        item.insert("body".into(), s(serde_json::to_string(&merged)?));
+        *result = RequestResult::Message(merged);
+        Ok((!unchanged).then_some(Effect { item, over }))
+    }
+
     /// Makes a `Succeed` carry the result a twin delivery stored first, in place of its own.
     async fn take_twin_result(
         &self,
-        effect: Option<Item>,
+        effect: Option<Effect>,
         transition: &mut Transition,
     ) -> Result<()> {
-        let effect = effect.unwrap_or_default();
+        let effect = effect.map(|e| e.item).unwrap_or_default();
         let (pk, sk) = (
             get_s(&effect, "pk").unwrap_or_default().to_owned(),
             get_s(&effect, "sk").unwrap_or_default().to_owned(),
@@ -310,15 +420,26 @@ impl AwsAtomic {
         Ok(())
     }
 
-    /// The item a succeeded job's result is stored as: the persona, or the reply in the turn
-    /// of the user message it answers.
+    /// The write of a job's result: the persona, or the reply in the turn of the user message
+    /// it answers. A regeneration's version is merged into the reply as stored (read now) and
+    /// written over it on condition that it did not change meanwhile; `None` (and `result`
+    /// the stored reply) when the reply has this version already (a twin delivery's).
     async fn result_item(
         &self,
         user_id: &str,
         record: &RequestRecord,
-        result: &RequestResult,
-    ) -> Result<Item> {
-        Ok(match (result, &record.input) {
+        result: &mut RequestResult,
+    ) -> Result<Option<Effect>> {
+        if let RequestInput::Chat {
+            conversation_id,
+            message_id,
+            reply_to: Some(_),
+            ..
+        } = &record.input
+        {
+            return self.version_item(conversation_id, message_id, result).await;
+        }
+        let item = match (&*result, &record.input) {
             (RequestResult::Persona(p), _) => {
                 let mut item = key(user_pk(user_id), format!("PERSONA#{}", p.persona_id));
                 item.insert("body".into(), s(serde_json::to_string(p)?));
@@ -345,6 +466,7 @@ impl AwsAtomic {
             (RequestResult::Message(_), RequestInput::Persona { .. }) => {
                 return Err(Error::internal_msg("a reply for a persona request"))
             }
-        })
+        };
+        Ok(Some(Effect { item, over: None }))
     }
 }

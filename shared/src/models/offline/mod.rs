@@ -164,10 +164,11 @@ fn snippet(text: &str, max_words: usize) -> String {
 fn compose_reply(request: &ChatRequest) -> String {
     let p = &request.persona;
     let seed = stable_hash(&format!(
-        "{}|{}|{}",
+        "{}|{}|{}{}",
         p.persona_id,
         request.history.len(),
-        request.user_text
+        request.user_text,
+        request.variation.as_deref().unwrap_or_default()
     ));
     let opener = match famous_by_name(&p.name) {
         Some(f) => f.openers[(seed % f.openers.len() as u64) as usize].to_string(),
@@ -344,6 +345,7 @@ mod tests {
             persona,
             history: vec![],
             user_text: "How do I learn patience?".into(),
+            variation: None,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let out = OfflineChatModel::default()

@@ -15,10 +15,10 @@ use super::{
     body, get_n, get_s, is_conditional_failure, key, msg_sk, n, put_if_absent, s, storage, user_pk,
     Cancelled, DynamoStore, Item, ACTIVITY_INDEX,
 };
-use crate::domain::{Activity, Conversation, Message, Page, Persona, RequestRecord};
-use crate::ids::{ConversationId, MessageId, PersonaId};
+use crate::domain::{Activity, Conversation, Message, Page, Persona, RequestRecord, Role};
+use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use crate::store::token;
-use crate::store::{chat_context_in_reads, ChatContext, ConversationStore};
+use crate::store::{chat_context_in_reads, ChatContext, ConversationStore, Turn};
 use crate::{Error, Result};
 
 /// The sort key of a conversation's persona snapshot, in the conversation's partition. It sorts
@@ -354,7 +354,7 @@ impl DynamoStore {
         let mut found: Option<(Conversation, Persona)> = None;
         let mut turn = self.turns.get(message_id);
         let mut history = Vec::new();
-        let (mut start, mut cancelled) = (None, false);
+        let (mut start, mut cancelled) = (None, None);
         loop {
             let out = self.context_page(&pk, limit, start).await?;
             for item in out.items.unwrap_or_default() {
@@ -373,7 +373,7 @@ impl DynamoStore {
                 let Some(at) = sk_turn(sk) else { continue };
                 let message: Message = body(&item)?;
                 if message.message_id == *message_id {
-                    cancelled = item.contains_key("cancelled");
+                    cancelled = get_s(&item, "cancelled").map(RequestId::from);
                     if turn.is_none() {
                         self.turns.insert(message_id.clone(), at);
                         turn = Some(at);
@@ -422,6 +422,91 @@ impl DynamoStore {
             .send()
             .await
             .map_err(|e| storage("query chat context", e))
+    }
+
+    /// The turn whose reply is `reply_id` (stored or to come): its number and its items (the
+    /// user message, the reply if stored). A turn this process has not seen is looked for in
+    /// the conversation's messages, a page at a time: regenerations and selections are rare
+    /// next to turns, so no index item is written per reply for them.
+    async fn turn_items(
+        &self,
+        conversation_id: &ConversationId,
+        reply_id: &MessageId,
+    ) -> Result<Option<(i64, Item, Option<Item>)>> {
+        let pk = format!("CONV#{conversation_id}");
+        if let Some(turn) = self.turns.get(reply_id) {
+            return self.items_of_turn(&pk, turn).await;
+        }
+        // A user message stored before it named its reply names the request that shares the
+        // reply id's tail.
+        let legacy = RequestId::from(format!(
+            "req_{}",
+            reply_id.as_str().trim_start_matches("msg_")
+        ));
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :msg)")
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":msg", s("MSG#"))
+                .set_exclusive_start_key(start)
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| storage("look for a reply's turn", e))?;
+            for item in out.items.unwrap_or_default() {
+                let Some(turn) = sk_turn(get_s(&item, "sk").unwrap_or_default()) else {
+                    continue;
+                };
+                let m: Message = body(&item)?;
+                let hit = match m.role {
+                    Role::Assistant => m.message_id == *reply_id,
+                    Role::User => {
+                        m.reply_id.as_ref() == Some(reply_id)
+                            || m.request_id.as_ref() == Some(&legacy)
+                    }
+                };
+                if hit && turn > 0 {
+                    self.turns.insert(reply_id.clone(), turn);
+                    return self.items_of_turn(&pk, turn).await;
+                }
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// A turn's user message and reply (if stored); `None` without a user message.
+    async fn items_of_turn(
+        &self,
+        pk: &str,
+        turn: i64,
+    ) -> Result<Option<(i64, Item, Option<Item>)>> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :turn)")
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":turn", s(format!("MSG#{turn:012}#")))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| storage("read a turn", e))?;
+        let (mut asked, mut reply) = (None, None);
+        for item in out.items.unwrap_or_default() {
+            match get_s(&item, "sk") {
+                Some(sk) if sk == msg_sk(turn, 0) => asked = Some(item),
+                Some(sk) if sk == msg_sk(turn, 1) => reply = Some(item),
+                _ => {}
+            }
+        }
+        Ok(asked.map(|asked| (turn, asked, reply)))
     }
 
     /// Remembers the turn an append took, once its transaction committed.
@@ -752,6 +837,108 @@ impl ConversationStore for DynamoStore {
             .as_ref()
             .map(body)
             .transpose()
+    }
+
+    async fn reply_turn(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        reply_id: &MessageId,
+    ) -> Result<Turn> {
+        if self
+            .get_conversation(user_id, conversation_id)
+            .await?
+            .is_none()
+        {
+            return Err(Error::NotFound);
+        }
+        let meta = self.get(&format!("CONV#{conversation_id}"), "META").await?;
+        self.counter_of(user_id, conversation_id, meta).await?;
+        let (turn, asked, reply) = self
+            .turn_items(conversation_id, reply_id)
+            .await?
+            .ok_or(Error::NotFound)?;
+        Ok(Turn {
+            turn,
+            asked: body(&asked)?,
+            reply: reply.as_ref().map(body).transpose()?,
+        })
+    }
+
+    async fn answer_with(
+        &self,
+        conversation_id: &ConversationId,
+        turn: &Turn,
+        request_id: &RequestId,
+    ) -> Result<()> {
+        let asked = Message {
+            request_id: Some(request_id.clone()),
+            ..turn.asked.clone()
+        };
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                format!("CONV#{conversation_id}"),
+                msg_sk(turn.turn, 0),
+            )))
+            .update_expression("SET body = :body")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":body", s(serde_json::to_string(&asked)?))
+            .send()
+            .await
+            .map_err(|e| storage("point a turn at its request", e))?;
+        Ok(())
+    }
+
+    /// Read, changed and written back on condition that the reply is as read (a version
+    /// added meanwhile is kept: the selection is made again over it).
+    async fn select_version(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        reply_id: &MessageId,
+        variant_id: &str,
+    ) -> Result<Message> {
+        if self
+            .get_conversation(user_id, conversation_id)
+            .await?
+            .is_none()
+        {
+            return Err(Error::NotFound);
+        }
+        for _ in 0..5 {
+            let (turn, _, stored) = self
+                .turn_items(conversation_id, reply_id)
+                .await?
+                .ok_or(Error::NotFound)?;
+            let stored = stored.ok_or(Error::NotFound)?;
+            let read = get_s(&stored, "body").unwrap_or_default().to_owned();
+            let mut reply: Message = body(&stored)?;
+            if !reply.select(variant_id) {
+                return Err(Error::NotFound);
+            }
+            let out = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(key(
+                    format!("CONV#{conversation_id}"),
+                    msg_sk(turn, 1),
+                )))
+                .update_expression("SET body = :new")
+                .condition_expression("body = :read")
+                .expression_attribute_values(":new", s(serde_json::to_string(&reply)?))
+                .expression_attribute_values(":read", s(read))
+                .send()
+                .await;
+            match out {
+                Ok(_) => return Ok(reply),
+                Err(e) if is_conditional_failure(&e) => continue,
+                Err(e) => return Err(storage("select a version", e)),
+            }
+        }
+        Err(Error::Conflict("the reply kept changing; try again".into()))
     }
 
     async fn page_messages(

@@ -9,8 +9,8 @@ use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 use super::personas::PERSONA_BY_ID;
 use super::{bad_token, body_in, from_json, insert_request, one_body, to_json, SqliteStore};
 use crate::domain::{Activity, Conversation, Message, Page, Persona, RequestRecord};
-use crate::ids::{ConversationId, MessageId, PersonaId};
-use crate::store::{token, ChatContext, ConversationStore};
+use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
+use crate::store::{token, ChatContext, ConversationStore, Turn};
 use crate::{Error, Result};
 
 /// A user's conversation by id.
@@ -51,16 +51,13 @@ fn touch(c: &Connection, conversation_id: &ConversationId, activity: &Activity) 
     Ok(())
 }
 
-/// Appends a user message as the conversation's next turn; `NotFound` when the conversation is
-/// not the user's.
-pub(crate) fn append_user_message(
+/// Whether the user's conversation takes messages: `NotFound` when it is not the user's,
+/// `PersonaDeleted` when its persona was deleted.
+fn conversation_open(
     c: &Connection,
     user_id: &str,
     conversation_id: &ConversationId,
-    message: &Message,
 ) -> Result<()> {
-    // The conversation's persona, if it still exists: `None` when the conversation is not
-    // the user's, `Some(false)` when its persona was deleted.
     let persona_lives: Option<bool> = c
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM personas p
@@ -71,10 +68,62 @@ pub(crate) fn append_user_message(
         .query_row(params![user_id, conversation_id], |r| r.get(0))
         .optional()?;
     match persona_lives {
-        None => return Err(Error::NotFound),
-        Some(false) => return Err(Error::PersonaDeleted),
-        Some(true) => {}
+        None => Err(Error::NotFound),
+        Some(false) => Err(Error::PersonaDeleted),
+        Some(true) => Ok(()),
     }
+}
+
+/// The turn whose reply is `reply_id`, stored or to come (a user message names its reply; one
+/// stored before that is found by the request it names, which shares the reply id's tail).
+fn turn_of_reply(
+    c: &Connection,
+    conversation_id: &ConversationId,
+    reply_id: &MessageId,
+) -> Result<Turn> {
+    let legacy = format!("req_{}", reply_id.as_str().trim_start_matches("msg_"));
+    let turn: i64 = c
+        .prepare_cached(
+            "SELECT turn FROM messages WHERE conversation_id = ?1 AND turn > 0
+               AND ((sub = 1 AND message_id = ?2)
+                    OR (sub = 0 AND (json_extract(body, '$.reply_id') = ?2
+                                     OR json_extract(body, '$.request_id') = ?3)))
+             LIMIT 1",
+        )?
+        .query_row(params![conversation_id, reply_id, legacy], |r| r.get(0))
+        .optional()?
+        .ok_or(Error::NotFound)?;
+    let mut stmt = c.prepare_cached(
+        "SELECT sub, body FROM messages WHERE conversation_id = ?1 AND turn = ?2 ORDER BY sub",
+    )?;
+    let rows = stmt
+        .query_map(params![conversation_id, turn], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let (mut asked, mut reply) = (None, None);
+    for (sub, body) in rows {
+        match sub {
+            0 => asked = Some(from_json::<Message>(&body)?),
+            _ => reply = Some(from_json::<Message>(&body)?),
+        }
+    }
+    Ok(Turn {
+        turn,
+        asked: asked.ok_or(Error::NotFound)?,
+        reply,
+    })
+}
+
+/// Appends a user message as the conversation's next turn; `NotFound` when the conversation is
+/// not the user's.
+pub(crate) fn append_user_message(
+    c: &Connection,
+    user_id: &str,
+    conversation_id: &ConversationId,
+    message: &Message,
+) -> Result<()> {
+    conversation_open(c, user_id, conversation_id)?;
     let turn: i64 = c
         .prepare_cached(
             "SELECT COALESCE(MAX(turn), 0) + 1 FROM messages WHERE conversation_id = ?1",
@@ -93,7 +142,9 @@ pub(crate) fn append_user_message(
     touch(c, conversation_id, &Activity::of(message))
 }
 
-/// Stores the reply to `reply_to` unless one exists; returns the one that stands.
+/// Stores `reply` (one version) as the reply to `reply_to`: alone, or added to the stored
+/// reply's versions and selected (a regeneration); returns the reply that stands, which is
+/// the stored one as it was when it has this version already (a twin delivery's).
 pub(crate) fn put_reply_in(
     c: &Connection,
     conversation_id: &ConversationId,
@@ -105,27 +156,31 @@ pub(crate) fn put_reply_in(
         .query_row(params![conversation_id, reply_to], |r| r.get(0))
         .optional()?
         .ok_or(Error::NotFound)?;
-    let inserted = c
-        .prepare_cached(
-            "INSERT OR IGNORE INTO messages (conversation_id, turn, sub, message_id, body)
-             VALUES (?1, ?2, 1, ?3, ?4)",
-        )?
-        .execute(params![
-            conversation_id,
-            turn,
-            reply.message_id,
-            to_json(reply)?
-        ])?;
-    if inserted == 1 {
-        touch(c, conversation_id, &Activity::of(reply))?;
-        return Ok(reply.clone());
-    }
-    let stored: String = c
+    let stored: Option<Message> = c
         .prepare_cached(
             "SELECT body FROM messages WHERE conversation_id = ?1 AND turn = ?2 AND sub = 1",
         )?
-        .query_row(params![conversation_id, turn], |r| r.get(0))?;
-    from_json(&stored)
+        .query_row(params![conversation_id, turn], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|b| from_json(&b))
+        .transpose()?;
+    let merged = Message::merge_reply(stored.clone(), reply.clone());
+    if stored.as_ref() == Some(&merged) {
+        return Ok(merged);
+    }
+    c.prepare_cached(
+        "INSERT INTO messages (conversation_id, turn, sub, message_id, body)
+         VALUES (?1, ?2, 1, ?3, ?4)
+         ON CONFLICT (conversation_id, turn, sub) DO UPDATE SET body = excluded.body",
+    )?
+    .execute(params![
+        conversation_id,
+        turn,
+        merged.message_id,
+        to_json(&merged)?
+    ])?;
+    touch(c, conversation_id, &Activity::of(reply))?;
+    Ok(merged)
 }
 
 #[async_trait]
@@ -337,6 +392,76 @@ impl ConversationStore for SqliteStore {
             .await
     }
 
+    async fn reply_turn(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        reply_id: &MessageId,
+    ) -> Result<Turn> {
+        let (user_id, conv, reply_id) = (
+            user_id.to_owned(),
+            conversation_id.to_owned(),
+            reply_id.to_owned(),
+        );
+        self.db
+            .call(move |c| {
+                conversation_open(c, &user_id, &conv)?;
+                turn_of_reply(c, &conv, &reply_id)
+            })
+            .await
+    }
+
+    async fn answer_with(
+        &self,
+        conversation_id: &ConversationId,
+        turn: &Turn,
+        request_id: &RequestId,
+    ) -> Result<()> {
+        let (conv, at, request) = (conversation_id.to_owned(), turn.turn, request_id.to_owned());
+        self.db
+            .write(move |c| {
+                c.execute(
+                    "UPDATE messages SET body = json_set(body, '$.request_id', ?3)
+                     WHERE conversation_id = ?1 AND turn = ?2 AND sub = 0",
+                    params![conv, at, request],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn select_version(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        reply_id: &MessageId,
+        variant_id: &str,
+    ) -> Result<Message> {
+        let (user_id, conv, reply_id, variant) = (
+            user_id.to_owned(),
+            conversation_id.to_owned(),
+            reply_id.to_owned(),
+            variant_id.to_owned(),
+        );
+        self.db
+            .write(move |c| {
+                if body_in::<Conversation>(c, CONVERSATION_BY_ID, &user_id, &conv)?.is_none() {
+                    return Err(Error::NotFound);
+                }
+                let turn = turn_of_reply(c, &conv, &reply_id)?;
+                let mut reply = turn.reply.ok_or(Error::NotFound)?;
+                if !reply.select(&variant) {
+                    return Err(Error::NotFound);
+                }
+                c.execute(
+                    "UPDATE messages SET body = ?3 WHERE conversation_id = ?1 AND turn = ?2 AND sub = 1",
+                    params![conv, turn.turn, to_json(&reply)?],
+                )?;
+                Ok(reply)
+            })
+            .await
+    }
+
     async fn page_messages(
         &self,
         conversation_id: &ConversationId,
@@ -434,7 +559,7 @@ impl ConversationStore for SqliteStore {
                 conversation,
                 persona,
                 history,
-                cancelled: false,
+                cancelled: None,
             }))
         })
     }
