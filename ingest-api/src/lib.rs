@@ -39,7 +39,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Request};
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use shared::ports::Ports;
@@ -139,6 +139,11 @@ fn authenticated_routes(state: &AppState) -> Router<AppState> {
             "/v1/conversations/{id}/messages",
             post(conversations::post_message).get(conversations::list_messages),
         )
+        .route(
+            "/v1/conversations/{id}/messages/{message_id}",
+            patch(conversations::edit),
+        )
+        .route("/v1/conversations/{id}/rewind", post(conversations::rewind))
         .route(
             "/v1/conversations/{id}/messages/{message_id}/regenerate",
             post(conversations::regenerate),

@@ -35,6 +35,7 @@ pub struct ErrorResponse {
         handlers::conversations::rename, handlers::conversations::delete,
         handlers::conversations::post_message, handlers::conversations::list_messages,
         handlers::conversations::regenerate, handlers::conversations::select,
+        handlers::conversations::edit, handlers::conversations::rewind,
         handlers::requests::get, handlers::requests::cancel, handlers::events::stream,
         handlers::ops::healthz, handlers::ops::readyz, handlers::ops::metrics,
         handlers::ops::openapi, handlers::ops::jwks,
@@ -46,7 +47,7 @@ pub struct ErrorResponse {
         personas::CreatePersona, personas::CreateBatch, personas::BatchAccepted,
         conversations::CreateConversation, conversations::RenameConversation,
         conversations::PostMessage, conversations::MessageAccepted, MessageStatus, Variant,
-        conversations::SelectVersion,
+        conversations::SelectVersion, conversations::EditMessage, conversations::Rewind,
     )),
     modifiers(&BearerAuth),
     tags(

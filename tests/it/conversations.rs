@@ -831,3 +831,178 @@ async fn a_reply_is_regenerated_into_versions_and_one_is_selected_on_aws() {
     a_reply_is_regenerated_into_versions_and_one_is_selected(without_chat_workers(true).await)
         .await;
 }
+
+async fn edit_message(
+    app: &TestApp,
+    user: &User,
+    conv: &str,
+    message_id: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    patch(
+        app,
+        user,
+        &format!("/v1/conversations/{conv}/messages/{message_id}"),
+        body,
+    )
+    .await
+}
+
+async fn rewind(app: &TestApp, user: &User, conv: &str, message_id: &str) -> (StatusCode, Value) {
+    app.post(
+        Some(&user.token),
+        &format!("/v1/conversations/{conv}/rewind"),
+        json!({ "message_id": message_id }),
+    )
+    .await
+}
+
+fn texts(messages: &[Value]) -> Vec<&str> {
+    messages
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect()
+}
+
+async fn a_conversation_is_rewound_and_edited(app: TestApp) {
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    for text in ["First", "Second", "Third"] {
+        let accepted = say(&app, &alice, &conv, text).await;
+        app.finished(&alice, accepted["request_id"].as_str().unwrap())
+            .await;
+    }
+    let all = turns(&app, &alice, &conv).await;
+    assert_eq!(all.len(), 6);
+    let (first, first_reply) = (
+        all[0]["message_id"].as_str().unwrap().to_owned(),
+        all[1]["message_id"].as_str().unwrap().to_owned(),
+    );
+
+    // Back to the first reply: the later turns are gone.
+    let (status, _) = rewind(&app, &bob, &conv, &first_reply).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not bob's");
+    let (status, record) = rewind(&app, &alice, &conv, &first_reply).await;
+    assert_eq!(status, StatusCode::OK, "{record}");
+    let preview = record["preview"].as_str().unwrap().trim_end_matches('…');
+    assert!(
+        all[1]["text"].as_str().unwrap().starts_with(preview),
+        "the kept reply is the latest: {record}"
+    );
+    let left = turns(&app, &alice, &conv).await;
+    assert_eq!(
+        texts(&left),
+        [
+            all[0]["text"].as_str().unwrap(),
+            all[1]["text"].as_str().unwrap()
+        ]
+    );
+
+    // The first message edited: its reply is written again, for the new text.
+    let (status, err) =
+        edit_message(&app, &alice, &conv, &first_reply, json!({ "text": "x" })).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("not_a_user_message"))
+    );
+    let (status, _) = edit_message(&app, &bob, &conv, &first, json!({ "text": "Mine" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not bob's");
+    let (status, accepted) = edit_message(
+        &app,
+        &alice,
+        &conv,
+        &first,
+        json!({ "text": "First, again?" }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["message_id"], first.as_str());
+    let request_id = accepted["request_id"].as_str().unwrap();
+    let done = app.finished(&alice, request_id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let now = turns(&app, &alice, &conv).await;
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(
+        (now[0]["text"].as_str(), now[0]["request_id"].as_str()),
+        (Some("First, again?"), Some(request_id))
+    );
+    assert_eq!(
+        now[1]["message_id"],
+        RequestId::from(request_id).reply_id().to_string()
+    );
+    assert!(
+        now[1]["text"].as_str().unwrap().contains("You ask"),
+        "{}",
+        now[1]["text"]
+    );
+
+    // Edited without an answer: the reply is dropped, and none is written.
+    let (status, edited) = edit_message(
+        &app,
+        &alice,
+        &conv,
+        &first,
+        json!({ "text": "Never mind.", "regenerate": false }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{edited}");
+    assert_eq!(edited["text"], "Never mind.");
+    assert_eq!(texts(&turns(&app, &alice, &conv).await), ["Never mind."]);
+    // Back to the greeting: nothing left but it.
+    let greeting = app.all_messages(&alice, &conv).await[0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = rewind(&app, &alice, &conv, &greeting).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(turns(&app, &alice, &conv).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_conversation_is_rewound_and_edited_on_the_embedded_default() {
+    a_conversation_is_rewound_and_edited(TestApp::start().await).await;
+}
+
+#[tokio::test]
+async fn a_conversation_is_rewound_and_edited_on_aws() {
+    a_conversation_is_rewound_and_edited(TestApp::builder().on_aws().start().await).await;
+}
+
+async fn a_rewind_stops_the_reply_being_written(app: TestApp) {
+    let alice = app.user("alice").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let dropped = Arc::new(AtomicBool::new(false));
+    app.start_worker(
+        RequestKind::Chat,
+        &with_chat(Arc::new(Stalls {
+            dropped: dropped.clone(),
+        })),
+    );
+    let accepted = say(&app, &alice, &conv, "Tell me a long story.").await;
+    let request_id = accepted["request_id"].as_str().unwrap();
+    app.running(&alice, request_id).await;
+    let greeting = app.all_messages(&alice, &conv).await[0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = rewind(&app, &alice, &conv, &greeting).await;
+    assert_eq!(status, StatusCode::OK);
+    let done = app.finished(&alice, request_id).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert!(dropped.load(Ordering::SeqCst), "the model call was stopped");
+    assert!(
+        turns(&app, &alice, &conv).await.is_empty(),
+        "nothing of the dropped turn is stored"
+    );
+}
+
+#[tokio::test]
+async fn a_rewind_stops_the_reply_being_written_on_the_embedded_default() {
+    a_rewind_stops_the_reply_being_written(without_chat_workers(false).await).await;
+}
+
+#[tokio::test]
+async fn a_rewind_stops_the_reply_being_written_on_aws() {
+    a_rewind_stops_the_reply_being_written(without_chat_workers(true).await).await;
+}

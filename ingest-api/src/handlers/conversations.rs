@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::atomic::{Accept, UserMessage};
 use shared::domain::{
@@ -11,7 +11,7 @@ use shared::domain::{
     TITLE_MAX_CHARS,
 };
 use shared::ids::{ConversationId, MessageId, PersonaId, RequestId};
-use shared::store::Turn;
+use shared::store::{Edit, Turn};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{accept, check_text, job_for, ListResponse, PageQuery};
@@ -283,6 +283,140 @@ pub async fn post_message(
             ApiError::NotFound(_) => ApiError::NotFound("conversation"),
             other => other,
         })
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Rewind {
+    /// The last message to keep: every later one is dropped.
+    #[schema(value_type = String)]
+    pub message_id: MessageId,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EditMessage {
+    pub text: String,
+    /// Answer the edited message again (the default); `false` leaves it unanswered.
+    #[serde(default = "yes")]
+    pub regenerate: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Cancels the requests of turns dropped or edited (their replies are not stored anyway: this
+/// stops their model calls). Best effort: one that finished meanwhile is left as it is.
+async fn cancel_all(state: &AppState, user_id: &str, requests: Vec<RequestId>) {
+    for request_id in requests {
+        if let Err(e) = state.ports.atomic.cancel(user_id, &request_id).await {
+            tracing::warn!(error = %shared::error::Report(&e), %request_id, "could not cancel a dropped turn's request");
+        }
+    }
+}
+
+/// The store's refusals of a rewind or an edit, as the API's.
+fn rewind_error(e: shared::Error) -> ApiError {
+    match e {
+        shared::Error::NotFound => ApiError::NotFound("message"),
+        shared::Error::Invalid(message) => ApiError::Unprocessable {
+            code: "not_a_user_message",
+            message,
+        },
+        other => other.into(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/conversations/{id}/rewind", tag = "conversations",
+    params(("id" = String, Path)), request_body = Rewind,
+    responses((status = 200, body = Conversation, description = "Every message after `message_id` dropped; jobs of the dropped turns cancelled"),
+        (status = 404, description = "no such message in the conversation")),
+    security(("bearer" = [])))]
+pub async fn rewind(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<ConversationId>,
+    AppJson(body): AppJson<Rewind>,
+) -> Result<AppJson<Conversation>, ApiError> {
+    let store = &state.ports.store;
+    let (_, dropped) = store
+        .rewind(caller.id(), &id, &body.message_id, None)
+        .await
+        .map_err(rewind_error)?;
+    cancel_all(&state, caller.id(), dropped).await;
+    store
+        .get_conversation(caller.id(), &id)
+        .await?
+        .map(AppJson)
+        .ok_or(ApiError::NotFound("conversation"))
+}
+
+#[utoipa::path(patch, path = "/v1/conversations/{id}/messages/{message_id}", tag = "conversations",
+    params(("id" = String, Path), ("message_id" = String, Path, description = "A user message"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    request_body = EditMessage,
+    responses((status = 202, body = MessageAccepted, description = "Edited, the later turns dropped, and answered again"),
+        (status = 200, body = Message, description = "Edited and the later turns dropped (`regenerate: false`)"),
+        (status = 400, description = "`empty_message`, `message_too_long`"),
+        (status = 404, description = "no such message"),
+        (status = 409, description = "`persona_deleted`"),
+        (status = 422, description = "`not_a_user_message`")),
+    security(("bearer" = [])))]
+pub async fn edit(
+    State(state): State<AppState>,
+    caller: Caller,
+    claim: Claim,
+    trace: Trace,
+    AppPath((id, message_id)): AppPath<(ConversationId, MessageId)>,
+    AppJson(body): AppJson<EditMessage>,
+) -> Result<Response, ApiError> {
+    let text = check_text(
+        &body.text,
+        "text",
+        state.options.max_message_chars,
+        "empty_message",
+        "message_too_long",
+    )?;
+    let request_id: RequestId = claim.ids(caller.id()).id("request");
+    let edit = Edit {
+        text: text.clone(),
+        request_id: body.regenerate.then(|| request_id.clone()),
+        reply_id: request_id.reply_id(),
+    };
+    let store = &state.ports.store;
+    let (edited, dropped) = store
+        .rewind(caller.id(), &id, &message_id, Some(&edit))
+        .await
+        .map_err(rewind_error)?;
+    cancel_all(&state, caller.id(), dropped).await;
+    if !body.regenerate {
+        return Ok(AppJson(edited).into_response());
+    }
+    let request = RequestRecord::with_id(
+        request_id.clone(),
+        RequestKind::Chat,
+        RequestInput::Chat {
+            conversation_id: id.clone(),
+            message_id: message_id.clone(),
+            text,
+            reply_to: None,
+        },
+        None,
+    );
+    let answer = MessageAccepted {
+        request_id,
+        status: RequestStatus::Queued,
+        message_id,
+    };
+    let work = Accept {
+        user_id: caller.id().to_owned(),
+        kind: RequestKind::Chat,
+        jobs: vec![job_for(caller.id(), &request, &trace)],
+        requests: vec![request],
+        batch: None,
+        message: None,
+        answer: None,
+    };
+    accept(&state, &claim, work, &answer).await
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

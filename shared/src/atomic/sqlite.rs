@@ -19,7 +19,7 @@ use crate::queue::{Delivery, Queue};
 use crate::sqlite::Db;
 use crate::store::sqlite::{
     append_user_message, idempotency_answer_in, insert_batch, insert_request, put_persona_in,
-    put_reply_in, record_idempotency_answer, transition_in,
+    put_reply_in, record_idempotency_answer, reply_wanted, transition_in,
 };
 use crate::store::Transition;
 use crate::{Error, Result};
@@ -71,16 +71,28 @@ fn publish_update(c: &Connection, user_id: &str, record: &RequestRecord) -> Resu
     publish_in(c, user_id, &Event::updated(record))
 }
 
-/// Stores a succeeded job's result as its own record (the persona, or the reply to the
-/// request's user message) and returns the one that stands: a twin's, if it stored first.
+/// What became of a job's result.
+enum Stored {
+    /// Stored; the one that stands (a twin's, if it stored first).
+    Stands(Box<RequestResult>),
+    /// A reply whose turn was edited or rewound away: not stored.
+    Superseded,
+    /// A reply whose conversation was deleted: not stored.
+    Gone,
+}
+
+/// Stores a job's result as its own record (the persona, or the reply to the request's user
+/// message, if still wanted).
 fn store_result(
     c: &Connection,
     user_id: &str,
     record: &RequestRecord,
     result: RequestResult,
-) -> Result<RequestResult> {
+) -> Result<Stored> {
     Ok(match (result, &record.input) {
-        (RequestResult::Persona(p), _) => RequestResult::Persona(put_persona_in(c, user_id, &p)?),
+        (RequestResult::Persona(p), _) => Stored::Stands(Box::new(RequestResult::Persona(
+            put_persona_in(c, user_id, &p)?,
+        ))),
         (
             RequestResult::Message(m),
             RequestInput::Chat {
@@ -88,7 +100,15 @@ fn store_result(
                 message_id,
                 ..
             },
-        ) => RequestResult::Message(put_reply_in(c, conversation_id, message_id, &m)?),
+        ) => match reply_wanted(c, conversation_id, message_id, &record.request_id)? {
+            None => Stored::Gone,
+            Some(false) => Stored::Superseded,
+            Some(true) => match put_reply_in(c, conversation_id, message_id, &m) {
+                Ok(reply) => Stored::Stands(Box::new(RequestResult::Message(reply))),
+                Err(Error::NotFound) => Stored::Gone,
+                Err(e) => return Err(e),
+            },
+        },
         (RequestResult::Message(_), RequestInput::Persona { .. }) => {
             return Err(Error::internal_msg("a reply for a persona request"))
         }
@@ -229,17 +249,14 @@ impl Atomic for SqliteAtomic {
                         let stored = transition
                             .result_mut()
                             .map(|result| store_result(c, &user_id, &record, result.clone()));
-                        match stored {
-                            Some(Ok(stands)) => {
+                        match stored.transpose()? {
+                            Some(Stored::Stands(stands)) => {
                                 if let Some(result) = transition.result_mut() {
-                                    *result = stands;
+                                    *result = *stands;
                                 }
                             }
-                            // The reply's conversation was deleted while the job ran.
-                            Some(Err(Error::NotFound)) => {
-                                transition = transition.without_conversation();
-                            }
-                            Some(Err(e)) => return Err(e),
+                            Some(Stored::Superseded) => transition = transition.superseded(),
+                            Some(Stored::Gone) => transition = transition.without_conversation(),
                             None => {}
                         }
                         let (record, applied) = transition_in(c, &request_id, transition)?;

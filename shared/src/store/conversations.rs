@@ -24,6 +24,16 @@ pub struct Turn {
     pub reply: Option<Message>,
 }
 
+/// A user message's new text (see [`ConversationStore::rewind`]).
+#[derive(Debug, Clone)]
+pub struct Edit {
+    pub text: String,
+    /// The request that will answer it (none: it stays unanswered).
+    pub request_id: Option<RequestId>,
+    /// The id its new reply will have.
+    pub reply_id: MessageId,
+}
+
 /// See [`ConversationStore::chat_context`].
 #[derive(Debug, Clone)]
 pub struct ChatContext {
@@ -130,6 +140,21 @@ pub trait ConversationStore: Send + Sync + 'static {
         reply_id: &MessageId,
         variant_id: &str,
     ) -> Result<Message>;
+
+    /// Drops every message after `after`: a user message's reply and the later turns, or the
+    /// turns after a reply (or after the greeting). With `edit`, `after` is a user message,
+    /// changed first (its text, the request answering it and its reply's id). Returns the
+    /// message kept (as edited), and the requests of the turns dropped or edited, for the
+    /// caller to cancel (their replies are not stored: see the settlements). `NotFound` unless the user's conversation has that
+    /// message; `Invalid` for an edit of a reply; `PersonaDeleted` for an edit to be answered
+    /// in a conversation whose persona is gone.
+    async fn rewind(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        after: &MessageId,
+        edit: Option<&Edit>,
+    ) -> Result<(Message, Vec<RequestId>)>;
 
     /// A conversation's messages, oldest first; `NotFound` unless the conversation is the
     /// user's. The ownership read costs nothing new: both backends keep messages under the

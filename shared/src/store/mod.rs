@@ -26,7 +26,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 pub use conversations::{
-    chat_context_in_reads, with_replies_in_flight, ChatContext, ConversationStore, Turn,
+    chat_context_in_reads, with_replies_in_flight, ChatContext, ConversationStore, Edit, Turn,
 };
 pub use idempotency::{IdempotencyBegin, IdempotencyStore, KeyClaim, StoredAnswer};
 pub use personas::PersonaStore;

@@ -69,6 +69,17 @@ pub trait RequestStore: Send + Sync + 'static {
 }
 
 impl Transition {
+    /// This settlement, for a reply whose turn was edited or rewound away while the job ran
+    /// (its request was cancelled then): no reply to store, and the request ends `cancelled`.
+    pub fn superseded(self) -> Self {
+        match self {
+            Transition::Succeed { .. } | Transition::Stopped { .. } => {
+                Transition::Stopped { result: None }
+            }
+            other => other,
+        }
+    }
+
     /// This settlement, for a reply whose conversation was deleted while the job ran: no
     /// reply to store, and a success becomes a failure (`conversation_not_found`).
     pub fn without_conversation(self) -> Self {

@@ -2,7 +2,7 @@
 //! request over the version read (optimistic concurrency) and its events — retried over a
 //! request that moved meanwhile, with a twin delivery's result taken when it stands already.
 
-use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{ConditionCheck, Delete, Put, TransactWriteItem};
 
 use super::AwsAtomic;
 use crate::domain::{Activity, Message, RequestInput, RequestRecord, RequestResult};
@@ -46,6 +46,8 @@ struct Writes {
     pending: Option<Effect>,
     /// A reply's conversation update; `None` once the conversation is found gone or moved on.
     activity: Option<TransactWriteItem>,
+    /// A reply's check that its turn still asks for it (see [`AwsAtomic::guard_of`]).
+    guard: Option<TransactWriteItem>,
 }
 
 /// The transaction of one settlement attempt, with where its conditional items sit.
@@ -55,6 +57,8 @@ struct SettleItems {
     effect_at: Option<usize>,
     /// The update of a reply's conversation (its latest activity), when there is one.
     activity_at: Option<usize>,
+    /// The check that the reply's turn still asks for it.
+    guard_at: Option<usize>,
     /// The request's put over the version read.
     request_at: usize,
     /// The user's event counter's put over the id it had.
@@ -62,9 +66,11 @@ struct SettleItems {
 }
 
 impl SettleItems {
-    fn add_activity(&mut self, activity: Option<TransactWriteItem>) {
-        self.activity_at = activity.as_ref().map(|_| self.items.len());
-        self.items.extend(activity);
+    fn add_activity(&mut self, w: &Writes) {
+        self.activity_at = w.activity.as_ref().map(|_| self.items.len());
+        self.items.extend(w.activity.clone());
+        self.guard_at = w.guard.as_ref().map(|_| self.items.len());
+        self.items.extend(w.guard.clone());
     }
 }
 
@@ -126,6 +132,7 @@ impl AwsAtomic {
             transition,
             pending: None,
             activity: None,
+            guard: None,
         };
         let mut first = true;
         // Tries lost to another process writing the user's events count apart: they say
@@ -140,6 +147,7 @@ impl AwsAtomic {
             }
             if std::mem::take(&mut first) {
                 (w.pending, w.activity) = self.effects(user_id, &record, &mut w.transition).await?;
+                w.guard = self.guard_of(&record, &w.transition).await?;
             }
             if !advance(&mut record, &w.transition, extras.unstarted) {
                 return Ok(Some(record));
@@ -147,7 +155,7 @@ impl AwsAtomic {
             let events = settle_events(&record, extras.last_fragment);
             let seq = self.events.sequenced(user_id, &events).await?;
             let mut tx = self.settle_items(user_id, &record, version, w.pending.as_ref(), &seq)?;
-            tx.add_activity(w.activity.clone());
+            tx.add_activity(&w);
             tx.items
                 .extend(extras.outbox.and_then(|k| self.outbox_delete(k)));
             let Some(cancelled) = self.transact(tx.items, "settle").await? else {
@@ -162,7 +170,7 @@ impl AwsAtomic {
             } else {
                 drop(seq);
             }
-            let refused = (tx.activity_at, tx.effect_at);
+            let refused = (tx.activity_at, tx.effect_at, tx.guard_at);
             let redone = self.redo(user_id, &record, &mut w, &cancelled, refused);
             if !redone.await? {
                 if counter_moved {
@@ -194,14 +202,18 @@ impl AwsAtomic {
         record: &RequestRecord,
         w: &mut Writes,
         cancelled: &Cancelled,
-        (activity_at, effect_at): (Option<usize>, Option<usize>),
+        (activity_at, effect_at, guard_at): (Option<usize>, Option<usize>, Option<usize>),
     ) -> Result<bool> {
         if let Some(gone) = refused_activity(cancelled, activity_at) {
             w.activity = None;
             if gone {
-                w.pending = None;
+                (w.pending, w.guard) = (None, None);
                 w.transition = w.transition.clone().without_conversation();
             }
+        } else if cancelled.failed(guard_at) {
+            // The turn was edited or rewound away: its request was cancelled.
+            (w.pending, w.activity, w.guard) = (None, None, None);
+            w.transition = w.transition.clone().superseded();
         } else if cancelled.failed(effect_at) {
             (w.pending, w.activity) = self
                 .after_refused_effect(
@@ -303,6 +315,7 @@ impl AwsAtomic {
             items,
             effect_at,
             activity_at: None,
+            guard_at: None,
             request_at,
             counter_at,
         })
@@ -321,6 +334,47 @@ impl AwsAtomic {
         };
         let effect = self.result_item(user_id, record, result).await?;
         Ok((effect, self.activity_of(user_id, record, result)?))
+    }
+
+    /// A reply's check that the user message it answers is there and names its request (an
+    /// edit points the message at a new request; a rewind deletes it): a reply of a request
+    /// that was superseded is not stored. A message stored before messages named their
+    /// request passes. `None` for what stores no reply.
+    async fn guard_of(
+        &self,
+        record: &RequestRecord,
+        transition: &Transition,
+    ) -> Result<Option<TransactWriteItem>> {
+        let (
+            Transition::Succeed { .. } | Transition::Stopped { result: Some(_) },
+            RequestInput::Chat {
+                conversation_id,
+                message_id,
+                ..
+            },
+        ) = (transition, &record.input)
+        else {
+            return Ok(None);
+        };
+        let Some(turn) = self.store.turn_of(conversation_id, message_id).await? else {
+            return Ok(None);
+        };
+        let check = ConditionCheck::builder()
+            .table_name(&self.store.table)
+            .set_key(Some(key(
+                format!("CONV#{conversation_id}"),
+                msg_sk(turn, 0),
+            )))
+            .condition_expression(
+                "attribute_exists(pk) AND (contains(body, :request) OR NOT contains(body, :field))",
+            )
+            .expression_attribute_values(":request", s(format!("\"{}\"", record.request_id)))
+            .expression_attribute_values(":field", s("\"request_id\""))
+            .build()
+            .map_err(|e| storage("build a transaction item", e))?;
+        Ok(Some(
+            TransactWriteItem::builder().condition_check(check).build(),
+        ))
     }
 
     /// The update that makes a reply its conversation's latest activity; `None` for a persona.

@@ -7,18 +7,19 @@
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
-    ConditionCheck, DeleteRequest, ReturnValue, ReturnValuesOnConditionCheckFailure,
-    TransactWriteItem, Update, WriteRequest,
+    ConditionCheck, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
 };
 
 use super::{
     body, get_n, get_s, is_conditional_failure, key, msg_sk, n, put_if_absent, s, storage, user_pk,
     Cancelled, DynamoStore, Item, ACTIVITY_INDEX,
 };
-use crate::domain::{Activity, Conversation, Message, Page, Persona, RequestRecord, Role};
+use crate::domain::{
+    snippet, Activity, Conversation, Message, Page, Persona, RequestRecord, Role, PREVIEW_MAX_CHARS,
+};
 use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use crate::store::token;
-use crate::store::{chat_context_in_reads, ChatContext, ConversationStore, Turn};
+use crate::store::{chat_context_in_reads, ChatContext, ConversationStore, Edit, Turn};
 use crate::{Error, Result};
 
 /// The sort key of a conversation's persona snapshot, in the conversation's partition. It sorts
@@ -264,19 +265,7 @@ impl DynamoStore {
                 .send()
                 .await
                 .map_err(|e| storage("read a conversation's items", e))?;
-            for chunk in out.items.unwrap_or_default().chunks(25) {
-                let deletes = chunk
-                    .iter()
-                    .map(|k| {
-                        let delete = DeleteRequest::builder()
-                            .set_key(Some(k.clone()))
-                            .build()
-                            .map_err(|e| storage("build a delete", e))?;
-                        Ok(WriteRequest::builder().delete_request(delete).build())
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                self.batch_write(deletes).await?;
-            }
+            self.delete_keys(&out.items.unwrap_or_default()).await?;
             start = out.last_evaluated_key;
             if start.is_none() {
                 return Ok(());
@@ -479,6 +468,63 @@ impl DynamoStore {
                 return Ok(None);
             }
         }
+    }
+
+    /// Every message item of a conversation, in order, read a page at a time (a rewind's
+    /// rare read of the whole conversation).
+    async fn message_items(&self, conversation_id: &ConversationId) -> Result<Vec<Item>> {
+        let pk = format!("CONV#{conversation_id}");
+        let (mut items, mut start) = (Vec::new(), None);
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :msg)")
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":msg", s("MSG#"))
+                .set_exclusive_start_key(start)
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| storage("read a conversation's messages", e))?;
+            items.extend(out.items.unwrap_or_default());
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(items);
+            }
+        }
+    }
+
+    /// Writes `edit` over the user message of `item`; returns the message as edited.
+    async fn edit_message(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        item: &Item,
+        edit: &Edit,
+    ) -> Result<Message> {
+        let mut message: Message = body(item)?;
+        if message.role != Role::User {
+            return Err(Error::Invalid("only a user message can be edited".into()));
+        }
+        if edit.request_id.is_some() {
+            let meta = self.get(&format!("CONV#{conversation_id}"), "META").await?;
+            self.counter_of(user_id, conversation_id, meta).await?;
+        }
+        message.text.clone_from(&edit.text);
+        message.request_id.clone_from(&edit.request_id);
+        message.reply_id = Some(edit.reply_id.clone());
+        let mut item = item.clone();
+        item.insert("body".into(), s(serde_json::to_string(&message)?));
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| storage("edit a message", e))?;
+        Ok(message)
     }
 
     /// A turn's user message and reply (if stored); `None` without a user message.
@@ -939,6 +985,65 @@ impl ConversationStore for DynamoStore {
             }
         }
         Err(Error::Conflict("the reply kept changing; try again".into()))
+    }
+
+    /// The edited message first (so a retry after a failure half-way finds the edit made and
+    /// drops the rest), then the later items, a batch at a time, with the index items of the
+    /// user messages dropped.
+    async fn rewind(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        after: &MessageId,
+        edit: Option<&Edit>,
+    ) -> Result<(Message, Vec<RequestId>)> {
+        if self
+            .get_conversation(user_id, conversation_id)
+            .await?
+            .is_none()
+        {
+            return Err(Error::NotFound);
+        }
+        let pk = format!("CONV#{conversation_id}");
+        let items = self.message_items(conversation_id).await?;
+        let at = items
+            .iter()
+            .position(|i| body::<Message>(i).is_ok_and(|m| m.message_id == *after))
+            .ok_or(Error::NotFound)?;
+        let mut kept: Message = body(&items[at])?;
+        let mut requests = Vec::new();
+        if let Some(edit) = edit {
+            requests.extend(kept.request_id.clone());
+            kept = self
+                .edit_message(user_id, conversation_id, &items[at], edit)
+                .await?;
+        }
+        let mut dropped = Vec::new();
+        for item in &items[at + 1..] {
+            let m: Message = body(item)?;
+            if m.role == Role::User {
+                requests.extend(m.request_id);
+                dropped.push(key(&pk, format!("MID#{}", m.message_id)));
+            }
+            dropped.push(key(&pk, get_s(item, "sk").unwrap_or_default()));
+        }
+        self.delete_keys(&dropped).await?;
+        // The conversation's latest message is now the one kept.
+        let activity = Activity {
+            at: crate::time::now_rfc3339(),
+            preview: snippet(&kept.text, PREVIEW_MAX_CHARS),
+            title: None,
+        };
+        let moved = self
+            .client
+            .transact_write_items()
+            .transact_items(self.activity_item(user_id, conversation_id, &activity, false)?)
+            .send()
+            .await;
+        if let Err(e) = moved {
+            Cancelled::of(e, "move a conversation's activity")?;
+        }
+        Ok((kept, requests))
     }
 
     async fn page_messages(

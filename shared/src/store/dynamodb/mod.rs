@@ -419,6 +419,25 @@ impl DynamoStore {
             .item)
     }
 
+    /// Deletes the items of these keys, 25 to a batch.
+    pub(crate) async fn delete_keys(&self, keys: &[Item]) -> Result<()> {
+        use aws_sdk_dynamodb::types::{DeleteRequest, WriteRequest};
+        for chunk in keys.chunks(25) {
+            let deletes = chunk
+                .iter()
+                .map(|k| {
+                    let delete = DeleteRequest::builder()
+                        .set_key(Some(k.clone()))
+                        .build()
+                        .map_err(|e| storage("build a delete", e))?;
+                    Ok(WriteRequest::builder().delete_request(delete).build())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.batch_write(deletes).await?;
+        }
+        Ok(())
+    }
+
     /// Writes up to 25 puts or deletes in one batch, sending again what DynamoDB left
     /// unprocessed (it does under throttling) a few times before giving up.
     pub(crate) async fn batch_write(

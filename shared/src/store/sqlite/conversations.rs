@@ -8,9 +8,11 @@ use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 
 use super::personas::PERSONA_BY_ID;
 use super::{bad_token, body_in, from_json, insert_request, one_body, to_json, SqliteStore};
-use crate::domain::{Activity, Conversation, Message, Page, Persona, RequestRecord};
+use crate::domain::{
+    snippet, Activity, Conversation, Message, Page, Persona, RequestRecord, Role, PREVIEW_MAX_CHARS,
+};
 use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
-use crate::store::{token, ChatContext, ConversationStore, Turn};
+use crate::store::{token, ChatContext, ConversationStore, Edit, Turn};
 use crate::{Error, Result};
 
 /// A user's conversation by id.
@@ -115,6 +117,72 @@ fn turn_of_reply(
     })
 }
 
+/// See [`ConversationStore::rewind`].
+fn rewind_in(
+    c: &Connection,
+    user_id: &str,
+    conv: &ConversationId,
+    after: &MessageId,
+    edit: Option<&Edit>,
+) -> Result<(Message, Vec<RequestId>)> {
+    if body_in::<Conversation>(c, CONVERSATION_BY_ID, user_id, conv)?.is_none() {
+        return Err(Error::NotFound);
+    }
+    let (turn, sub, body): (i64, i64, String) = c
+        .prepare_cached(
+            "SELECT turn, sub, body FROM messages WHERE conversation_id = ?1 AND message_id = ?2",
+        )?
+        .query_row(params![conv, after], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?
+        .ok_or(Error::NotFound)?;
+    let mut kept: Message = from_json(&body)?;
+    let mut requests = Vec::new();
+    if let Some(edit) = edit {
+        if kept.role != Role::User {
+            return Err(Error::Invalid("only a user message can be edited".into()));
+        }
+        if edit.request_id.is_some() {
+            conversation_open(c, user_id, conv)?;
+        }
+        requests.extend(kept.request_id.take());
+        kept.text.clone_from(&edit.text);
+        kept.request_id.clone_from(&edit.request_id);
+        kept.reply_id = Some(edit.reply_id.clone());
+        c.execute(
+            "UPDATE messages SET body = ?3 WHERE conversation_id = ?1 AND message_id = ?2",
+            params![conv, after, to_json(&kept)?],
+        )?;
+    }
+    let mut stmt = c.prepare_cached(
+        "SELECT body FROM messages WHERE conversation_id = ?1 AND sub = 0 AND turn > ?2",
+    )?;
+    let later = stmt
+        .query_map(params![conv, turn], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    for body in later {
+        requests.extend(from_json::<Message>(&body)?.request_id);
+    }
+    c.execute(
+        "DELETE FROM messages WHERE conversation_id = ?1 AND (turn > ?2 OR (turn = ?2 AND sub > ?3))",
+        params![conv, turn, sub],
+    )?;
+    // The conversation's latest message is now the one kept.
+    let activity = Activity {
+        at: crate::time::now_rfc3339(),
+        preview: snippet(&kept.text, PREVIEW_MAX_CHARS),
+        title: None,
+    };
+    c.execute(
+        "UPDATE conversations SET last_message_at = ?2,
+             body = json_set(body, '$.last_message_at', ?2, '$.preview', ?3)
+         WHERE conversation_id = ?1",
+        params![conv, activity.at, activity.preview],
+    )?;
+    Ok((kept, requests))
+}
+
 /// Appends a user message as the conversation's next turn; `NotFound` when the conversation is
 /// not the user's.
 pub(crate) fn append_user_message(
@@ -140,6 +208,33 @@ pub(crate) fn append_user_message(
         to_json(message)?
     ])?;
     touch(c, conversation_id, &Activity::of(message))
+}
+
+/// Whether a reply of `request_id` to user message `asked` is still wanted: `Some(false)`
+/// when the turn was edited (the message names another request) or rewound away, `None` when
+/// the conversation is gone. A message stored before messages named their request wants it.
+pub(crate) fn reply_wanted(
+    c: &Connection,
+    conversation_id: &ConversationId,
+    asked: &MessageId,
+    request_id: &RequestId,
+) -> Result<Option<bool>> {
+    let exists: bool = c
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM conversations WHERE conversation_id = ?1)")?
+        .query_row([conversation_id], |r| r.get(0))?;
+    if !exists {
+        return Ok(None);
+    }
+    let body: Option<String> = c
+        .prepare_cached("SELECT body FROM messages WHERE conversation_id = ?1 AND message_id = ?2")?
+        .query_row(params![conversation_id, asked], |r| r.get(0))
+        .optional()?;
+    Ok(Some(match body {
+        None => false,
+        Some(body) => from_json::<Message>(&body)?
+            .request_id
+            .is_none_or(|r| r == *request_id),
+    }))
 }
 
 /// Stores `reply` (one version) as the reply to `reply_to`: alone, or added to the stored
@@ -459,6 +554,24 @@ impl ConversationStore for SqliteStore {
                 )?;
                 Ok(reply)
             })
+            .await
+    }
+
+    async fn rewind(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        after: &MessageId,
+        edit: Option<&Edit>,
+    ) -> Result<(Message, Vec<RequestId>)> {
+        let (user_id, conv, after, edit) = (
+            user_id.to_owned(),
+            conversation_id.to_owned(),
+            after.to_owned(),
+            edit.cloned(),
+        );
+        self.db
+            .write(move |c| rewind_in(c, &user_id, &conv, &after, edit.as_ref()))
             .await
     }
 

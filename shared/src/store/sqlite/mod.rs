@@ -17,7 +17,7 @@ use crate::{Error, Result};
 
 // The writes the atomic accept and settle of `crate::atomic::sqlite` run inside their own
 // transaction.
-pub(crate) use conversations::{append_user_message, put_reply_in};
+pub(crate) use conversations::{append_user_message, put_reply_in, reply_wanted};
 pub(crate) use idempotency::{idempotency_answer_in, record_idempotency_answer};
 pub(crate) use personas::put_persona_in;
 pub(crate) use requests::{insert_batch, insert_request, transition_in};
