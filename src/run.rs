@@ -48,7 +48,7 @@ pub fn consumer(kind: RequestKind, adapters: &Ports, settings: &Settings) -> Arc
                 model: models.chat.clone(),
                 events: adapters.events.clone(),
                 history_messages: w.history_messages,
-                history_chars: w.history_chars,
+                context_tokens: w.context_tokens,
             }),
             w.chat_concurrency,
         ),

@@ -145,6 +145,10 @@ fn authenticated_routes(state: &AppState) -> Router<AppState> {
         )
         .route("/v1/conversations/{id}/rewind", post(conversations::rewind))
         .route(
+            "/v1/conversations/{id}/memory",
+            get(conversations::get_memory).put(conversations::put_memory),
+        )
+        .route(
             "/v1/conversations/{id}/messages/{message_id}/regenerate",
             post(conversations::regenerate),
         )

@@ -179,9 +179,10 @@ pub async fn idempotency(
     }
 }
 
-/// The `Idempotency-Key` of a `POST`, if it has one; a malformed key is a `400`.
+/// The `Idempotency-Key` of a `POST` or `PATCH` (an edit queues a new answer), if it has
+/// one; a malformed key is a `400`.
 fn requested_key(req: &Request) -> Result<Option<String>, ApiError> {
-    if req.method() != Method::POST {
+    if req.method() != Method::POST && req.method() != Method::PATCH {
         return Ok(None);
     }
     let Some(key) = req.headers().get("idempotency-key") else {

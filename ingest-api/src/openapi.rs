@@ -3,8 +3,9 @@
 
 use serde::Serialize;
 use shared::domain::{
-    Batch, Conversation, ErrorBody, Message, MessageStatus, Persona, PersonaEdit, PersonaSource,
-    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage, Variant,
+    Batch, Conversation, ErrorBody, Memory, Message, MessageStatus, Persona, PersonaEdit,
+    PersonaSource, RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role,
+    Usage, Variant,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -36,6 +37,7 @@ pub struct ErrorResponse {
         handlers::conversations::post_message, handlers::conversations::list_messages,
         handlers::conversations::regenerate, handlers::conversations::select,
         handlers::conversations::edit, handlers::conversations::rewind,
+        handlers::conversations::get_memory, handlers::conversations::put_memory,
         handlers::requests::get, handlers::requests::cancel, handlers::events::stream,
         handlers::ops::healthz, handlers::ops::readyz, handlers::ops::metrics,
         handlers::ops::openapi, handlers::ops::jwks,
@@ -47,7 +49,7 @@ pub struct ErrorResponse {
         personas::CreatePersona, personas::CreateBatch, personas::BatchAccepted,
         conversations::CreateConversation, conversations::RenameConversation,
         conversations::PostMessage, conversations::MessageAccepted, MessageStatus, Variant,
-        conversations::SelectVersion, conversations::EditMessage, conversations::Rewind,
+        conversations::SelectVersion, conversations::EditMessage, conversations::Rewind, Memory,
     )),
     modifiers(&BearerAuth),
     tags(

@@ -261,6 +261,63 @@ impl Conversation {
     }
 }
 
+/// What a conversation remembers beyond the turns that fit the model's context: facts its
+/// user pinned, always given to the model, and a summary of earlier turns.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Memory {
+    /// Earlier turns, summarized. A user may rewrite it.
+    #[serde(default)]
+    #[schema(max_length = 4000)]
+    pub summary: String,
+    /// Facts the model is always given (a summary never rewrites them).
+    #[serde(default)]
+    #[schema(max_items = 20)]
+    pub pinned: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+impl Memory {
+    pub const SUMMARY_MAX_CHARS: usize = 4_000;
+    pub const PINNED_MAX: usize = 20;
+    pub const PINNED_MAX_CHARS: usize = 500;
+
+    /// The memory with its texts trimmed (empty pins dropped), or why it cannot be kept.
+    pub fn checked(mut self) -> Result<Self, String> {
+        self.summary = self.summary.trim().to_owned();
+        if self.summary.chars().count() > Self::SUMMARY_MAX_CHARS {
+            return Err(format!(
+                "the summary is longer than {} characters",
+                Self::SUMMARY_MAX_CHARS
+            ));
+        }
+        self.pinned = self
+            .pinned
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if self.pinned.len() > Self::PINNED_MAX {
+            return Err(format!("at most {} pinned facts", Self::PINNED_MAX));
+        }
+        if self
+            .pinned
+            .iter()
+            .any(|p| p.chars().count() > Self::PINNED_MAX_CHARS)
+        {
+            return Err(format!(
+                "a pinned fact is longer than {} characters",
+                Self::PINNED_MAX_CHARS
+            ));
+        }
+        Ok(self)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.summary.is_empty() && self.pinned.is_empty()
+    }
+}
+
 /// Longest title, in characters (a given one is refused beyond it; one taken from a message
 /// is cut to it).
 pub const TITLE_MAX_CHARS: usize = 80;
@@ -497,7 +554,11 @@ impl Message {
             return stored;
         }
         let mut versions = stored.versions();
-        versions.extend(ours.versions());
+        for v in ours.versions() {
+            if !versions.iter().any(|have| have.variant_id == v.variant_id) {
+                versions.push(v);
+            }
+        }
         stored.variants = versions;
         stored.select(&request.variant_id());
         stored

@@ -53,9 +53,11 @@ pub struct WorkerSettings {
     /// Most past messages sent to the chat model as context.
     #[arg(long, env = "CHARACTERBOT_HISTORY_MESSAGES", default_value_t = 20)]
     pub history_messages: usize,
-    /// Most characters of past messages sent to the chat model as context.
-    #[arg(long, env = "CHARACTERBOT_HISTORY_CHARS", default_value_t = 12_000)]
-    pub history_chars: usize,
+    /// The chat model's input budget, in its tokens (counted by its tokenizer where known,
+    /// else estimated): the system prompt (persona, pinned facts, summary), the message, and
+    /// as many recent turns as fit.
+    #[arg(long, env = "CHARACTERBOT_CONTEXT_TOKENS", default_value_t = 3_000)]
+    pub context_tokens: usize,
     /// On shutdown, how long in-flight jobs may run before they are cancelled and released.
     #[arg(long, env = "CHARACTERBOT_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,

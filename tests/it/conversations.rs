@@ -1006,3 +1006,178 @@ async fn a_rewind_stops_the_reply_being_written_on_the_embedded_default() {
 async fn a_rewind_stops_the_reply_being_written_on_aws() {
     a_rewind_stops_the_reply_being_written(without_chat_workers(true).await).await;
 }
+
+/// A chat model that answers as the offline engine does and keeps every request it was given.
+#[derive(Default)]
+struct Recording {
+    seen: std::sync::Mutex<Vec<ChatRequest>>,
+    inner: OfflineChatModel,
+}
+
+#[async_trait]
+impl ChatModel for Recording {
+    fn model(&self) -> &str {
+        "offline"
+    }
+    async fn reply(
+        &self,
+        request: &ChatRequest,
+        tx: Option<UnboundedSender<String>>,
+    ) -> shared::Result<ModelOutput<String>> {
+        self.seen.lock().unwrap().push(request.clone());
+        self.inner.reply(request, tx).await
+    }
+}
+
+async fn put_memory(app: &TestApp, user: &User, conv: &str, body: Value) -> (StatusCode, Value) {
+    app.send(
+        app.http
+            .put(app.url(&format!("/v1/conversations/{conv}/memory")))
+            .bearer_auth(&user.token)
+            .json(&body),
+    )
+    .await
+}
+
+async fn a_conversations_memory_is_kept_and_given_to_the_model(app: TestApp) {
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let model = Arc::new(Recording::default());
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let path = format!("/v1/conversations/{conv}/memory");
+    let (_, empty) = app.get(Some(&alice.token), &path).await;
+    assert_eq!(
+        (
+            empty["summary"].as_str(),
+            empty["pinned"].as_array().map(Vec::len)
+        ),
+        (Some(""), Some(0))
+    );
+
+    let (status, kept) = put_memory(
+        &app,
+        &alice,
+        &conv,
+        json!({
+            "summary": "  The butler was seen at midnight. ",
+            "pinned": ["Alice is allergic to cats", "  ", "She lives on Baker Street"]
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{kept}");
+    assert_eq!(kept["summary"], "The butler was seen at midnight.");
+    assert_eq!(
+        kept["pinned"],
+        json!(["Alice is allergic to cats", "She lives on Baker Street"])
+    );
+    assert!(kept["updated_at"].is_string());
+    let (_, read) = app.get(Some(&alice.token), &path).await;
+    assert_eq!(read, kept);
+
+    let too_many: Vec<String> = (0..21).map(|i| format!("fact {i}")).collect();
+    for body in [
+        json!({ "pinned": too_many }),
+        json!({ "summary": "x".repeat(4001) }),
+        json!({ "pinned": ["y".repeat(501)] }),
+    ] {
+        let (status, err) = put_memory(&app, &alice, &conv, body).await;
+        assert_eq!(
+            (status, err["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_memory"))
+        );
+    }
+    let (status, _) = app.get(Some(&bob.token), &path).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = put_memory(&app, &bob, &conv, json!({ "summary": "mine" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let accepted = say(&app, &alice, &conv, "Who did it?").await;
+    app.finished(&alice, accepted["request_id"].as_str().unwrap())
+        .await;
+    let seen = model.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        seen.memory.pinned,
+        ["Alice is allergic to cats", "She lives on Baker Street"]
+    );
+    let prompt = shared::models::system_prompt(&seen);
+    assert!(
+        prompt.contains("- Alice is allergic to cats")
+            && prompt.contains("The butler was seen at midnight."),
+        "{prompt}"
+    );
+}
+
+#[tokio::test]
+async fn a_conversations_memory_is_kept_and_given_to_the_model_on_the_embedded_default() {
+    a_conversations_memory_is_kept_and_given_to_the_model(without_chat_workers(false).await).await;
+}
+
+#[tokio::test]
+async fn a_conversations_memory_is_kept_and_given_to_the_model_on_aws() {
+    a_conversations_memory_is_kept_and_given_to_the_model(without_chat_workers(true).await).await;
+}
+
+#[tokio::test]
+async fn after_200_turns_the_context_is_within_its_token_budget_and_keeps_the_pinned_facts() {
+    const BUDGET: usize = 600;
+    let app = TestApp::builder()
+        .without_workers()
+        .arg("--context-tokens", &BUDGET.to_string())
+        .arg("--history-messages", "100")
+        .arg("--rate-limit-per-minute", "0")
+        .start()
+        .await;
+    app.start_worker(RequestKind::Persona, &app.adapters.models.clone());
+    let model = Arc::new(Recording::default());
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let alice = app.user("alice").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let (status, _) = put_memory(
+        &app,
+        &alice,
+        &conv,
+        json!({ "pinned": ["Alice is allergic to cats"] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for i in 0..200 {
+        let accepted = say(
+            &app,
+            &alice,
+            &conv,
+            &format!("Message {i}: what do you make of the case now?"),
+        )
+        .await;
+        let done = app
+            .finished(&alice, accepted["request_id"].as_str().unwrap())
+            .await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    let seen = model.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 200);
+    let count = |t: &str| shared::models::estimate_tokens(t) as usize;
+    for (i, request) in seen.iter().enumerate() {
+        assert_eq!(
+            request.memory.pinned,
+            ["Alice is allergic to cats"],
+            "call {i}"
+        );
+        let used = count(&shared::models::system_prompt(request))
+            + count(&request.user_text)
+            + request
+                .history
+                .iter()
+                .map(|m| count(&m.text) + 4)
+                .sum::<usize>()
+            + 8;
+        assert!(used <= BUDGET, "call {i} used {used} tokens");
+    }
+    // The budget is used, not left empty: the latest calls carry recent turns, the newest
+    // exchange last.
+    let last = seen.last().unwrap();
+    assert!(last.history.len() >= 2, "{:?}", last.history.len());
+    assert!(last.history[last.history.len() - 2]
+        .text
+        .starts_with("Message 198"));
+}

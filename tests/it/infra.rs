@@ -701,7 +701,6 @@ fn each_role_is_granted_the_calls_its_code_makes() {
         for action in [
             "dynamodb:BatchWriteItem",
             "dynamodb:BatchGetItem",
-            "dynamodb:ConditionCheckItem",
             "sqs:GetQueueAttributes",
         ] {
             assert!(

@@ -16,7 +16,7 @@ use shared::domain::{
 use shared::events::Event;
 use shared::events::EventBus;
 use shared::ids::{MessageId, RequestId};
-use shared::models::{ChatModel, ChatRequest, ModelOutput};
+use shared::models::{system_prompt, ChatModel, ChatRequest, ModelOutput};
 use shared::store::Store;
 use shared::{Error, Result};
 use tokio::sync::mpsc::error::TryRecvError;
@@ -28,7 +28,7 @@ pub struct ChatJob {
     pub model: Arc<dyn ChatModel>,
     pub events: Arc<dyn EventBus>,
     pub history_messages: usize,
-    pub history_chars: usize,
+    pub context_tokens: usize,
 }
 
 fn permanent(code: &str, message: &str) -> Error {
@@ -49,13 +49,20 @@ fn reply_id_of(request: &RequestRecord) -> MessageId {
     }
 }
 
-/// Keeps the newest messages whose text fits in `budget` characters.
-pub fn fit_history(mut history: Vec<Message>, budget: usize) -> Vec<Message> {
+/// Tokens a message costs beyond its text (role markers and separators, as chat formats add).
+const PER_MESSAGE_TOKENS: usize = 4;
+
+/// Keeps the newest messages that fit in `budget` tokens, as `count` counts them.
+pub fn fit_history(
+    mut history: Vec<Message>,
+    budget: usize,
+    count: impl Fn(&str) -> usize,
+) -> Vec<Message> {
     let mut used = 0;
     let keep_from = history
         .iter()
         .rposition(|m| {
-            used += m.text.chars().count();
+            used += count(&m.text) + PER_MESSAGE_TOKENS;
             used > budget
         })
         .map_or(0, |i| i + 1);
@@ -148,12 +155,20 @@ impl ChatJob {
             } => Some(request.request_id.to_string()),
             _ => None,
         };
-        Ok(ChatRequest {
+        let mut chat = ChatRequest {
             variation,
+            memory: context.memory,
+            history: Vec::new(),
             persona,
-            history: fit_history(context.history, self.history_chars),
             user_text: text.clone(),
-        })
+        };
+        // What is sent whatever the history: the system prompt and the message.
+        let fixed = self.model.count_tokens(&system_prompt(&chat))
+            + self.model.count_tokens(text)
+            + 2 * PER_MESSAGE_TOKENS;
+        let budget = self.context_tokens.saturating_sub(fixed);
+        chat.history = fit_history(context.history, budget, |t| self.model.count_tokens(t));
+        Ok(chat)
     }
 
     /// Calls the model, pushing its fragments to the user's stream as they come. Returns the
@@ -232,12 +247,15 @@ mod tests {
     #[test]
     fn history_keeps_the_newest_messages_that_fit() {
         let h = vec![msg("aaaa"), msg("bbbb"), msg("cc")];
-        let kept: Vec<_> = fit_history(h.clone(), 6)
+        // Counted a token a character: each message costs its length and the overhead.
+        let chars = |t: &str| t.chars().count();
+        let two = 4 + 2 + 2 * PER_MESSAGE_TOKENS;
+        let kept: Vec<_> = fit_history(h.clone(), two, chars)
             .into_iter()
             .map(|m| m.text)
             .collect();
         assert_eq!(kept, ["bbbb", "cc"]);
-        assert_eq!(fit_history(h.clone(), 100).len(), 3);
-        assert!(fit_history(h, 1).is_empty());
+        assert_eq!(fit_history(h.clone(), 100, chars).len(), 3);
+        assert!(fit_history(h, 1, chars).is_empty());
     }
 }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::atomic::{Accept, UserMessage};
 use shared::domain::{
-    Conversation, Message, RequestInput, RequestKind, RequestRecord, RequestStatus, Role,
+    Conversation, Memory, Message, RequestInput, RequestKind, RequestRecord, RequestStatus, Role,
     TITLE_MAX_CHARS,
 };
 use shared::ids::{ConversationId, MessageId, PersonaId, RequestId};
@@ -419,6 +419,51 @@ pub async fn edit(
     accept(&state, &claim, work, &answer).await
 }
 
+#[utoipa::path(get, path = "/v1/conversations/{id}/memory", tag = "conversations", params(("id" = String, Path)),
+    responses((status = 200, body = Memory), (status = 404)), security(("bearer" = [])))]
+pub async fn get_memory(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<ConversationId>,
+) -> Result<AppJson<Memory>, ApiError> {
+    state
+        .ports
+        .store
+        .get_memory(caller.id(), &id)
+        .await
+        .map(AppJson)
+        .map_err(|e| match e {
+            shared::Error::NotFound => ApiError::NotFound("conversation"),
+            other => other.into(),
+        })
+}
+
+#[utoipa::path(put, path = "/v1/conversations/{id}/memory", tag = "conversations", params(("id" = String, Path)),
+    request_body = Memory,
+    responses((status = 200, body = Memory, description = "Kept; the model is given it from the next message on"),
+        (status = 400, description = "`invalid_memory` (too long, too many pinned facts)"), (status = 404)),
+    security(("bearer" = [])))]
+pub async fn put_memory(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(id): AppPath<ConversationId>,
+    AppJson(body): AppJson<Memory>,
+) -> Result<AppJson<Memory>, ApiError> {
+    let memory = body
+        .checked()
+        .map_err(|message| ApiError::bad_request("invalid_memory", message))?;
+    state
+        .ports
+        .store
+        .put_memory(caller.id(), &id, &memory)
+        .await
+        .map(AppJson)
+        .map_err(|e| match e {
+            shared::Error::NotFound => ApiError::NotFound("conversation"),
+            other => other.into(),
+        })
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SelectVersion {
     /// One of the reply's `variants`.
@@ -496,13 +541,23 @@ pub async fn regenerate(
         message: None,
         answer: None,
     };
-    let response = accept(&state, &claim, work, &answer).await?;
-    // Listings show the new version's state on the reply from here on. After the accept: a
-    // failure here loses only that (the job runs and its version lands all the same).
-    if let Err(e) = state.ports.store.answer_with(&id, &turn, &request_id).await {
-        tracing::warn!(error = %shared::error::Report(&e), "could not point the turn at its regeneration");
-    }
-    Ok(response)
+    // The turn names its new request first: the settlement stores a reply only for the
+    // request its turn names (an edit or rewind may have moved on), and listings show this
+    // one's state on the reply. Should the accept then fail, the turn names a request that
+    // does not exist: listings show the reply as it is, and a retry may regenerate again.
+    state
+        .ports
+        .store
+        .answer_with(&id, &turn, &request_id)
+        .await
+        .map_err(|e| match e {
+            shared::Error::Conflict(_) => ApiError::Conflict {
+                code: "reply_in_progress",
+                message: "the reply was regenerated or edited meanwhile".into(),
+            },
+            other => other.into(),
+        })?;
+    accept(&state, &claim, work, &answer).await
 }
 
 #[utoipa::path(put, path = "/v1/conversations/{id}/messages/{message_id}/selected", tag = "conversations",

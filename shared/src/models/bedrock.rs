@@ -98,7 +98,7 @@ pub fn nova_body(request: &ChatRequest, opts: &BedrockOptions) -> Value {
         .collect();
     json!({
         "schemaVersion": "messages-v1",
-        "system": [{ "text": system_prompt(&request.persona) }],
+        "system": [{ "text": system_prompt(request) }],
         "messages": messages,
         "inferenceConfig": {
             "maxTokens": opts.max_tokens,
@@ -334,6 +334,7 @@ mod tests {
             ],
             user_text: "d".into(),
             variation: None,
+            memory: Default::default(),
         };
         let opts = BedrockOptions {
             model_id: DEFAULT_MODEL.into(),

@@ -145,6 +145,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
          body = json_set(body, '$.last_message_at', json_extract(body, '$.created_at'));
      CREATE INDEX IF NOT EXISTS conversations_by_activity
          ON conversations (user_id, last_message_at, conversation_id);",
+    // 8: what a conversation remembers (JSON: pinned facts, summary); NULL: nothing yet.
+    "ALTER TABLE conversations ADD COLUMN memory TEXT;",
 ];
 
 fn migrate(c: &Connection) -> Result<()> {

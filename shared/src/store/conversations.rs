@@ -8,8 +8,8 @@ use async_trait::async_trait;
 
 use super::{PersonaStore, RequestStore};
 use crate::domain::{
-    Conversation, Message, MessageStatus, Page, Persona, RequestRecord, RequestResult,
-    RequestStatus, Role,
+    Conversation, Memory, Message, MessageStatus, Page, Persona, RequestInput, RequestRecord,
+    RequestResult, RequestStatus, Role,
 };
 use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use crate::{Error, Result};
@@ -34,6 +34,22 @@ pub struct Edit {
     pub reply_id: MessageId,
 }
 
+impl Edit {
+    /// What a rewind to user message `kept` does to it: its reply is dropped, so it stays
+    /// unanswered (no request; its reply id kept, so a reply of the old request is refused).
+    pub fn unanswered(kept: &Message) -> Self {
+        Edit {
+            text: kept.text.clone(),
+            request_id: None,
+            reply_id: kept
+                .reply_id
+                .clone()
+                .or_else(|| kept.request_id.as_ref().map(RequestId::reply_id))
+                .unwrap_or_else(MessageId::new),
+        }
+    }
+}
+
 /// See [`ConversationStore::chat_context`].
 #[derive(Debug, Clone)]
 pub struct ChatContext {
@@ -41,6 +57,8 @@ pub struct ChatContext {
     pub persona: Option<Persona>,
     /// Oldest first.
     pub history: Vec<Message>,
+    /// The conversation's pinned facts and summary.
+    pub memory: Memory,
     /// The request whose cancel marked the turn (see `Atomic::cancel`): a job of that request
     /// is not to run. Set where a job's first delivery does not read its request (AWS); the
     /// embedded worker reads the request itself before it runs.
@@ -123,8 +141,10 @@ pub trait ConversationStore: Send + Sync + 'static {
         conversation_id: &ConversationId,
         reply_id: &MessageId,
     ) -> Result<Turn>;
-    /// Makes `request_id` the request that answers the turn's user message (a regeneration):
-    /// listings show its state on the reply.
+    /// Makes `request_id` the request that answers the turn's user message (a regeneration),
+    /// on condition that it still names the one it named when `turn` was read (another
+    /// regeneration or an edit meanwhile: `Conflict`). Listings show its state on the reply,
+    /// and the settlement stores a reply only for the request its turn names.
     async fn answer_with(
         &self,
         conversation_id: &ConversationId,
@@ -155,6 +175,16 @@ pub trait ConversationStore: Send + Sync + 'static {
         after: &MessageId,
         edit: Option<&Edit>,
     ) -> Result<(Message, Vec<RequestId>)>;
+
+    /// The conversation's memory (empty until written); `NotFound` unless it is the user's.
+    async fn get_memory(&self, user_id: &str, conversation_id: &ConversationId) -> Result<Memory>;
+    /// Replaces the conversation's memory; returns it as stored.
+    async fn put_memory(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        memory: &Memory,
+    ) -> Result<Memory>;
 
     /// A conversation's messages, oldest first; `NotFound` unless the conversation is the
     /// user's. The ownership read costs nothing new: both backends keep messages under the
@@ -228,6 +258,7 @@ where
         persona,
         history,
         cancelled: None,
+        memory: store.get_memory(user_id, conversation_id).await?,
     }))
 }
 
@@ -335,6 +366,10 @@ fn stand_in(request: RequestRecord, asked: &Message) -> Option<Message> {
         message_id: asked
             .reply_id
             .clone()
+            .or_else(|| match &request.input {
+                RequestInput::Chat { reply_to, .. } => reply_to.clone(),
+                RequestInput::Persona { .. } => None,
+            })
             .unwrap_or_else(|| request.request_id.reply_id()),
         role: Role::Assistant,
         text: String::new(),

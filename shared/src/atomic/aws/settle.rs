@@ -332,14 +332,21 @@ impl AwsAtomic {
         let Some(result) = transition.result_mut() else {
             return Ok((None, None));
         };
-        let effect = self.result_item(user_id, record, result).await?;
-        Ok((effect, self.activity_of(user_id, record, result)?))
+        match self.result_item(user_id, record, result).await {
+            Ok(effect) => Ok((effect, self.activity_of(user_id, record, result)?)),
+            // The turn is gone (rewound away, its index with it): nothing to store.
+            Err(Error::NotFound) => {
+                *transition = transition.clone().superseded();
+                Ok((None, None))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A reply's check that the user message it answers is there and names its request (an
     /// edit points the message at a new request; a rewind deletes it): a reply of a request
     /// that was superseded is not stored. A message stored before messages named their
-    /// request passes. `None` for what stores no reply.
+    /// request passes; one edited to stay unanswered (no request, a reply id) does not. `None` for what stores no reply.
     async fn guard_of(
         &self,
         record: &RequestRecord,
@@ -366,10 +373,12 @@ impl AwsAtomic {
                 msg_sk(turn, 0),
             )))
             .condition_expression(
-                "attribute_exists(pk) AND (contains(body, :request) OR NOT contains(body, :field))",
+                "attribute_exists(pk) AND (contains(body, :request) \
+                 OR (NOT contains(body, :field) AND NOT contains(body, :reply)))",
             )
             .expression_attribute_values(":request", s(format!("\"{}\"", record.request_id)))
             .expression_attribute_values(":field", s("\"request_id\""))
+            .expression_attribute_values(":reply", s("\"reply_id\""))
             .build()
             .map_err(|e| storage("build a transaction item", e))?;
         Ok(Some(

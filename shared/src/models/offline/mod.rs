@@ -346,6 +346,7 @@ mod tests {
             history: vec![],
             user_text: "How do I learn patience?".into(),
             variation: None,
+            memory: Default::default(),
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let out = OfflineChatModel::default()

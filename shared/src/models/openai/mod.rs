@@ -289,10 +289,29 @@ impl OpenAiChatModel {
     }
 }
 
+/// Whether an OpenAI model counts its tokens with `o200k_base`.
+fn uses_o200k(model: &str) -> bool {
+    ["gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4"]
+        .iter()
+        .any(|family| model.starts_with(family))
+}
+
 #[async_trait]
 impl ChatModel for OpenAiChatModel {
     fn model(&self) -> &str {
         &self.opts.model
+    }
+
+    /// Counted by `o200k_base`, the tokenizer of the GPT-4o family and later (loaded on first
+    /// use, once per process); other models behind an OpenAI-compatible URL are estimated.
+    fn count_tokens(&self, text: &str) -> usize {
+        if uses_o200k(&self.opts.model) {
+            tiktoken_rs::o200k_base_singleton()
+                .encode_ordinary(text)
+                .len()
+        } else {
+            super::estimate_tokens(text) as usize
+        }
     }
 
     async fn reply(
@@ -300,8 +319,7 @@ impl ChatModel for OpenAiChatModel {
         request: &ChatRequest,
         _deltas: Option<UnboundedSender<String>>,
     ) -> Result<ModelOutput<String>> {
-        let mut messages =
-            vec![json!({ "role": "system", "content": system_prompt(&request.persona) })];
+        let mut messages = vec![json!({ "role": "system", "content": system_prompt(request) })];
         for m in &request.history {
             let role = match m.role {
                 Role::User => "user",

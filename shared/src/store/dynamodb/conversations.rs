@@ -15,7 +15,8 @@ use super::{
     Cancelled, DynamoStore, Item, ACTIVITY_INDEX,
 };
 use crate::domain::{
-    snippet, Activity, Conversation, Message, Page, Persona, RequestRecord, Role, PREVIEW_MAX_CHARS,
+    snippet, Activity, Conversation, Memory, Message, Page, Persona, RequestRecord, Role,
+    PREVIEW_MAX_CHARS,
 };
 use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use crate::store::token;
@@ -26,6 +27,10 @@ use crate::{Error, Result};
 /// after every `MSG#` key, so one query, newest first, reads the snapshot and then the latest
 /// messages: a chat job's whole context in one round trip.
 const SNAPSHOT_SK: &str = "PERSONA";
+
+/// The sort key of a conversation's memory (pinned facts, summary): between the messages and
+/// the snapshot, so the chat context's one query reads it too.
+const MEMORY_SK: &str = "NOTES";
 
 /// A conversation's record from its item (`USER#{user}` / `CONV#{id}`): the body as created,
 /// with what changed since in attributes of their own (`title`, `last_message_at`, `preview`:
@@ -344,6 +349,7 @@ impl DynamoStore {
         let mut turn = self.turns.get(message_id);
         let mut history = Vec::new();
         let (mut start, mut cancelled) = (None, None);
+        let mut memory = Memory::default();
         loop {
             let out = self.context_page(&pk, limit, start).await?;
             for item in out.items.unwrap_or_default() {
@@ -358,6 +364,10 @@ impl DynamoStore {
                 }
                 if found.is_none() {
                     return Ok(None);
+                }
+                if sk == MEMORY_SK {
+                    memory = body(&item)?;
+                    continue;
                 }
                 let Some(at) = sk_turn(sk) else { continue };
                 let message: Message = body(&item)?;
@@ -386,6 +396,7 @@ impl DynamoStore {
             persona: Some(persona),
             history,
             cancelled,
+            memory,
         }))
     }
 
@@ -423,15 +434,30 @@ impl DynamoStore {
         reply_id: &MessageId,
     ) -> Result<Option<(i64, Item, Option<Item>)>> {
         let pk = format!("CONV#{conversation_id}");
-        if let Some(turn) = self.turns.get(reply_id) {
-            return self.items_of_turn(&pk, turn).await;
-        }
         // A user message stored before it named its reply names the request that shares the
         // reply id's tail.
         let legacy = RequestId::from(format!(
             "req_{}",
             reply_id.as_str().trim_start_matches("msg_")
         ));
+        let names = |m: &Message| match m.role {
+            Role::Assistant => m.message_id == *reply_id,
+            Role::User => {
+                m.reply_id.as_ref() == Some(reply_id) || m.request_id.as_ref() == Some(&legacy)
+            }
+        };
+        // Remembered by id alone: checked to be this conversation's turn for this reply.
+        if let Some(turn) = self.turns.get(reply_id) {
+            if let Some(found) = self.items_of_turn(&pk, turn).await? {
+                let reply_names = found
+                    .2
+                    .as_ref()
+                    .is_some_and(|r| body(r).is_ok_and(|m| names(&m)));
+                if reply_names || body(&found.1).is_ok_and(|m| names(&m)) {
+                    return Ok(Some(found));
+                }
+            }
+        }
         let mut start = None;
         loop {
             let out = self
@@ -451,14 +477,7 @@ impl DynamoStore {
                     continue;
                 };
                 let m: Message = body(&item)?;
-                let hit = match m.role {
-                    Role::Assistant => m.message_id == *reply_id,
-                    Role::User => {
-                        m.reply_id.as_ref() == Some(reply_id)
-                            || m.request_id.as_ref() == Some(&legacy)
-                    }
-                };
-                if hit && turn > 0 {
+                if names(&m) && turn > 0 {
                     self.turns.insert(reply_id.clone(), turn);
                     return self.items_of_turn(&pk, turn).await;
                 }
@@ -921,7 +940,19 @@ impl ConversationStore for DynamoStore {
             request_id: Some(request_id.clone()),
             ..turn.asked.clone()
         };
-        self.client
+        // Still naming the request it named when read (its id is quoted in the body).
+        let (condition, was) = match &turn.asked.request_id {
+            Some(was) => (
+                "attribute_exists(pk) AND contains(body, :was)",
+                format!("\"{was}\""),
+            ),
+            None => (
+                "attribute_exists(pk) AND NOT contains(body, :was)",
+                "\"request_id\"".to_owned(),
+            ),
+        };
+        let out = self
+            .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(
@@ -929,12 +960,18 @@ impl ConversationStore for DynamoStore {
                 msg_sk(turn.turn, 0),
             )))
             .update_expression("SET body = :body")
-            .condition_expression("attribute_exists(pk)")
+            .condition_expression(condition)
             .expression_attribute_values(":body", s(serde_json::to_string(&asked)?))
+            .expression_attribute_values(":was", s(was))
             .send()
-            .await
-            .map_err(|e| storage("point a turn at its request", e))?;
-        Ok(())
+            .await;
+        match out {
+            Ok(_) => Ok(()),
+            Err(e) if is_conditional_failure(&e) => {
+                Err(Error::Conflict("the turn moved on meanwhile".into()))
+            }
+            Err(e) => Err(storage("point a turn at its request", e)),
+        }
     }
 
     /// Read, changed and written back on condition that the reply is as read (a version
@@ -1012,13 +1049,25 @@ impl ConversationStore for DynamoStore {
             .ok_or(Error::NotFound)?;
         let mut kept: Message = body(&items[at])?;
         let mut requests = Vec::new();
-        if let Some(edit) = edit {
+        let mut dropped = Vec::new();
+        // Rewound to a user message: its reply goes too, and it stays unanswered.
+        let unanswered =
+            (edit.is_none() && kept.role == Role::User).then(|| Edit::unanswered(&kept));
+        if let Some(edit) = edit.or(unanswered.as_ref()) {
             requests.extend(kept.request_id.clone());
             kept = self
                 .edit_message(user_id, conversation_id, &items[at], edit)
                 .await?;
+            // Its reply, also one written since the read above.
+            let reply = sk_turn(get_s(&items[at], "sk").unwrap_or_default()).map(|t| msg_sk(t, 1));
+            let listed = items
+                .get(at + 1)
+                .and_then(|i| get_s(i, "sk"))
+                .map(str::to_owned);
+            if let Some(reply) = reply.filter(|r| Some(r) != listed.as_ref()) {
+                dropped.push(key(&pk, reply));
+            }
         }
-        let mut dropped = Vec::new();
         for item in &items[at + 1..] {
             let m: Message = body(item)?;
             if m.role == Role::User {
@@ -1044,6 +1093,52 @@ impl ConversationStore for DynamoStore {
             Cancelled::of(e, "move a conversation's activity")?;
         }
         Ok((kept, requests))
+    }
+
+    async fn get_memory(&self, user_id: &str, conversation_id: &ConversationId) -> Result<Memory> {
+        if self
+            .get_conversation(user_id, conversation_id)
+            .await?
+            .is_none()
+        {
+            return Err(Error::NotFound);
+        }
+        Ok(self
+            .get(&format!("CONV#{conversation_id}"), MEMORY_SK)
+            .await?
+            .as_ref()
+            .map(body)
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    async fn put_memory(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        memory: &Memory,
+    ) -> Result<Memory> {
+        if self
+            .get_conversation(user_id, conversation_id)
+            .await?
+            .is_none()
+        {
+            return Err(Error::NotFound);
+        }
+        let memory = Memory {
+            updated_at: Some(crate::time::now_rfc3339()),
+            ..memory.clone()
+        };
+        let mut item = key(format!("CONV#{conversation_id}"), MEMORY_SK);
+        item.insert("body".into(), s(serde_json::to_string(&memory)?));
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| storage("write a conversation's memory", e))?;
+        Ok(memory)
     }
 
     async fn page_messages(

@@ -9,7 +9,8 @@ use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
 use super::personas::PERSONA_BY_ID;
 use super::{bad_token, body_in, from_json, insert_request, one_body, to_json, SqliteStore};
 use crate::domain::{
-    snippet, Activity, Conversation, Message, Page, Persona, RequestRecord, Role, PREVIEW_MAX_CHARS,
+    snippet, Activity, Conversation, Memory, Message, Page, Persona, RequestRecord, Role,
+    PREVIEW_MAX_CHARS,
 };
 use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use crate::store::{token, ChatContext, ConversationStore, Edit, Turn};
@@ -139,7 +140,9 @@ fn rewind_in(
         .ok_or(Error::NotFound)?;
     let mut kept: Message = from_json(&body)?;
     let mut requests = Vec::new();
-    if let Some(edit) = edit {
+    // Rewound to a user message: its reply goes too, and it stays unanswered.
+    let unanswered = (edit.is_none() && kept.role == Role::User).then(|| Edit::unanswered(&kept));
+    if let Some(edit) = edit.or(unanswered.as_ref()) {
         if kept.role != Role::User {
             return Err(Error::Invalid("only a user message can be edited".into()));
         }
@@ -212,7 +215,8 @@ pub(crate) fn append_user_message(
 
 /// Whether a reply of `request_id` to user message `asked` is still wanted: `Some(false)`
 /// when the turn was edited (the message names another request) or rewound away, `None` when
-/// the conversation is gone. A message stored before messages named their request wants it.
+/// the conversation is gone. A message stored before messages named their request wants it;
+/// one edited to stay unanswered (no request, a reply id) wants none.
 pub(crate) fn reply_wanted(
     c: &Connection,
     conversation_id: &ConversationId,
@@ -231,9 +235,16 @@ pub(crate) fn reply_wanted(
         .optional()?;
     Ok(Some(match body {
         None => false,
-        Some(body) => from_json::<Message>(&body)?
-            .request_id
-            .is_none_or(|r| r == *request_id),
+        Some(body) => {
+            let asked: Message = from_json(&body)?;
+            match (&asked.request_id, &asked.reply_id) {
+                (Some(r), _) => r == request_id,
+                // Edited to be left unanswered.
+                (None, Some(_)) => false,
+                // Stored before messages named their request.
+                (None, None) => true,
+            }
+        }
     }))
 }
 
@@ -512,14 +523,23 @@ impl ConversationStore for SqliteStore {
         turn: &Turn,
         request_id: &RequestId,
     ) -> Result<()> {
-        let (conv, at, request) = (conversation_id.to_owned(), turn.turn, request_id.to_owned());
+        let (conv, asked, request, was) = (
+            conversation_id.to_owned(),
+            turn.asked.message_id.clone(),
+            request_id.to_owned(),
+            turn.asked.request_id.clone(),
+        );
         self.db
             .write(move |c| {
-                c.execute(
+                let changed = c.execute(
                     "UPDATE messages SET body = json_set(body, '$.request_id', ?3)
-                     WHERE conversation_id = ?1 AND turn = ?2 AND sub = 0",
-                    params![conv, at, request],
+                     WHERE conversation_id = ?1 AND message_id = ?2
+                       AND json_extract(body, '$.request_id') IS ?4",
+                    params![conv, asked, request, was],
                 )?;
+                if changed == 0 {
+                    return Err(Error::Conflict("the turn moved on meanwhile".into()));
+                }
                 Ok(())
             })
             .await
@@ -573,6 +593,55 @@ impl ConversationStore for SqliteStore {
         self.db
             .write(move |c| rewind_in(c, &user_id, &conv, &after, edit.as_ref()))
             .await
+    }
+
+    async fn get_memory(&self, user_id: &str, conversation_id: &ConversationId) -> Result<Memory> {
+        let (user_id, conv) = (user_id.to_owned(), conversation_id.to_owned());
+        self.db
+            .call(move |c| {
+                let memory: Option<Option<String>> = c
+                    .query_row(
+                        "SELECT memory FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
+                        params![user_id, conv],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                match memory.ok_or(Error::NotFound)? {
+                    Some(m) => from_json(&m),
+                    None => Ok(Memory::default()),
+                }
+            })
+            .await
+    }
+
+    async fn put_memory(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        memory: &Memory,
+    ) -> Result<Memory> {
+        let memory = Memory {
+            updated_at: Some(crate::time::now_rfc3339()),
+            ..memory.clone()
+        };
+        let (user_id, conv, body) = (
+            user_id.to_owned(),
+            conversation_id.to_owned(),
+            to_json(&memory)?,
+        );
+        let changed = self
+            .db
+            .write(move |c| {
+                Ok(c.execute(
+                    "UPDATE conversations SET memory = ?3 WHERE user_id = ?1 AND conversation_id = ?2",
+                    params![user_id, conv, body],
+                )?)
+            })
+            .await?;
+        if changed == 0 {
+            return Err(Error::NotFound);
+        }
+        Ok(memory)
     }
 
     async fn page_messages(
@@ -649,18 +718,26 @@ impl ConversationStore for SqliteStore {
         // On this thread (`Db::read_here`): nothing needs copying into a closure of its own.
         let (conv, msg) = (conversation_id, message_id);
         self.db.read_here(|c| {
-            let Some((conversation, snapshot)) = c
+            let Some((conversation, snapshot, memory)) = c
                 .prepare_cached(
-                    "SELECT body, persona FROM conversations
+                    "SELECT body, persona, memory FROM conversations
                      WHERE user_id = ?1 AND conversation_id = ?2",
                 )?
                 .query_row(params![user_id, conv], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
                 })
                 .optional()?
             else {
                 return Ok(None);
             };
+            let memory = memory
+                .map(|m| from_json(&m))
+                .transpose()?
+                .unwrap_or_default();
             let conversation: Conversation = from_json(&conversation)?;
             let persona = match snapshot {
                 Some(snapshot) => Some(from_json(&snapshot)?),
@@ -673,6 +750,7 @@ impl ConversationStore for SqliteStore {
                 persona,
                 history,
                 cancelled: None,
+                memory,
             }))
         })
     }
