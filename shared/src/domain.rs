@@ -471,8 +471,7 @@ impl Message {
         }
     }
 
-    /// A reply written by `request`, as its first (or only) version: `variants` and
-    /// `selected` say so.
+    /// A reply written by `request`, as its first (or only) version.
     pub fn reply(
         message_id: MessageId,
         request: &RequestId,
@@ -480,15 +479,13 @@ impl Message {
         model: &str,
         status: MessageStatus,
     ) -> Self {
-        let mut reply = Message {
+        // Its one version is the message itself (see `versions`): its text is not stored
+        // twice. `variants` is written once a second version comes.
+        Message {
             model: Some(model.to_owned()),
             status,
             ..Message::new(message_id, Role::Assistant, text, Some(request.clone()))
-        };
-        let variant = reply.as_variant();
-        reply.selected = Some(variant.variant_id.clone());
-        reply.variants = vec![variant];
-        reply
+        }
     }
 
     /// This message as the version of a reply it is (a reply stored before versions is its

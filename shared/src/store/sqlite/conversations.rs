@@ -38,19 +38,40 @@ fn history_in(c: &Connection, conv: &str, msg: &str, limit: usize) -> Result<Vec
 
 /// Makes `activity` a conversation's latest, unless a later one is recorded (a late write
 /// never moves it back): `last_message_at`, the preview, and the title it lacked.
-fn touch(c: &Connection, conversation_id: &ConversationId, activity: &Activity) -> Result<()> {
-    c.prepare_cached(
-        "UPDATE conversations SET last_message_at = ?2,
-             body = json_set(body, '$.last_message_at', ?2, '$.preview', ?3,
-                             '$.title', COALESCE(json_extract(body, '$.title'), ?4))
-         WHERE conversation_id = ?1 AND last_message_at <= ?2",
-    )?
-    .execute(params![
-        conversation_id,
-        activity.at,
-        activity.preview,
-        activity.title
-    ])?;
+fn touch(
+    c: &Connection,
+    user_id: &str,
+    conversation_id: &ConversationId,
+    activity: &Activity,
+) -> Result<()> {
+    match &activity.title {
+        Some(title) => c
+            .prepare_cached(
+                "UPDATE conversations SET last_message_at = ?2,
+                     body = json_set(body, '$.last_message_at', ?2, '$.preview', ?3,
+                                     '$.title', COALESCE(json_extract(body, '$.title'), ?4))
+                 WHERE user_id = ?5 AND conversation_id = ?1 AND last_message_at <= ?2",
+            )?
+            .execute(params![
+                conversation_id,
+                activity.at,
+                activity.preview,
+                title,
+                user_id
+            ])?,
+        None => c
+            .prepare_cached(
+                "UPDATE conversations SET last_message_at = ?2,
+                     body = json_set(body, '$.last_message_at', ?2, '$.preview', ?3)
+                 WHERE user_id = ?4 AND conversation_id = ?1 AND last_message_at <= ?2",
+            )?
+            .execute(params![
+                conversation_id,
+                activity.at,
+                activity.preview,
+                user_id
+            ])?,
+    };
     Ok(())
 }
 
@@ -180,8 +201,8 @@ fn rewind_in(
     c.execute(
         "UPDATE conversations SET last_message_at = ?2,
              body = json_set(body, '$.last_message_at', ?2, '$.preview', ?3)
-         WHERE conversation_id = ?1",
-        params![conv, activity.at, activity.preview],
+         WHERE user_id = ?4 AND conversation_id = ?1",
+        params![conv, activity.at, activity.preview, user_id],
     )?;
     Ok((kept, requests))
 }
@@ -210,7 +231,7 @@ pub(crate) fn append_user_message(
         message.message_id,
         to_json(message)?
     ])?;
-    touch(c, conversation_id, &Activity::of(message))
+    touch(c, user_id, conversation_id, &Activity::of(message))
 }
 
 /// Whether a reply of `request_id` to user message `asked` is still wanted: `Some(false)`
@@ -219,33 +240,38 @@ pub(crate) fn append_user_message(
 /// one edited to stay unanswered (no request, a reply id) wants none.
 pub(crate) fn reply_wanted(
     c: &Connection,
+    user_id: &str,
     conversation_id: &ConversationId,
     asked: &MessageId,
     request_id: &RequestId,
 ) -> Result<Option<bool>> {
-    let exists: bool = c
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM conversations WHERE conversation_id = ?1)")?
-        .query_row([conversation_id], |r| r.get(0))?;
-    if !exists {
-        return Ok(None);
-    }
-    let body: Option<String> = c
-        .prepare_cached("SELECT body FROM messages WHERE conversation_id = ?1 AND message_id = ?2")?
-        .query_row(params![conversation_id, asked], |r| r.get(0))
+    // The two fields alone, by the message's key: this runs in every chat settlement.
+    let names: Option<(Option<String>, Option<String>)> = c
+        .prepare_cached(
+            "SELECT json_extract(body, '$.request_id'), json_extract(body, '$.reply_id')
+             FROM messages WHERE conversation_id = ?1 AND message_id = ?2",
+        )?
+        .query_row(params![conversation_id, asked], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
-    Ok(Some(match body {
-        None => false,
-        Some(body) => {
-            let asked: Message = from_json(&body)?;
-            match (&asked.request_id, &asked.reply_id) {
-                (Some(r), _) => r == request_id,
-                // Edited to be left unanswered.
-                (None, Some(_)) => false,
-                // Stored before messages named their request.
-                (None, None) => true,
-            }
+    Ok(match names {
+        Some((Some(r), _)) => Some(r == request_id.as_str()),
+        // Edited to be left unanswered.
+        Some((None, Some(_))) => Some(false),
+        // Stored before messages named their request.
+        Some((None, None)) => Some(true),
+        // Rewound away, or the conversation is gone.
+        None => {
+            let exists: bool = c
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM conversations
+                                    WHERE user_id = ?2 AND conversation_id = ?1)",
+                )?
+                .query_row(params![conversation_id, user_id], |r| r.get(0))?;
+            exists.then_some(false)
         }
-    }))
+    })
 }
 
 /// Stores `reply` (one version) as the reply to `reply_to`: alone, or added to the stored
@@ -253,6 +279,7 @@ pub(crate) fn reply_wanted(
 /// the stored one as it was when it has this version already (a twin delivery's).
 pub(crate) fn put_reply_in(
     c: &Connection,
+    user_id: &str,
     conversation_id: &ConversationId,
     reply_to: &MessageId,
     reply: &Message,
@@ -285,7 +312,7 @@ pub(crate) fn put_reply_in(
         merged.message_id,
         to_json(&merged)?
     ])?;
-    touch(c, conversation_id, &Activity::of(reply))?;
+    touch(c, user_id, conversation_id, &Activity::of(reply))?;
     Ok(merged)
 }
 
@@ -461,18 +488,19 @@ impl ConversationStore for SqliteStore {
 
     async fn put_reply(
         &self,
-        _user_id: &str,
+        user_id: &str,
         conversation_id: &ConversationId,
         reply_to: &MessageId,
         reply: &Message,
     ) -> Result<Message> {
-        let (conv, reply_to, reply) = (
+        let (user_id, conv, reply_to, reply) = (
+            user_id.to_owned(),
             conversation_id.to_owned(),
             reply_to.to_owned(),
             reply.clone(),
         );
         self.db
-            .write(move |c| put_reply_in(c, &conv, &reply_to, &reply))
+            .write(move |c| put_reply_in(c, &user_id, &conv, &reply_to, &reply))
             .await
     }
 
