@@ -103,7 +103,7 @@ fn store_result(
         ) => match reply_wanted(c, user_id, conversation_id, message_id, &record.request_id)? {
             None => Stored::Gone,
             Some(false) => Stored::Superseded,
-            Some(true) => match put_reply_in(c, user_id, conversation_id, message_id, &m) {
+            Some(true) => match put_reply_in(c, conversation_id, message_id, &m) {
                 Ok(reply) => Stored::Stands(Box::new(RequestResult::Message(reply))),
                 Err(Error::NotFound) => Stored::Gone,
                 Err(e) => return Err(e),
