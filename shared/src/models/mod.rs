@@ -91,35 +91,6 @@ pub fn system_prompt(request: &ChatRequest) -> String {
     prompt
 }
 
-#[cfg(test)]
-mod token_tests {
-    use super::estimate_tokens;
-
-    /// The estimate next to OpenAI's own count (o200k_base) on chat-like text.
-    #[test]
-    fn the_estimate_is_close_to_openais_tokenizer() {
-        let samples = [
-            "Hello there! How are you doing today?",
-            "Elementary, my dear Watson. The answer lies in looking closer than anyone else cares to.",
-            "Arr, the cats be fine, though the ship's biscuits have seen better days, matey.",
-            "I would like to know more about the history of the Victorian era, especially London.",
-            "Tell me a story about a dragon who wanted to become a baker in a small mountain village.",
-            "What's 2 + 2? And why does it matter to a detective like you?",
-        ];
-        let bpe = tiktoken_rs::o200k_base_singleton();
-        let (mut ours, mut theirs) = (0u64, 0u64);
-        for text in samples {
-            ours += estimate_tokens(text);
-            theirs += bpe.encode_ordinary(text).len() as u64;
-        }
-        let ratio = ours as f64 / theirs as f64;
-        assert!(
-            (0.85..=1.3).contains(&ratio),
-            "estimate {ours} vs o200k {theirs}: {ratio:.2}"
-        );
-    }
-}
-
 /// The persona part of the system prompt.
 fn persona_prompt(p: &Persona) -> String {
     format!(
@@ -169,4 +140,33 @@ pub fn estimate_tokens(text: &str) -> u64 {
     }
     flush(&mut word, &mut tokens);
     tokens
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::estimate_tokens;
+
+    /// The estimate next to OpenAI's own count (o200k_base) on chat-like text.
+    #[test]
+    fn the_estimate_is_close_to_openais_tokenizer() {
+        let samples = [
+            "Hello there! How are you doing today?",
+            "Elementary, my dear Watson. The answer lies in looking closer than anyone else cares to.",
+            "Arr, the cats be fine, though the ship's biscuits have seen better days, matey.",
+            "I would like to know more about the history of the Victorian era, especially London.",
+            "Tell me a story about a dragon who wanted to become a baker in a small mountain village.",
+            "What's 2 + 2? And why does it matter to a detective like you?",
+        ];
+        let bpe = tiktoken_rs::o200k_base_singleton();
+        let (mut ours, mut theirs) = (0u64, 0u64);
+        for text in samples {
+            ours += estimate_tokens(text);
+            theirs += bpe.encode_ordinary(text).len() as u64;
+        }
+        let ratio = ours as f64 / theirs as f64;
+        assert!(
+            (0.85..=1.3).contains(&ratio),
+            "estimate {ours} vs o200k {theirs}: {ratio:.2}"
+        );
+    }
 }
