@@ -80,6 +80,14 @@ impl ApiError {
         }
     }
 
+    /// The store's errors as the API's, with its `NotFound` naming `what` was not found.
+    pub fn not_found_as(what: &'static str) -> impl Fn(shared::Error) -> ApiError {
+        move |e| match e {
+            shared::Error::NotFound => ApiError::NotFound(what),
+            other => other.into(),
+        }
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             code,

@@ -281,17 +281,8 @@ async fn a_conversation(s: &Subject, user: &str) -> ConversationId {
 
 fn chat_accept(user: &str, conv: &str, text: &str) -> (Accept, RequestRecord, Message) {
     let message = Message {
-        message_id: MessageId::new(),
-        role: Role::User,
-        text: text.into(),
-        model: None,
-        status: Default::default(),
-        request_id: None,
-        error: None,
-        reply_id: None,
-        variants: Vec::new(),
-        selected: None,
         created_at: shared::time::now_rfc3339(),
+        ..Message::new(MessageId::new(), Role::User, text.into(), None)
     };
     let request = RequestRecord::new(
         RequestKind::Chat,
@@ -506,17 +497,14 @@ async fn a_replys_last_fragment_is_pushed_just_before_the_update_that_ends_it(s:
     s.atomic.start("alice", &r.request_id).await.unwrap();
     let mut events = s.events.subscribe("alice", None).await.unwrap();
     let reply = Message {
-        message_id: MessageId::new(),
-        role: Role::Assistant,
-        text: "Elementary.".into(),
         model: Some("offline".into()),
-        status: Default::default(),
-        request_id: None,
-        error: None,
-        reply_id: None,
-        variants: Vec::new(),
-        selected: None,
         created_at: shared::time::now_rfc3339(),
+        ..Message::new(
+            MessageId::new(),
+            Role::Assistant,
+            "Elementary.".into(),
+            None,
+        )
     };
     let mut settle = succeed(
         RequestKind::Chat,
@@ -738,17 +726,14 @@ mod embedded_only {
         .await
         .unwrap();
         let reply = Message {
-            message_id: MessageId::new(),
-            role: Role::Assistant,
-            text: "Elementary.".into(),
             model: Some("offline".into()),
-            status: Default::default(),
-            request_id: None,
-            error: None,
-            reply_id: None,
-            variants: Vec::new(),
-            selected: None,
             created_at: shared::time::now_rfc3339(),
+            ..Message::new(
+                MessageId::new(),
+                Role::Assistant,
+                "Elementary.".into(),
+                None,
+            )
         };
         let settle = succeed(
             RequestKind::Chat,

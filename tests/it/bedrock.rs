@@ -8,7 +8,6 @@ use std::time::Duration;
 use crate::common::{self, read_sse, Sequence, TestApp, User};
 use aws_sdk_bedrockruntime::config::{BehaviorVersion, Credentials, Region};
 use characterbot::Models;
-use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::models::bedrock::{BedrockChatModel, BedrockOptions, DEFAULT_MODEL};
 use shared::models::offline::OfflinePersonaModel;
@@ -77,14 +76,7 @@ async fn chat_app(
 }
 
 async fn say(app: &TestApp, user: &User, conv: &str, text: &str) -> Value {
-    let (status, accepted) = app
-        .post(
-            Some(&user.token),
-            &format!("/v1/conversations/{conv}/messages"),
-            json!({ "text": text }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let accepted = app.say(user, conv, text).await;
     app.finished(user, accepted["request_id"].as_str().unwrap())
         .await
 }

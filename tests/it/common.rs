@@ -330,6 +330,19 @@ impl TestApp {
         conv["conversation_id"].as_str().unwrap().to_owned()
     }
 
+    /// Posts a message to a conversation: its `202` answer (`request_id`, `message_id`).
+    pub async fn say(&self, user: &User, conversation_id: &str, text: &str) -> Value {
+        let (status, body) = self
+            .post(
+                Some(&user.token),
+                &format!("/v1/conversations/{conversation_id}/messages"),
+                json!({ "text": text }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body
+    }
+
     /// A conversation's turns: its messages after the persona's greeting (checked to be
     /// there, first).
     pub async fn messages(&self, user: &User, conversation_id: &str) -> Vec<Value> {
@@ -852,5 +865,13 @@ pub fn stored(code: u16, body: &str) -> shared::store::StoredAnswer {
     shared::store::StoredAnswer {
         code,
         body: body.into(),
+    }
+}
+
+/// The offline persona engine with `chat` as the chat model.
+pub fn with_chat(chat: std::sync::Arc<dyn shared::models::ChatModel>) -> Models {
+    Models {
+        persona: std::sync::Arc::new(shared::models::offline::OfflinePersonaModel::default()),
+        chat,
     }
 }

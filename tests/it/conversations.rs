@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{Hangs, TestApp, User};
+use crate::common::{with_chat, Hangs, TestApp, User};
 use async_trait::async_trait;
 use characterbot::Models;
 use reqwest::StatusCode;
@@ -26,18 +26,6 @@ async fn without_chat_workers(aws: bool) -> TestApp {
     let app = builder.start().await;
     app.start_worker(RequestKind::Persona, &app.adapters.models.clone());
     app
-}
-
-async fn say(app: &TestApp, user: &User, conv: &str, text: &str) -> Value {
-    let (status, body) = app
-        .post(
-            Some(&user.token),
-            &format!("/v1/conversations/{conv}/messages"),
-            json!({ "text": text }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    body
 }
 
 async fn turns(app: &TestApp, user: &User, conv: &str) -> Vec<Value> {
@@ -65,7 +53,7 @@ async fn messages_until(
 async fn a_listing_shows_each_reply_as_it_stands(app: TestApp) {
     let alice = app.user("alice").await;
     let conv = app.conversation(&alice, "Sherlock Holmes").await;
-    let accepted = say(&app, &alice, &conv, "Hello?").await;
+    let accepted = app.say(&alice, &conv, "Hello?").await;
     let request_id = accepted["request_id"].as_str().unwrap();
     let reply_id = RequestId::from(request_id).reply_id().to_string();
 
@@ -123,7 +111,7 @@ async fn a_reply_being_written_is_streaming() {
         chat: Arc::new(Hangs(called.clone())),
     };
     app.start_worker(RequestKind::Chat, &models);
-    let accepted = say(&app, &alice, &conv, "Hello?").await;
+    let accepted = app.say(&alice, &conv, "Hello?").await;
     called.notified().await;
     // Marked running once the model has taken a moment (see `workers::start`).
     let messages = messages_until(&app, &alice, &conv, |m| {
@@ -181,7 +169,9 @@ async fn conversations_are_records_people_manage(app: TestApp) {
     );
 
     // A turn moves its conversation first, titles it, and the reply becomes its preview.
-    let accepted = say(&app, &alice, &case, "Who stole the Blue Carbuncle?").await;
+    let accepted = app
+        .say(&alice, &case, "Who stole the Blue Carbuncle?")
+        .await;
     let done = app
         .finished(&alice, accepted["request_id"].as_str().unwrap())
         .await;
@@ -350,7 +340,7 @@ async fn a_persona_is_edited_and_its_conversations_follow(app: TestApp) {
     assert_eq!(read, edited);
 
     // The conversation made before answers from the edited persona, under its new name.
-    let accepted = say(&app, &alice, conv, "Who are you?").await;
+    let accepted = app.say(&alice, conv, "Who are you?").await;
     let done = app
         .finished(&alice, accepted["request_id"].as_str().unwrap())
         .await;
@@ -463,11 +453,25 @@ impl ChatModel for Stalls {
     }
 }
 
-fn with_chat(chat: Arc<dyn ChatModel>) -> Models {
-    Models {
-        persona: Arc::new(OfflinePersonaModel::default()),
-        chat,
-    }
+/// A turn whose reply is being written by a chat model that [`Stalls`]: its request, seen
+/// running, and the flag telling when the model call is dropped.
+async fn stalled_turn(
+    app: &TestApp,
+    user: &User,
+    conv: &str,
+    text: &str,
+) -> (String, Arc<AtomicBool>) {
+    let dropped = Arc::new(AtomicBool::new(false));
+    app.start_worker(
+        RequestKind::Chat,
+        &with_chat(Arc::new(Stalls {
+            dropped: dropped.clone(),
+        })),
+    );
+    let accepted = app.say(user, conv, text).await;
+    let request_id = accepted["request_id"].as_str().unwrap().to_owned();
+    app.running(user, &request_id).await;
+    (request_id, dropped)
 }
 
 async fn cancel(app: &TestApp, user: &User, request_id: &str) -> (StatusCode, Value) {
@@ -483,7 +487,7 @@ async fn a_queued_turn_is_cancelled_without_running(app: TestApp) {
     let alice = app.user("alice").await;
     let bob = app.user("bob").await;
     let conv = app.conversation(&alice, "Sherlock Holmes").await;
-    let first = say(&app, &alice, &conv, "Never mind this one.").await;
+    let first = app.say(&alice, &conv, "Never mind this one.").await;
     let first_id = first["request_id"].as_str().unwrap();
     let (status, _) = cancel(&app, &bob, first_id).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "not bob's to cancel");
@@ -496,7 +500,7 @@ async fn a_queued_turn_is_cancelled_without_running(app: TestApp) {
         (StatusCode::OK, &json!("cancelled"))
     );
     // A reply still queued is not regenerated (cancel it first, as here).
-    let pending = say(&app, &alice, &conv, "Still there?").await;
+    let pending = app.say(&alice, &conv, "Still there?").await;
     let pending_reply = RequestId::from(pending["request_id"].as_str().unwrap()).reply_id();
     let (status, err) = app
         .post(
@@ -518,7 +522,7 @@ async fn a_queued_turn_is_cancelled_without_running(app: TestApp) {
         inner: OfflineChatModel::default(),
     });
     app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
-    let second = say(&app, &alice, &conv, "What do you make of it?").await;
+    let second = app.say(&alice, &conv, "What do you make of it?").await;
     let done = app
         .finished(&alice, second["request_id"].as_str().unwrap())
         .await;
@@ -569,16 +573,8 @@ async fn a_queued_turn_is_cancelled_without_running_on_aws() {
 async fn a_reply_being_written_is_stopped_and_keeps_its_beginning(app: TestApp) {
     let alice = app.user("alice").await;
     let conv = app.conversation(&alice, "Sherlock Holmes").await;
-    let dropped = Arc::new(AtomicBool::new(false));
-    app.start_worker(
-        RequestKind::Chat,
-        &with_chat(Arc::new(Stalls {
-            dropped: dropped.clone(),
-        })),
-    );
-    let accepted = say(&app, &alice, &conv, "Tell me a story.").await;
-    let request_id = accepted["request_id"].as_str().unwrap();
-    app.running(&alice, request_id).await;
+    let (request_id, dropped) = stalled_turn(&app, &alice, &conv, "Tell me a story.").await;
+    let request_id = request_id.as_str();
     let (status, asked) = cancel(&app, &alice, request_id).await;
     assert_eq!(status, StatusCode::OK, "{asked}");
     assert_eq!(
@@ -645,7 +641,7 @@ async fn a_reply_to_a_deleted_conversation_is_not_stored(app: TestApp) {
     let conv = app.conversation(&alice, "Sherlock Holmes").await;
     let gate = Arc::new(tokio::sync::Notify::new());
     app.start_worker(RequestKind::Chat, &with_chat(Arc::new(Gated(gate.clone()))));
-    let accepted = say(&app, &alice, &conv, "Quick, before it goes.").await;
+    let accepted = app.say(&alice, &conv, "Quick, before it goes.").await;
     let request_id = accepted["request_id"].as_str().unwrap();
     app.running(&alice, request_id).await;
     let (status, _) = app
@@ -736,7 +732,7 @@ async fn a_reply_is_regenerated_into_versions_and_one_is_selected(app: TestApp) 
     app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
 
     // The first try fails: it is retried by regenerating it, and the turn is not stored twice.
-    let asked = say(&app, &alice, &conv, "Hello?").await;
+    let asked = app.say(&alice, &conv, "Hello?").await;
     let failed = app
         .finished(&alice, asked["request_id"].as_str().unwrap())
         .await;
@@ -806,7 +802,7 @@ async fn a_reply_is_regenerated_into_versions_and_one_is_selected(app: TestApp) 
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "not bob's");
-    let next = say(&app, &alice, &conv, "And then?").await;
+    let next = app.say(&alice, &conv, "And then?").await;
     app.finished(&alice, next["request_id"].as_str().unwrap())
         .await;
     let seen = model.seen.lock().unwrap().last().cloned().unwrap();
@@ -869,7 +865,7 @@ async fn a_conversation_is_rewound_and_edited(app: TestApp) {
     let bob = app.user("bob").await;
     let conv = app.conversation(&alice, "Sherlock Holmes").await;
     for text in ["First", "Second", "Third"] {
-        let accepted = say(&app, &alice, &conv, text).await;
+        let accepted = app.say(&alice, &conv, text).await;
         app.finished(&alice, accepted["request_id"].as_str().unwrap())
             .await;
     }
@@ -972,16 +968,8 @@ async fn a_conversation_is_rewound_and_edited_on_aws() {
 async fn a_rewind_stops_the_reply_being_written(app: TestApp) {
     let alice = app.user("alice").await;
     let conv = app.conversation(&alice, "Sherlock Holmes").await;
-    let dropped = Arc::new(AtomicBool::new(false));
-    app.start_worker(
-        RequestKind::Chat,
-        &with_chat(Arc::new(Stalls {
-            dropped: dropped.clone(),
-        })),
-    );
-    let accepted = say(&app, &alice, &conv, "Tell me a long story.").await;
-    let request_id = accepted["request_id"].as_str().unwrap();
-    app.running(&alice, request_id).await;
+    let (request_id, dropped) = stalled_turn(&app, &alice, &conv, "Tell me a long story.").await;
+    let request_id = request_id.as_str();
     let greeting = app.all_messages(&alice, &conv).await[0]["message_id"]
         .as_str()
         .unwrap()
@@ -1092,7 +1080,7 @@ async fn a_conversations_memory_is_kept_and_given_to_the_model(app: TestApp) {
     let (status, _) = put_memory(&app, &bob, &conv, json!({ "summary": "mine" })).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    let accepted = say(&app, &alice, &conv, "Who did it?").await;
+    let accepted = app.say(&alice, &conv, "Who did it?").await;
     app.finished(&alice, accepted["request_id"].as_str().unwrap())
         .await;
     let seen = model.seen.lock().unwrap().last().cloned().unwrap();
@@ -1142,13 +1130,13 @@ async fn after_200_turns_the_context_is_within_its_token_budget_and_keeps_the_pi
     .await;
     assert_eq!(status, StatusCode::OK);
     for i in 0..200 {
-        let accepted = say(
-            &app,
-            &alice,
-            &conv,
-            &format!("Message {i}: what do you make of the case now?"),
-        )
-        .await;
+        let accepted = app
+            .say(
+                &alice,
+                &conv,
+                &format!("Message {i}: what do you make of the case now?"),
+            )
+            .await;
         let done = app
             .finished(&alice, accepted["request_id"].as_str().unwrap())
             .await;

@@ -5,15 +5,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{Hangs, TestApp, User};
+use crate::common::{with_chat, Hangs, TestApp, User};
 use async_trait::async_trait;
 use characterbot::Models;
-use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::{Message, RequestKind, Role};
 use shared::ids::RequestId;
 use shared::job::{Job, TraceContext};
-use shared::models::offline::{OfflineChatModel, OfflinePersonaModel};
+use shared::models::offline::OfflineChatModel;
 use shared::models::{ChatModel, ChatRequest, ModelOutput};
 use shared::Error;
 use tokio::sync::mpsc::UnboundedSender;
@@ -41,13 +40,6 @@ impl ChatModel for Fails {
     }
 }
 
-fn with_chat(chat: Arc<dyn ChatModel>) -> Models {
-    Models {
-        persona: Arc::new(OfflinePersonaModel::default()),
-        chat,
-    }
-}
-
 fn offline() -> Models {
     with_chat(Arc::new(OfflineChatModel::default()))
 }
@@ -66,15 +58,10 @@ async fn app(extra: &[(&str, &str)]) -> (TestApp, User, String) {
 }
 
 async fn say(app: &TestApp, user: &User, conv: &str, text: &str) -> String {
-    let (status, body) = app
-        .post(
-            Some(&user.token),
-            &format!("/v1/conversations/{conv}/messages"),
-            json!({ "text": text }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    body["request_id"].as_str().unwrap().to_owned()
+    app.say(user, conv, text).await["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// The request is failed before its message is moved (so a crash between the two still leaves
@@ -202,17 +189,14 @@ async fn a_reply_stored_by_a_twin_delivery_stands_and_no_second_is_stored() {
         .unwrap()
         .to_owned();
     let earlier = Message {
-        message_id: RequestId::from(request_id.as_str()).reply_id(),
-        role: Role::Assistant,
-        text: "The reply the twin wrote.".into(),
         model: Some("offline".into()),
-        status: Default::default(),
-        request_id: None,
-        error: None,
-        reply_id: None,
-        variants: Vec::new(),
-        selected: None,
         created_at: shared::time::now_rfc3339(),
+        ..Message::new(
+            RequestId::from(request_id.as_str()).reply_id(),
+            Role::Assistant,
+            "The reply the twin wrote.".into(),
+            None,
+        )
     };
     app.adapters
         .store

@@ -62,17 +62,8 @@ fn persona(id: &str, name: &str) -> Persona {
 
 fn message(role: Role, text: &str) -> Message {
     Message {
-        message_id: MessageId::new(),
-        role,
-        text: text.into(),
-        model: None,
-        status: Default::default(),
-        request_id: None,
-        error: None,
-        reply_id: None,
-        variants: Vec::new(),
-        selected: None,
         created_at: shared::time::now_rfc3339(),
+        ..Message::new(MessageId::new(), role, text.into(), None)
     }
 }
 

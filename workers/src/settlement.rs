@@ -145,17 +145,14 @@ mod tests {
     fn output() -> JobOutput {
         JobOutput {
             result: RequestResult::Message(Message {
-                message_id: "msg_1_reply".into(),
-                role: Role::Assistant,
-                text: "Elementary.".into(),
                 model: Some("offline".into()),
-                status: Default::default(),
-                request_id: None,
-                error: None,
-                reply_id: None,
-                variants: Vec::new(),
-                selected: None,
                 created_at: "2026-11-26T00:00:00Z".into(),
+                ..Message::new(
+                    "msg_1_reply".into(),
+                    Role::Assistant,
+                    "Elementary.".into(),
+                    None,
+                )
             }),
             usage: Usage::default(),
             model: "offline".into(),

@@ -123,10 +123,7 @@ pub async fn create(
         .store
         .create_conversation(caller.id(), &conversation, &persona, &greeting)
         .await
-        .map_err(|e| match e {
-            shared::Error::NotFound => ApiError::NotFound("persona"),
-            other => other.into(),
-        })?;
+        .map_err(ApiError::not_found_as("persona"))?;
     Ok((StatusCode::CREATED, AppJson(conversation)))
 }
 
@@ -191,10 +188,7 @@ pub async fn rename(
         .rename_conversation(caller.id(), &id, &title)
         .await
         .map(AppJson)
-        .map_err(|e| match e {
-            shared::Error::NotFound => ApiError::NotFound("conversation"),
-            other => other.into(),
-        })
+        .map_err(ApiError::not_found_as("conversation"))
 }
 
 #[utoipa::path(delete, path = "/v1/conversations/{id}", tag = "conversations", params(("id" = String, Path)),
@@ -205,16 +199,13 @@ pub async fn delete(
     caller: Caller,
     AppPath(id): AppPath<ConversationId>,
 ) -> Result<StatusCode, ApiError> {
-    match state
+    state
         .ports
         .store
         .delete_conversation(caller.id(), &id)
         .await
-    {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(shared::Error::NotFound) => Err(ApiError::NotFound("conversation")),
-        Err(other) => Err(other.into()),
-    }
+        .map_err(ApiError::not_found_as("conversation"))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/v1/conversations/{id}/messages", tag = "conversations",
@@ -317,12 +308,11 @@ async fn cancel_all(state: &AppState, user_id: &str, requests: Vec<RequestId>) {
 /// The store's refusals of a rewind or an edit, as the API's.
 fn rewind_error(e: shared::Error) -> ApiError {
     match e {
-        shared::Error::NotFound => ApiError::NotFound("message"),
         shared::Error::Invalid(message) => ApiError::Unprocessable {
             code: "not_a_user_message",
             message,
         },
-        other => other.into(),
+        other => ApiError::not_found_as("message")(other),
     }
 }
 
@@ -432,10 +422,7 @@ pub async fn get_memory(
         .get_memory(caller.id(), &id)
         .await
         .map(AppJson)
-        .map_err(|e| match e {
-            shared::Error::NotFound => ApiError::NotFound("conversation"),
-            other => other.into(),
-        })
+        .map_err(ApiError::not_found_as("conversation"))
 }
 
 #[utoipa::path(put, path = "/v1/conversations/{id}/memory", tag = "conversations", params(("id" = String, Path)),
@@ -458,10 +445,7 @@ pub async fn put_memory(
         .put_memory(caller.id(), &id, &memory)
         .await
         .map(AppJson)
-        .map_err(|e| match e {
-            shared::Error::NotFound => ApiError::NotFound("conversation"),
-            other => other.into(),
-        })
+        .map_err(ApiError::not_found_as("conversation"))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -483,10 +467,7 @@ async fn reply_turn(
         .store
         .reply_turn(user_id, conversation_id, reply_id)
         .await
-        .map_err(|e| match e {
-            shared::Error::NotFound => ApiError::NotFound("reply"),
-            other => other.into(),
-        })
+        .map_err(ApiError::not_found_as("reply"))
 }
 
 #[utoipa::path(post, path = "/v1/conversations/{id}/messages/{message_id}/regenerate", tag = "conversations",
@@ -578,10 +559,7 @@ pub async fn select(
         .select_version(caller.id(), &id, &reply_id, &body.variant_id)
         .await
         .map(AppJson)
-        .map_err(|e| match e {
-            shared::Error::NotFound => ApiError::NotFound("reply or version"),
-            other => other.into(),
-        })
+        .map_err(ApiError::not_found_as("reply or version"))
 }
 
 #[utoipa::path(get, path = "/v1/conversations/{id}/messages", tag = "conversations",
@@ -598,10 +576,7 @@ pub async fn list_messages(
         .store
         .list_messages(caller.id(), &id, q.limit()?, q.next_token.as_deref())
         .await
-        .map_err(|e| match e {
-            shared::Error::NotFound => ApiError::NotFound("conversation"),
-            other => other.into(),
-        })?;
+        .map_err(ApiError::not_found_as("conversation"))?;
     let page =
         shared::store::with_replies_in_flight(state.ports.store.as_ref(), caller.id(), &id, page)
             .await?;

@@ -190,16 +190,13 @@ pub async fn edit(
     let edit = body
         .checked()
         .map_err(|message| ApiError::bad_request("invalid_persona", message))?;
-    match state
+    state
         .ports
         .store
         .edit_persona(caller.id(), &id, &edit)
         .await
-    {
-        Ok(persona) => Ok(AppJson(persona)),
-        Err(shared::Error::NotFound) => Err(ApiError::NotFound("persona")),
-        Err(other) => Err(other.into()),
-    }
+        .map(AppJson)
+        .map_err(ApiError::not_found_as("persona"))
 }
 
 #[utoipa::path(delete, path = "/v1/personas/{id}", tag = "personas", params(("id" = String, Path)),

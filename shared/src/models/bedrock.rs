@@ -295,17 +295,8 @@ mod tests {
 
     fn msg(role: Role, text: &str) -> Message {
         Message {
-            message_id: text.into(),
-            role,
-            text: text.into(),
-            model: None,
-            status: Default::default(),
-            request_id: None,
-            error: None,
-            reply_id: None,
-            variants: Vec::new(),
-            selected: None,
             created_at: String::new(),
+            ..Message::new(text.into(), role, text.into(), None)
         }
     }
 

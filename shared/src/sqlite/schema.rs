@@ -147,6 +147,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
          ON conversations (user_id, last_message_at, conversation_id);",
     // 8: what a conversation remembers (JSON: pinned facts, summary); NULL: nothing yet.
     "ALTER TABLE conversations ADD COLUMN memory TEXT;",
+    // 9: a conversation's activity is derived when read (from its messages), so migration 7's
+    // column is no longer written and its index is not read.
+    "DROP INDEX IF EXISTS conversations_by_activity;",
 ];
 
 fn migrate(c: &Connection) -> Result<()> {

@@ -35,6 +35,17 @@ pub struct Edit {
 }
 
 impl Edit {
+    /// Changes user message `message` as this edit says; `Invalid` for a reply.
+    pub fn apply(&self, message: &mut Message) -> Result<()> {
+        if message.role != Role::User {
+            return Err(Error::Invalid("only a user message can be edited".into()));
+        }
+        message.text.clone_from(&self.text);
+        message.request_id.clone_from(&self.request_id);
+        message.reply_id = Some(self.reply_id.clone());
+        Ok(())
+    }
+
     /// What a rewind to user message `kept` does to it: its reply is dropped, so it stays
     /// unanswered (no request; its reply id kept, so a reply of the old request is refused).
     pub fn unanswered(kept: &Message) -> Self {

@@ -524,26 +524,40 @@ impl DynamoStore {
         edit: &Edit,
     ) -> Result<Message> {
         let mut message: Message = body(item)?;
-        if message.role != Role::User {
-            return Err(Error::Invalid("only a user message can be edited".into()));
-        }
+        edit.apply(&mut message)?;
         if edit.request_id.is_some() {
             let meta = self.get(&format!("CONV#{conversation_id}"), "META").await?;
             self.counter_of(user_id, conversation_id, meta).await?;
         }
-        message.text.clone_from(&edit.text);
-        message.request_id.clone_from(&edit.request_id);
-        message.reply_id = Some(edit.reply_id.clone());
-        let mut item = item.clone();
-        item.insert("body".into(), s(serde_json::to_string(&message)?));
+        self.put_body(item.clone(), &message, "edit a message")
+            .await?;
+        Ok(message)
+    }
+
+    /// `NotFound` unless the conversation is the user's.
+    async fn owned(&self, user_id: &str, conversation_id: &ConversationId) -> Result<()> {
+        match self.get_conversation(user_id, conversation_id).await? {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    /// Writes `item` with `value` as its body, whatever was there.
+    async fn put_body(
+        &self,
+        mut item: Item,
+        value: &impl serde::Serialize,
+        op: &str,
+    ) -> Result<()> {
+        item.insert("body".into(), s(serde_json::to_string(value)?));
         self.client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
             .send()
             .await
-            .map_err(|e| storage("edit a message", e))?;
-        Ok(message)
+            .map_err(|e| storage(op, e))?;
+        Ok(())
     }
 
     /// A turn's user message and reply (if stored); `None` without a user message.
@@ -910,13 +924,7 @@ impl ConversationStore for DynamoStore {
         conversation_id: &ConversationId,
         reply_id: &MessageId,
     ) -> Result<Turn> {
-        if self
-            .get_conversation(user_id, conversation_id)
-            .await?
-            .is_none()
-        {
-            return Err(Error::NotFound);
-        }
+        self.owned(user_id, conversation_id).await?;
         let meta = self.get(&format!("CONV#{conversation_id}"), "META").await?;
         self.counter_of(user_id, conversation_id, meta).await?;
         let (turn, asked, reply) = self
@@ -983,13 +991,7 @@ impl ConversationStore for DynamoStore {
         reply_id: &MessageId,
         variant_id: &str,
     ) -> Result<Message> {
-        if self
-            .get_conversation(user_id, conversation_id)
-            .await?
-            .is_none()
-        {
-            return Err(Error::NotFound);
-        }
+        self.owned(user_id, conversation_id).await?;
         for _ in 0..5 {
             let (turn, _, stored) = self
                 .turn_items(conversation_id, reply_id)
@@ -1034,13 +1036,7 @@ impl ConversationStore for DynamoStore {
         after: &MessageId,
         edit: Option<&Edit>,
     ) -> Result<(Message, Vec<RequestId>)> {
-        if self
-            .get_conversation(user_id, conversation_id)
-            .await?
-            .is_none()
-        {
-            return Err(Error::NotFound);
-        }
+        self.owned(user_id, conversation_id).await?;
         let pk = format!("CONV#{conversation_id}");
         let items = self.message_items(conversation_id).await?;
         let at = items
@@ -1096,13 +1092,7 @@ impl ConversationStore for DynamoStore {
     }
 
     async fn get_memory(&self, user_id: &str, conversation_id: &ConversationId) -> Result<Memory> {
-        if self
-            .get_conversation(user_id, conversation_id)
-            .await?
-            .is_none()
-        {
-            return Err(Error::NotFound);
-        }
+        self.owned(user_id, conversation_id).await?;
         Ok(self
             .get(&format!("CONV#{conversation_id}"), MEMORY_SK)
             .await?
@@ -1118,26 +1108,14 @@ impl ConversationStore for DynamoStore {
         conversation_id: &ConversationId,
         memory: &Memory,
     ) -> Result<Memory> {
-        if self
-            .get_conversation(user_id, conversation_id)
-            .await?
-            .is_none()
-        {
-            return Err(Error::NotFound);
-        }
+        self.owned(user_id, conversation_id).await?;
         let memory = Memory {
             updated_at: Some(crate::time::now_rfc3339()),
             ..memory.clone()
         };
-        let mut item = key(format!("CONV#{conversation_id}"), MEMORY_SK);
-        item.insert("body".into(), s(serde_json::to_string(&memory)?));
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| storage("write a conversation's memory", e))?;
+        let item = key(format!("CONV#{conversation_id}"), MEMORY_SK);
+        self.put_body(item, &memory, "write a conversation's memory")
+            .await?;
         Ok(memory)
     }
 

@@ -177,16 +177,12 @@ fn rewind_in(
     // Rewound to a user message: its reply goes too, and it stays unanswered.
     let unanswered = (edit.is_none() && kept.role == Role::User).then(|| Edit::unanswered(&kept));
     if let Some(edit) = edit.or(unanswered.as_ref()) {
-        if kept.role != Role::User {
-            return Err(Error::Invalid("only a user message can be edited".into()));
-        }
+        let was = kept.request_id.clone();
+        edit.apply(&mut kept)?;
         if edit.request_id.is_some() {
             conversation_open(c, user_id, conv)?;
         }
-        requests.extend(kept.request_id.take());
-        kept.text.clone_from(&edit.text);
-        kept.request_id.clone_from(&edit.request_id);
-        kept.reply_id = Some(edit.reply_id.clone());
+        requests.extend(was);
         c.execute(
             "UPDATE messages SET body = ?3 WHERE conversation_id = ?1 AND message_id = ?2",
             params![conv, after, to_json(&kept)?],
@@ -325,12 +321,11 @@ impl ConversationStore for SqliteStore {
         persona: &Persona,
         greeting: &Message,
     ) -> Result<()> {
-        let conversation = conversation.clone().begun_with(greeting);
-        let last = conversation.last_message_at.clone().unwrap_or_default();
+        // Its activity is derived when read (see `CONVERSATION_WITH_ACTIVITY`), not stored.
         let (user_id, id, body, snapshot) = (
             user_id.to_owned(),
             conversation.conversation_id.clone(),
-            to_json(&conversation)?,
+            to_json(conversation)?,
             to_json(persona)?,
         );
         let (greeting_id, greeting) = (greeting.message_id.clone(), to_json(greeting)?);
@@ -339,10 +334,10 @@ impl ConversationStore for SqliteStore {
             .write(move |tx| {
                 // Only while the persona is the user's: one deleted meanwhile is refused.
                 let made = tx.execute(
-                    "INSERT INTO conversations (user_id, conversation_id, body, persona, last_message_at)
-                     SELECT ?1, ?2, ?3, ?4, ?6
+                    "INSERT INTO conversations (user_id, conversation_id, body, persona)
+                     SELECT ?1, ?2, ?3, ?4
                      WHERE EXISTS (SELECT 1 FROM personas WHERE user_id = ?1 AND persona_id = ?5)",
-                    params![user_id, id, body, snapshot, persona_id, last],
+                    params![user_id, id, body, snapshot, persona_id],
                 )?;
                 if made == 0 {
                     return Err(Error::NotFound);
