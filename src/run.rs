@@ -11,6 +11,7 @@ use shared::metrics::Metrics;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use workers::chat::ChatJob;
+use workers::memory::Summarizer;
 use workers::persona::PersonaJob;
 use workers::{Consumer, Job};
 
@@ -31,10 +32,14 @@ pub fn api_state(adapters: &Ports, settings: &Settings, shutdown: CancellationTo
     })
 }
 
+/// A conversation's summary may take up to this share of the context budget (a quarter).
+const SUMMARY_SHARE: usize = 4;
+
 /// The consume loop of one kind of worker.
 pub fn consumer(kind: RequestKind, adapters: &Ports, settings: &Settings) -> Arc<Consumer> {
     let models = &adapters.models;
     let w = &settings.worker;
+    let queue = adapters.queue(kind).clone();
     let (job, concurrency): (Arc<dyn Job>, usize) = match kind {
         RequestKind::Persona => (
             Arc::new(PersonaJob {
@@ -49,13 +54,23 @@ pub fn consumer(kind: RequestKind, adapters: &Ports, settings: &Settings) -> Arc
                 events: adapters.events.clone(),
                 history_messages: w.history_messages,
                 context_tokens: w.context_tokens,
+                memory_queue: queue.clone(),
             }),
             w.chat_concurrency,
         ),
     };
+    // Memory jobs ride the chat queue (see `workers::memory`).
+    let memory = (kind == RequestKind::Chat).then(|| {
+        Arc::new(Summarizer {
+            store: adapters.store.clone(),
+            model: models.chat.clone(),
+            summary_tokens: w.context_tokens / SUMMARY_SHARE,
+        })
+    });
     Arc::new(Consumer {
         job,
-        queue: adapters.queue(kind).clone(),
+        queue,
+        memory,
         atomic: adapters.atomic.clone(),
         metrics: adapters.metrics.clone(),
         options: w.into(),

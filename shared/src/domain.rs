@@ -273,6 +273,11 @@ pub struct Memory {
     #[serde(default)]
     #[schema(max_items = 20)]
     pub pinned: Vec<String>,
+    /// The last message the summary covers: the memory job folds the turns after it, as they
+    /// fall out of the model's context. Set by the memory job; a `PUT` leaves it as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, read_only)]
+    pub summarized_through: Option<MessageId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<String>,
 }

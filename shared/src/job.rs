@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{RequestKind, RequestRecord};
-use crate::ids::RequestId;
+use crate::ids::{ConversationId, MessageId, RequestId};
 use crate::queue::{Attributes, Delivery, Outgoing};
 use crate::Result;
 
@@ -118,6 +118,55 @@ pub fn mark_resent(attributes: &mut Attributes) {
     attributes.insert(RESENT.into(), "1".into());
 }
 
+/// The attribute that names a job of another kind than a request's (its value is the kind).
+const JOB_KIND: &str = "job";
+
+/// A conversation's memory to bring up to date: the messages after `after` and before `until`
+/// are to be folded into its summary. Queued by a chat job that saw turns fall out of the
+/// model's context; a job of its own kind, on the chat queue, with no request behind it (its
+/// user asked for nothing): retried and dead-lettered like the others. It is idempotent by
+/// `after`: it runs only while the memory still covers exactly up to `after`, so a duplicate,
+/// or a job overtaken by another fold or by its user's edit, does nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryJob {
+    pub user_id: String,
+    pub conversation_id: ConversationId,
+    /// The last message the summary covered when the job was queued (none: nothing yet).
+    pub after: Option<MessageId>,
+    /// The first message not to fold (the oldest the model still sees in full, or later).
+    pub until: MessageId,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MemoryBody {
+    memory: MemoryJob,
+}
+
+impl MemoryJob {
+    const KIND: &'static str = "memory";
+
+    /// Its queue message: in a group of its own per conversation, so that folds of one
+    /// conversation run one at a time without holding back its chat turns. The body names
+    /// both ends, so SQS's content-based deduplication drops a twin sent within five minutes.
+    pub fn encode(&self) -> Outgoing {
+        let body = MemoryBody {
+            memory: self.clone(),
+        };
+        // Ids and strings: serialising them cannot fail.
+        Outgoing::new(serde_json::to_string(&body).unwrap_or_default())
+            .with(JOB_KIND, Self::KIND)
+            .in_group(format!("{}/memory", self.conversation_id))
+    }
+
+    /// The memory job a delivery carries; `None` when it carries another kind of job.
+    pub fn decode(delivery: &Delivery) -> Option<Result<MemoryJob, serde_json::Error>> {
+        if delivery.attributes.get(JOB_KIND).map(String::as_str) != Some(Self::KIND) {
+            return None;
+        }
+        Some(serde_json::from_str::<MemoryBody>(&delivery.body).map(|b| b.memory))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +183,22 @@ mod tests {
     }
 
     #[test]
+    fn a_memory_job_comes_out_of_the_queue_as_it_went_in_in_its_conversations_group() {
+        let job = MemoryJob {
+            user_id: "alice".into(),
+            conversation_id: "conv_1".into(),
+            after: Some("msg_3".into()),
+            until: "msg_9".into(),
+        };
+        let message = job.encode();
+        assert_eq!(message.group.as_deref(), Some("conv_1/memory"));
+        assert_eq!(
+            MemoryJob::decode(&delivered(message)).unwrap().unwrap(),
+            job
+        );
+    }
+
+    #[test]
     fn a_job_comes_out_of_the_queue_as_it_went_in() {
         let job = Job {
             request_id: "req_1".into(),
@@ -146,6 +211,7 @@ mod tests {
             accepted: None,
         };
         assert_eq!(Job::decode(&delivered(job.encode())).unwrap(), job);
+        assert!(MemoryJob::decode(&delivered(job.encode())).is_none());
         let untraced = Job {
             trace: TraceContext::default(),
             ..job

@@ -285,3 +285,53 @@ async fn a_streamed_reply_reaches_the_event_stream_in_order_and_is_stored_once()
     let polled = app.finished(&user, &request_id).await;
     assert_eq!(polled["result"]["message"]["text"], full.as_str());
 }
+
+#[tokio::test]
+async fn nova_writes_the_summary_of_turns_that_fell_out_of_the_context() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(INVOKE))
+        .and(wiremock::matchers::body_string_contains(
+            crate::openai::SUMMARY_ASK,
+        ))
+        .respond_with(nova_reply(
+            "The apprentice asked about the Force.",
+            "end_turn",
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path_regex(INVOKE))
+        .respond_with(nova_reply("Hmm.", "end_turn"))
+        .mount(&server)
+        .await;
+    let (app, user, conv) = chat_app(&server, false, &[("--history-messages", "2")]).await;
+    for text in ["What is the Force?", "And the dark side?", "And the Jedi?"] {
+        say(&app, &user, &conv, text).await;
+    }
+    let memory = crate::conversations::memory_until(&app, &user, &conv, |m| {
+        m["summary"] == "The apprentice asked about the Force."
+    })
+    .await;
+    assert!(memory["summarized_through"].is_string());
+    let asks: Vec<Value> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .filter(|b| {
+            b["system"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains(crate::openai::SUMMARY_ASK)
+        })
+        .collect();
+    let transcript = asks[0]["messages"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap();
+    assert!(
+        transcript.contains("User: What is the Force?"),
+        "{transcript}"
+    );
+}

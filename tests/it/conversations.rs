@@ -1168,4 +1168,140 @@ async fn after_200_turns_the_context_is_within_its_token_budget_and_keeps_the_pi
     assert!(last.history[last.history.len() - 2]
         .text
         .starts_with("Message 198"));
+    // What fell out is summarized: the newest message the last call no longer saw is in the
+    // summary, which the model is given (within the budget, as checked above).
+    let oldest_seen: usize = last.history[0]
+        .text
+        .trim_start_matches("Message ")
+        .split(':')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(199);
+    let dropped = format!("User: Message {}:", oldest_seen - 1);
+    let memory = memory_until(&app, &alice, &conv, |m| {
+        m["summary"].as_str().unwrap_or_default().contains(&dropped)
+    })
+    .await;
+    assert!(memory["summarized_through"].is_string(), "{memory}");
+    assert!(seen[150..]
+        .iter()
+        .all(|r| r.memory.summary.contains("User: Message")));
+}
+
+/// Reads the conversation's memory until `done` holds of it (10 s at most).
+pub(crate) async fn memory_until(
+    app: &TestApp,
+    user: &User,
+    conv: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, memory) = app
+            .get(
+                Some(&user.token),
+                &format!("/v1/conversations/{conv}/memory"),
+            )
+            .await;
+        if done(&memory) {
+            return memory;
+        }
+        assert!(Instant::now() < deadline, "never came: {memory}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends `text` and waits for its reply.
+async fn exchange(app: &TestApp, user: &User, conv: &str, text: &str) {
+    let accepted = app.say(user, conv, text).await;
+    let done = app
+        .finished(user, accepted["request_id"].as_str().unwrap())
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}
+
+async fn the_summary_covers_the_turns_that_fell_out_of_the_context(app: TestApp) {
+    let model = Arc::new(Recording::default());
+    app.start_worker(RequestKind::Chat, &with_chat(model.clone()));
+    let alice = app.user("alice").await;
+    let conv = app.conversation(&alice, "Sherlock Holmes").await;
+    let path = format!("/v1/conversations/{conv}/memory");
+    put_memory(
+        &app,
+        &alice,
+        &conv,
+        json!({ "pinned": ["Alice is allergic to cats"] }),
+    )
+    .await;
+    // On default settings (20 messages of history): the first turns drop after ten.
+    for i in 0..16 {
+        exchange(
+            &app,
+            &alice,
+            &conv,
+            &format!("Clue {i}: the key was under stone {i}."),
+        )
+        .await;
+    }
+    let last = model.seen.lock().unwrap().last().cloned().unwrap();
+    let shown: Vec<&str> = last.history.iter().map(|m| m.text.as_str()).collect();
+    // The last message (clue 15) was the one answered, not history.
+    let dropped: Vec<String> = (0..15)
+        .map(|i| format!("Clue {i}: the key was under stone {i}."))
+        .filter(|clue| !shown.contains(&clue.as_str()))
+        .collect();
+    assert!(dropped.len() >= 5, "{shown:?}");
+    let memory = memory_until(&app, &alice, &conv, |m| {
+        let summary = m["summary"].as_str().unwrap_or_default();
+        dropped.iter().all(|clue| summary.contains(clue.as_str()))
+    })
+    .await;
+    // A summary never rewrites the pinned facts.
+    assert_eq!(memory["pinned"], json!(["Alice is allergic to cats"]));
+    assert!(!memory["summary"].as_str().unwrap().contains("allergic"));
+    let summary = memory["summary"].as_str().unwrap().to_owned();
+    // The model is given it; a user's own summary keeps where the fold ended.
+    exchange(&app, &alice, &conv, "What do we know?").await;
+    let prompt =
+        shared::models::system_prompt(&model.seen.lock().unwrap().last().cloned().unwrap());
+    assert!(prompt.contains(&dropped[0]), "{prompt}");
+    // A client's own summary (no `summarized_through` in its body) keeps where the fold ended.
+    let (status, kept) = put_memory(
+        &app,
+        &alice,
+        &conv,
+        json!({ "summary": summary, "pinned": [] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(kept["summarized_through"].is_string(), "{kept}");
+
+    // A rewind to before the summary's end clears it (the pinned facts stay, here none).
+    let messages = app.all_messages(&alice, &conv).await;
+    let (status, _) = rewind(
+        &app,
+        &alice,
+        &conv,
+        messages[2]["message_id"].as_str().unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, read) = app.get(Some(&alice.token), &path).await;
+    assert_eq!(
+        (read["summary"].as_str(), read.get("summarized_through")),
+        (Some(""), None),
+        "{read}"
+    );
+}
+
+#[tokio::test]
+async fn the_summary_covers_the_turns_that_fell_out_of_the_context_on_the_embedded_default() {
+    the_summary_covers_the_turns_that_fell_out_of_the_context(without_chat_workers(false).await)
+        .await;
+}
+
+#[tokio::test]
+async fn the_summary_covers_the_turns_that_fell_out_of_the_context_on_aws() {
+    the_summary_covers_the_turns_that_fell_out_of_the_context(without_chat_workers(true).await)
+        .await;
 }

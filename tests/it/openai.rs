@@ -331,3 +331,76 @@ async fn openai_as_chat_provider_gets_the_persona_as_system_message_and_the_hist
     );
     assert!(last.get("response_format").is_none());
 }
+
+/// Both providers' summaries, through their wire formats: what the memory job asks for.
+pub(crate) const SUMMARY_ASK: &str = "running summary";
+
+#[tokio::test]
+async fn openai_writes_the_summary_of_turns_that_fell_out_of_the_context() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(wiremock::matchers::body_partial_json(
+            json!({ "response_format": { "type": "json_schema" } }),
+        ))
+        .respond_with(ok_persona())
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(wiremock::matchers::body_string_contains(SUMMARY_ASK))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(
+            json!({ "role": "assistant", "content": "The user asked after the cats and the ship.", "refusal": null }),
+            "stop",
+        )))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(
+            json!({ "role": "assistant", "content": "Arr.", "refusal": null }),
+            "stop",
+        )))
+        .mount(&server)
+        .await;
+    let app = app_on(
+        &server,
+        &[("--chat-model", "openai"), ("--history-messages", "2")],
+    )
+    .await;
+    let alice = app.user("alice").await;
+    let conv = app
+        .conversation(&alice, "a grumpy pirate who loves cats")
+        .await;
+    for text in ["How are the cats?", "And the ship?", "And the crew?"] {
+        let accepted = app.say(&alice, &conv, text).await;
+        app.finished(&alice, accepted["request_id"].as_str().unwrap())
+            .await;
+    }
+    let memory = crate::conversations::memory_until(&app, &alice, &conv, |m| {
+        m["summary"] == "The user asked after the cats and the ship."
+    })
+    .await;
+    assert!(memory["summarized_through"].is_string());
+    // Asked of the chat model, with the turns that dropped as a transcript.
+    let asked: Vec<Value> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.body_json::<Value>().ok())
+        .filter(|b| {
+            b["messages"][0]["content"]
+                .as_str()
+                .unwrap_or("")
+                .contains(SUMMARY_ASK)
+        })
+        .collect();
+    let ask = &asked[0];
+    assert_eq!(ask["model"], "gpt-4o-mini");
+    let transcript = ask["messages"][1]["content"].as_str().unwrap();
+    assert!(
+        transcript.contains("User: How are the cats?"),
+        "{transcript}"
+    );
+}

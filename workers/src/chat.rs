@@ -1,7 +1,9 @@
 //! The chat job: answers one user message in character.
 //!
-//! Context is the persona (as system prompt) plus the most recent messages before the one being
-//! answered, cut to a message count and a character budget. The reply is keyed by the user
+//! Context is the persona (as system prompt, with the conversation's pinned facts and summary)
+//! plus the most recent messages before the one being answered, cut to a message count and a
+//! token budget; when what is cut is not yet summarized, a fold of the memory is queued
+//! (`crate::memory`). The reply is keyed by the user
 //! message it answers and stored by the settlement only if none exists, so a conversation gets
 //! exactly one reply per message however often the job is delivered. Text fragments of a streaming model are
 //! pushed to the user's event stream as `message.delta` while the reply is being written; the
@@ -16,12 +18,15 @@ use shared::domain::{
 use shared::events::Event;
 use shared::events::EventBus;
 use shared::ids::{MessageId, RequestId};
+use shared::job::MemoryJob;
 use shared::models::{system_prompt, ChatModel, ChatRequest, ModelOutput};
+use shared::queue::Queue;
 use shared::store::Store;
 use shared::{Error, Result};
 use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::consumer::{Job, JobContext, JobOutput};
+use crate::memory::fold_due;
 
 pub struct ChatJob {
     pub store: Arc<dyn Store>,
@@ -29,6 +34,8 @@ pub struct ChatJob {
     pub events: Arc<dyn EventBus>,
     pub history_messages: usize,
     pub context_tokens: usize,
+    /// Where a fold of the conversation's memory is queued (the chat queue).
+    pub memory_queue: Arc<dyn Queue>,
 }
 
 fn permanent(code: &str, message: &str) -> Error {
@@ -130,9 +137,16 @@ impl ChatJob {
                 "chat job got a request of another kind",
             ));
         };
+        // One more than is given: the message before the context's edge tells whether the
+        // summary reaches it (see `crate::memory::fold_due`).
         let context = self
             .store
-            .chat_context(user_id, conversation_id, message_id, self.history_messages)
+            .chat_context(
+                user_id,
+                conversation_id,
+                message_id,
+                self.history_messages + 1,
+            )
             .await?
             .ok_or_else(|| {
                 permanent(
@@ -149,26 +163,49 @@ impl ChatJob {
                 "the conversation's persona was deleted",
             )
         })?;
-        let variation = match &request.input {
-            RequestInput::Chat {
-                reply_to: Some(_), ..
-            } => Some(request.request_id.to_string()),
-            _ => None,
-        };
         let mut chat = ChatRequest {
-            variation,
+            variation: (reply_id_of(request) != request.request_id.reply_id())
+                .then(|| request.request_id.to_string()),
             memory: context.memory,
             history: Vec::new(),
             persona,
             user_text: text.clone(),
         };
+        let kept_from = self.fit(&mut chat, &context.history);
+        let due = fold_due(&context.history, kept_from, &chat.memory, message_id);
+        if let Some((after, until)) = due {
+            self.queue_fold(MemoryJob {
+                user_id: user_id.to_owned(),
+                conversation_id: conversation_id.clone(),
+                after,
+                until,
+            })
+            .await;
+        }
+        Ok(chat)
+    }
+
+    /// Gives `chat` the newest of the messages `read` that fit its budget (at most
+    /// `history_messages`); returns the index in `read` of the first one given.
+    fn fit(&self, chat: &mut ChatRequest, read: &[Message]) -> usize {
         // What is sent whatever the history: the system prompt and the message.
-        let fixed = self.model.count_tokens(&system_prompt(&chat))
-            + self.model.count_tokens(text)
+        let fixed = self.model.count_tokens(&system_prompt(chat))
+            + self.model.count_tokens(&chat.user_text)
             + 2 * PER_MESSAGE_TOKENS;
         let budget = self.context_tokens.saturating_sub(fixed);
-        chat.history = fit_history(context.history, budget, |t| self.model.count_tokens(t));
-        Ok(chat)
+        let window = read.len().saturating_sub(self.history_messages);
+        chat.history = fit_history(read[window..].to_vec(), budget, |t| {
+            self.model.count_tokens(t)
+        });
+        read.len() - chat.history.len()
+    }
+
+    /// Queues a fold of the memory. A send that fails is only logged: the next turn finds
+    /// the fold still due and queues it again.
+    async fn queue_fold(&self, job: MemoryJob) {
+        if let Err(e) = self.memory_queue.send(&[job.encode()]).await {
+            tracing::warn!(error = %shared::error::Report(&e), "could not queue a memory fold");
+        }
     }
 
     /// Calls the model, pushing its fragments to the user's stream as they come. Returns the

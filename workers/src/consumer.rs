@@ -20,12 +20,13 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use shared::atomic::{Atomic, Found};
 use shared::domain::{RequestKind, RequestRecord, RequestResult, RequestStatus, Usage};
-use shared::job::Job as QueuedJob;
+use shared::job::{Job as QueuedJob, MemoryJob};
 use shared::metrics::{KindLabels, Metrics};
 use shared::queue::{Delivery, Queue};
 
+use crate::memory::Summarizer;
 use crate::options::WorkerOptions;
-use crate::settlement::{decide, Limits, Outcome};
+use crate::settlement::{decide, Limits, Outcome, Settlement};
 use crate::start::StartGate;
 use shared::error::Report;
 use shared::{Error, Result};
@@ -90,6 +91,8 @@ pub struct Consumer {
     pub metrics: Arc<Metrics>,
     pub options: WorkerOptions,
     pub concurrency: usize,
+    /// Runs the memory jobs that share this queue (the chat queue's).
+    pub memory: Option<Arc<Summarizer>>,
 }
 
 /// How often a worker sweeps its queue's outbox for jobs an accept left unsent.
@@ -201,6 +204,9 @@ impl Consumer {
     pub async fn handle(&self, delivery: Delivery, cancel: CancellationToken) {
         let kind = self.job.kind();
         let started = Instant::now();
+        if let Some(job) = MemoryJob::decode(&delivery) {
+            return self.handle_memory(delivery, job).await;
+        }
         let msg = match QueuedJob::decode(&delivery) {
             Ok(m) => m,
             Err(e) => {
@@ -397,6 +403,57 @@ impl Consumer {
             })
             .notify(|e, delay| tracing::warn!(error = %Report(e), retry_in = ?delay, "transient failure; retrying in-process"))
             .await
+    }
+
+    /// Handles a memory job: run, then deleted; retried from the queue after a back-off on a
+    /// transient failure, dead-lettered on a permanent one or when its attempts are used up
+    /// (counted by the queue: there is no request to count them). A conversation whose fold
+    /// failed still answers, from the summary it has.
+    async fn handle_memory(
+        &self,
+        delivery: Delivery,
+        job: std::result::Result<MemoryJob, serde_json::Error>,
+    ) {
+        let span = tracing::info_span!("memory", delivery = delivery.receive_count);
+        let done = async {
+            let job = job.map_err(|e| Error::Invalid(format!("not a memory job: {e}")))?;
+            let Some(summarizer) = &self.memory else {
+                return Err(Error::Invalid("this worker runs no memory jobs".into()));
+            };
+            tokio::select! {
+                r = summarizer.run(&job) => r,
+                never = self.keep_hidden(&delivery.receipt) => match never {},
+            }
+        };
+        let failed = match done.instrument(span.clone()).await {
+            Ok(()) => None,
+            Err(e) => Some(Outcome::Failed(e)),
+        };
+        let limits = Limits::from(&self.options);
+        let attempts = delivery.receive_count;
+        let (settled, outcome) = match failed.map(|o| decide(o, attempts, &limits, rand::random()))
+        {
+            None => (self.queue.delete(&delivery.receipt).await, "succeeded"),
+            Some(Settlement::Retry { delay, error }) => {
+                span.in_scope(|| tracing::warn!(code = %error.code, error = %error.message, retry_in = ?delay, "memory fold failed; retrying"));
+                (
+                    self.queue.change_visibility(&delivery.receipt, delay).await,
+                    "retried",
+                )
+            }
+            Some(Settlement::Fail { error } | Settlement::DeadLetter { error }) => {
+                span.in_scope(|| tracing::error!(code = %error.code, error = %error.message, "memory fold dead-lettered"));
+                (
+                    self.queue.dead_letter(&delivery, &error.message).await,
+                    "dead_lettered",
+                )
+            }
+            Some(_) => (Ok(()), "released"),
+        };
+        self.metrics.job("memory", outcome);
+        if let Err(e) = settled {
+            span.in_scope(|| tracing::warn!(error = %Report(&e), "could not settle a memory fold; it will be redelivered"));
+        }
     }
 
     /// Keeps the message hidden while the job runs, so a long job is not handed to a second

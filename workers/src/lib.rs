@@ -15,6 +15,7 @@
 //!   dead-letter, release): a pure decision and its table.
 //! - [`persona`]   the persona job: prompt → validated persona record.
 //! - [`chat`]      the chat job: persona + bounded history + message → one reply.
+//! - [`memory`]    the memory job: folds the turns a chat's context dropped into its summary.
 //! - [`error`]     this crate's error type.
 
 // Functions stay short enough to read at once (clippy.toml sets the limit).
@@ -23,6 +24,7 @@
 pub mod chat;
 pub mod consumer;
 pub mod error;
+pub mod memory;
 pub mod options;
 pub mod persona;
 pub mod settle;

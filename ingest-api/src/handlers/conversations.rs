@@ -333,6 +333,7 @@ pub async fn rewind(
         .await
         .map_err(rewind_error)?;
     cancel_all(&state, caller.id(), dropped).await;
+    forget_rewound(&state, caller.id(), &id, &body.message_id, false).await?;
     store
         .get_conversation(caller.id(), &id)
         .await?
@@ -378,6 +379,7 @@ pub async fn edit(
         .await
         .map_err(rewind_error)?;
     cancel_all(&state, caller.id(), dropped).await;
+    forget_rewound(&state, caller.id(), &id, &message_id, true).await?;
     if !body.regenerate {
         return Ok(AppJson(edited).into_response());
     }
@@ -436,16 +438,81 @@ pub async fn put_memory(
     AppPath(id): AppPath<ConversationId>,
     AppJson(body): AppJson<Memory>,
 ) -> Result<AppJson<Memory>, ApiError> {
-    let memory = body
+    let mut memory = body
         .checked()
         .map_err(|message| ApiError::bad_request("invalid_memory", message))?;
-    state
-        .ports
-        .store
+    let store = &state.ports.store;
+    // Where the summary ends is the memory job's to say, not the client's.
+    memory.summarized_through = store
+        .get_memory(caller.id(), &id)
+        .await
+        .map_err(ApiError::not_found_as("conversation"))?
+        .summarized_through;
+    store
         .put_memory(caller.id(), &id, &memory)
         .await
         .map(AppJson)
         .map_err(ApiError::not_found_as("conversation"))
+}
+
+/// Most messages read a page at a time when a rewind looks for the end of the summary.
+const REWIND_PAGE: usize = 500;
+
+/// After a rewind to `kept` (or an edit of it): a summary that covers a dropped turn, or the
+/// edited message, would tell the model of what no longer happened. It is cleared, to be
+/// folded again from the turns that remain; the pinned facts stay. Conditional on the memory
+/// as read: a fold that lands meanwhile is read again.
+async fn forget_rewound(
+    state: &AppState,
+    user_id: &str,
+    id: &ConversationId,
+    kept: &MessageId,
+    edited: bool,
+) -> Result<(), ApiError> {
+    let store = &state.ports.store;
+    for _ in 0..3 {
+        let memory = store.get_memory(user_id, id).await?;
+        let Some(through) = &memory.summarized_through else {
+            return Ok(());
+        };
+        if !(edited && through == kept) && still_there(state, id, through).await? {
+            return Ok(());
+        }
+        let cleared = Memory {
+            summary: String::new(),
+            summarized_through: None,
+            ..memory.clone()
+        };
+        if store.replace_memory(user_id, id, &memory, &cleared).await? {
+            return Ok(());
+        }
+    }
+    Err(ApiError::from(shared::Error::Conflict(
+        "the conversation's memory kept changing; try again".into(),
+    )))
+}
+
+/// Whether the conversation still has message `message_id`.
+async fn still_there(
+    state: &AppState,
+    id: &ConversationId,
+    message_id: &MessageId,
+) -> Result<bool, ApiError> {
+    let mut token = None;
+    loop {
+        let page = state
+            .ports
+            .store
+            .page_messages(id, REWIND_PAGE, token.as_deref())
+            .await?;
+        if page.items.iter().any(|m| &m.message_id == message_id) {
+            return Ok(true);
+        }
+        match page.next_token {
+            Some(next) => token = Some(next),
+            None => return Ok(false),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

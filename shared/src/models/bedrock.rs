@@ -15,6 +15,7 @@ use aws_sdk_bedrockruntime::types::ResponseStream;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::summary::{fit_summary, summary_prompt, SummaryRequest};
 use super::{system_prompt, ChatModel, ChatRequest, ModelOutput};
 use crate::domain::{Role, Usage};
 use crate::{Error, Result};
@@ -284,6 +285,30 @@ impl ChatModel for BedrockChatModel {
                 retry_after: None,
             });
         }
+        Ok(out)
+    }
+
+    async fn summarize(&self, request: &SummaryRequest) -> Result<ModelOutput<String>> {
+        let (system, user) = summary_prompt(request);
+        let body = json!({
+            "schemaVersion": "messages-v1",
+            "system": [{ "text": system }],
+            "messages": [{ "role": "user", "content": [{ "text": user }] }],
+            "inferenceConfig": {
+                "maxTokens": request.max_tokens,
+                // A summary is a record, not a performance: no variety wanted.
+                "temperature": 0.2,
+                "topP": self.opts.top_p,
+            },
+        });
+        let mut out = self.invoke(serde_json::to_vec(&body)?).await?;
+        if out.value.trim().is_empty() {
+            return Err(Error::ModelTransient {
+                message: "bedrock: empty summary".into(),
+                retry_after: None,
+            });
+        }
+        out.value = fit_summary(&out.value, request.max_tokens, |t| self.count_tokens(t));
         Ok(out)
     }
 }

@@ -9,6 +9,7 @@
 pub mod bedrock;
 pub mod offline;
 pub mod openai;
+pub mod summary;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::domain::{Memory, Message, Persona, PersonaDraft, Usage};
 use crate::Result;
+pub use summary::SummaryRequest;
 
 /// A model's answer and what it cost.
 /// The two models of a backend, held in [`crate::ports::Ports`] beside the other adapters.
@@ -70,6 +72,15 @@ pub trait ChatModel: Send + Sync + 'static {
         request: &ChatRequest,
         deltas: Option<UnboundedSender<String>>,
     ) -> Result<ModelOutput<String>>;
+    /// Folds new turns into a conversation's summary (see [`summary`]). A model without its
+    /// own way extracts it, as the offline engine does; the result is within its budget.
+    async fn summarize(&self, request: &SummaryRequest) -> Result<ModelOutput<String>> {
+        Ok(ModelOutput {
+            value: summary::extractive_summary(request, |t| self.count_tokens(t)),
+            usage: crate::domain::Usage::default(),
+            model: self.model().to_owned(),
+        })
+    }
 }
 
 /// The system prompt that puts a chat model in character. Real providers send it as the system

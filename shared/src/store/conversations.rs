@@ -196,6 +196,16 @@ pub trait ConversationStore: Send + Sync + 'static {
         conversation_id: &ConversationId,
         memory: &Memory,
     ) -> Result<Memory>;
+    /// Replaces the conversation's memory on condition that it is still as `read` (its
+    /// `updated_at`): `false`, and nothing written, when it changed meanwhile (its user edited
+    /// it, or another fold ran). `NotFound` unless the conversation is the user's.
+    async fn replace_memory(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        read: &Memory,
+        memory: &Memory,
+    ) -> Result<bool>;
 
     /// A conversation's messages, oldest first; `NotFound` unless the conversation is the
     /// user's. The ownership read costs nothing new: both backends keep messages under the

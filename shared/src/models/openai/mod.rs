@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::summary::{fit_summary, summary_prompt, SummaryRequest};
 use super::{system_prompt, ChatModel, ChatRequest, ModelOutput, PersonaModel};
 use crate::domain::{PersonaDraft, Role, Usage};
 use crate::{Error, Result};
@@ -328,13 +329,31 @@ impl ChatModel for OpenAiChatModel {
             messages.push(json!({ "role": role, "content": m.text }));
         }
         messages.push(json!({ "role": "user", "content": request.user_text }));
+        self.complete(messages, self.opts.max_output_tokens).await
+    }
+
+    async fn summarize(&self, request: &SummaryRequest) -> Result<ModelOutput<String>> {
+        let (system, user) = summary_prompt(request);
+        let messages = vec![
+            json!({ "role": "system", "content": system }),
+            json!({ "role": "user", "content": user }),
+        ];
+        let mut out = self.complete(messages, request.max_tokens as u32).await?;
+        out.value = fit_summary(&out.value, request.max_tokens, |t| self.count_tokens(t));
+        Ok(out)
+    }
+}
+
+impl OpenAiChatModel {
+    /// One chat completion, not streamed: its text, refused when empty or filtered.
+    async fn complete(&self, messages: Vec<Value>, max_tokens: u32) -> Result<ModelOutput<String>> {
         let body: Value = self
             .client
             .chat()
             .create_byot(json!({
                 "model": self.opts.model,
                 "messages": messages,
-                "max_completion_tokens": self.opts.max_output_tokens,
+                "max_completion_tokens": max_tokens,
                 "stream": false,
             }))
             .await

@@ -84,6 +84,15 @@ fn activity_start(next_token: Option<&str>, pk: &str) -> Result<Option<Item>> {
     Ok(Some(start))
 }
 
+/// A conversation's memory item, with its time beside the body (what a fold's condition reads).
+fn memory_item(conversation_id: &ConversationId, memory: &Memory) -> Item {
+    let mut item = key(format!("CONV#{conversation_id}"), MEMORY_SK);
+    if let Some(at) = &memory.updated_at {
+        item.insert("updated_at".into(), s(at));
+    }
+    item
+}
+
 /// The turn of a message's sort key (`MSG#{turn:012}#{sub}`).
 fn sk_turn(sk: &str) -> Option<i64> {
     sk.strip_prefix("MSG#")?.split('#').next()?.parse().ok()
@@ -1113,10 +1122,48 @@ impl ConversationStore for DynamoStore {
             updated_at: Some(crate::time::now_rfc3339()),
             ..memory.clone()
         };
-        let item = key(format!("CONV#{conversation_id}"), MEMORY_SK);
-        self.put_body(item, &memory, "write a conversation's memory")
-            .await?;
+        self.put_body(
+            memory_item(conversation_id, &memory),
+            &memory,
+            "write a conversation's memory",
+        )
+        .await?;
         Ok(memory)
+    }
+
+    async fn replace_memory(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        read: &Memory,
+        memory: &Memory,
+    ) -> Result<bool> {
+        self.owned(user_id, conversation_id).await?;
+        let memory = Memory {
+            updated_at: Some(crate::time::now_rfc3339()),
+            ..memory.clone()
+        };
+        let mut item = memory_item(conversation_id, &memory);
+        item.insert("body".into(), s(serde_json::to_string(&memory)?));
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item));
+        // A memory written before its time was kept beside the body has none: it counts as
+        // unchanged (only the memory job's fold relies on this, and a fold lost to such a
+        // race is queued again by the next turn).
+        let put = match &read.updated_at {
+            Some(at) => put
+                .condition_expression("attribute_not_exists(updated_at) OR updated_at = :at")
+                .expression_attribute_values(":at", s(at)),
+            None => put.condition_expression("attribute_not_exists(updated_at)"),
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_conditional_failure(&e) => Ok(false),
+            Err(e) => Err(storage("fold a conversation's memory", e)),
+        }
     }
 
     async fn page_messages(

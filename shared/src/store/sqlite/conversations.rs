@@ -682,6 +682,46 @@ impl ConversationStore for SqliteStore {
         Ok(memory)
     }
 
+    async fn replace_memory(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        read: &Memory,
+        memory: &Memory,
+    ) -> Result<bool> {
+        let memory = Memory {
+            updated_at: Some(crate::time::now_rfc3339()),
+            ..memory.clone()
+        };
+        let (user_id, conv, body, read_at) = (
+            user_id.to_owned(),
+            conversation_id.to_owned(),
+            to_json(&memory)?,
+            read.updated_at.clone(),
+        );
+        self.db
+            .write(move |c| {
+                if c.execute(
+                    "UPDATE conversations SET memory = ?3
+                     WHERE user_id = ?1 AND conversation_id = ?2
+                       AND json_extract(memory, '$.updated_at') IS ?4",
+                    params![user_id, conv, body, read_at],
+                )? == 1
+                {
+                    return Ok(true);
+                }
+                let exists = c
+                    .query_row(
+                        "SELECT 1 FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
+                        params![user_id, conv],
+                        |_| Ok(()),
+                    )
+                    .optional()?;
+                exists.map(|()| false).ok_or(Error::NotFound)
+            })
+            .await
+    }
+
     async fn page_messages(
         &self,
         conversation_id: &ConversationId,
