@@ -7,6 +7,7 @@ use std::time::Duration;
 use ingest_api::{AppState, Shared};
 use shared::domain::RequestKind;
 use shared::emf::EmfWriter;
+use shared::memo::Memo;
 use shared::metrics::Metrics;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +56,7 @@ pub fn consumer(kind: RequestKind, adapters: &Ports, settings: &Settings) -> Arc
                 history_messages: w.history_messages,
                 context_tokens: w.context_tokens,
                 memory_queue: queue.clone(),
+                queued_folds: Memo::new(10_000),
             }),
             w.chat_concurrency,
         ),

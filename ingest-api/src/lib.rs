@@ -51,7 +51,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
-use crate::handlers::{auth, conversations, events, ops, personas, requests};
+use crate::handlers::{auth, conversations, events, ops, personas, requests, sync};
 pub use crate::options::ApiOptions;
 use crate::slots::Slots;
 use crate::throttle::Throttle;
@@ -160,6 +160,7 @@ fn authenticated_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/requests/{id}", get(requests::get))
         .route("/v1/requests/{id}/cancel", post(requests::cancel))
         .route("/v1/events", get(events::stream))
+        .route("/v1/sync", get(sync::sync))
         // Layers run outside-in: authenticate (added last) runs before idempotency.
         .layer(from_fn_with_state(state.clone(), middleware::idempotency))
         .layer(from_fn_with_state(state.clone(), middleware::authenticate))

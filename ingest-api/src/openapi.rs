@@ -39,6 +39,7 @@ pub struct ErrorResponse {
         handlers::conversations::edit, handlers::conversations::rewind,
         handlers::conversations::get_memory, handlers::conversations::put_memory,
         handlers::requests::get, handlers::requests::cancel, handlers::events::stream,
+        handlers::sync::sync,
         handlers::ops::healthz, handlers::ops::readyz, handlers::ops::metrics,
         handlers::ops::openapi, handlers::ops::jwks,
     ),
@@ -50,6 +51,7 @@ pub struct ErrorResponse {
         conversations::CreateConversation, conversations::RenameConversation,
         conversations::PostMessage, conversations::MessageAccepted, MessageStatus, Variant,
         conversations::SelectVersion, conversations::EditMessage, conversations::Rewind, Memory,
+        handlers::sync::SyncPage, shared::store::Change, shared::store::ChangeKind,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -57,6 +59,7 @@ pub struct ErrorResponse {
         (name = "personas", description = "Personas and batches"),
         (name = "conversations", description = "Conversations and messages"),
         (name = "requests", description = "Polling and push of asynchronous results"),
+        (name = "sync", description = "Catch-up: every record changed since a cursor"),
         (name = "ops", description = "Health, readiness, metrics"),
     )
 )]

@@ -512,6 +512,16 @@ impl Message {
         }
     }
 
+    /// The message as clients are shown it: a reply with its versions listed even when it
+    /// has one (a single version is stored without them).
+    pub fn shown(mut self) -> Self {
+        if self.role == Role::Assistant && self.variants.is_empty() && self.request_id.is_some() {
+            self.variants = self.versions();
+            self.selected = self.variants.first().map(|v| v.variant_id.clone());
+        }
+        self
+    }
+
     /// A reply's versions: `variants`, or itself for a reply stored before them.
     pub fn versions(&self) -> Vec<Variant> {
         if self.variants.is_empty() && self.role == Role::Assistant {

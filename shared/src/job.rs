@@ -135,6 +135,8 @@ pub struct MemoryJob {
     pub after: Option<MessageId>,
     /// The first message not to fold (the oldest the model still sees in full, or later).
     pub until: MessageId,
+    /// Who the user talks to: how the summary names the persona's turns.
+    pub persona_name: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -189,6 +191,7 @@ mod tests {
             conversation_id: "conv_1".into(),
             after: Some("msg_3".into()),
             until: "msg_9".into(),
+            persona_name: "Sherlock Holmes".into(),
         };
         let message = job.encode();
         assert_eq!(message.group.as_deref(), Some("conv_1/memory"));

@@ -36,6 +36,7 @@
 //! - [`sqlite`]   the connection pool and schema behind every embedded adapter.
 //! - [`private_fs`] the data dir `0700` and its database files `0600`.
 //! - [`time`]     timestamps, one format everywhere.
+//! - [`memo`]     what a process remembers to save a read or a repeated send: bounded hints.
 
 // Functions stay short enough to read at once (clippy.toml sets the limit).
 #![warn(clippy::too_many_lines)]
@@ -48,7 +49,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod job;
-mod memo;
+pub mod memo;
 pub mod metrics;
 pub mod models;
 pub mod ports;

@@ -8,21 +8,21 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-pub(crate) struct Memo<K, V> {
+pub struct Memo<K, V> {
     map: Mutex<HashMap<K, V>>,
     most: usize,
 }
 
 impl<K: Eq + Hash, V: Clone> Memo<K, V> {
     /// Remembers at most `most` entries.
-    pub(crate) fn new(most: usize) -> Self {
+    pub fn new(most: usize) -> Self {
         Memo {
             map: Mutex::new(HashMap::new()),
             most,
         }
     }
 
-    pub(crate) fn get<Q>(&self, key: &Q) -> Option<V>
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
         Q: Eq + Hash + ?Sized,
@@ -49,7 +49,7 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
         }
     }
 
-    pub(crate) fn insert(&self, key: K, value: V) {
+    pub fn insert(&self, key: K, value: V) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() >= self.most {
                 map.clear();

@@ -48,5 +48,6 @@ mod push;
 mod queue_contract;
 mod reliability;
 mod store_contract;
+mod sync;
 mod trace;
 mod verifier_contract;

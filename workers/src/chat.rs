@@ -10,6 +10,7 @@
 //! last one goes out with the settlement, just before the `request.updated` that ends it.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use shared::domain::{
@@ -17,8 +18,9 @@ use shared::domain::{
 };
 use shared::events::Event;
 use shared::events::EventBus;
-use shared::ids::{MessageId, RequestId};
+use shared::ids::{ConversationId, MessageId, RequestId};
 use shared::job::MemoryJob;
+use shared::memo::Memo;
 use shared::models::{system_prompt, ChatModel, ChatRequest, ModelOutput};
 use shared::queue::Queue;
 use shared::store::Store;
@@ -36,7 +38,13 @@ pub struct ChatJob {
     pub context_tokens: usize,
     /// Where a fold of the conversation's memory is queued (the chat queue).
     pub memory_queue: Arc<dyn Queue>,
+    /// The folds this process queued lately, by conversation (from where, and when): the
+    /// turns that follow before a fold is done find it still due, and would queue it again.
+    pub queued_folds: Memo<ConversationId, (Option<MessageId>, Instant)>,
 }
+
+/// How long a queued fold is taken to be on its way (after that it is queued again).
+const FOLD_PENDING: Duration = Duration::from_secs(60);
 
 fn permanent(code: &str, message: &str) -> Error {
     Error::ModelPermanent {
@@ -179,6 +187,7 @@ impl ChatJob {
                 conversation_id: conversation_id.clone(),
                 after,
                 until,
+                persona_name: chat.persona.name.clone(),
             })
             .await;
         }
@@ -203,6 +212,14 @@ impl ChatJob {
     /// Queues a fold of the memory. A send that fails is only logged: the next turn finds
     /// the fold still due and queues it again.
     async fn queue_fold(&self, job: MemoryJob) {
+        let pending = self.queued_folds.get(&job.conversation_id);
+        if pending.is_some_and(|(after, at)| after == job.after && at.elapsed() < FOLD_PENDING) {
+            return;
+        }
+        self.queued_folds.insert(
+            job.conversation_id.clone(),
+            (job.after.clone(), Instant::now()),
+        );
         if let Err(e) = self.memory_queue.send(&[job.encode()]).await {
             tracing::warn!(error = %shared::error::Report(&e), "could not queue a memory fold");
         }

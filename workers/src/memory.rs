@@ -6,8 +6,8 @@
 //! for the new summary (the offline engine extracts it) and writes it with the last message it
 //! covers, on condition that the memory is still as read. A fold runs ahead of the context's
 //! edge by [`FOLD_AHEAD`] messages, so the turns about to drop are summarized before they do,
-//! and the next fold is due only some turns later: about one summary call per five turns once
-//! a conversation outgrows its context.
+//! and the next fold is due only some turns later: about one summary call per eight turns
+//! once a conversation outgrows its context.
 
 use std::sync::Arc;
 
@@ -18,12 +18,13 @@ use shared::store::Store;
 use shared::{Error, Result};
 
 /// Messages still in the context that a fold covers as well.
-pub const FOLD_AHEAD: usize = 12;
+pub const FOLD_AHEAD: usize = 16;
 /// A fold is due once fewer than this many messages of the context are summarized.
-const MIN_AHEAD: usize = 4;
-/// Most messages one fold reads (a conversation whose memory lags further catches up on
-/// the newest of them).
-const FOLD_READ: usize = 400;
+const MIN_AHEAD: usize = 2;
+/// Most messages one fold reads: a fold is due every few turns, so this is far more than one
+/// needs; a memory that lags further (its folds failing for many turns) resumes from the
+/// newest of them.
+const FOLD_READ: usize = 64;
 
 /// The fold a chat job's context calls for, if any: `(after, until)` of a
 /// [`MemoryJob`](shared::job::MemoryJob). `read` is the history read before the message
@@ -94,15 +95,10 @@ impl Summarizer {
         let Some(last) = turns.last().map(|m| m.message_id.clone()) else {
             return Ok(());
         };
-        let persona_name = self
-            .store
-            .get_conversation(&job.user_id, &job.conversation_id)
-            .await?
-            .map_or_else(|| "the persona".into(), |c| c.persona_name);
         let out = self
             .model
             .summarize(&SummaryRequest {
-                persona_name,
+                persona_name: job.persona_name.clone(),
                 summary: read.summary.clone(),
                 pinned: read.pinned.clone(),
                 turns,
@@ -156,19 +152,19 @@ mod tests {
         // The first drop: fold ahead of the context's edge.
         assert_eq!(
             fold_due(&read, 1, &Memory::default(), &now),
-            Some((None, "m13".into()))
+            Some((None, "m17".into()))
         );
         // Summarized well into the context: not yet.
-        assert_eq!(fold_due(&read, 5, &through("m12"), &now), None);
+        assert_eq!(fold_due(&read, 11, &through("m12"), &now), None);
         // The summarized part of the context runs short: again, from where it ended.
         assert_eq!(
-            fold_due(&read, 10, &through("m12"), &now),
+            fold_due(&read, 12, &through("m12"), &now),
             Some((Some("m12".into()), "now".into()))
         );
         // What it covers is older than all that was read: due.
         assert_eq!(
             fold_due(&read, 1, &through("gone"), &now),
-            Some((Some("gone".into()), "m13".into()))
+            Some((Some("gone".into()), "m17".into()))
         );
     }
 }

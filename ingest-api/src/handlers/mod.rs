@@ -7,6 +7,7 @@ pub mod events;
 pub mod ops;
 pub mod personas;
 pub mod requests;
+pub mod sync;
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};

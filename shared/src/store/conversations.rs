@@ -337,14 +337,8 @@ where
             items.insert(i + 1, stand_in);
         }
     }
-    for reply in items.iter_mut().filter(|m| m.role == Role::Assistant) {
-        if reply.variants.is_empty() && reply.request_id.is_some() {
-            reply.variants = reply.versions();
-            reply.selected = reply.variants.first().map(|v| v.variant_id.clone());
-        }
-    }
     Ok(Page {
-        items,
+        items: items.into_iter().map(Message::shown).collect(),
         next_token: page.next_token,
     })
 }

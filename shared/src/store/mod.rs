@@ -11,7 +11,7 @@
 //!
 //! The port is one narrow trait per kind of record, each in its own file — [`PersonaStore`],
 //! [`ConversationStore`] (conversations and messages), [`RequestStore`] (requests, batches,
-//! transitions), [`IdempotencyStore`] — so a caller names only what it uses. [`Store`] is all of
+//! transitions), [`IdempotencyStore`], [`SyncStore`] (the change feed) — so a caller names only what it uses. [`Store`] is all of
 //! them together (and [`Ping`]), implemented for every type that implements the parts: the
 //! start-up code builds one `Arc<dyn Store>` per backend. Each adapter is a folder with a file
 //! per trait: [`sqlite`] (embedded) and [`dynamodb`].
@@ -22,6 +22,7 @@ pub mod idempotency;
 pub mod personas;
 pub mod requests;
 pub mod sqlite;
+pub mod sync;
 
 use async_trait::async_trait;
 
@@ -31,6 +32,7 @@ pub use conversations::{
 pub use idempotency::{IdempotencyBegin, IdempotencyStore, KeyClaim, StoredAnswer};
 pub use personas::PersonaStore;
 pub use requests::{RequestStore, Transition};
+pub use sync::{Change, ChangeKind, ChangePage, SyncStore};
 
 use crate::Result;
 
@@ -42,10 +44,13 @@ pub trait Ping: Send + Sync + 'static {
 }
 
 /// The whole store: every part of the port, for code that holds one handle to all of it.
-pub trait Store: PersonaStore + ConversationStore + RequestStore + IdempotencyStore + Ping {}
+pub trait Store:
+    PersonaStore + ConversationStore + RequestStore + IdempotencyStore + SyncStore + Ping
+{
+}
 
 impl<T> Store for T where
-    T: PersonaStore + ConversationStore + RequestStore + IdempotencyStore + Ping
+    T: PersonaStore + ConversationStore + RequestStore + IdempotencyStore + SyncStore + Ping
 {
 }
 

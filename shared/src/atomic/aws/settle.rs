@@ -10,8 +10,8 @@ use crate::events::aws::Sequenced;
 use crate::events::Event;
 use crate::ids::{ConversationId, MessageId, RequestId};
 use crate::store::dynamodb::{
-    body, get_n, get_s, key, msg_sk, n, put_if_absent, s, storage, user_pk, Cancelled, DynamoStore,
-    Item,
+    body, get_n, get_s, key, mark_changed, msg_sk, n, put_if_absent, s, storage, user_pk,
+    Cancelled, DynamoStore, Item,
 };
 use crate::store::Transition;
 use crate::{Error, Result};
@@ -24,13 +24,17 @@ struct Effect {
 }
 
 impl Effect {
-    fn write(&self, table: &str) -> Result<TransactWriteItem> {
+    /// The write of one try, marked as a change of the user's made now (a settlement's tries
+    /// may be seconds apart, and the change feed trusts a stamp to be close to its write).
+    fn write(&self, table: &str, user_id: &str) -> Result<TransactWriteItem> {
+        let mut item = self.item.clone();
+        mark_changed(&mut item, user_id);
         let Some(over) = &self.over else {
-            return put_if_absent(table, self.item.clone());
+            return put_if_absent(table, item);
         };
         let put = Put::builder()
             .table_name(table)
-            .set_item(Some(self.item.clone()))
+            .set_item(Some(item))
             .condition_expression("body = :over")
             .expression_attribute_values(":over", s(over))
             .build()
@@ -289,7 +293,7 @@ impl AwsAtomic {
         let mut items = Vec::new();
         let effect_at = pending.map(|_| items.len());
         if let Some(effect) = pending {
-            items.push(effect.write(table)?);
+            items.push(effect.write(table, user_id)?);
         }
         let request_at = items.len();
         items.push(

@@ -11,8 +11,9 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{
-    body, get_n, get_s, is_conditional_failure, key, msg_sk, n, put_if_absent, s, storage, user_pk,
-    Cancelled, DynamoStore, Item, ACTIVITY_INDEX,
+    body, get_n, get_s, is_conditional_failure, key, mark_changed, msg_sk, n, put_if_absent, s,
+    storage, sync_stamp, tombstone, user_pk, Cancelled, ChangeValues, DynamoStore, Item,
+    ACTIVITY_INDEX, CHANGE_SET,
 };
 use crate::domain::{
     snippet, Activity, Conversation, Memory, Message, Page, Persona, RequestRecord, Role,
@@ -20,7 +21,7 @@ use crate::domain::{
 };
 use crate::ids::{ConversationId, MessageId, PersonaId, RequestId};
 use crate::store::token;
-use crate::store::{chat_context_in_reads, ChatContext, ConversationStore, Edit, Turn};
+use crate::store::{chat_context_in_reads, ChangeKind, ChatContext, ConversationStore, Edit, Turn};
 use crate::{Error, Result};
 
 /// The sort key of a conversation's persona snapshot, in the conversation's partition. It sorts
@@ -36,7 +37,7 @@ const MEMORY_SK: &str = "NOTES";
 /// with what changed since in attributes of their own (`title`, `last_message_at`, `preview`:
 /// written by updates that need not read the body). `last_message_at` is also the activity
 /// index's sort key, and `persona_id` what a listing filters on.
-fn conversation_of(item: &Item) -> Result<Conversation> {
+pub(super) fn conversation_of(item: &Item) -> Result<Conversation> {
     let mut conversation: Conversation = body(item)?;
     if let Some(name) = get_s(item, "persona_name") {
         conversation.persona_name = name.to_owned();
@@ -91,6 +92,57 @@ fn memory_item(conversation_id: &ConversationId, memory: &Memory) -> Item {
         item.insert("updated_at".into(), s(at));
     }
     item
+}
+
+/// What a rewind drops: the keys of the items to delete, the tombstones of its messages, and
+/// the requests of its user messages.
+struct Dropped {
+    pk: String,
+    user_id: String,
+    conversation_id: ConversationId,
+    keys: Vec<Item>,
+    gone: Vec<Item>,
+    requests: Vec<RequestId>,
+}
+
+impl Dropped {
+    fn new(user_id: &str, conversation_id: &ConversationId) -> Self {
+        Dropped {
+            pk: format!("CONV#{conversation_id}"),
+            user_id: user_id.to_owned(),
+            conversation_id: conversation_id.clone(),
+            keys: Vec::new(),
+            gone: Vec::new(),
+            requests: Vec::new(),
+        }
+    }
+
+    /// The message item of `sk`, and its tombstone where its id is known.
+    fn message(&mut self, sk: &str, id: Option<&MessageId>) -> Result<()> {
+        self.keys.push(key(&self.pk, sk));
+        if let Some(id) = id {
+            let conversation = Some(&self.conversation_id);
+            let gone = tombstone(
+                &self.user_id,
+                ChangeKind::Message,
+                id.as_str(),
+                conversation,
+            )?;
+            self.gone.push(gone);
+        }
+        Ok(())
+    }
+
+    /// A message item as read, with its index item and request if it is a user message.
+    fn item(&mut self, item: &Item) -> Result<()> {
+        let m: Message = body(item)?;
+        if m.role == Role::User {
+            self.requests.extend(m.request_id.clone());
+            self.keys
+                .push(key(&self.pk, format!("MID#{}", m.message_id)));
+        }
+        self.message(get_s(item, "sk").unwrap_or_default(), Some(&m.message_id))
+    }
 }
 
 /// The turn of a message's sort key (`MSG#{turn:012}#{sub}`).
@@ -203,6 +255,7 @@ impl DynamoStore {
         let counter = self.counter_item(&conv_pk, last)?;
         let mut msg = key(&conv_pk, msg_sk(turn, 0));
         msg.insert("body".into(), s(serde_json::to_string(message)?));
+        mark_changed(&mut msg, user_id);
         let mut index = key(&conv_pk, format!("MID#{}", message.message_id));
         index.insert("turn".into(), n(turn));
         Ok(TurnItems {
@@ -524,6 +577,31 @@ impl DynamoStore {
         }
     }
 
+    /// Makes the message a rewind kept its conversation's latest (a conversation deleted
+    /// meanwhile has nothing to move).
+    async fn rewound_to(
+        &self,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        kept: &Message,
+    ) -> Result<()> {
+        let activity = Activity {
+            at: crate::time::now_rfc3339(),
+            preview: snippet(&kept.text, PREVIEW_MAX_CHARS),
+            title: None,
+        };
+        let moved = self
+            .client
+            .transact_write_items()
+            .transact_items(self.activity_item(user_id, conversation_id, &activity, false)?)
+            .send()
+            .await;
+        if let Err(e) = moved {
+            Cancelled::of(e, "move a conversation's activity")?;
+        }
+        Ok(())
+    }
+
     /// Writes `edit` over the user message of `item`; returns the message as edited.
     async fn edit_message(
         &self,
@@ -538,8 +616,10 @@ impl DynamoStore {
             let meta = self.get(&format!("CONV#{conversation_id}"), "META").await?;
             self.counter_of(user_id, conversation_id, meta).await?;
         }
-        self.put_body(item.clone(), &message, "edit a message")
-            .await?;
+        // Written over the item as read: its change stamp is replaced by a fresh one.
+        let mut item = item.clone();
+        mark_changed(&mut item, user_id);
+        self.put_body(item, &message, "edit a message").await?;
         Ok(message)
     }
 
@@ -647,8 +727,10 @@ impl ConversationStore for DynamoStore {
         // The reply of turn 0, which has no user message: the counter starts at 0 all the same.
         let mut first = key(&conv_pk, msg_sk(0, 1));
         first.insert("body".into(), s(serde_json::to_string(greeting)?));
+        mark_changed(&mut first, user_id);
         let mut listed = key(user_pk(user_id), &conv_pk);
         listed.insert("body".into(), s(serde_json::to_string(conversation)?));
+        mark_changed(&mut listed, user_id);
         let last = conversation.last_message_at.clone().unwrap_or_default();
         listed.insert("last_message_at".into(), s(last));
         listed.insert("persona_id".into(), s(persona.persona_id.as_str()));
@@ -789,9 +871,10 @@ impl ConversationStore for DynamoStore {
                 user_pk(user_id),
                 format!("CONV#{conversation_id}"),
             )))
-            .update_expression("SET title = :title")
+            .update_expression(format!("SET title = :title, {CHANGE_SET}"))
             .condition_expression("attribute_exists(pk)")
             .expression_attribute_values(":title", s(title))
+            .change_values(user_id)
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
@@ -811,22 +894,22 @@ impl ConversationStore for DynamoStore {
         user_id: &str,
         conversation_id: &ConversationId,
     ) -> Result<()> {
-        let out = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(key(
-                user_pk(user_id),
-                format!("CONV#{conversation_id}"),
-            )))
-            .condition_expression("attribute_exists(pk)")
-            .send()
-            .await;
-        match out {
-            Ok(_) => self.purge_partition(conversation_id).await,
-            Err(e) if is_conditional_failure(&e) => Err(Error::NotFound),
-            Err(e) => Err(storage("delete a conversation", e)),
+        // With its tombstone, for the change feed (one for the conversation: its messages
+        // go with it).
+        let at = key(user_pk(user_id), format!("CONV#{conversation_id}"));
+        let gone = tombstone(
+            user_id,
+            ChangeKind::Conversation,
+            conversation_id.as_str(),
+            None,
+        )?;
+        if !self
+            .delete_with_tombstone(at, gone, "delete a conversation")
+            .await?
+        {
+            return Err(Error::NotFound);
         }
+        self.purge_partition(conversation_id).await
     }
 
     async fn add_user_message(
@@ -887,6 +970,7 @@ impl ConversationStore for DynamoStore {
         let (pk, sk) = (format!("CONV#{conversation_id}"), msg_sk(turn, 1));
         let mut item = key(&pk, &sk);
         item.insert("body".into(), s(serde_json::to_string(reply)?));
+        mark_changed(&mut item, user_id);
         if self.put_new(item).await? {
             let activity =
                 self.activity_item(user_id, conversation_id, &Activity::of(reply), true)?;
@@ -976,10 +1060,13 @@ impl ConversationStore for DynamoStore {
                 format!("CONV#{conversation_id}"),
                 msg_sk(turn.turn, 0),
             )))
-            .update_expression("SET body = :body")
+            // The owner is not known here: a message written since the feed carries its
+            // `sync_user` already, and moves in the feed; an older one stays out of it.
+            .update_expression("SET body = :body, sync_at = :sync_at")
             .condition_expression(condition)
             .expression_attribute_values(":body", s(serde_json::to_string(&asked)?))
             .expression_attribute_values(":was", s(was))
+            .expression_attribute_values(":sync_at", s(sync_stamp()))
             .send()
             .await;
         match out {
@@ -1020,10 +1107,11 @@ impl ConversationStore for DynamoStore {
                     format!("CONV#{conversation_id}"),
                     msg_sk(turn, 1),
                 )))
-                .update_expression("SET body = :new")
+                .update_expression(format!("SET body = :new, {CHANGE_SET}"))
                 .condition_expression("body = :read")
                 .expression_attribute_values(":new", s(serde_json::to_string(&reply)?))
                 .expression_attribute_values(":read", s(read))
+                .change_values(user_id)
                 .send()
                 .await;
             match out {
@@ -1037,7 +1125,9 @@ impl ConversationStore for DynamoStore {
 
     /// The edited message first (so a retry after a failure half-way finds the edit made and
     /// drops the rest), then the later items, a batch at a time, with the index items of the
-    /// user messages dropped.
+    /// user messages dropped. The dropped messages' tombstones (for the change feed) are
+    /// written before them: a retry after a failure between the two writes them again, where
+    /// one after would find nothing left to write them for.
     async fn rewind(
         &self,
         user_id: &str,
@@ -1046,20 +1136,21 @@ impl ConversationStore for DynamoStore {
         edit: Option<&Edit>,
     ) -> Result<(Message, Vec<RequestId>)> {
         self.owned(user_id, conversation_id).await?;
-        let pk = format!("CONV#{conversation_id}");
         let items = self.message_items(conversation_id).await?;
         let at = items
             .iter()
             .position(|i| body::<Message>(i).is_ok_and(|m| m.message_id == *after))
             .ok_or(Error::NotFound)?;
         let mut kept: Message = body(&items[at])?;
-        let mut requests = Vec::new();
-        let mut dropped = Vec::new();
+        let mut dropped = Dropped::new(user_id, conversation_id);
         // Rewound to a user message: its reply goes too, and it stays unanswered.
         let unanswered =
             (edit.is_none() && kept.role == Role::User).then(|| Edit::unanswered(&kept));
         if let Some(edit) = edit.or(unanswered.as_ref()) {
-            requests.extend(kept.request_id.clone());
+            dropped.requests.extend(kept.request_id.clone());
+            // The reply's id, as the message named it before the edit.
+            let reply_id = (kept.reply_id.clone())
+                .or_else(|| kept.request_id.as_ref().map(RequestId::reply_id));
             kept = self
                 .edit_message(user_id, conversation_id, &items[at], edit)
                 .await?;
@@ -1070,34 +1161,16 @@ impl ConversationStore for DynamoStore {
                 .and_then(|i| get_s(i, "sk"))
                 .map(str::to_owned);
             if let Some(reply) = reply.filter(|r| Some(r) != listed.as_ref()) {
-                dropped.push(key(&pk, reply));
+                dropped.message(&reply, reply_id.as_ref())?;
             }
         }
         for item in &items[at + 1..] {
-            let m: Message = body(item)?;
-            if m.role == Role::User {
-                requests.extend(m.request_id);
-                dropped.push(key(&pk, format!("MID#{}", m.message_id)));
-            }
-            dropped.push(key(&pk, get_s(item, "sk").unwrap_or_default()));
+            dropped.item(item)?;
         }
-        self.delete_keys(&dropped).await?;
-        // The conversation's latest message is now the one kept.
-        let activity = Activity {
-            at: crate::time::now_rfc3339(),
-            preview: snippet(&kept.text, PREVIEW_MAX_CHARS),
-            title: None,
-        };
-        let moved = self
-            .client
-            .transact_write_items()
-            .transact_items(self.activity_item(user_id, conversation_id, &activity, false)?)
-            .send()
-            .await;
-        if let Err(e) = moved {
-            Cancelled::of(e, "move a conversation's activity")?;
-        }
-        Ok((kept, requests))
+        self.put_items(dropped.gone).await?;
+        self.delete_keys(&dropped.keys).await?;
+        self.rewound_to(user_id, conversation_id, &kept).await?;
+        Ok((kept, dropped.requests))
     }
 
     async fn get_memory(&self, user_id: &str, conversation_id: &ConversationId) -> Result<Memory> {

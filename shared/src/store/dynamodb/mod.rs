@@ -11,8 +11,12 @@
 //! | message | `CONV#{conversation_id}` | `MSG#{turn:012}#{sub}` | user message sub 0, its reply sub 1 |
 //! | message index | `CONV#{conversation_id}` | `MID#{message_id}` | message id → turn |
 //! | request | `REQ#{request_id}` | `REQ` | owner, status, version; TTL once finished |
+//! | tombstone | `USER#{user}` | `GONE#{kind}#{id}` | a deleted record, for the change feed; TTL 30 days |
 //!
 //! Records are stored as a JSON `body` attribute beside the few attributes conditions read.
+//! Record items (persona, conversation, message, request) and tombstones also carry
+//! `sync_user` and `sync_at` from their latest change: the keys of the sparse index `by_change`,
+//! the user's change feed (see `sync`). No other item carries them.
 //! Effects are conditional writes: a persona or a reply is written only if absent, and a request
 //! changes only from the version that was read (optimistic concurrency), so redeliveries and
 //! racing workers cannot write twice or move a state backwards.
@@ -23,9 +27,11 @@ mod conversations;
 mod idempotency;
 mod personas;
 mod requests;
+mod sync;
 
 pub(crate) use conversations::{before_try, LastTurn, TurnItems, TURN_TRIES};
 pub(crate) use idempotency::stored_answer;
+pub(crate) use sync::{mark_changed, sync_stamp, tombstone, ChangeValues, CHANGE_SET};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
@@ -63,6 +69,33 @@ const TURNS_KEPT: usize = 10_000;
 /// The same in `infra/template.yaml`.
 pub(crate) const ACTIVITY_INDEX: &str = "by_activity";
 
+/// A global index of the table: its name, its keys (string attributes) and whether it
+/// projects every attribute (or only the keys).
+struct IndexSpec {
+    name: &'static str,
+    hash: &'static str,
+    range: &'static str,
+    all: bool,
+}
+
+/// The table's global indexes, made with it or added to it by `aws-init`, in this order. The
+/// activity index projects every attribute (conversation items are small, and a listing then
+/// reads nothing else); the change feed reads its records from the table (by key, consistent).
+const INDEXES: [IndexSpec; 2] = [
+    IndexSpec {
+        name: ACTIVITY_INDEX,
+        hash: "pk",
+        range: "last_message_at",
+        all: true,
+    },
+    IndexSpec {
+        name: sync::CHANGE_INDEX,
+        hash: "sync_user",
+        range: "sync_at",
+        all: false,
+    },
+];
+
 fn key_schema(
     name: &str,
     kt: aws_sdk_dynamodb::types::KeyType,
@@ -74,10 +107,20 @@ fn key_schema(
         .map_err(|e| Error::config("key schema", e))
 }
 
-/// The attributes the table's and its index's keys are made of (all strings).
-fn key_attributes() -> Result<Vec<aws_sdk_dynamodb::types::AttributeDefinition>> {
+/// The definitions of the table's keys and of these indexes' keys (all strings), each once.
+fn key_attributes<'a>(
+    indexes: impl IntoIterator<Item = &'a IndexSpec>,
+) -> Result<Vec<aws_sdk_dynamodb::types::AttributeDefinition>> {
     use aws_sdk_dynamodb::types::{AttributeDefinition, ScalarAttributeType};
-    ["pk", "sk", "last_message_at"]
+    let mut names = vec!["pk", "sk"];
+    for index in indexes {
+        for name in [index.hash, index.range] {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
         .into_iter()
         .map(|name| {
             AttributeDefinition::builder()
@@ -89,22 +132,54 @@ fn key_attributes() -> Result<Vec<aws_sdk_dynamodb::types::AttributeDefinition>>
         .collect()
 }
 
-/// The activity index's key schema and projection (every attribute: conversation items are
-/// small, and a listing then reads nothing else).
-fn activity_index_parts() -> Result<(
-    Vec<aws_sdk_dynamodb::types::KeySchemaElement>,
-    aws_sdk_dynamodb::types::Projection,
-)> {
-    use aws_sdk_dynamodb::types::{KeyType, Projection, ProjectionType};
-    Ok((
-        vec![
-            key_schema("pk", KeyType::Hash)?,
-            key_schema("last_message_at", KeyType::Range)?,
-        ],
-        Projection::builder()
-            .projection_type(ProjectionType::All)
-            .build(),
-    ))
+impl IndexSpec {
+    /// The index's key schema and projection.
+    fn parts(
+        &self,
+    ) -> Result<(
+        Vec<aws_sdk_dynamodb::types::KeySchemaElement>,
+        aws_sdk_dynamodb::types::Projection,
+    )> {
+        use aws_sdk_dynamodb::types::{KeyType, Projection, ProjectionType};
+        let projection = if self.all {
+            ProjectionType::All
+        } else {
+            ProjectionType::KeysOnly
+        };
+        Ok((
+            vec![
+                key_schema(self.hash, KeyType::Hash)?,
+                key_schema(self.range, KeyType::Range)?,
+            ],
+            Projection::builder().projection_type(projection).build(),
+        ))
+    }
+
+    /// The index as a new table declares it.
+    fn declared(&self) -> Result<aws_sdk_dynamodb::types::GlobalSecondaryIndex> {
+        let (key_schema, projection) = self.parts()?;
+        aws_sdk_dynamodb::types::GlobalSecondaryIndex::builder()
+            .index_name(self.name)
+            .set_key_schema(Some(key_schema))
+            .projection(projection)
+            .build()
+            .map_err(|e| Error::config(format!("index {}", self.name), e))
+    }
+
+    /// The index as added to a table made before it.
+    fn added(&self) -> Result<aws_sdk_dynamodb::types::GlobalSecondaryIndexUpdate> {
+        use aws_sdk_dynamodb::types::{
+            CreateGlobalSecondaryIndexAction, GlobalSecondaryIndexUpdate,
+        };
+        let (key_schema, projection) = self.parts()?;
+        let create = CreateGlobalSecondaryIndexAction::builder()
+            .index_name(self.name)
+            .set_key_schema(Some(key_schema))
+            .projection(projection)
+            .build()
+            .map_err(|e| Error::config(format!("index {}", self.name), e))?;
+        Ok(GlobalSecondaryIndexUpdate::builder().create(create).build())
+    }
 }
 
 pub(crate) fn storage(op: &str, e: impl Into<crate::error::BoxError>) -> Error {
@@ -219,7 +294,10 @@ impl DynamoStore {
             return Self::create_table(client, table).await;
         }
         Self::wait_active(client, table).await?;
-        Self::ensure_activity_index(client, table).await?;
+        // One at a time: DynamoDB adds one index per table update.
+        for index in &INDEXES {
+            Self::ensure_index(client, table, index).await?;
+        }
         Self::backfill_activity(client, table).await?;
         Self::ensure_ttl(client, table).await
     }
@@ -276,13 +354,11 @@ impl DynamoStore {
         }
     }
 
-    /// Adds the conversations' activity index to a table made before it, and waits until it
-    /// is built (DynamoDB fills a new index from the table's items; it answers queries only
-    /// once `ACTIVE`).
-    async fn ensure_activity_index(client: &Client, table: &str) -> Result<()> {
-        use aws_sdk_dynamodb::types::{
-            CreateGlobalSecondaryIndexAction, GlobalSecondaryIndexUpdate, IndexStatus,
-        };
+    /// Adds an index to a table made before it, and waits until it is built (DynamoDB fills
+    /// a new index from the table's items; it answers queries only once `ACTIVE`). The change
+    /// index is not backfilled: items enter it at their next change.
+    async fn ensure_index(client: &Client, table: &str, index: &IndexSpec) -> Result<()> {
+        use aws_sdk_dynamodb::types::IndexStatus;
         let status = || async {
             let described = client
                 .describe_table()
@@ -296,31 +372,19 @@ impl DynamoStore {
                     .and_then(|t| t.global_secondary_indexes)
                     .unwrap_or_default()
                     .into_iter()
-                    .find(|i| i.index_name() == Some(ACTIVITY_INDEX))
+                    .find(|i| i.index_name() == Some(index.name))
                     .map(|i| i.index_status().cloned()),
             )
         };
         if status().await?.is_none() {
-            let (key_schema, projection) = activity_index_parts()?;
             client
                 .update_table()
                 .table_name(table)
-                .set_attribute_definitions(Some(key_attributes()?))
-                .global_secondary_index_updates(
-                    GlobalSecondaryIndexUpdate::builder()
-                        .create(
-                            CreateGlobalSecondaryIndexAction::builder()
-                                .index_name(ACTIVITY_INDEX)
-                                .set_key_schema(Some(key_schema))
-                                .projection(projection)
-                                .build()
-                                .map_err(|e| Error::config("activity index", e))?,
-                        )
-                        .build(),
-                )
+                .set_attribute_definitions(Some(key_attributes([index])?))
+                .global_secondary_index_updates(index.added()?)
                 .send()
                 .await
-                .map_err(|e| storage("add the activity index", e))?;
+                .map_err(|e| storage(&format!("add the index {}", index.name), e))?;
         }
         for _ in 0..1800 {
             match status().await? {
@@ -328,9 +392,10 @@ impl DynamoStore {
                 _ => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
             }
         }
-        Err(Error::storage_msg(
-            "the activity index was not built within 30 minutes; run aws-init again",
-        ))
+        Err(Error::storage_msg(format!(
+            "the index {} was not built within 30 minutes; run aws-init again",
+            index.name
+        )))
     }
 
     /// Waits until the table is `ACTIVE` (a new table is `CREATING` for a while, and refuses
@@ -382,23 +447,20 @@ impl DynamoStore {
     /// Creates the table (on-demand), waits until it is `ACTIVE`, and turns TTL on
     /// `expires_at` on.
     pub async fn create_table(client: &Client, table: &str) -> Result<()> {
-        use aws_sdk_dynamodb::types::{BillingMode, GlobalSecondaryIndex, KeyType};
-        let (index_schema, projection) = activity_index_parts()?;
+        use aws_sdk_dynamodb::types::{BillingMode, KeyType};
         client
             .create_table()
             .table_name(table)
             .billing_mode(BillingMode::PayPerRequest)
-            .set_attribute_definitions(Some(key_attributes()?))
+            .set_attribute_definitions(Some(key_attributes(&INDEXES)?))
             .key_schema(key_schema("pk", KeyType::Hash)?)
             .key_schema(key_schema("sk", KeyType::Range)?)
-            .global_secondary_indexes(
-                GlobalSecondaryIndex::builder()
-                    .index_name(ACTIVITY_INDEX)
-                    .set_key_schema(Some(index_schema))
-                    .projection(projection)
-                    .build()
-                    .map_err(|e| Error::config("activity index", e))?,
-            )
+            .set_global_secondary_indexes(Some(
+                INDEXES
+                    .iter()
+                    .map(IndexSpec::declared)
+                    .collect::<Result<Vec<_>>>()?,
+            ))
             .send()
             .await
             .map_err(|e| storage("create table", e))?;

@@ -3,12 +3,15 @@
 //! (`persona_deleted` on their `META`): they take no new messages.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
+use aws_sdk_dynamodb::types::AttributeValue;
 
-use super::{body, get_s, is_conditional_failure, key, s, storage, user_pk, DynamoStore};
+use super::{
+    body, get_s, is_conditional_failure, key, mark_changed, s, storage, tombstone, user_pk,
+    ChangeValues, DynamoStore, CHANGE_SET,
+};
 use crate::domain::{Conversation, Page, Persona, PersonaEdit};
 use crate::ids::{ConversationId, PersonaId};
-use crate::store::PersonaStore;
+use crate::store::{ChangeKind, PersonaStore};
 use crate::{Error, Result};
 
 impl DynamoStore {
@@ -56,33 +59,40 @@ impl DynamoStore {
     }
 
     /// Gives the persona's conversations its edited self: their snapshots (what the model
-    /// answers from) and the name they show. A conversation deleted meanwhile is skipped.
+    /// answers from) and the name they show (a change of the conversation's record, for the
+    /// change feed). A conversation deleted meanwhile is skipped.
     async fn refresh_conversations_of(&self, user_id: &str, persona: &Persona) -> Result<()> {
         let snapshot = serde_json::to_string(persona)?;
         for id in self.conversations_of(user_id, &persona.persona_id).await? {
             let writes = [
                 (
                     key(format!("CONV#{id}"), "PERSONA"),
-                    "SET body = :v",
+                    "SET body = :v".to_owned(),
                     s(&snapshot),
+                    false,
                 ),
                 (
                     key(user_pk(user_id), format!("CONV#{id}")),
-                    "SET persona_name = :v",
+                    format!("SET persona_name = :v, {CHANGE_SET}"),
                     s(&persona.name),
+                    true,
                 ),
             ];
-            for (at, expression, value) in writes {
-                let out = self
+            for (at, expression, value, changes) in writes {
+                let update = self
                     .client
                     .update_item()
                     .table_name(&self.table)
                     .set_key(Some(at))
                     .update_expression(expression)
                     .condition_expression("attribute_exists(pk)")
-                    .expression_attribute_values(":v", value)
-                    .send()
-                    .await;
+                    .expression_attribute_values(":v", value);
+                let update = if changes {
+                    update.change_values(user_id)
+                } else {
+                    update
+                };
+                let out = update.send().await;
                 match out {
                     Ok(_) => {}
                     Err(e) if is_conditional_failure(&e) => {}
@@ -99,6 +109,7 @@ impl PersonaStore for DynamoStore {
     async fn put_persona(&self, user_id: &str, persona: &Persona) -> Result<()> {
         let mut item = key(user_pk(user_id), format!("PERSONA#{}", persona.persona_id));
         item.insert("body".into(), s(serde_json::to_string(persona)?));
+        mark_changed(&mut item, user_id);
         self.put_new(item).await.map(|_| ())
     }
 
@@ -136,10 +147,11 @@ impl PersonaStore for DynamoStore {
                 .update_item()
                 .table_name(&self.table)
                 .set_key(Some(at.clone()))
-                .update_expression("SET body = :new")
+                .update_expression(format!("SET body = :new, {CHANGE_SET}"))
                 .condition_expression("body = :read")
                 .expression_attribute_values(":new", s(serde_json::to_string(&persona)?))
                 .expression_attribute_values(":read", s(read))
+                .change_values(user_id)
                 .send()
                 .await;
             match out {
@@ -166,17 +178,14 @@ impl PersonaStore for DynamoStore {
             .await
     }
 
+    /// The persona and its tombstone (for the change feed) in one transaction, on condition
+    /// that the persona is there: a delete of none writes no tombstone.
     async fn delete_persona(&self, user_id: &str, persona_id: &PersonaId) -> Result<bool> {
-        let out = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(key(user_pk(user_id), format!("PERSONA#{persona_id}"))))
-            .return_values(ReturnValue::AllOld)
-            .send()
-            .await
-            .map_err(|e| storage("delete", e))?;
-        let deleted = out.attributes.is_some_and(|a| !a.is_empty());
+        let at = key(user_pk(user_id), format!("PERSONA#{persona_id}"));
+        let gone = tombstone(user_id, ChangeKind::Persona, persona_id.as_str(), None)?;
+        let deleted = self
+            .delete_with_tombstone(at, gone, "delete a persona")
+            .await?;
         // Also when it was gone already: a delete retried after a failure half-way through
         // marks what the first left unmarked (marking is idempotent).
         self.close_conversations_of(user_id, persona_id).await?;

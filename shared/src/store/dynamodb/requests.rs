@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, PutRequest, WriteRequest};
 
 use super::{
-    body, get_n, get_s, is_conditional_failure, key, n, s, storage, user_pk, DynamoStore, Item,
+    body, get_n, get_s, is_conditional_failure, key, mark_changed, n, s, storage, user_pk,
+    DynamoStore, Item,
 };
 use crate::domain::{Batch, RequestRecord, RequestStatus};
 use crate::ids::{BatchId, RequestId};
@@ -18,12 +19,15 @@ use crate::{Error, Result};
 const FINISHED_REQUEST_TTL_SECS: i64 = 30 * 86_400;
 
 impl DynamoStore {
+    /// A request's item, as every write of a request puts it whole: marked as a change of its
+    /// owner's, now (build it again for each try of a write).
     pub(crate) fn request_item(user_id: &str, r: &RequestRecord, version: i64) -> Result<Item> {
         let mut item = key(format!("REQ#{}", r.request_id), "REQ");
         item.insert("user_id".into(), s(user_id));
         item.insert("status".into(), s(r.status.as_str()));
         item.insert("version".into(), n(version));
         item.insert("body".into(), s(serde_json::to_string(r)?));
+        mark_changed(&mut item, user_id);
         if r.status.is_final() {
             item.insert(
                 "expires_at".into(),

@@ -40,7 +40,7 @@ fn history_in(c: &Connection, conv: &str, msg: &str, limit: usize) -> Result<Vec
 /// rather than writing on every message (two more row and index writes per chat turn cost
 /// about 15% of chat throughput): `last` is its latest message, `first_text` its first user
 /// message's text (the title, unless it was given one).
-const CONVERSATION_WITH_ACTIVITY: &str = "
+pub(super) const CONVERSATION_WITH_ACTIVITY: &str = "
     SELECT c.conversation_id, c.body,
       (SELECT m.body FROM messages m WHERE m.conversation_id = c.conversation_id
        ORDER BY m.turn DESC, m.sub DESC LIMIT 1) AS last,
@@ -50,7 +50,7 @@ const CONVERSATION_WITH_ACTIVITY: &str = "
     FROM conversations c";
 
 /// A conversation from a row of [`CONVERSATION_WITH_ACTIVITY`].
-fn with_activity(
+pub(super) fn with_activity(
     body: &str,
     last: Option<String>,
     first_text: Option<String>,

@@ -6,6 +6,7 @@ mod conversations;
 mod idempotency;
 mod personas;
 mod requests;
+mod sync;
 
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};

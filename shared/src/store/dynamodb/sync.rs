@@ -1,0 +1,435 @@
+//! The change feed on DynamoDB (see `crate::store::sync`).
+//!
+//! Every write that makes or changes a record item (a persona, a conversation, a message, a
+//! request) also sets `sync_user` (its owner) and `sync_at` (when, as a string that sorts as
+//! time: milliseconds, zero-padded, then random hex so that changes of one millisecond in
+//! several processes stay apart). The sparse global index [`CHANGE_INDEX`] keys the items that
+//! carry both by them, so a user's changes are one key-range query, oldest first, and an item
+//! changed again moves to the end of the feed (an index holds one entry per item): the feed
+//! holds each record once, at its latest change. A deletion writes a tombstone item
+//! (`USER#{user}` / `GONE#{kind}#{id}`, in the delete's transaction where it has one), which
+//! the feed lists as a `deleted` change, until the table's TTL drops it 30 days on.
+//!
+//! A page is read from the index (keys only: a record's state is read from the table, with a
+//! consistent read, so it is the latest), then the items by key in batches. A position is a
+//! `sync_at`. Index reads are eventually consistent and `sync_at` is taken before the write
+//! commits, so a change may turn up in the index a moment after a younger one: the position
+//! at the end of the feed stays [`SETTLE_MS`] behind the clock (younger changes are returned
+//! all the same, and again next time; clients upsert by id).
+//!
+//! Items written before the feed carry no `sync_*` attributes: they enter it at their next
+//! change (no backfill).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
+use aws_sdk_dynamodb::types::builders::UpdateBuilder;
+use aws_sdk_dynamodb::types::{
+    Delete, KeysAndAttributes, Put, PutRequest, TransactWriteItem, WriteRequest,
+};
+use serde::{Deserialize, Serialize};
+
+use super::conversations::conversation_of;
+use super::{body, get_s, key, n, s, storage, user_pk, Cancelled, DynamoStore, Item};
+use crate::domain::{Message, Persona, RequestRecord};
+use crate::error::Report;
+use crate::ids::ConversationId;
+use crate::store::{Change, ChangeKind, ChangePage, SyncStore};
+use crate::time::{now_ms, now_secs};
+use crate::{Error, Result};
+
+/// The index of the change feed: `sync_user`, `sync_at`, keys only; only changed record items
+/// and tombstones carry its keys (a sparse index). The same in `infra/template.yaml`.
+pub(crate) const CHANGE_INDEX: &str = "by_change";
+
+/// The `SET` clauses that mark an updated item as a change of its owner's (values from
+/// [`ChangeValues::change_values`]).
+pub(crate) const CHANGE_SET: &str = "sync_user = :sync_user, sync_at = :sync_at";
+
+/// How long a tombstone is kept: a client away longer misses deletions.
+const TOMBSTONE_TTL_SECS: i64 = 30 * 86_400;
+
+/// How far behind the clock the position at the end of the feed stays: a change stamped
+/// earlier may still be on its way to the index (stamped before its write committed, and
+/// the index is updated asynchronously), or stamped by a process whose clock is a little
+/// behind.
+const SETTLE_MS: i64 = 5_000;
+
+/// Most changes a page holds, whatever the caller asks.
+const MAX_PAGE: usize = 1_000;
+
+/// A change's place in its user's feed: the time in milliseconds (13 digits: strings sort as
+/// times) and 12 random hex digits.
+pub(crate) fn sync_stamp() -> String {
+    format!("{:013}#{:012x}", now_ms(), rand::random::<u64>() >> 16)
+}
+
+/// Marks an item to be put as a change of `user`'s, now.
+pub(crate) fn mark_changed(item: &mut Item, user: &str) {
+    item.insert("sync_user".into(), s(user));
+    item.insert("sync_at".into(), s(sync_stamp()));
+}
+
+/// The values of [`CHANGE_SET`] on an update.
+pub(crate) trait ChangeValues: Sized {
+    fn change_values(self, user: &str) -> Self;
+}
+
+impl ChangeValues for UpdateItemFluentBuilder {
+    fn change_values(self, user: &str) -> Self {
+        self.expression_attribute_values(":sync_user", s(user))
+            .expression_attribute_values(":sync_at", s(sync_stamp()))
+    }
+}
+
+impl ChangeValues for UpdateBuilder {
+    fn change_values(self, user: &str) -> Self {
+        self.expression_attribute_values(":sync_user", s(user))
+            .expression_attribute_values(":sync_at", s(sync_stamp()))
+    }
+}
+
+/// What a tombstone's `body` holds.
+#[derive(Serialize, Deserialize)]
+struct Gone {
+    kind: ChangeKind,
+    id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conversation_id: Option<ConversationId>,
+}
+
+/// The tombstone of a deleted record (`conversation_id`: a message's), to put with or right
+/// after its delete.
+pub(crate) fn tombstone(
+    user: &str,
+    kind: ChangeKind,
+    id: &str,
+    conversation_id: Option<&ConversationId>,
+) -> Result<Item> {
+    let gone = Gone {
+        kind,
+        id: id.to_owned(),
+        conversation_id: conversation_id.cloned(),
+    };
+    let mut item = key(user_pk(user), format!("GONE#{}#{id}", kind.as_str()));
+    item.insert("body".into(), s(serde_json::to_string(&gone)?));
+    item.insert("expires_at".into(), n(now_secs() + TOMBSTONE_TTL_SECS));
+    mark_changed(&mut item, user);
+    Ok(item)
+}
+
+/// An entry of the change index: an item's key and its place in the feed.
+struct Entry {
+    pk: String,
+    sk: String,
+    at: String,
+}
+
+/// A position this store made: a `sync_at` (or its 13 digits of time alone).
+fn checked_position(position: &str) -> Result<&str> {
+    let (ms, tail) = match position.split_once('#') {
+        Some((ms, tail)) => (ms, Some(tail)),
+        None => (position, None),
+    };
+    let hex = |t: &str| !t.is_empty() && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if ms.len() == 13 && ms.bytes().all(|b| b.is_ascii_digit()) && tail.is_none_or(hex) {
+        Ok(position)
+    } else {
+        Err(Error::Invalid("the sync position is not valid".into()))
+    }
+}
+
+/// The change an item stands for; `None` for an item that is none of the user's records.
+fn change_of(user: &str, item: &Item) -> Result<Option<Change>> {
+    let (pk, sk) = (
+        get_s(item, "pk").unwrap_or_default(),
+        get_s(item, "sk").unwrap_or_default(),
+    );
+    if get_s(item, "sync_user") != Some(user) {
+        return Ok(None);
+    }
+    let change = |kind, id: String, conversation_id, record: serde_json::Value| Change {
+        kind,
+        id,
+        conversation_id,
+        deleted: false,
+        record: Some(record),
+    };
+    let kind = |prefix: &str| sk.starts_with(prefix);
+    Ok(Some(if pk.starts_with("USER#") && kind("GONE#") {
+        let gone: Gone = body(item)?;
+        Change {
+            kind: gone.kind,
+            id: gone.id,
+            conversation_id: gone.conversation_id,
+            deleted: true,
+            record: None,
+        }
+    } else if pk.starts_with("USER#") && kind("PERSONA#") {
+        let persona: Persona = body(item)?;
+        let id = persona.persona_id.to_string();
+        change(
+            ChangeKind::Persona,
+            id,
+            None,
+            serde_json::to_value(persona)?,
+        )
+    } else if pk.starts_with("USER#") && kind("CONV#") {
+        let conversation = conversation_of(item)?;
+        let id = conversation.conversation_id.to_string();
+        change(
+            ChangeKind::Conversation,
+            id,
+            None,
+            serde_json::to_value(conversation)?,
+        )
+    } else if let (Some(conversation_id), true) = (pk.strip_prefix("CONV#"), kind("MSG#")) {
+        let message = body::<Message>(item)?.shown();
+        let id = message.message_id.to_string();
+        let value = serde_json::to_value(message)?;
+        change(ChangeKind::Message, id, Some(conversation_id.into()), value)
+    } else if pk.starts_with("REQ#") && sk == "REQ" {
+        let record: RequestRecord = body(item)?;
+        let id = record.request_id.to_string();
+        change(ChangeKind::Request, id, None, serde_json::to_value(record)?)
+    } else {
+        return Ok(None);
+    }))
+}
+
+/// The changes of the entries whose items were read, in the feed's order, each record once
+/// (at its latest change: a record deleted and written again has its tombstone and item).
+/// An entry whose item is gone was deleted since the index was read: its tombstone follows.
+fn feed(user: &str, entries: &[Entry], found: &HashMap<(String, String), Item>) -> Vec<Change> {
+    let mut changes: Vec<Option<Change>> = Vec::with_capacity(entries.len());
+    let mut at: HashMap<(&'static str, String), usize> = HashMap::new();
+    for entry in entries {
+        let Some(item) = found.get(&(entry.pk.clone(), entry.sk.clone())) else {
+            continue;
+        };
+        let change = match change_of(user, item) {
+            Ok(Some(change)) => change,
+            Ok(None) => continue,
+            // Skipped rather than failing every sync of the user from here on; listings show
+            // the same record's error.
+            Err(e) => {
+                tracing::warn!(pk = %entry.pk, sk = %entry.sk, error = %Report(&e), "a changed item that cannot be read");
+                continue;
+            }
+        };
+        if let Some(earlier) = at.insert((change.kind.as_str(), change.id.clone()), changes.len()) {
+            changes[earlier] = None;
+        }
+        changes.push(Some(change));
+    }
+    changes.into_iter().flatten().collect()
+}
+
+/// Where the next page starts: after the last entry read when more follow; at the end of
+/// the feed, after the last entry that settled (see [`SETTLE_MS`]), `None` if none did.
+fn next_position(entries: &[Entry], has_more: bool) -> Option<String> {
+    if has_more {
+        return entries.last().map(|e| e.at.clone());
+    }
+    // A stamp sorts below the bare 13 digits of a later millisecond only.
+    let settled = format!("{:013}", now_ms() - SETTLE_MS);
+    entries
+        .iter()
+        .rev()
+        .find(|e| e.at < settled)
+        .map(|e| e.at.clone())
+}
+
+impl DynamoStore {
+    /// Up to `want` entries of the user's changes after `after`, oldest first (several
+    /// queries only where one stopped at DynamoDB's 1 MB per query).
+    async fn changed_entries(
+        &self,
+        user_id: &str,
+        after: Option<&str>,
+        want: usize,
+    ) -> Result<Vec<Entry>> {
+        let (mut entries, mut start) = (Vec::new(), None);
+        loop {
+            let query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(CHANGE_INDEX)
+                .expression_attribute_values(":user", s(user_id))
+                .scan_index_forward(true)
+                .limit((want - entries.len()) as i32)
+                .set_exclusive_start_key(start);
+            let query = match after {
+                Some(p) => query
+                    .key_condition_expression("sync_user = :user AND sync_at > :after")
+                    .expression_attribute_values(":after", s(p)),
+                None => query.key_condition_expression("sync_user = :user"),
+            };
+            let out = query
+                .send()
+                .await
+                .map_err(|e| storage("query the change feed", e))?;
+            for item in out.items.unwrap_or_default() {
+                let (Some(pk), Some(sk), Some(at)) = (
+                    get_s(&item, "pk"),
+                    get_s(&item, "sk"),
+                    get_s(&item, "sync_at"),
+                ) else {
+                    continue;
+                };
+                let (pk, sk, at) = (pk.to_owned(), sk.to_owned(), at.to_owned());
+                entries.push(Entry { pk, sk, at });
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() || entries.len() >= want {
+                return Ok(entries);
+            }
+        }
+    }
+
+    /// The items of the entries that still exist, by key, read consistently 100 at a time.
+    async fn read_entries(&self, entries: &[Entry]) -> Result<HashMap<(String, String), Item>> {
+        let mut found = HashMap::new();
+        for chunk in entries.chunks(100) {
+            let keys = chunk.iter().map(|e| key(&e.pk, &e.sk)).collect();
+            for item in self.batch_get(keys).await? {
+                let (Some(pk), Some(sk)) = (get_s(&item, "pk"), get_s(&item, "sk")) else {
+                    continue;
+                };
+                found.insert((pk.to_owned(), sk.to_owned()), item);
+            }
+        }
+        Ok(found)
+    }
+
+    /// The items of up to 100 keys, asking again for what DynamoDB left unprocessed (it does
+    /// under throttling) a few times before giving up.
+    async fn batch_get(&self, mut keys: Vec<Item>) -> Result<Vec<Item>> {
+        let mut items = Vec::new();
+        for attempt in 0..5 {
+            if keys.is_empty() {
+                return Ok(items);
+            }
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+            }
+            let request = KeysAndAttributes::builder()
+                .set_keys(Some(keys))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| storage("build a batch read", e))?;
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, request)
+                .send()
+                .await
+                .map_err(|e| storage("read changed items", e))?;
+            items.extend(
+                out.responses
+                    .and_then(|mut r| r.remove(&self.table))
+                    .unwrap_or_default(),
+            );
+            keys = out
+                .unprocessed_keys
+                .and_then(|mut u| u.remove(&self.table))
+                .map(|k| k.keys)
+                .unwrap_or_default();
+        }
+        if keys.is_empty() {
+            return Ok(items);
+        }
+        Err(Error::storage_msg("dynamodb throttled a batch read"))
+    }
+
+    /// Deletes the item of `at` and puts `gone`, its tombstone, in one transaction, on
+    /// condition that the item is there: false when it was not (and nothing was written).
+    /// Tried again over another transaction on the item (DynamoDB cancels rather than waits).
+    pub(crate) async fn delete_with_tombstone(
+        &self,
+        at: Item,
+        gone: Item,
+        op: &str,
+    ) -> Result<bool> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(at))
+            .condition_expression("attribute_exists(pk)")
+            .build()
+            .map_err(|e| storage("build a transaction item", e))?;
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(gone))
+            .build()
+            .map_err(|e| storage("build a transaction item", e))?;
+        for _ in 0..5 {
+            let sent = self
+                .client
+                .transact_write_items()
+                .transact_items(TransactWriteItem::builder().delete(delete.clone()).build())
+                .transact_items(TransactWriteItem::builder().put(put.clone()).build())
+                .send()
+                .await;
+            let Err(e) = sent else { return Ok(true) };
+            let cancelled = Cancelled::of(e, op)?;
+            if cancelled.failed(Some(0)) {
+                return Ok(false);
+            }
+            if !cancelled.conflicted() {
+                return Err(Error::storage_msg(format!(
+                    "{op}: cancelled: {:?}",
+                    cancelled.0
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Err(Error::Conflict(format!(
+            "{op}: the record kept changing; try again"
+        )))
+    }
+
+    /// Puts tombstones (or any items), 25 to a batch.
+    pub(crate) async fn put_items(&self, items: Vec<Item>) -> Result<()> {
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let puts = items
+                .by_ref()
+                .take(25)
+                .map(|item| {
+                    let put = PutRequest::builder()
+                        .set_item(Some(item))
+                        .build()
+                        .map_err(|e| storage("build a put", e))?;
+                    Ok(WriteRequest::builder().put_request(put).build())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.batch_write(puts).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SyncStore for DynamoStore {
+    async fn changes(
+        &self,
+        user_id: &str,
+        position: Option<&str>,
+        limit: usize,
+    ) -> Result<ChangePage> {
+        let after = position.map(checked_position).transpose()?;
+        let limit = limit.clamp(1, MAX_PAGE);
+        // One more than the page: whether more follow.
+        let mut entries = self.changed_entries(user_id, after, limit + 1).await?;
+        let has_more = entries.len() > limit;
+        entries.truncate(limit);
+        let found = self.read_entries(&entries).await?;
+        Ok(ChangePage {
+            changes: feed(user_id, &entries, &found),
+            position: next_position(&entries, has_more),
+            has_more,
+        })
+    }
+}
