@@ -135,8 +135,16 @@ pub struct MemoryJob {
     pub after: Option<MessageId>,
     /// The first message not to fold (the oldest the model still sees in full, or later).
     pub until: MessageId,
+    /// How many messages that is (at most; read back from `until`).
+    #[serde(default = "fold_read")]
+    pub messages: usize,
     /// Who the user talks to: how the summary names the persona's turns.
     pub persona_name: String,
+}
+
+/// A job queued before it said how many messages to read reads as many as a fold reads at most.
+fn fold_read() -> usize {
+    64
 }
 
 #[derive(Serialize, Deserialize)]
@@ -191,6 +199,7 @@ mod tests {
             conversation_id: "conv_1".into(),
             after: Some("msg_3".into()),
             until: "msg_9".into(),
+            messages: 6,
             persona_name: "Sherlock Holmes".into(),
         };
         let message = job.encode();

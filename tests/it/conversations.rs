@@ -1270,11 +1270,12 @@ async fn the_summary_covers_the_turns_that_fell_out_of_the_context(app: TestApp)
         &app,
         &alice,
         &conv,
-        json!({ "summary": summary, "pinned": [] }),
+        json!({ "summary": summary, "pinned": [], "summarized_through": "msg_made_up" }),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
     assert!(kept["summarized_through"].is_string(), "{kept}");
+    assert_ne!(kept["summarized_through"], "msg_made_up");
 
     // A rewind to before the summary's end clears it (the pinned facts stay, here none).
     let messages = app.all_messages(&alice, &conv).await;

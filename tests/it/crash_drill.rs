@@ -37,6 +37,10 @@ fn serve(env: &[(String, String)], port: u16) -> Proc {
         .env("CHARACTERBOT_OFFLINE_DELAY_MS", "20")
         // Jobs a killed process held come back quickly.
         .env("CHARACTERBOT_VISIBILITY_TIMEOUT_SECS", "2")
+        // What the drill checks is loss and duplication, not the attempt limit: with a 2 s
+        // visibility on a loaded machine (a CI run), a heartbeat late past it hands a job to a
+        // second worker, and each such start counts an attempt, as each kill does.
+        .env("CHARACTERBOT_MAX_RECEIVES", "20")
         .env("CHARACTERBOT_IDEMPOTENCY_LOCK_SECS", "2")
         .env("CHARACTERBOT_OUTBOX_SWEEP_AFTER_SECS", "1")
         .env("CHARACTERBOT_RECEIVE_WAIT_SECS", "1")

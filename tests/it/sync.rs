@@ -105,9 +105,14 @@ async fn a_client_that_was_away_catches_up_with_changes_and_deletions(app: TestA
         Some(1)
     );
 
-    // Bob sees none of it, and cannot use Alice's cursor.
+    // Bob sees his own records and none of Alice's, and cannot use Alice's cursor.
+    let bobs_persona = app.persona(&bob, "Yoda").await;
     let (bobs, _, _) = sync_all(&app, &bob, None, 100).await;
-    assert!(bobs.is_empty(), "{bobs:?}");
+    assert_eq!(
+        ids(&bobs, "persona", false),
+        [bobs_persona["persona_id"].as_str().unwrap()]
+    );
+    assert!(bobs.keys().all(|key| !all.contains_key(key)), "{bobs:?}");
     if aws {
         // Changes of the last few seconds are given again (the index is eventually
         // consistent): let them age, so the cursor below passes all of them.
@@ -157,6 +162,18 @@ async fn a_client_that_was_away_catches_up_with_changes_and_deletions(app: TestA
         .delete(Some(&alice.token), &format!("/v1/personas/{persona}"))
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
+    // And the first reply regenerated: it comes back with both versions.
+    let first_reply = messages[2]["message_id"].as_str().unwrap();
+    let (status, again) = app
+        .post(
+            Some(&alice.token),
+            &format!("/v1/conversations/{conv}/messages/{first_reply}/regenerate"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    app.finished(&alice, again["request_id"].as_str().unwrap())
+        .await;
 
     let (back, cursor, _) = sync_all(&app, &alice, Some(&away), 500).await;
     assert_eq!(
@@ -174,8 +191,18 @@ async fn a_client_that_was_away_catches_up_with_changes_and_deletions(app: TestA
     assert!(back
         .values()
         .all(|c| c["deleted"] == true || c["record"].is_object()));
-    // Only what changed: the turn kept and the other persona are not sent again.
-    for message in &messages[..3] {
+    let regenerated = record(&back, "message", first_reply);
+    assert_eq!(
+        regenerated["record"]["variants"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(
+        record(&back, "request", again["request_id"].as_str().unwrap())["record"]["status"],
+        "succeeded"
+    );
+    // Only what changed: the greeting and the other persona are not sent again (the first
+    // user message is: it names the regeneration now).
+    for message in &messages[..1] {
         assert!(!back.contains_key(&(
             "message".into(),
             message["message_id"].as_str().unwrap().into()
@@ -183,10 +210,20 @@ async fn a_client_that_was_away_catches_up_with_changes_and_deletions(app: TestA
     }
     assert!(ids(&back, "persona", false).is_empty(), "{back:?}");
     if !aws {
-        // Nothing since: an empty page, the same place.
-        let (none, again, _) = sync_all(&app, &alice, Some(&cursor), 500).await;
+        // Nothing since (a change of the memory alone is not one of the records): an empty
+        // page, the same place.
+        let (status, _) = app
+            .send(
+                app.http
+                    .put(app.url(&format!("/v1/conversations/{conv}/memory")))
+                    .bearer_auth(&alice.token)
+                    .json(&json!({ "pinned": ["Alice likes tea"] })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (none, same, _) = sync_all(&app, &alice, Some(&cursor), 500).await;
         assert!(none.is_empty(), "{none:?}");
-        assert_eq!(again, cursor);
+        assert_eq!(same, cursor);
     }
 }
 

@@ -28,7 +28,7 @@ use shared::{Error, Result};
 use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::consumer::{Job, JobContext, JobOutput};
-use crate::memory::fold_due;
+use crate::memory::{fold_due, Fold};
 
 pub struct ChatJob {
     pub store: Arc<dyn Store>,
@@ -180,16 +180,12 @@ impl ChatJob {
             user_text: text.clone(),
         };
         let kept_from = self.fit(&mut chat, &context.history);
-        let due = fold_due(&context.history, kept_from, &chat.memory, message_id);
-        if let Some((after, until)) = due {
-            self.queue_fold(MemoryJob {
-                user_id: user_id.to_owned(),
-                conversation_id: conversation_id.clone(),
-                after,
-                until,
-                persona_name: chat.persona.name.clone(),
-            })
-            .await;
+        if chat.variation.is_none() {
+            let due = fold_due(&context.history, kept_from, &chat.memory, message_id);
+            if let Some(fold) = due {
+                self.queue_fold(fold, user_id, conversation_id, &chat.persona.name)
+                    .await;
+            }
         }
         Ok(chat)
     }
@@ -209,19 +205,35 @@ impl ChatJob {
         read.len() - chat.history.len()
     }
 
-    /// Queues a fold of the memory. A send that fails is only logged: the next turn finds
-    /// the fold still due and queues it again.
-    async fn queue_fold(&self, job: MemoryJob) {
+    /// Queues a fold of the memory (never for a regeneration, which answers a turn the
+    /// summary may have passed). A send that fails is only logged: the next turn finds the
+    /// fold still due and queues it again.
+    async fn queue_fold(
+        &self,
+        fold: Fold,
+        user_id: &str,
+        conversation_id: &ConversationId,
+        persona_name: &str,
+    ) {
+        let job = MemoryJob {
+            user_id: user_id.to_owned(),
+            conversation_id: conversation_id.clone(),
+            after: fold.after,
+            until: fold.until,
+            messages: fold.messages,
+            persona_name: persona_name.to_owned(),
+        };
         let pending = self.queued_folds.get(&job.conversation_id);
         if pending.is_some_and(|(after, at)| after == job.after && at.elapsed() < FOLD_PENDING) {
             return;
         }
-        self.queued_folds.insert(
-            job.conversation_id.clone(),
-            (job.after.clone(), Instant::now()),
-        );
-        if let Err(e) = self.memory_queue.send(&[job.encode()]).await {
-            tracing::warn!(error = %shared::error::Report(&e), "could not queue a memory fold");
+        match self.memory_queue.send(&[job.encode()]).await {
+            Ok(()) => self
+                .queued_folds
+                .insert(job.conversation_id, (job.after, Instant::now())),
+            Err(e) => {
+                tracing::warn!(error = %shared::error::Report(&e), "could not queue a memory fold");
+            }
         }
     }
 

@@ -205,7 +205,7 @@ impl Consumer {
         let kind = self.job.kind();
         let started = Instant::now();
         if let Some(job) = MemoryJob::decode(&delivery) {
-            return self.handle_memory(delivery, job).await;
+            return self.handle_memory(delivery, job, cancel).await;
         }
         let msg = match QueuedJob::decode(&delivery) {
             Ok(m) => m,
@@ -413,19 +413,32 @@ impl Consumer {
         &self,
         delivery: Delivery,
         job: std::result::Result<MemoryJob, serde_json::Error>,
+        cancel: CancellationToken,
     ) {
         let span = tracing::info_span!("memory", delivery = delivery.receive_count);
+        let budget = self.options.job_timeout.max(Duration::from_secs(1));
         let done = async {
             let job = job.map_err(|e| Error::Invalid(format!("not a memory job: {e}")))?;
             let Some(summarizer) = &self.memory else {
                 return Err(Error::Invalid("this worker runs no memory jobs".into()));
             };
             tokio::select! {
-                r = summarizer.run(&job) => r,
+                r = tokio::time::timeout(budget, summarizer.run(&job)) => r.unwrap_or_else(|_| Err(Error::ModelTransient {
+                    message: format!("the fold did not finish within {}s", budget.as_secs()),
+                    retry_after: None,
+                })),
                 never = self.keep_hidden(&delivery.receipt) => match never {},
             }
         };
-        let failed = match done.instrument(span.clone()).await {
+        let done = tokio::select! {
+            r = done.instrument(span.clone()) => r,
+            // Shutdown's grace is over: handed back for another worker.
+            () = cancel.cancelled() => {
+                let _ = self.queue.change_visibility(&delivery.receipt, Duration::ZERO).await;
+                return;
+            }
+        };
+        let failed = match done {
             Ok(()) => None,
             Err(e) => Some(Outcome::Failed(e)),
         };

@@ -12,7 +12,8 @@
 use std::sync::Arc;
 
 use shared::domain::{Memory, Message, Role};
-use shared::job::MemoryJob;
+use shared::ids::MessageId;
+pub use shared::job::MemoryJob;
 use shared::models::{ChatModel, SummaryRequest};
 use shared::store::Store;
 use shared::{Error, Result};
@@ -24,18 +25,25 @@ const MIN_AHEAD: usize = 2;
 /// Most messages one fold reads: a fold is due every few turns, so this is far more than one
 /// needs; a memory that lags further (its folds failing for many turns) resumes from the
 /// newest of them.
-const FOLD_READ: usize = 64;
+pub const FOLD_READ: usize = 64;
 
-/// The fold a chat job's context calls for, if any: `(after, until)` of a
-/// [`MemoryJob`](shared::job::MemoryJob). `read` is the history read before the message
-/// being answered (oldest first), `kept_from` the index of the first message the model is
-/// given, `current` the message being answered.
+/// A fold a chat job found due: the `after`, `until` and `messages` of a [`MemoryJob`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fold {
+    pub after: Option<MessageId>,
+    pub until: MessageId,
+    pub messages: usize,
+}
+
+/// The fold a chat job's context calls for, if any. `read` is the history read before the
+/// message being answered (oldest first), `kept_from` the index of the first message the
+/// model is given, `current` the (user) message being answered.
 pub fn fold_due(
     read: &[Message],
     kept_from: usize,
     memory: &Memory,
-    current: &shared::ids::MessageId,
-) -> Option<(Option<shared::ids::MessageId>, shared::ids::MessageId)> {
+    current: &MessageId,
+) -> Option<Fold> {
     let covered_to = memory
         .summarized_through
         .as_ref()
@@ -50,12 +58,22 @@ pub fn fold_due(
         return None;
     }
     // A user message: a fold takes whole turns (a store finds a turn by its user message).
-    let until = read
+    let (at, until) = read
         .iter()
+        .enumerate()
         .skip(kept_from + FOLD_AHEAD)
-        .find(|m| m.role == Role::User)
-        .map_or_else(|| current.clone(), |m| m.message_id.clone());
-    Some((memory.summarized_through.clone(), until))
+        .find(|(_, m)| m.role == Role::User)
+        .map_or_else(
+            || (read.len(), current.clone()),
+            |(i, m)| (i, m.message_id.clone()),
+        );
+    Some(Fold {
+        after: memory.summarized_through.clone(),
+        until,
+        // Just the messages after the summary's end; a first fold, or one whose summary ends
+        // before what was read, reads as far back as a fold goes.
+        messages: covered_to.map_or(FOLD_READ, |end| at.saturating_sub(end)),
+    })
 }
 
 /// Runs memory jobs.
@@ -83,15 +101,7 @@ impl Summarizer {
             tracing::info!("memory moved on since the fold was queued; nothing to do");
             return Ok(());
         }
-        let mut turns = self
-            .store
-            .history_before(&job.conversation_id, &job.until, FOLD_READ)
-            .await?;
-        if let Some(after) = &job.after {
-            if let Some(p) = turns.iter().position(|m| &m.message_id == after) {
-                turns.drain(..=p);
-            }
-        }
+        let turns = self.turns_of(job).await?;
         let Some(last) = turns.last().map(|m| m.message_id.clone()) else {
             return Ok(());
         };
@@ -104,9 +114,22 @@ impl Summarizer {
                 turns,
                 max_tokens: self.summary_tokens,
             })
-            .await?;
+            .await;
+        let summary = match out {
+            Ok(out) => {
+                tracing::info!(model = %out.model, "memory folded");
+                out.value
+            }
+            // The model refuses these turns (a content filter): they are passed over, the
+            // summary kept as it was, rather than asked for again at every later turn.
+            Err(e) if !e.is_transient() => {
+                tracing::warn!(error = %shared::error::Report(&e), "the model would not summarize these turns; passed over");
+                read.summary.clone()
+            }
+            Err(e) => return Err(e),
+        };
         let folded = Memory {
-            summary: out.value,
+            summary,
             summarized_through: Some(last),
             ..read.clone()
         };
@@ -115,7 +138,7 @@ impl Summarizer {
             .replace_memory(&job.user_id, &job.conversation_id, &read, &folded)
             .await;
         match written {
-            Ok(true) => tracing::info!(model = %out.model, "memory folded"),
+            Ok(true) => {}
             Ok(false) => {
                 tracing::info!("memory changed while it was folded; the next turn queues it again")
             }
@@ -123,6 +146,22 @@ impl Summarizer {
             Err(e) => return Err(e),
         }
         Ok(())
+    }
+
+    /// The messages a fold takes: after `job.after` (when found) and before `job.until`.
+    async fn turns_of(&self, job: &MemoryJob) -> Result<Vec<Message>> {
+        // One more than the fold's messages: the summary's last, to find where to begin.
+        let wanted = job.messages.min(FOLD_READ) + 1;
+        let mut turns = self
+            .store
+            .history_before(&job.conversation_id, &job.until, wanted)
+            .await?;
+        if let Some(after) = &job.after {
+            if let Some(p) = turns.iter().position(|m| &m.message_id == after) {
+                turns.drain(..=p);
+            }
+        }
+        Ok(turns)
     }
 }
 
@@ -143,28 +182,37 @@ mod tests {
         }
     }
 
+    fn fold(after: Option<&str>, until: &str, messages: usize) -> Option<Fold> {
+        Some(Fold {
+            after: after.map(Into::into),
+            until: until.into(),
+            messages,
+        })
+    }
+
     #[test]
     fn a_fold_is_due_when_the_context_drops_what_the_summary_lacks() {
         let read = history(21);
         let now = "now".into();
         // All fits: nothing to fold.
         assert_eq!(fold_due(&read, 0, &Memory::default(), &now), None);
-        // The first drop: fold ahead of the context's edge.
+        // The first drop: fold ahead of the context's edge, reading as far back as folds go.
         assert_eq!(
             fold_due(&read, 1, &Memory::default(), &now),
-            Some((None, "m17".into()))
+            fold(None, "m17", FOLD_READ)
         );
         // Summarized well into the context: not yet.
         assert_eq!(fold_due(&read, 11, &through("m12"), &now), None);
-        // The summarized part of the context runs short: again, from where it ended.
+        // The summarized part of the context runs short: again, from where it ended (the
+        // eight messages after it).
         assert_eq!(
             fold_due(&read, 12, &through("m12"), &now),
-            Some((Some("m12".into()), "now".into()))
+            fold(Some("m12"), "now", 8)
         );
         // What it covers is older than all that was read: due.
         assert_eq!(
             fold_due(&read, 1, &through("gone"), &now),
-            Some((Some("gone".into()), "m17".into()))
+            fold(Some("gone"), "m17", FOLD_READ)
         );
     }
 }

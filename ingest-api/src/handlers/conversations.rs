@@ -333,7 +333,7 @@ pub async fn rewind(
         .await
         .map_err(rewind_error)?;
     cancel_all(&state, caller.id(), dropped).await;
-    forget_rewound(&state, caller.id(), &id, &body.message_id, false).await?;
+    forget_rewound(&state, caller.id(), &id, &body.message_id, false).await;
     store
         .get_conversation(caller.id(), &id)
         .await?
@@ -379,7 +379,7 @@ pub async fn edit(
         .await
         .map_err(rewind_error)?;
     cancel_all(&state, caller.id(), dropped).await;
-    forget_rewound(&state, caller.id(), &id, &message_id, true).await?;
+    forget_rewound(&state, caller.id(), &id, &message_id, true).await;
     if !body.regenerate {
         return Ok(AppJson(edited).into_response());
     }
@@ -460,36 +460,54 @@ const REWIND_PAGE: usize = 500;
 
 /// After a rewind to `kept` (or an edit of it): a summary that covers a dropped turn, or the
 /// edited message, would tell the model of what no longer happened. It is cleared, to be
-/// folded again from the turns that remain; the pinned facts stay. Conditional on the memory
-/// as read: a fold that lands meanwhile is read again.
+/// folded again from the turns that remain; the pinned facts stay. Otherwise it is written
+/// again as it is, so that a fold under way (which read the turns before the rewind) finds
+/// the memory changed and writes nothing. Conditional on the memory as read: a fold that
+/// lands meanwhile is read again. The rewind is done by then: a failure here is logged, and
+/// the memory mended by the user's next rewind or `PUT`.
 async fn forget_rewound(
     state: &AppState,
     user_id: &str,
     id: &ConversationId,
     kept: &MessageId,
     edited: bool,
-) -> Result<(), ApiError> {
+) {
     let store = &state.ports.store;
     for _ in 0..3 {
-        let memory = store.get_memory(user_id, id).await?;
+        let memory = match store.get_memory(user_id, id).await {
+            Ok(m) => m,
+            Err(e) => {
+                return tracing::warn!(error = %shared::error::Report(&e), "could not read the memory after a rewind")
+            }
+        };
         let Some(through) = &memory.summarized_through else {
-            return Ok(());
+            return;
         };
-        if !(edited && through == kept) && still_there(state, id, through).await? {
-            return Ok(());
-        }
-        let cleared = Memory {
-            summary: String::new(),
-            summarized_through: None,
-            ..memory.clone()
+        let kept_whole = if edited && through == kept {
+            Ok(false)
+        } else {
+            still_there(state, id, through).await
         };
-        if store.replace_memory(user_id, id, &memory, &cleared).await? {
-            return Ok(());
+        let next = match kept_whole {
+            Ok(true) => memory.clone(),
+            Ok(false) => Memory {
+                summary: String::new(),
+                summarized_through: None,
+                ..memory.clone()
+            },
+            Err(e) => {
+                return tracing::warn!(error = %shared::error::Report(&e), "could not check the memory after a rewind")
+            }
+        };
+        match store.replace_memory(user_id, id, &memory, &next).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                return tracing::warn!(error = %shared::error::Report(&e), "could not write the memory after a rewind")
+            }
         }
     }
-    Err(ApiError::from(shared::Error::Conflict(
-        "the conversation's memory kept changing; try again".into(),
-    )))
+    tracing::warn!("the memory kept changing during a rewind; left as it is");
 }
 
 /// Whether the conversation still has message `message_id`.
@@ -497,7 +515,7 @@ async fn still_there(
     state: &AppState,
     id: &ConversationId,
     message_id: &MessageId,
-) -> Result<bool, ApiError> {
+) -> shared::Result<bool> {
     let mut token = None;
     loop {
         let page = state

@@ -4,13 +4,15 @@
 //! long ago that was (the event stream keeps only a few minutes).
 //!
 //! Each backend keeps the feed beside the records, written with them:
-//! - SQLite: a `changes` table kept by triggers on the four record tables (one row per record:
-//!   a change replaces the record's previous row), ordered by an autoincrement sequence;
+//! - SQLite: a `sync_log` table that triggers on the four record tables append to (a row per
+//!   change, keyed by the user and a per-user sequence; a sync keeps each record's latest);
 //! - DynamoDB: the records carry `sync_user`/`sync_at` attributes, indexed by the sparse
 //!   global index `by_change`, and a deletion writes a tombstone item (kept 30 days).
 //!
 //! A position is the backend's own (a sequence number, a time); the API binds it to its user
-//! and makes it opaque ([`crate::store::token`]).
+//! and makes it opaque ([`crate::store::token`]). A conversation's derived fields (`title`
+//! when not given, `last_message_at`, `preview`) follow from its messages, which the feed
+//! carries: the conversation itself is listed when it is made, renamed, edited or deleted.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -226,19 +226,20 @@ fn feed(user: &str, entries: &[Entry], found: &HashMap<(String, String), Item>) 
     changes.into_iter().flatten().collect()
 }
 
-/// Where the next page starts: after the last entry read when more follow; at the end of
-/// the feed, after the last entry that settled (see [`SETTLE_MS`]), `None` if none did.
+/// Where the next page starts: after the last entry that settled (see [`SETTLE_MS`]), so
+/// that a change still on its way to the index is not passed over (the younger entries are
+/// returned again). At the end of the feed, `None` if none settled. Mid-feed, a page of
+/// nothing but young entries (a burst under way) goes on after its last, or paging would
+/// never move: a change of that burst still on its way could be missed.
 fn next_position(entries: &[Entry], has_more: bool) -> Option<String> {
-    if has_more {
-        return entries.last().map(|e| e.at.clone());
-    }
     // A stamp sorts below the bare 13 digits of a later millisecond only.
     let settled = format!("{:013}", now_ms() - SETTLE_MS);
-    entries
-        .iter()
-        .rev()
-        .find(|e| e.at < settled)
-        .map(|e| e.at.clone())
+    let last_settled = entries.iter().rev().find(|e| e.at < settled);
+    match last_settled {
+        Some(e) => Some(e.at.clone()),
+        None if has_more => entries.last().map(|e| e.at.clone()),
+        None => None,
+    }
 }
 
 impl DynamoStore {
