@@ -241,3 +241,36 @@ async fn a_client_that_was_away_catches_up_with_changes_and_deletions_on_aws() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn records_written_before_the_feed_join_it_at_the_next_aws_init() {
+    let app = TestApp::builder().on_aws().start().await;
+    let alice = app.user("alice").await;
+    let persona = app.persona(&alice, "Sherlock Holmes").await;
+    let id = persona["persona_id"].as_str().unwrap();
+    // As a record of an older release had it: no change keys.
+    let table = &app.settings.aws.table;
+    let dynamo = aws_sdk_dynamodb::Client::new(&crate::common::aws_test_sdk_config());
+    let key = |v: String| aws_sdk_dynamodb::types::AttributeValue::S(v);
+    dynamo
+        .update_item()
+        .table_name(table)
+        .key("pk", key(format!("USER#{}", alice.user_id)))
+        .key("sk", key(format!("PERSONA#{id}")))
+        .update_expression("REMOVE sync_user, sync_at")
+        .send()
+        .await
+        .unwrap();
+    let (before, _, _) = sync_all(&app, &alice, None, 500).await;
+    assert!(!before.contains_key(&("persona".into(), id.into())));
+
+    characterbot::aws_init(&app.settings)
+        .await
+        .expect("aws-init");
+    let (after, _, _) = sync_all(&app, &alice, None, 500).await;
+    assert_eq!(
+        record(&after, "persona", id)["record"]["name"],
+        persona["name"]
+    );
+    assert_eq!(after.len(), before.len() + 1);
+}

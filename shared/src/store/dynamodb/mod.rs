@@ -299,6 +299,7 @@ impl DynamoStore {
             Self::ensure_index(client, table, index).await?;
         }
         Self::backfill_activity(client, table).await?;
+        sync::backfill_changes(client, table).await?;
         Self::ensure_ttl(client, table).await
     }
 
@@ -355,8 +356,8 @@ impl DynamoStore {
     }
 
     /// Adds an index to a table made before it, and waits until it is built (DynamoDB fills
-    /// a new index from the table's items; it answers queries only once `ACTIVE`). The change
-    /// index is not backfilled: items enter it at their next change.
+    /// a new index from the table's items; it answers queries only once `ACTIVE`). Items
+    /// written before the change index are given its keys by `sync::backfill_changes`.
     async fn ensure_index(client: &Client, table: &str, index: &IndexSpec) -> Result<()> {
         use aws_sdk_dynamodb::types::IndexStatus;
         let status = || async {

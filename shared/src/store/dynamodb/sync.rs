@@ -17,8 +17,8 @@
 //! at the end of the feed stays [`SETTLE_MS`] behind the clock (younger changes are returned
 //! all the same, and again next time; clients upsert by id).
 //!
-//! Items written before the feed carry no `sync_*` attributes: they enter it at their next
-//! change (no backfill).
+//! Items written before the feed carry no `sync_*` attributes: `aws-init` gives them theirs
+//! ([`backfill_changes`]), so a first sync of an older account is whole.
 
 use std::collections::HashMap;
 
@@ -432,5 +432,87 @@ impl SyncStore for DynamoStore {
             position: next_position(&entries, has_more),
             has_more,
         })
+    }
+}
+
+/// The owner of a record item written before the change feed, if it is one: a persona's or a
+/// conversation's from its partition, a request's from its `user_id`, a message's from its
+/// conversation (`owners`, filled by the scan's first pass).
+fn owner_of(item: &Item, owners: &HashMap<String, String>) -> Option<String> {
+    let (pk, sk) = (get_s(item, "pk")?, get_s(item, "sk")?);
+    if let Some(user) = pk.strip_prefix("USER#") {
+        let record = sk.starts_with("PERSONA#") || sk.starts_with("CONV#");
+        return record.then(|| user.to_owned());
+    }
+    if pk.starts_with("REQ#") && sk == "REQ" {
+        return get_s(item, "user_id").map(str::to_owned);
+    }
+    if sk.starts_with("MSG#") {
+        return owners.get(pk).cloned();
+    }
+    None
+}
+
+/// Gives the record items written before the change feed its keys (`sync_user`, `sync_at`
+/// now), so that a first sync of an older account lists them. Two scans of the table per
+/// `aws-init` (the first learns which user owns each conversation, for its messages), writing
+/// only what lacks them: a rerun after a failure half-way finishes the job.
+pub(crate) async fn backfill_changes(client: &aws_sdk_dynamodb::Client, table: &str) -> Result<()> {
+    let mut owners: HashMap<String, String> = HashMap::new();
+    for pass in [0, 1] {
+        let mut start = None;
+        loop {
+            let out = client
+                .scan()
+                .table_name(table)
+                .filter_expression("attribute_not_exists(sync_at) AND attribute_exists(body)")
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| storage("scan for records to add to the change feed", e))?;
+            for item in out.items.unwrap_or_default() {
+                if let (Some(pk), Some(sk)) = (get_s(&item, "pk"), get_s(&item, "sk")) {
+                    if let Some(user) = pk.strip_prefix("USER#").filter(|_| sk.starts_with("CONV#"))
+                    {
+                        owners.insert(sk.to_owned(), user.to_owned());
+                    }
+                }
+                let Some(user) = owner_of(&item, &owners).filter(|_| pass == 1) else {
+                    continue;
+                };
+                stamp_old(client, table, &item, &user).await?;
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives one old record item its change keys, unless a write gave it some meanwhile.
+async fn stamp_old(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    item: &Item,
+    user: &str,
+) -> Result<()> {
+    let (Some(pk), Some(sk)) = (get_s(item, "pk"), get_s(item, "sk")) else {
+        return Ok(());
+    };
+    let written = client
+        .update_item()
+        .table_name(table)
+        .set_key(Some(key(pk, sk)))
+        .update_expression(format!("SET {CHANGE_SET}"))
+        .condition_expression("attribute_exists(pk) AND attribute_not_exists(sync_at)")
+        .change_values(user)
+        .send()
+        .await;
+    match written {
+        Ok(_) => Ok(()),
+        Err(e) if super::is_conditional_failure(&e) => Ok(()),
+        Err(e) => Err(storage("add a record to the change feed", e)),
     }
 }
