@@ -1,11 +1,12 @@
 //! The sync port: every record of a user that changed after a position in the user's change
-//! feed, oldest change first, a record at most once per page (its latest state), deletions as
-//! tombstones. A client that was away catches up from its last position in one call, however
+//! feed, oldest change first, a record at most once per page (as it is now), deletions as
+//! tombstones. A record may come again on a later page or sync (changed again since, or, on
+//! DynamoDB, changed in the last few seconds): clients apply changes by id. A client that was away catches up from its last position in one call, however
 //! long ago that was (the event stream keeps only a few minutes).
 //!
 //! Each backend keeps the feed beside the records, written with them:
 //! - SQLite: a `sync_log` table that triggers on the four record tables append to (a row per
-//!   change, keyed by the user and a per-user sequence; a sync keeps each record's latest);
+//!   change, keyed by the user and a per-user sequence; a page reads a bounded run of rows);
 //! - DynamoDB: the records carry `sync_user`/`sync_at` attributes, indexed by the sparse
 //!   global index `by_change`, and a deletion writes a tombstone item (kept 30 days).
 //!

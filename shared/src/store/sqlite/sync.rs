@@ -1,7 +1,7 @@
 //! The change feed on SQLite (see `crate::store::sync`): the `sync_log` table, which triggers
-//! append to (schema migration 10), read in `seq` order keeping each record's latest change,
-//! each record read as it is now in the same snapshot. A position is a `seq` (of the user's
-//! own sequence).
+//! append to (schema migration 10), read in `seq` order, each record listed once per page and
+//! read as it is now, in the same snapshot. A position is a `seq` (of the user's own
+//! sequence). A record changed again after the page's rows comes again on a later page.
 
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{params, Connection, OptionalExtension};
@@ -50,15 +50,19 @@ impl SyncStore for SqliteStore {
     }
 }
 
+/// Most log rows one page reads, per record it may list: a page lists the distinct records
+/// among the rows after its cursor, read in order, so it costs its own rows, never the whole
+/// feed after the cursor (a catch-up from far back is linear in the changes, not quadratic).
+const ROWS_PER_RECORD: usize = 4;
+
 fn changes_in(c: &Connection, user_id: &str, after: i64, limit: usize) -> Result<ChangePage> {
+    let most = limit * ROWS_PER_RECORD;
     let mut stmt = c.prepare_cached(
-        // SQLite takes the bare columns of a `MAX()` group from the row holding the maximum:
-        // each record's latest change.
-        "SELECT MAX(seq) AS last, kind, record_id, conversation_id, deleted FROM sync_log
-         WHERE user_id = ?1 AND seq > ?2 GROUP BY kind, record_id ORDER BY last LIMIT ?3",
+        "SELECT seq, kind, record_id, conversation_id, deleted FROM sync_log
+         WHERE user_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
     )?;
-    let rows = stmt
-        .query_map(params![user_id, after, limit as i64 + 1], |r| {
+    let mut rows = stmt
+        .query_map(params![user_id, after, most as i64 + 1], |r| {
             Ok(Row {
                 seq: r.get(0)?,
                 kind: r.get(1)?,
@@ -68,10 +72,24 @@ fn changes_in(c: &Connection, user_id: &str, after: i64, limit: usize) -> Result
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let has_more = rows.len() > limit;
-    let rows = &rows[..rows.len().min(limit)];
-    let mut changes = Vec::with_capacity(rows.len());
-    for row in rows {
+    let mut has_more = rows.len() > most;
+    rows.truncate(most);
+    // Each record once, as it is now (read below): its later rows here are passed with it.
+    let mut seen = std::collections::HashSet::new();
+    let (mut picked, mut position) = (Vec::new(), None);
+    for row in &rows {
+        if !seen.contains(&(row.kind.as_str(), row.id.as_str())) {
+            if picked.len() == limit {
+                has_more = true;
+                break;
+            }
+            seen.insert((row.kind.as_str(), row.id.as_str()));
+            picked.push(row);
+        }
+        position = Some(row.seq.to_string());
+    }
+    let mut changes = Vec::with_capacity(picked.len());
+    for row in picked {
         let kind = ChangeKind::parse(&row.kind)
             .ok_or_else(|| Error::storage("corrupt change", row.kind.clone()))?;
         let record = if row.deleted {
@@ -83,14 +101,14 @@ fn changes_in(c: &Connection, user_id: &str, after: i64, limit: usize) -> Result
             kind,
             id: row.id.clone(),
             conversation_id: row.conversation_id.clone().map(Into::into),
-            // A row written as a change whose record is gone by now reads as its deletion.
-            deleted: row.deleted || record.is_none(),
+            // Gone by now (a later row says so too, and may come on a later page): a deletion.
+            deleted: record.is_none(),
             record,
         });
     }
     Ok(ChangePage {
         changes,
-        position: rows.last().map(|r| r.seq.to_string()),
+        position,
         has_more,
     })
 }
