@@ -167,6 +167,11 @@ impl TurnItems {
     /// accept took it first), and the append is to be built again from the counter as the
     /// refusal returned it.
     pub const COUNTER_AT: usize = 1;
+    /// Where the message's put sits: its slot taken means the turn was stale all the same
+    /// (the counter's condition passed where another append's write landed in between; moto
+    /// does not isolate concurrent transactions), so the append is built again from the
+    /// counter as read.
+    pub const MESSAGE_AT: usize = 2;
 
     /// Where to build the next try from, when a transaction holding these items was cancelled
     /// over the turn: its counter refused the turn (the refusal carries the counter), or
@@ -177,7 +182,8 @@ impl TurnItems {
             let counter = cancelled.1.get(Self::COUNTER_AT).cloned().flatten();
             return Some(LastTurn::Refused(counter));
         }
-        cancelled.conflicted().then_some(LastTurn::Read)
+        (cancelled.conflicted() || cancelled.failed(Some(Self::MESSAGE_AT)))
+            .then_some(LastTurn::Read)
     }
 }
 
@@ -192,7 +198,7 @@ pub(crate) enum LastTurn {
 }
 
 /// How often an append is built again over a turn another accept took first.
-pub(crate) const TURN_TRIES: u32 = 8;
+pub(crate) const TURN_TRIES: u32 = 12;
 
 /// The pause before try `attempt` (from 0) of an append: none for the first two (most
 /// refusals are a remembered turn gone stale), then a random share of a window that doubles,
