@@ -321,6 +321,14 @@ impl Memory {
     pub fn is_empty(&self) -> bool {
         self.summary.is_empty() && self.pinned.is_empty()
     }
+
+    /// The memory as a store writes it now: `updated_at` is what a fold's condition compares.
+    pub fn written_now(&self) -> Memory {
+        Memory {
+            updated_at: Some(crate::time::now_rfc3339()),
+            ..self.clone()
+        }
+    }
 }
 
 /// Longest title, in characters (a given one is refused beyond it; one taken from a message

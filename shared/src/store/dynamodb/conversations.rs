@@ -1197,10 +1197,7 @@ impl ConversationStore for DynamoStore {
         memory: &Memory,
     ) -> Result<Memory> {
         self.owned(user_id, conversation_id).await?;
-        let memory = Memory {
-            updated_at: Some(crate::time::now_rfc3339()),
-            ..memory.clone()
-        };
+        let memory = memory.written_now();
         self.put_body(
             memory_item(conversation_id, &memory),
             &memory,
@@ -1218,10 +1215,7 @@ impl ConversationStore for DynamoStore {
         memory: &Memory,
     ) -> Result<bool> {
         self.owned(user_id, conversation_id).await?;
-        let memory = Memory {
-            updated_at: Some(crate::time::now_rfc3339()),
-            ..memory.clone()
-        };
+        let memory = memory.written_now();
         let mut item = memory_item(conversation_id, &memory);
         item.insert("body".into(), s(serde_json::to_string(&memory)?));
         let put = self

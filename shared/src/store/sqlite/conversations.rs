@@ -658,10 +658,7 @@ impl ConversationStore for SqliteStore {
         conversation_id: &ConversationId,
         memory: &Memory,
     ) -> Result<Memory> {
-        let memory = Memory {
-            updated_at: Some(crate::time::now_rfc3339()),
-            ..memory.clone()
-        };
+        let memory = memory.written_now();
         let (user_id, conv, body) = (
             user_id.to_owned(),
             conversation_id.to_owned(),
@@ -689,10 +686,7 @@ impl ConversationStore for SqliteStore {
         read: &Memory,
         memory: &Memory,
     ) -> Result<bool> {
-        let memory = Memory {
-            updated_at: Some(crate::time::now_rfc3339()),
-            ..memory.clone()
-        };
+        let memory = memory.written_now();
         let (user_id, conv, body, read_at) = (
             user_id.to_owned(),
             conversation_id.to_owned(),
