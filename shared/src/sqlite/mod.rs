@@ -41,7 +41,7 @@ use crate::{Error, Result};
 mod schema;
 mod writer;
 
-use schema::{open_reader, open_writer, PRAGMAS};
+use schema::{configure, open_reader, open_writer};
 use writer::{write_loop, Pending, Reply, Write};
 
 /// Writes waiting for the writer thread before callers wait to hand theirs in.
@@ -115,7 +115,7 @@ impl Db {
             .post_create(Hook::async_fn(|conn, _| {
                 Box::pin(async move {
                     conn.interact(|c| {
-                        c.execute_batch(PRAGMAS)?;
+                        configure(c)?;
                         // A read connection that tries to write fails loudly instead of
                         // competing with the writer for the lock.
                         c.execute_batch("PRAGMA query_only = ON")

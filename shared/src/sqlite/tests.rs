@@ -188,3 +188,28 @@ async fn a_failed_commit_keeps_sqlites_error_as_the_source() {
         "{report}"
     );
 }
+
+/// Counts how often a cached statement with `LIMIT ?` is prepared again when run with
+/// another bound value.
+fn reprepares(c: &Connection) -> Result<i32> {
+    use deadpool_sqlite::rusqlite::StatementStatus;
+    let sql = "SELECT id FROM queue_messages WHERE queue = ?1 ORDER BY sent_ms LIMIT ?2";
+    for limit in [1_i64, 2, 3, 2] {
+        let mut stmt = c.prepare_cached(sql)?;
+        stmt.query_map(deadpool_sqlite::rusqlite::params!["persona", limit], |r| {
+            r.get::<_, String>(0)
+        })?
+        .for_each(drop);
+    }
+    let stmt = c.prepare_cached(sql)?;
+    Ok(stmt.get_status(StatementStatus::RePrepare))
+}
+
+#[tokio::test]
+async fn a_cached_statement_is_not_prepared_again_for_each_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).await.unwrap();
+    assert_eq!(db.write(|c| reprepares(c)).await.unwrap(), 0, "writer");
+    assert_eq!(db.call(|c| reprepares(c)).await.unwrap(), 0, "pooled reader");
+    assert_eq!(db.read_here(|c| reprepares(c)).unwrap(), 0, "reader");
+}
