@@ -114,7 +114,21 @@ fn first_sentence(text: &str, max_words: usize) -> String {
 pub fn fit_summary(text: &str, max_tokens: usize, count: impl Fn(&str) -> usize) -> String {
     let pieces = pieces(text.trim());
     let fits = |s: &str| count(s) <= max_tokens && s.chars().count() <= Memory::SUMMARY_MAX_CHARS;
-    for start in 0..pieces.len() {
+    // Each piece counted once, the newest first: where the kept part begins is found in one
+    // pass (a summary at its cap sheds a few pieces at each fold; counting every candidate
+    // whole was quadratic in its length). A tokenizer need not count a text as the sum of its
+    // pieces, so the candidate is counted whole too, and moved on while it does not fit.
+    let (mut tokens, mut chars) = (0, 0);
+    let mut start = pieces.len();
+    for (i, piece) in pieces.iter().enumerate().rev() {
+        tokens += count(piece);
+        chars += piece.chars().count();
+        if tokens > max_tokens || chars > Memory::SUMMARY_MAX_CHARS {
+            break;
+        }
+        start = i;
+    }
+    for start in start.min(pieces.len().saturating_sub(1))..pieces.len() {
         let kept = pieces[start..].concat();
         if fits(kept.trim()) {
             return kept.trim().to_owned();

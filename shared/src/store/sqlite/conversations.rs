@@ -634,22 +634,19 @@ impl ConversationStore for SqliteStore {
     }
 
     async fn get_memory(&self, user_id: &str, conversation_id: &ConversationId) -> Result<Memory> {
-        let (user_id, conv) = (user_id.to_owned(), conversation_id.to_owned());
-        self.db
-            .call(move |c| {
-                let memory: Option<Option<String>> = c
-                    .query_row(
-                        "SELECT memory FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
-                        params![user_id, conv],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                match memory.ok_or(Error::NotFound)? {
-                    Some(m) => from_json(&m),
-                    None => Ok(Memory::default()),
-                }
-            })
-            .await
+        // One row by key: on this thread (see `Db::read_here`).
+        self.db.read_here(|c| {
+            let memory: Option<Option<String>> = c
+                .prepare_cached(
+                    "SELECT memory FROM conversations WHERE user_id = ?1 AND conversation_id = ?2",
+                )?
+                .query_row(params![user_id, conversation_id], |r| r.get(0))
+                .optional()?;
+            match memory.ok_or(Error::NotFound)? {
+                Some(m) => from_json(&m),
+                None => Ok(Memory::default()),
+            }
+        })
     }
 
     async fn put_memory(
