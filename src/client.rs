@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use backon::{ExponentialBuilder, Retryable};
 use indicatif::{ProgressBar, ProgressStyle};
-use ingest_api::handlers::personas::BatchAccepted;
+use ingest_api::handlers::batches::BatchAccepted;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};

@@ -51,7 +51,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
-use crate::handlers::{auth, conversations, events, ops, personas, requests, sync};
+use crate::handlers::{auth, batches, conversations, events, ops, personas, requests, sync};
 pub use crate::options::ApiOptions;
 use crate::slots::Slots;
 use crate::throttle::Throttle;
@@ -117,14 +117,17 @@ impl Shared {
 fn authenticated_routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/personas", post(personas::create).get(personas::list))
-        .route("/v1/personas/batch", post(personas::create_batch))
+        .route("/v1/personas/batch", post(batches::create))
         .route(
             "/v1/personas/{id}",
             get(personas::get)
                 .patch(personas::edit)
                 .delete(personas::delete),
         )
-        .route("/v1/batches/{id}", get(personas::get_batch))
+        .route("/v1/batches", get(batches::list))
+        .route("/v1/batches/{id}", get(batches::get))
+        .route("/v1/batches/{id}/results", get(batches::results))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route(
             "/v1/conversations",
             post(conversations::create).get(conversations::list),

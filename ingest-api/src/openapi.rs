@@ -3,14 +3,14 @@
 
 use serde::Serialize;
 use shared::domain::{
-    Batch, Conversation, ErrorBody, Memory, Message, MessageStatus, Persona, PersonaEdit,
+    Batch, BatchStatus, Conversation, ErrorBody, Memory, Message, MessageStatus, Persona, PersonaEdit,
     PersonaSource, RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role,
     Usage, Variant,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use crate::handlers::{self, auth, conversations, personas, Accepted};
+use crate::handlers::{self, auth, batches, conversations, personas, Accepted};
 
 /// The shape of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -29,9 +29,10 @@ pub struct ErrorResponse {
     paths(
         handlers::auth::sign_up, handlers::auth::confirm, handlers::auth::sign_in, handlers::auth::refresh,
         handlers::auth::sign_out, handlers::auth::sign_out_everywhere,
-        handlers::personas::create, handlers::personas::create_batch, handlers::personas::list,
+        handlers::personas::create, handlers::personas::list,
         handlers::personas::get, handlers::personas::edit, handlers::personas::delete,
-        handlers::personas::get_batch,
+        handlers::batches::create, handlers::batches::list, handlers::batches::get,
+        handlers::batches::results, handlers::batches::cancel,
         handlers::conversations::create, handlers::conversations::list, handlers::conversations::get,
         handlers::conversations::rename, handlers::conversations::delete,
         handlers::conversations::post_message, handlers::conversations::list_messages,
@@ -47,7 +48,8 @@ pub struct ErrorResponse {
         ErrorResponse, ErrorBody, Accepted, Persona, PersonaEdit, PersonaSource, Conversation, Message, Role,
         RequestRecord, RequestKind, RequestStatus, RequestInput, RequestResult, Usage, Batch,
         auth::Credentials, auth::SignedUp, auth::ConfirmRequest, auth::Confirmed, auth::RefreshRequest, auth::SignOutRequest, shared::auth::Tokens,
-        personas::CreatePersona, personas::CreateBatch, personas::BatchAccepted,
+        personas::CreatePersona, batches::CreateBatch, batches::BatchAccepted, batches::BatchItem,
+        batches::BatchResults, batches::BatchResult, BatchStatus,
         conversations::CreateConversation, conversations::RenameConversation,
         conversations::PostMessage, conversations::MessageAccepted, MessageStatus, Variant,
         conversations::SelectVersion, conversations::EditMessage, conversations::Rewind, Memory,
@@ -56,7 +58,8 @@ pub struct ErrorResponse {
     modifiers(&BearerAuth),
     tags(
         (name = "auth", description = "Sign-up, sign-in, tokens"),
-        (name = "personas", description = "Personas and batches"),
+        (name = "personas", description = "Personas"),
+        (name = "batches", description = "Many persona prompts in one call: progress, results, cancel"),
         (name = "conversations", description = "Conversations and messages"),
         (name = "requests", description = "Polling and push of asynchronous results"),
         (name = "sync", description = "Catch-up: every record changed since a cursor"),

@@ -708,6 +708,9 @@ pub struct RequestRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub batch_id: Option<BatchId>,
+    /// The client's own name for this item of its batch (`items[].custom_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<RequestResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -744,6 +747,7 @@ impl RequestRecord {
             cancel_requested: false,
             input,
             batch_id,
+            custom_id: None,
             result: None,
             error: None,
             usage: None,
@@ -755,11 +759,24 @@ impl RequestRecord {
     }
 }
 
+/// Where a batch stands: `in_progress` while any of its items is queued or running,
+/// `completed` once none is, `cancelled` once none is after its user cancelled it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    #[default]
+    InProgress,
+    Completed,
+    Cancelled,
+}
+
 /// Progress of a batch of persona requests.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Batch {
     #[schema(value_type = String)]
     pub batch_id: BatchId,
+    #[serde(default)]
+    pub status: BatchStatus,
     pub total: u32,
     pub succeeded: u32,
     pub failed: u32,
@@ -770,9 +787,56 @@ pub struct Batch {
     #[schema(value_type = Vec<String>)]
     pub request_ids: Vec<RequestId>,
     pub created_at: String,
+    /// When its user cancelled it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_at: Option<String>,
+    /// When its last item finished (once none is pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
 }
 
 impl Batch {
+    /// A new batch of these requests, all pending.
+    pub fn new(batch_id: BatchId, request_ids: Vec<RequestId>) -> Batch {
+        Batch {
+            batch_id,
+            status: BatchStatus::InProgress,
+            total: request_ids.len() as u32,
+            succeeded: 0,
+            failed: 0,
+            cancelled: 0,
+            pending: request_ids.len() as u32,
+            request_ids,
+            created_at: crate::time::now_rfc3339(),
+            cancelled_at: None,
+            finished_at: None,
+        }
+    }
+
+    /// The batch as stored (ids, times, whether cancelled) with its counts cleared, to be
+    /// counted again from its requests ([`Batch::count`], then [`Batch::counted`]).
+    pub fn recount(mut self) -> Batch {
+        (self.succeeded, self.failed, self.cancelled, self.pending) = (0, 0, 0, 0);
+        self.finished_at = None;
+        self
+    }
+
+    /// Sets the status from the counts; `last_update` is the latest `updated_at` of its
+    /// requests (the batch's end once none is pending).
+    pub fn counted(mut self, last_update: Option<String>) -> Batch {
+        // Requests missing from the store (expired) count as pending; never more than total.
+        self.pending = self
+            .total
+            .saturating_sub(self.succeeded + self.failed + self.cancelled);
+        self.status = match (self.pending, &self.cancelled_at) {
+            (0, Some(_)) => BatchStatus::Cancelled,
+            (0, None) => BatchStatus::Completed,
+            _ => BatchStatus::InProgress,
+        };
+        self.finished_at = (self.pending == 0).then_some(last_update).flatten();
+        self
+    }
+
     /// Counts `n` of the batch's requests as `status` says: succeeded, failed, cancelled, or
     /// (queued, running, unreadable) pending. Both stores count a batch with this, from zero.
     pub fn count(&mut self, status: Option<RequestStatus>, n: u32) {

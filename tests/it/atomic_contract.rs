@@ -600,16 +600,10 @@ async fn a_batch_is_accepted_whole(s: Subject) {
             r
         })
         .collect();
-    let batch = Batch {
-        batch_id: "bat_1".into(),
-        total: 3,
-        succeeded: 0,
-        failed: 0,
-        cancelled: 0,
-        pending: 3,
-        request_ids: requests.iter().map(|r| r.request_id.clone()).collect(),
-        created_at: shared::time::now_rfc3339(),
-    };
+    let batch = Batch::new(
+        "bat_1".into(),
+        requests.iter().map(|r| r.request_id.clone()).collect(),
+    );
     let accept = Accept {
         user_id: "alice".into(),
         kind: RequestKind::Persona,

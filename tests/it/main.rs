@@ -31,6 +31,7 @@ mod auth;
 mod aws_backend;
 mod aws_pipeline;
 mod bad_input;
+mod batches;
 mod bedrock;
 mod cli;
 mod cognito;

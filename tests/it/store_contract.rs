@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::common::{self, key_claim, stored};
 use shared::domain::{
-    Batch, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource, RequestInput,
+    Batch, BatchStatus, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource, RequestInput,
     RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
 };
 use shared::ids::{BatchId, ConversationId, MessageId, PersonaId};
@@ -522,16 +522,10 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
             )
         })
         .collect();
-    let batch = Batch {
-        batch_id: batch_id.clone(),
-        total: 3,
-        succeeded: 0,
-        failed: 0,
-        cancelled: 0,
-        pending: 3,
-        request_ids: requests.iter().map(|r| r.request_id.clone()).collect(),
-        created_at: shared::time::now_rfc3339(),
-    };
+    let batch = Batch::new(
+        batch_id.clone(),
+        requests.iter().map(|r| r.request_id.clone()).collect(),
+    );
     st.create_requests("alice", &requests, Some(&batch))
         .await
         .unwrap();
@@ -623,7 +617,39 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
         (3, 1, 1, 1)
     );
     assert_eq!(counts.request_ids, batch.request_ids);
+    assert_eq!(counts.status, BatchStatus::InProgress);
+    assert!(counts.finished_at.is_none());
     assert!(st.get_batch("bob", &batch_id).await.unwrap().is_none());
+
+    // Listed for its owner only; its requests read back in the order asked, owner scoped.
+    let listed = st.list_batches("alice", 10, None).await.unwrap();
+    assert_eq!(listed.items, vec![counts.clone()]);
+    assert!(st.list_batches("bob", 10, None).await.unwrap().items.is_empty());
+    let ids: Vec<_> = batch.request_ids.iter().rev().cloned().collect();
+    let read = st.batch_requests("alice", &ids).await.unwrap();
+    let read_ids: Vec<_> = read.iter().map(|r| r.request_id.clone()).collect();
+    assert_eq!(read_ids, ids);
+    assert!(st.batch_requests("bob", &ids).await.unwrap().is_empty());
+
+    // Cancelled by its owner (once: the first time is kept); `cancelled` once none is pending.
+    assert!(!st.mark_batch_cancelled("bob", &batch_id).await.unwrap());
+    assert!(st.mark_batch_cancelled("alice", &batch_id).await.unwrap());
+    let first = st.get_batch("alice", &batch_id).await.unwrap().unwrap();
+    assert!(st.mark_batch_cancelled("alice", &batch_id).await.unwrap());
+    let again = st.get_batch("alice", &batch_id).await.unwrap().unwrap();
+    assert!(first.cancelled_at.is_some());
+    assert_eq!(again.cancelled_at, first.cancelled_at);
+    assert_eq!(again.status, BatchStatus::InProgress, "one still pending");
+    let (last, _) = st
+        .transition(&requests[2].request_id, Transition::Cancel)
+        .await
+        .unwrap();
+    let ended = st.get_batch("alice", &batch_id).await.unwrap().unwrap();
+    assert_eq!(
+        (ended.status, ended.cancelled, ended.pending),
+        (BatchStatus::Cancelled, 1, 0)
+    );
+    assert_eq!(ended.finished_at.as_deref(), Some(last.updated_at.as_str()));
 }
 
 async fn idempotency_keys_claim_replay_and_release(s: Subject) {

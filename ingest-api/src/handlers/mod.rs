@@ -2,6 +2,7 @@
 //! calls the store (or, to accept work, [`accept`]), and returns a body; errors are `ApiError`s.
 
 pub mod auth;
+pub mod batches;
 pub mod conversations;
 pub mod events;
 pub mod ops;

@@ -253,6 +253,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
              UNION ALL SELECT c.user_id, 'message', m.message_id, m.conversation_id
                  FROM messages m JOIN conversations c ON c.conversation_id = m.conversation_id
              UNION ALL SELECT user_id, 'request', request_id, NULL FROM requests);",
+    // 11: batches listed by their user (newest id first), and cancelled as a whole.
+    "ALTER TABLE batches ADD COLUMN cancelled_at TEXT;
+     CREATE INDEX IF NOT EXISTS batches_by_user ON batches (user_id, batch_id);",
 ];
 
 fn migrate(c: &Connection) -> Result<()> {

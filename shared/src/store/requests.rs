@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use crate::domain::{Batch, ErrorBody, RequestRecord, RequestResult, Usage};
+use crate::domain::{Batch, ErrorBody, Page, RequestRecord, RequestResult, Usage};
 use crate::ids::{BatchId, RequestId};
 use crate::Result;
 
@@ -66,6 +66,22 @@ pub trait RequestStore: Send + Sync + 'static {
     ) -> Result<(RequestRecord, bool)>;
     /// A batch with its counts as of now.
     async fn get_batch(&self, user_id: &str, batch_id: &BatchId) -> Result<Option<Batch>>;
+    /// The user's batches, newest first, each counted as [`RequestStore::get_batch`] does.
+    async fn list_batches(
+        &self,
+        user_id: &str,
+        limit: usize,
+        next_token: Option<&str>,
+    ) -> Result<Page<Batch>>;
+    /// The user's requests of these ids, in the order given (those not found left out).
+    async fn batch_requests(
+        &self,
+        user_id: &str,
+        request_ids: &[RequestId],
+    ) -> Result<Vec<RequestRecord>>;
+    /// Records that the user cancelled the batch (its first cancel's time is kept); false
+    /// when the user has no such batch. Its requests are cancelled one by one by the caller.
+    async fn mark_batch_cancelled(&self, user_id: &str, batch_id: &BatchId) -> Result<bool>;
 }
 
 impl Transition {

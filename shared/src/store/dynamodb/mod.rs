@@ -553,6 +553,24 @@ impl DynamoStore {
         limit: usize,
         next_token: Option<&str>,
     ) -> Result<Page<T>> {
+        let page = self
+            .page_items(pk, prefix, forward, limit, next_token)
+            .await?;
+        Ok(Page {
+            next_token: page.next_token,
+            items: page.items.iter().map(body).collect::<Result<Vec<T>>>()?,
+        })
+    }
+
+    /// [`DynamoStore::page`] of the items themselves.
+    async fn page_items(
+        &self,
+        pk: &str,
+        prefix: &str,
+        forward: bool,
+        limit: usize,
+        next_token: Option<&str>,
+    ) -> Result<Page<Item>> {
         let out = self
             .client
             .query()
@@ -567,10 +585,9 @@ impl DynamoStore {
             .send()
             .await
             .map_err(|e| storage("query", e))?;
-        let items = out.items.unwrap_or_default();
         Ok(Page {
             next_token: encode_token(out.last_evaluated_key.as_ref()),
-            items: items.iter().map(body).collect::<Result<Vec<T>>>()?,
+            items: out.items.unwrap_or_default(),
         })
     }
 }

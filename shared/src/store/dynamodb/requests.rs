@@ -2,14 +2,16 @@
 //! version: a transition writes only over the version it read (optimistic concurrency), so
 //! racing workers cannot move a state backwards.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{KeysAndAttributes, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
 
 use super::{
     body, get_n, get_s, is_conditional_failure, key, mark_changed, n, s, storage, user_pk,
     DynamoStore, Item,
 };
-use crate::domain::{Batch, RequestRecord, RequestStatus};
+use crate::domain::{Batch, Page, RequestRecord};
 use crate::ids::{BatchId, RequestId};
 use crate::store::{RequestStore, Transition};
 use crate::time::now_secs;
@@ -19,6 +21,26 @@ use crate::{Error, Result};
 const FINISHED_REQUEST_TTL_SECS: i64 = 30 * 86_400;
 
 impl DynamoStore {
+    /// A batch's item counted from its requests as they are now (see [`Batch::counted`]).
+    async fn counted(&self, item: &Item) -> Result<Batch> {
+        let mut batch: Batch = body(item)?;
+        batch.cancelled_at = get_s(item, "cancelled_at").map(str::to_owned);
+        let mut batch = batch.recount();
+        let mut last: Option<String> = None;
+        for chunk in batch.request_ids.clone().chunks(100) {
+            let keys = chunk
+                .iter()
+                .map(|id| key(format!("REQ#{id}"), "REQ"))
+                .collect();
+            for item in self.batch_get(keys).await? {
+                let record: RequestRecord = body(&item)?;
+                batch.count(Some(record.status), 1);
+                last = last.max(Some(record.updated_at));
+            }
+        }
+        Ok(batch.counted(last))
+    }
+
     /// A request's item, as every write of a request puts it whole: marked as a change of its
     /// owner's, now (build it again for each try of a write).
     pub(crate) fn request_item(user_id: &str, r: &RequestRecord, version: i64) -> Result<Item> {
@@ -121,52 +143,75 @@ impl RequestStore for DynamoStore {
     }
 
     async fn get_batch(&self, user_id: &str, batch_id: &BatchId) -> Result<Option<Batch>> {
-        let Some(item) = self
+        match self
             .get(&user_pk(user_id), &format!("BATCH#{batch_id}"))
             .await?
-        else {
-            return Ok(None);
-        };
-        let mut batch: Batch = body(&item)?;
-        (batch.succeeded, batch.failed, batch.pending) = (0, 0, 0);
-        let ids = std::mem::take(&mut batch.request_ids);
-        for chunk in ids.chunks(100) {
+        {
+            Some(item) => self.counted(&item).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_batches(
+        &self,
+        user_id: &str,
+        limit: usize,
+        next_token: Option<&str>,
+    ) -> Result<Page<Batch>> {
+        let page = self
+            .page_items(&user_pk(user_id), "BATCH#", false, limit, next_token)
+            .await?;
+        let mut items = Vec::with_capacity(page.items.len());
+        for item in &page.items {
+            items.push(self.counted(item).await?);
+        }
+        Ok(Page {
+            items,
+            next_token: page.next_token,
+        })
+    }
+
+    async fn batch_requests(
+        &self,
+        user_id: &str,
+        request_ids: &[RequestId],
+    ) -> Result<Vec<RequestRecord>> {
+        let mut found: HashMap<String, RequestRecord> = HashMap::new();
+        for chunk in request_ids.chunks(100) {
             let mut keys: Vec<Item> = chunk
                 .iter()
                 .map(|id| key(format!("REQ#{id}"), "REQ"))
                 .collect();
-            while !keys.is_empty() {
-                let out = self
-                    .client
-                    .batch_get_item()
-                    .request_items(
-                        &self.table,
-                        KeysAndAttributes::builder()
-                            .set_keys(Some(keys))
-                            .projection_expression("#s")
-                            .expression_attribute_names("#s", "status")
-                            .consistent_read(true)
-                            .build()
-                            .map_err(|e| storage("build a batch read", e))?,
-                    )
-                    .send()
-                    .await
-                    .map_err(|e| storage("read batch", e))?;
-                for item in out
-                    .responses
-                    .and_then(|mut r| r.remove(&self.table))
-                    .unwrap_or_default()
-                {
-                    batch.count(get_s(&item, "status").and_then(RequestStatus::parse), 1);
+            keys.dedup();
+            for item in self.batch_get(keys).await? {
+                if get_s(&item, "user_id") == Some(user_id) {
+                    let record: RequestRecord = body(&item)?;
+                    found.insert(record.request_id.to_string(), record);
                 }
-                keys = out
-                    .unprocessed_keys
-                    .and_then(|mut u| u.remove(&self.table))
-                    .map(|k| k.keys)
-                    .unwrap_or_default();
             }
         }
-        batch.request_ids = ids;
-        Ok(Some(batch))
+        Ok(request_ids
+            .iter()
+            .filter_map(|id| found.remove(id.as_str()))
+            .collect())
+    }
+
+    async fn mark_batch_cancelled(&self, user_id: &str, batch_id: &BatchId) -> Result<bool> {
+        let written = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(user_pk(user_id), format!("BATCH#{batch_id}"))))
+            // The first cancel's time is kept: a repeated cancel changes nothing.
+            .update_expression("SET cancelled_at = if_not_exists(cancelled_at, :at)")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":at", s(crate::time::now_rfc3339()))
+            .send()
+            .await;
+        match written {
+            Ok(_) => Ok(true),
+            Err(e) if is_conditional_failure(&e) => Ok(false),
+            Err(e) => Err(storage("cancel a batch", e)),
+        }
     }
 }

@@ -307,7 +307,7 @@ impl DynamoStore {
 
     /// The items of up to 100 keys, asking again for what DynamoDB left unprocessed (it does
     /// under throttling) a few times before giving up.
-    async fn batch_get(&self, mut keys: Vec<Item>) -> Result<Vec<Item>> {
+    pub(super) async fn batch_get(&self, mut keys: Vec<Item>) -> Result<Vec<Item>> {
         let mut items = Vec::new();
         for attempt in 0..5 {
             if keys.is_empty() {
