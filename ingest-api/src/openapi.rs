@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 use shared::domain::{
-    Batch, BatchStatus, Conversation, ErrorBody, Memory, Message, MessageStatus, Persona, PersonaEdit,
-    PersonaSource, RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role,
-    Usage, Variant,
+    Batch, BatchStatus, Conversation, ErrorBody, Memory, Message, MessageStatus, Persona,
+    PersonaEdit, PersonaSource, RequestInput, RequestKind, RequestRecord, RequestResult,
+    RequestStatus, Role, Usage, Variant,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};

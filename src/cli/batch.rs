@@ -20,7 +20,8 @@ pub struct BatchArgs {
     pub email: Option<String>,
     #[arg(long, env = "CHARACTERBOT_PASSWORD")]
     pub password: Option<String>,
-    /// File of prompts, one per line ("-" or absent: standard input).
+    /// File of prompts: one a line, or JSON lines `{"custom_id": "...", "prompt": "..."}`
+    /// ("-" or absent: standard input). Results are keyed by `custom_id`, else line number.
     #[arg(long)]
     pub file: Option<PathBuf>,
     /// Where to write the results as JSON lines (absent: standard output).

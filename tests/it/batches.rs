@@ -100,7 +100,10 @@ async fn batch_lifecycle(app: TestApp) {
 
     // Another user's batch is not there for them.
     let (status, _) = app
-        .get(Some(&bob.token), &format!("/v1/batches/{second_id}/results"))
+        .get(
+            Some(&bob.token),
+            &format!("/v1/batches/{second_id}/results"),
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, theirs) = app.get(Some(&bob.token), "/v1/batches").await;

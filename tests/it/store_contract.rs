@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::common::{self, key_claim, stored};
 use shared::domain::{
-    Batch, BatchStatus, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource, RequestInput,
-    RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
+    Batch, BatchStatus, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource,
+    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
 };
 use shared::ids::{BatchId, ConversationId, MessageId, PersonaId};
 use shared::sqlite::Db;
@@ -624,7 +624,12 @@ async fn requests_only_move_forward_and_batches_count_them(s: Subject) {
     // Listed for its owner only; its requests read back in the order asked, owner scoped.
     let listed = st.list_batches("alice", 10, None).await.unwrap();
     assert_eq!(listed.items, vec![counts.clone()]);
-    assert!(st.list_batches("bob", 10, None).await.unwrap().items.is_empty());
+    assert!(st
+        .list_batches("bob", 10, None)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
     let ids: Vec<_> = batch.request_ids.iter().rev().cloned().collect();
     let read = st.batch_requests("alice", &ids).await.unwrap();
     let read_ids: Vec<_> = read.iter().map(|r| r.request_id.clone()).collect();

@@ -210,16 +210,14 @@ pub async fn results(
         None => 0,
         Some(t) => token::decode(t)
             .and_then(|s| s.strip_prefix("results:")?.parse::<usize>().ok())
-            .ok_or_else(|| ApiError::bad_request("invalid_next_token", "next_token is not valid"))?,
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_next_token", "next_token is not valid")
+            })?,
     };
     let batch = read_batch(&state, &caller, &id).await?;
     let ids = batch.request_ids.get(from..).unwrap_or_default();
     let ids = &ids[..ids.len().min(limit)];
-    let records = state
-        .ports
-        .store
-        .batch_requests(caller.id(), ids)
-        .await?;
+    let records = state.ports.store.batch_requests(caller.id(), ids).await?;
     let mut found: HashMap<RequestId, RequestRecord> = records
         .into_iter()
         .map(|r| (r.request_id.clone(), r))
@@ -234,7 +232,8 @@ pub async fn results(
         batch_id: batch.batch_id,
         status: batch.status,
         items,
-        next_token: (end < batch.request_ids.len()).then(|| token::encode(&format!("results:{end}"))),
+        next_token: (end < batch.request_ids.len())
+            .then(|| token::encode(&format!("results:{end}"))),
     }))
 }
 

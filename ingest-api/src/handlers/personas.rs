@@ -6,7 +6,9 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use shared::atomic::Accept;
-use shared::domain::{Persona, PersonaEdit, RequestInput, RequestKind, RequestRecord, RequestStatus};
+use shared::domain::{
+    Persona, PersonaEdit, RequestInput, RequestKind, RequestRecord, RequestStatus,
+};
 use shared::ids::PersonaId;
 use utoipa::ToSchema;
 

@@ -209,7 +209,11 @@ fn reprepares(c: &Connection) -> Result<i32> {
 async fn a_cached_statement_is_not_prepared_again_for_each_limit() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path()).await.unwrap();
-    assert_eq!(db.write(|c| reprepares(c)).await.unwrap(), 0, "writer");
-    assert_eq!(db.call(|c| reprepares(c)).await.unwrap(), 0, "pooled reader");
-    assert_eq!(db.read_here(|c| reprepares(c)).unwrap(), 0, "reader");
+    assert_eq!(db.write(reprepares).await.unwrap(), 0, "writer");
+    assert_eq!(
+        db.call(|c| reprepares(c)).await.unwrap(),
+        0,
+        "pooled reader"
+    );
+    assert_eq!(db.read_here(reprepares).unwrap(), 0, "reader");
 }
