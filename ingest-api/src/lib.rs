@@ -164,9 +164,11 @@ fn authenticated_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/requests/{id}/cancel", post(requests::cancel))
         .route("/v1/events", get(events::stream))
         .route("/v1/sync", get(sync::sync))
-        // Layers run outside-in: authenticate (added last) runs before idempotency.
-        .layer(from_fn_with_state(state.clone(), middleware::idempotency))
-        .layer(from_fn_with_state(state.clone(), middleware::authenticate))
+        // Layers run outside-in: authenticate (added last) runs before idempotency. Route
+        // layers: a method a route does not have is answered `405` before either runs (an
+        // `Idempotency-Key` is never claimed for a request no handler takes).
+        .route_layer(from_fn_with_state(state.clone(), middleware::idempotency))
+        .route_layer(from_fn_with_state(state.clone(), middleware::authenticate))
 }
 
 /// The span of one request: method, path and ids.
@@ -207,6 +209,7 @@ pub fn router(state: AppState) -> Router {
     public
         .merge(authenticated_routes(&state))
         .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .route_layer(from_fn_with_state(state.clone(), middleware::track))
         .layer(axum::middleware::from_fn(middleware::log_server_errors))
         .layer(DefaultBodyLimit::max(state.options.max_body_bytes))

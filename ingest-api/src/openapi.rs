@@ -84,3 +84,145 @@ impl Modify for BearerAuth {
         );
     }
 }
+
+/// The document as served: [`ApiDoc`] completed by [`complete`] for these options.
+pub fn document(options: &crate::ApiOptions) -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    complete(&mut doc, options);
+    doc
+}
+
+/// The error answers every operation can give, and why; [`answers`] says which apply.
+const ERROR_ANSWERS: [(&str, &str); 10] = [
+    ("400", "The request is not valid: a parameter, the body or a header (`error.code` says which rule)"),
+    ("401", "No valid access token (`unauthorized`)"),
+    ("404", "Not found, or not the caller's (`not_found`)"),
+    ("408", "The body did not arrive in time (`request_timeout`)"),
+    ("409", "A request with this `Idempotency-Key` is still being handled (`idempotency_key_in_use`)"),
+    ("413", "The body is too large (`payload_too_large`)"),
+    ("415", "The body is not `application/json` (`unsupported_media_type`)"),
+    ("422", "This `Idempotency-Key` was used for a different request (`idempotency_key_reused`)"),
+    ("429", "Too many requests, streams or failed sign-ins; `Retry-After` says when to try again"),
+    ("503", "Overloaded or a dependency is down (`busy`, `unavailable`); `Retry-After` when known"),
+];
+
+/// Completes the generated document with what the middleware and the extractors answer,
+/// declared once here rather than on each handler, so a new route is documented as exactly
+/// as the old ones: the error answers of each operation (with the error schema), the
+/// `Idempotency-Key` header wherever it is honoured, operation ids unique across tags (client
+/// generators name methods after them), and the configured limits on the bodies.
+fn complete(doc: &mut serde_json::Value, options: &crate::ApiOptions) {
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            if let Some(methods) = item.as_object_mut() {
+                for (method, op) in methods.iter_mut() {
+                    complete_operation(path, method, op);
+                }
+            }
+        }
+    }
+    limits(doc, options);
+}
+
+fn complete_operation(path: &str, method: &str, op: &mut serde_json::Value) {
+    use serde_json::json;
+    let tag = op["tags"][0].as_str().unwrap_or("api").to_owned();
+    if let Some(id) = op["operationId"].as_str() {
+        if !id.starts_with(&tag) {
+            op["operationId"] = json!(format!("{tag}_{id}"));
+        }
+    }
+    let idempotent = op.get("security").is_some() && (method == "post" || method == "patch");
+    if idempotent && !has_header(op, "Idempotency-Key") {
+        add_parameter(
+            op,
+            json!({
+                "name": "Idempotency-Key", "in": "header", "required": false,
+                "description": "Makes retries safe: a repeat with the same key and body gets the first answer",
+                "schema": { "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$" }
+            }),
+        );
+    }
+    let answers = answers(path, op, idempotent);
+    let Some(responses) = op["responses"].as_object_mut() else {
+        return;
+    };
+    for (code, description) in ERROR_ANSWERS {
+        if answers.contains(&code) && !responses.contains_key(code) {
+            responses.insert(code.into(), json!({ "description": description }));
+        }
+    }
+    for (code, answer) in responses.iter_mut() {
+        if code.starts_with('4') || code.starts_with('5') {
+            answer["content"] = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ErrorResponse" } } });
+        }
+    }
+}
+
+/// The statuses of [`ERROR_ANSWERS`] an operation can answer, by what it takes.
+fn answers(path: &str, op: &serde_json::Value, idempotent: bool) -> Vec<&'static str> {
+    let has = |place: &str| {
+        op["parameters"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["in"] == place))
+    };
+    let body = op.get("requestBody").is_some();
+    let v1 = path.starts_with("/v1/");
+    [
+        ("400", body || has("query") || has("path") || idempotent),
+        ("401", op.get("security").is_some()),
+        ("404", has("path")),
+        ("408", body),
+        ("409", idempotent),
+        ("413", body),
+        ("415", body),
+        ("422", idempotent),
+        ("429", v1),
+        ("503", v1),
+    ]
+    .into_iter()
+    .filter_map(|(code, applies)| applies.then_some(code))
+    .collect()
+}
+
+fn has_header(op: &serde_json::Value, name: &str) -> bool {
+    op["parameters"].as_array().is_some_and(|ps| {
+        ps.iter().any(|p| {
+            p["in"] == "header"
+                && p["name"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+    })
+}
+
+fn add_parameter(op: &mut serde_json::Value, parameter: serde_json::Value) {
+    match op["parameters"].as_array_mut() {
+        Some(ps) => ps.push(parameter),
+        None => op["parameters"] = serde_json::json!([parameter]),
+    }
+}
+
+/// The configured limits on the bodies (`CHARACTERBOT_MAX_PROMPT_CHARS` and the like), which
+/// the annotations cannot know.
+fn limits(doc: &mut serde_json::Value, o: &crate::ApiOptions) {
+    use serde_json::json;
+    let text = |max: usize| json!({ "type": "string", "minLength": 1, "maxLength": max, "pattern": crate::handlers::NOT_BLANK });
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["CreatePersona"]["properties"]["prompt"] = text(o.max_prompt_chars);
+    schemas["BatchItem"]["properties"]["prompt"] = text(o.max_prompt_chars);
+    schemas["PostMessage"]["properties"]["text"] = text(o.max_message_chars);
+    schemas["EditMessage"]["properties"]["text"] = text(o.max_message_chars);
+    let title = text(shared::domain::TITLE_MAX_CHARS);
+    schemas["RenameConversation"]["properties"]["title"] = title.clone();
+    let mut optional_title = title;
+    optional_title["type"] = json!(["string", "null"]);
+    schemas["CreateConversation"]["properties"]["title"] = optional_title;
+    let batch = &mut schemas["CreateBatch"]["properties"];
+    batch["prompts"] = json!({ "type": ["array", "null"], "items": text(o.max_prompt_chars), "minItems": 1, "maxItems": o.max_batch });
+    // Exactly one of the two (`invalid_batch` otherwise).
+    schemas["CreateBatch"]["oneOf"] =
+        json!([{ "required": ["prompts"] }, { "required": ["items"] }]);
+    let batch = &mut schemas["CreateBatch"]["properties"];
+    batch["items"] = json!({ "type": ["array", "null"], "items": { "$ref": "#/components/schemas/BatchItem" }, "minItems": 1, "maxItems": o.max_batch });
+}

@@ -44,6 +44,7 @@ mod idempotency;
 mod infra;
 mod isolation;
 mod openai;
+mod openapi;
 mod processes;
 mod push;
 mod queue_contract;

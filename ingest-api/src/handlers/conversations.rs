@@ -41,8 +41,10 @@ pub struct RenameConversation {
 
 /// `?limit=&next_token=&persona_id=` of the conversation list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ConversationQuery {
     /// 1 to 100; 20 when absent.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<usize>,
     /// The `next_token` of the previous page.
     pub next_token: Option<String>,

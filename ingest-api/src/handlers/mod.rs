@@ -25,10 +25,23 @@ use crate::extract::{Claim, Trace};
 use crate::middleware::{replay, stored_answer, AnswerRecorded};
 use crate::AppState;
 
+/// What a text field must hold besides blanks, as the OpenAPI document's `pattern`. Blanks are
+/// the four ASCII ones only: JSON Schema's regular expressions (ECMAScript's) and the test
+/// generators' (Python's) disagree on which Unicode characters `\s` matches, and the document
+/// must say exactly what the API accepts.
+pub const NOT_BLANK: &str = "[^ \t\r\n]";
+
+/// A blank of [`NOT_BLANK`]: trimmed from text fields, and all a rejected one holds.
+pub fn is_blank(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\r' | '\n')
+}
+
 /// `?limit=&next_token=` of every listing.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// 1 to 100; 20 when absent.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<usize>,
     /// The `next_token` of the previous page.
     pub next_token: Option<String>,
@@ -70,14 +83,15 @@ pub fn check_text(
     empty_code: &'static str,
     long_code: &'static str,
 ) -> Result<String, ApiError> {
-    let trimmed = value.trim();
+    let trimmed = value.trim_matches(is_blank);
     if trimmed.is_empty() {
         return Err(ApiError::bad_request(
             empty_code,
             format!("`{field}` must not be empty"),
         ));
     }
-    let n = trimmed.chars().count();
+    // As sent: the OpenAPI document's `maxLength` counts the same characters.
+    let n = value.chars().count();
     if n > max {
         return Err(ApiError::bad_request(
             long_code,

@@ -7,7 +7,6 @@ use axum::response::IntoResponse;
 use serde_json::json;
 use shared::domain::RequestKind;
 use shared::metrics::QueueLabels;
-use utoipa::OpenApi;
 
 use crate::error::ApiError;
 use crate::extract::AppJson;
@@ -27,7 +26,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<AppJson<serde_json:
     Ok(AppJson(json!({ "status": "ready" })))
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "application/openmetrics-text", description = "Prometheus/OpenMetrics text")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for kind in RequestKind::ALL {
         let queue = state.ports.queue(kind);
@@ -58,9 +57,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-#[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200)))]
-pub async fn openapi() -> impl IntoResponse {
-    AppJson(crate::openapi::ApiDoc::openapi())
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200, content_type = "application/json", description = "This document")))]
+pub async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
+    AppJson(crate::openapi::document(&state.options))
 }
 
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200), (status = 404)))]

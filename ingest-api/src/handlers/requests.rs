@@ -21,6 +21,7 @@ use crate::AppState;
 const RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Seconds to wait for the request to finish before answering (0 to 20).
     pub wait: Option<u64>,

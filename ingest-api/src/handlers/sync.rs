@@ -15,10 +15,12 @@ use crate::extract::{AppJson, AppQuery, Caller};
 use crate::AppState;
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SyncQuery {
     /// The `cursor` of the last sync; absent: everything, from the beginning.
     pub since: Option<String>,
     /// Changes per page, 1 to 500; 100 when absent.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
 }
 
