@@ -120,8 +120,9 @@ pub async fn authenticate(
     Ok(next.run(req).await)
 }
 
+/// Printable ASCII, spaces included, as the IETF draft's key (a structured-field string) is.
 fn valid_key(key: &str) -> bool {
-    !key.is_empty() && key.len() <= MAX_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic())
+    !key.is_empty() && key.len() <= MAX_KEY_LEN && key.bytes().all(|b| (b' '..=b'~').contains(&b))
 }
 
 /// Idempotency keys, as Stripe and the IETF draft define them: scoped to the user; the first
@@ -185,13 +186,18 @@ fn requested_key(req: &Request) -> Result<Option<String>, ApiError> {
     if req.method() != Method::POST && req.method() != Method::PATCH {
         return Ok(None);
     }
-    let Some(key) = req.headers().get("idempotency-key") else {
+    // An empty key is no key (some HTTP clients send a header they were given no value for).
+    let Some(key) = req
+        .headers()
+        .get("idempotency-key")
+        .filter(|k| !k.is_empty())
+    else {
         return Ok(None);
     };
     let key = key.to_str().ok().filter(|k| valid_key(k)).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_idempotency_key",
-            format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+            format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} printable ASCII characters"),
         )
     })?;
     Ok(Some(key.to_owned()))

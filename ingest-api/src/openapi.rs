@@ -122,6 +122,259 @@ fn complete(doc: &mut serde_json::Value, options: &crate::ApiOptions) {
         }
     }
     limits(doc, options);
+    links(doc);
+}
+
+/// OpenAPI links from the operations that create or list a record to those that take its id,
+/// so a generator (or a stateful test) can follow them: `(from, status, to, parameters)` with
+/// each parameter a runtime expression; `persona_id` in a body as `body:persona_id`.
+/// `(from, status, to, parameters)`: see [`LINKS`].
+type Link = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+const LINKS: &[Link] = &[
+    (
+        "personas_create",
+        "202",
+        "requests_get",
+        &[("id", "$response.body#/request_id")],
+    ),
+    (
+        "personas_create",
+        "202",
+        "requests_cancel",
+        &[("id", "$response.body#/request_id")],
+    ),
+    (
+        "requests_get",
+        "200",
+        "personas_get",
+        &[("id", "$response.body#/result/persona/persona_id")],
+    ),
+    (
+        "personas_list",
+        "200",
+        "personas_get",
+        &[("id", "$response.body#/items/0/persona_id")],
+    ),
+    (
+        "personas_get",
+        "200",
+        "personas_edit",
+        &[("id", "$response.body#/persona_id")],
+    ),
+    (
+        "personas_get",
+        "200",
+        "personas_delete",
+        &[("id", "$response.body#/persona_id")],
+    ),
+    (
+        "personas_get",
+        "200",
+        "conversations_create",
+        &[("body:persona_id", "$response.body#/persona_id")],
+    ),
+    (
+        "conversations_create",
+        "201",
+        "conversations_get",
+        &[("id", "$response.body#/conversation_id")],
+    ),
+    (
+        "conversations_create",
+        "201",
+        "conversations_rename",
+        &[("id", "$response.body#/conversation_id")],
+    ),
+    (
+        "conversations_create",
+        "201",
+        "conversations_delete",
+        &[("id", "$response.body#/conversation_id")],
+    ),
+    (
+        "conversations_create",
+        "201",
+        "conversations_post_message",
+        &[("id", "$response.body#/conversation_id")],
+    ),
+    (
+        "conversations_create",
+        "201",
+        "conversations_list_messages",
+        &[("id", "$response.body#/conversation_id")],
+    ),
+    (
+        "conversations_create",
+        "201",
+        "conversations_get_memory",
+        &[("id", "$response.body#/conversation_id")],
+    ),
+    (
+        "conversations_create",
+        "201",
+        "conversations_put_memory",
+        &[("id", "$response.body#/conversation_id")],
+    ),
+    (
+        "conversations_list",
+        "200",
+        "conversations_get",
+        &[("id", "$response.body#/items/0/conversation_id")],
+    ),
+    (
+        "conversations_post_message",
+        "202",
+        "requests_get",
+        &[("id", "$response.body#/request_id")],
+    ),
+    (
+        "conversations_post_message",
+        "202",
+        "requests_cancel",
+        &[("id", "$response.body#/request_id")],
+    ),
+    (
+        "conversations_post_message",
+        "202",
+        "conversations_edit",
+        &[
+            ("id", "$request.path.id"),
+            ("message_id", "$response.body#/message_id"),
+        ],
+    ),
+    (
+        "conversations_post_message",
+        "202",
+        "conversations_rewind",
+        &[
+            ("id", "$request.path.id"),
+            ("body:message_id", "$response.body#/message_id"),
+        ],
+    ),
+    (
+        "conversations_list_messages",
+        "200",
+        "conversations_regenerate",
+        &[
+            ("id", "$request.path.id"),
+            ("message_id", "$response.body#/items/0/message_id"),
+        ],
+    ),
+    (
+        "conversations_list_messages",
+        "200",
+        "conversations_select",
+        &[
+            ("id", "$request.path.id"),
+            ("message_id", "$response.body#/items/0/message_id"),
+        ],
+    ),
+    (
+        "batches_create",
+        "202",
+        "batches_get",
+        &[("id", "$response.body#/batch_id")],
+    ),
+    (
+        "batches_create",
+        "202",
+        "batches_results",
+        &[("id", "$response.body#/batch_id")],
+    ),
+    (
+        "batches_create",
+        "202",
+        "batches_cancel",
+        &[("id", "$response.body#/batch_id")],
+    ),
+    (
+        "batches_create",
+        "202",
+        "requests_get",
+        &[("id", "$response.body#/request_ids/0")],
+    ),
+    (
+        "batches_list",
+        "200",
+        "batches_get",
+        &[("id", "$response.body#/items/0/batch_id")],
+    ),
+];
+
+/// `PATCH /v1/personas/{id}`: each field optional (`null` as absent), at least one given.
+fn persona_edit(schema: &mut serde_json::Value) {
+    use serde_json::json;
+    use shared::domain::{PersonaEdit, PERSONA_FIELD_MAX_CHARS, PERSONA_NAME_MAX_CHARS};
+    let text = |max: usize| json!({ "type": ["string", "null"], "minLength": 1, "maxLength": max, "pattern": crate::handlers::NOT_BLANK });
+    let fields = [
+        "name",
+        "description",
+        "personality",
+        "speaking_style",
+        "greeting",
+    ];
+    for field in fields {
+        let max = if field == "name" {
+            PERSONA_NAME_MAX_CHARS
+        } else {
+            PERSONA_FIELD_MAX_CHARS
+        };
+        schema["properties"][field] = text(max);
+    }
+    let mut greeting = text(PERSONA_FIELD_MAX_CHARS);
+    greeting["type"] = json!("string");
+    schema["properties"]["alternate_greetings"] = json!({
+        "type": ["array", "null"], "items": greeting, "maxItems": PersonaEdit::MAX_ALTERNATES
+    });
+    let given: Vec<_> = fields
+        .iter()
+        .map(|f| json!({ "required": [f], "properties": { *f: { "type": "string" } } }))
+        .chain([json!({ "required": ["alternate_greetings"], "properties": { "alternate_greetings": { "type": "array" } } })])
+        .collect();
+    schema["anyOf"] = json!(given);
+}
+
+fn links(doc: &mut serde_json::Value) {
+    use serde_json::{json, Map, Value};
+    let mut by_id: std::collections::HashMap<String, (String, String)> = Default::default();
+    if let Some(paths) = doc["paths"].as_object() {
+        for (path, item) in paths {
+            for (method, op) in item.as_object().into_iter().flatten() {
+                if let Some(id) = op["operationId"].as_str() {
+                    by_id.insert(id.to_owned(), (path.clone(), method.clone()));
+                }
+            }
+        }
+    }
+    for (from, status, to, parameters) in LINKS {
+        let (Some((path, method)), true) = (by_id.get(*from), by_id.contains_key(*to)) else {
+            continue;
+        };
+        let (mut params, mut body) = (Map::new(), Map::new());
+        for (name, expression) in *parameters {
+            match name.strip_prefix("body:") {
+                Some(field) => body.insert(field.to_owned(), json!(expression)),
+                None => params.insert((*name).to_owned(), json!(expression)),
+            };
+        }
+        let mut link = json!({ "operationId": to });
+        if !params.is_empty() {
+            link["parameters"] = Value::Object(params);
+        }
+        if !body.is_empty() {
+            link["requestBody"] = Value::Object(body);
+        }
+        let answer = &mut doc["paths"][path][method]["responses"][*status];
+        if answer.is_object() {
+            answer["links"][format!("{to}_from_{from}")] = link;
+        }
+    }
 }
 
 fn complete_operation(path: &str, method: &str, op: &mut serde_json::Value) {
@@ -138,8 +391,8 @@ fn complete_operation(path: &str, method: &str, op: &mut serde_json::Value) {
             op,
             json!({
                 "name": "Idempotency-Key", "in": "header", "required": false,
-                "description": "Makes retries safe: a repeat with the same key and body gets the first answer",
-                "schema": { "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$" }
+                "description": "Makes retries safe: a repeat with the same key and body gets the first answer (empty: no key)",
+                "schema": { "type": "string", "maxLength": 255, "pattern": "^[ -~]*$" }
             }),
         );
     }
@@ -209,8 +462,22 @@ fn limits(doc: &mut serde_json::Value, o: &crate::ApiOptions) {
     use serde_json::json;
     let text = |max: usize| json!({ "type": "string", "minLength": 1, "maxLength": max, "pattern": crate::handlers::NOT_BLANK });
     let schemas = &mut doc["components"]["schemas"];
+    {
+        use shared::auth::local::{
+            EMAIL_MAX_CHARS, EMAIL_PATTERN, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS,
+        };
+        let credentials = &mut schemas["Credentials"]["properties"];
+        credentials["email"] =
+            json!({ "type": "string", "maxLength": EMAIL_MAX_CHARS, "pattern": EMAIL_PATTERN });
+        credentials["password"] = json!({ "type": "string", "minLength": MIN_PASSWORD_CHARS, "maxLength": MAX_PASSWORD_CHARS });
+    }
     schemas["CreatePersona"]["properties"]["prompt"] = text(o.max_prompt_chars);
+    persona_edit(&mut schemas["PersonaEdit"]);
     schemas["BatchItem"]["properties"]["prompt"] = text(o.max_prompt_chars);
+    schemas["BatchItem"]["properties"]["custom_id"] = json!({
+        "type": "string", "minLength": 1, "maxLength": crate::handlers::batches::CUSTOM_ID_MAX_CHARS,
+        "pattern": "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    });
     schemas["PostMessage"]["properties"]["text"] = text(o.max_message_chars);
     schemas["EditMessage"]["properties"]["text"] = text(o.max_message_chars);
     let title = text(shared::domain::TITLE_MAX_CHARS);
@@ -220,9 +487,11 @@ fn limits(doc: &mut serde_json::Value, o: &crate::ApiOptions) {
     schemas["CreateConversation"]["properties"]["title"] = optional_title;
     let batch = &mut schemas["CreateBatch"]["properties"];
     batch["prompts"] = json!({ "type": ["array", "null"], "items": text(o.max_prompt_chars), "minItems": 1, "maxItems": o.max_batch });
-    // Exactly one of the two (`invalid_batch` otherwise).
-    schemas["CreateBatch"]["oneOf"] =
-        json!([{ "required": ["prompts"] }, { "required": ["items"] }]);
+    // Exactly one of the two given as a list (`invalid_batch` otherwise).
+    schemas["CreateBatch"]["oneOf"] = json!([
+        { "required": ["prompts"], "properties": { "prompts": { "type": "array" } } },
+        { "required": ["items"], "properties": { "items": { "type": "array" } } }
+    ]);
     let batch = &mut schemas["CreateBatch"]["properties"];
     batch["items"] = json!({ "type": ["array", "null"], "items": { "$ref": "#/components/schemas/BatchItem" }, "minItems": 1, "maxItems": o.max_batch });
 }

@@ -46,12 +46,14 @@ pub struct PersonaDraft {
 
 /// Longest accepted field of a persona, in characters; longer model output is rejected.
 pub const PERSONA_FIELD_MAX_CHARS: usize = 2_000;
+/// Longest persona name, in characters.
+pub const PERSONA_NAME_MAX_CHARS: usize = 120;
 
 impl PersonaDraft {
     /// Checks what a model returned before it is stored: no empty field, no runaway length.
     pub fn validate(&self) -> Result<(), String> {
         let fields = [
-            ("name", &self.name, 120),
+            ("name", &self.name, PERSONA_NAME_MAX_CHARS),
             ("description", &self.description, PERSONA_FIELD_MAX_CHARS),
             ("personality", &self.personality, PERSONA_FIELD_MAX_CHARS),
             (
@@ -155,7 +157,7 @@ impl PersonaEdit {
     /// or too long field, too many alternates.
     pub fn checked(mut self) -> Result<Self, String> {
         let fields = [
-            ("name", &mut self.name, 120),
+            ("name", &mut self.name, PERSONA_NAME_MAX_CHARS),
             (
                 "description",
                 &mut self.description,
@@ -217,12 +219,14 @@ impl PersonaEdit {
     }
 }
 
+/// A field of a client's edit: not blank (only spaces, tabs, line ends), at most `max`
+/// characters as sent (the rule the OpenAPI document states); stored trimmed of those blanks.
 fn checked_field(field: &str, value: &str, max: usize) -> Result<String, String> {
-    let trimmed = value.trim();
-    let len = trimmed.chars().count();
-    if len == 0 {
+    let trimmed = value.trim_matches([' ', '\t', '\r', '\n']);
+    if trimmed.is_empty() {
         return Err(format!("persona field `{field}` is empty"));
     }
+    let len = value.chars().count();
     if len > max {
         return Err(format!(
             "persona field `{field}` is longer than {max} characters"

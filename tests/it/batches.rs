@@ -188,10 +188,6 @@ async fn bad_batches_are_refused_and_queue_nothing() {
         ),
         (json!({ "items": [] }), "empty_batch"),
         (
-            json!({ "items": [{ "custom_id": "1", "prompt": "a" }, { "custom_id": "1", "prompt": "b" }] }),
-            "duplicate_custom_id",
-        ),
-        (
             json!({ "items": [{ "custom_id": long_id, "prompt": "a" }] }),
             "invalid_custom_id",
         ),
@@ -210,6 +206,12 @@ async fn bad_batches_are_refused_and_queue_nothing() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
         assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
     }
+    let twice = json!({ "items": [{ "custom_id": "1", "prompt": "a" }, { "custom_id": "1", "prompt": "b" }] });
+    let (status, answer) = app
+        .post(Some(&alice.token), "/v1/personas/batch", twice)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["code"], "duplicate_custom_id");
     let (_, listed) = app.get(Some(&alice.token), "/v1/batches").await;
     assert_eq!(listed["items"], json!([]), "nothing was created");
 

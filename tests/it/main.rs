@@ -49,6 +49,7 @@ mod processes;
 mod push;
 mod queue_contract;
 mod reliability;
+mod schemathesis;
 mod store_contract;
 mod sync;
 mod trace;

@@ -66,7 +66,8 @@ pub struct BatchAccepted {
 
 #[utoipa::path(post, path = "/v1/personas/batch", tag = "batches", request_body = CreateBatch,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and body answer the same batch")),
-    responses((status = 202, body = BatchAccepted), (status = 400), (status = 401), (status = 413)),
+    responses((status = 202, body = BatchAccepted), (status = 400), (status = 401), (status = 413),
+        (status = 422, description = "a `custom_id` given twice (`duplicate_custom_id`)")),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -341,6 +342,10 @@ fn checked_items(
                     code,
                     message: format!("{field}[{i}]: {message}"),
                 },
+                ApiError::Unprocessable { code, message } => ApiError::Unprocessable {
+                    code,
+                    message: format!("{field}[{i}]: {message}"),
+                },
                 other => other,
             };
             if let Some(id) = &custom_id {
@@ -359,11 +364,13 @@ fn check_custom_id(id: &str, seen: &mut HashSet<String>) -> Result<(), ApiError>
             format!("custom_id must be 1 to {CUSTOM_ID_MAX_CHARS} characters, without control characters"),
         ));
     }
+    // 422: each item fits the schema (which cannot say "unique by one field"); together they
+    // cannot be processed.
     if !seen.insert(id.to_owned()) {
-        return Err(ApiError::bad_request(
-            "duplicate_custom_id",
-            format!("custom_id {id:?} is given twice"),
-        ));
+        return Err(ApiError::Unprocessable {
+            code: "duplicate_custom_id",
+            message: format!("custom_id {id:?} is given twice"),
+        });
     }
     Ok(())
 }

@@ -25,8 +25,8 @@ pub struct CreateConversation {
     pub persona_id: PersonaId,
     /// Which of the persona's greetings opens the conversation: 0 (the default) is its
     /// `greeting`, 1 the first of its `alternate_greetings`, and so on.
-    #[serde(default)]
-    #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "super::whole_number")]
+    #[schema(minimum = 0, maximum = 4_294_967_295_u64)]
     pub greeting_index: usize,
     /// Its title; otherwise the opening words of the first message become it.
     #[schema(max_length = 80)]

@@ -36,6 +36,21 @@ pub fn is_blank(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\r' | '\n')
 }
 
+/// A JSON Schema `integer` as a count: JSON Schema counts `2.0` as an integer, so the API takes
+/// it as 2 (serde alone refuses it).
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    use serde::de::Error;
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(f))
+                .map(|f| f as u64)
+        })
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| D::Error::custom("expected a whole number from 0"))
+}
+
 /// `?limit=&next_token=` of every listing.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
