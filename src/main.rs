@@ -52,6 +52,14 @@ enum Command {
     },
     /// Client: create many personas from a file of prompts, with a progress bar.
     Batch(characterbot::cli::BatchArgs),
+    /// Client: sign in and keep the session for the other client commands.
+    Login(characterbot::cli::LoginArgs),
+    /// Client: end the stored session.
+    Logout(characterbot::cli::ClientArgs),
+    /// Client: create, list and show personas.
+    Persona(characterbot::cli::PersonaArgs),
+    /// Client: chat with a persona in the terminal, replies streamed.
+    Chat(characterbot::cli::ChatArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,6 +129,10 @@ async fn run_command() -> anyhow::Result<()> {
             (characterbot::Role::Worker(kind), settings)
         }
         Command::Batch(args) => return characterbot::client::run(args).await,
+        Command::Login(args) => return characterbot::client::session::login(args).await,
+        Command::Logout(args) => return characterbot::client::session::logout(args).await,
+        Command::Persona(args) => return characterbot::client::terminal::persona(args).await,
+        Command::Chat(args) => return characterbot::client::terminal::chat(args).await,
         Command::AwsInit { settings } => {
             init_logging(settings.log_format);
             return characterbot::aws_init(&settings).await;

@@ -13,7 +13,11 @@ pub struct BatchArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
-    /// Access token; when absent, signs in with --email and --password.
+    /// Where `characterbot login` kept the session, used when neither --token nor --email is
+    /// given (see `characterbot login --help`).
+    #[arg(long, env = "CHARACTERBOT_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// Access token; when absent, signs in with --email and --password (or uses the session).
     #[arg(long, env = "CHARACTERBOT_TOKEN")]
     pub token: Option<String>,
     #[arg(long, env = "CHARACTERBOT_EMAIL")]

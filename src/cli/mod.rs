@@ -10,6 +10,7 @@ mod auth;
 mod aws;
 mod batch;
 mod models;
+mod terminal;
 mod worker;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ pub use auth::AuthSettings;
 pub use aws::{AwsSettings, CognitoRefresh};
 pub use batch::BatchArgs;
 pub use models::{ChatModelChoice, ModelSettings, PersonaModelChoice};
+pub use terminal::{ChatArgs, ClientArgs, LoginArgs, PersonaArgs, PersonaCommand};
 pub use worker::WorkerSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

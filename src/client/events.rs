@@ -1,5 +1,5 @@
-//! The user's event stream (`GET /v1/events`) as the terminal clients follow it: each
-//! `request.updated` that ends a request is passed on, as it happens. The stream is read with
+//! The user's event stream (`GET /v1/events`) as the terminal clients follow it: each event
+//! passed on as it happens (`request.updated`, `message.delta`). The stream is read with
 //! the `Authorization` header (no token in a URL) and resumed with `Last-Event-ID` whenever it
 //! ends or breaks, so nothing is missed across reconnects.
 //!
@@ -57,13 +57,10 @@ pub fn take_events(buffer: &mut String) -> Vec<SseEvent> {
     out
 }
 
-/// Follows the user's stream until `finished` is closed, sending each request record that a
-/// `request.updated` shows finished. `up` tells whether the stream is connected now.
-pub async fn follow_finished(
-    api: Api,
-    finished: mpsc::UnboundedSender<RequestRecord>,
-    up: Arc<AtomicBool>,
-) {
+/// Follows the user's stream until `events` is closed, sending each event on. `up` tells
+/// whether the stream is connected now.
+pub async fn follow(api: Api, events: mpsc::UnboundedSender<SseEvent>, up: Arc<AtomicBool>) {
+    let finished = events;
     let mut last_id: Option<String> = None;
     while !finished.is_closed() {
         let mut request = api
@@ -86,10 +83,8 @@ pub async fn follow_finished(
                         if event.id.is_some() {
                             last_id.clone_from(&event.id);
                         }
-                        if let Some(record) = finished_record(&event) {
-                            if finished.send(record).is_err() {
-                                return;
-                            }
+                        if finished.send(event).is_err() {
+                            return;
                         }
                     }
                 }
@@ -105,7 +100,8 @@ pub async fn follow_finished(
     }
 }
 
-fn finished_record(event: &SseEvent) -> Option<RequestRecord> {
+/// The request a `request.updated` event shows finished, if it is one.
+pub fn finished_record(event: &SseEvent) -> Option<RequestRecord> {
     if event.event != "request.updated" {
         return None;
     }

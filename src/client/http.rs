@@ -131,6 +131,17 @@ pub struct Api {
 }
 
 impl Api {
+    /// A connection that sends `token`.
+    pub fn with_token(url: &str, token: &str) -> anyhow::Result<Api> {
+        Ok(Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            base: url.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
     /// Uses the token given, or signs in with the email and password given.
     pub async fn connect(
         url: &str,

@@ -12,11 +12,14 @@
 //! keeps a single TLS stack, which arrives with the AWS SDK.
 //!
 //! Layout: [`http`] the calls and their retries, [`events`] the event stream, [`input`] the
-//! input's lines.
+//! batch input's lines, [`session`] `login`/`logout` and the kept tokens, [`terminal`] the
+//! `persona` and `chat` commands.
 
 pub mod events;
 pub mod http;
 pub mod input;
+pub mod session;
+pub mod terminal;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -140,7 +143,7 @@ async fn follow(api: &Api, batches: &[Submitted]) -> anyhow::Result<()> {
         .collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let up = Arc::new(AtomicBool::new(false));
-    tokio::spawn(events::follow_finished(api.clone(), tx, up.clone()));
+    tokio::spawn(events::follow(api.clone(), tx, up.clone()));
     let mut streamed: HashMap<RequestId, RequestStatus> = HashMap::new();
     let mut polled: HashMap<BatchId, Batch> = HashMap::new();
     loop {
@@ -157,7 +160,10 @@ async fn follow(api: &Api, batches: &[Submitted]) -> anyhow::Result<()> {
             POLL_WITHOUT_STREAM
         };
         let until = tokio::time::Instant::now() + every;
-        while let Ok(Some(record)) = tokio::time::timeout_at(until, rx.recv()).await {
+        while let Ok(Some(event)) = tokio::time::timeout_at(until, rx.recv()).await {
+            let Some(record) = events::finished_record(&event) else {
+                continue;
+            };
             if ours.contains(&record.request_id) {
                 streamed.insert(record.request_id, record.status);
                 let (done, failed) = progress(&polled, &streamed);
@@ -308,13 +314,22 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         }
         None => Box::new(std::io::stdout().lock()),
     };
-    let api = Api::connect(
-        &args.url,
-        args.token.as_deref(),
-        args.email.as_deref(),
-        args.password.as_deref(),
-    )
-    .await?;
+    // No credentials given: the session `characterbot login` kept.
+    let api = if args.token.is_none() && args.email.is_none() {
+        session::Session::resume(&crate::cli::ClientArgs {
+            url: None,
+            config_dir: args.config_dir.clone(),
+        })
+        .await?
+    } else {
+        Api::connect(
+            &args.url,
+            args.token.as_deref(),
+            args.email.as_deref(),
+            args.password.as_deref(),
+        )
+        .await?
+    };
     let mut submitted = Vec::new();
     for chunk in items.chunks(args.chunk.max(1)) {
         submitted.extend(submit(&api, chunk.to_vec(), &mut bad).await?);

@@ -52,5 +52,6 @@ mod reliability;
 mod schemathesis;
 mod store_contract;
 mod sync;
+mod terminal;
 mod trace;
 mod verifier_contract;
