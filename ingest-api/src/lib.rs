@@ -51,7 +51,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
-use crate::handlers::{auth, batches, conversations, events, ops, personas, requests, sync};
+use crate::handlers::{auth, batches, conversations, events, ops, pages, personas, requests, sync};
 pub use crate::options::ApiOptions;
 use crate::slots::Slots;
 use crate::throttle::Throttle;
@@ -198,7 +198,20 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(ops::jwks))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/openapi.json", get(ops::openapi));
+        .route("/openapi.json", get(ops::openapi))
+        .route("/", get(pages::index))
+        .route("/app.js", get(pages::app_js))
+        .route("/app.css", get(pages::app_css))
+        .route("/docs", get(pages::docs))
+        .route("/docs/init.js", get(pages::docs_init))
+        .route("/docs/swagger-ui-bundle.js", get(pages::docs_bundle))
+        .route("/docs/swagger-ui.css", get(pages::docs_css))
+        .route("/docs/LICENSE", get(pages::docs_licence))
+        .route("/docs/NOTICE", get(pages::docs_notice))
+        .route(
+            "/docs/swagger-ui-bundle.js.LICENSE.txt",
+            get(pages::docs_bundle_licences),
+        );
     // With an address of its own (`CHARACTERBOT_METRICS_LISTEN`), `/metrics` is served only
     // there: the public listener answers it `404`.
     let public = if !state.options.metrics_on_own_listener {

@@ -135,3 +135,58 @@ async fn a_method_a_path_lacks_is_405_with_allow_before_authentication() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
 }
+
+/// The chat page and the API reference are served by the binary itself, with their assets
+/// and the Swagger UI licence, under a policy that loads nothing from elsewhere.
+#[tokio::test]
+async fn the_chat_page_and_the_api_reference_are_served_offline() {
+    let app = TestApp::start().await;
+    for (path, kind, holds) in [
+        ("/", "text/html", "<script src=\"/app.js\""),
+        ("/app.js", "text/javascript", "GET /v1/sync"),
+        ("/app.css", "text/css", "@media"),
+        ("/docs", "text/html", "/docs/swagger-ui-bundle.js"),
+        ("/docs/init.js", "text/javascript", "/openapi.json"),
+        (
+            "/docs/swagger-ui-bundle.js",
+            "text/javascript",
+            "SwaggerUIBundle",
+        ),
+        ("/docs/swagger-ui.css", "text/css", ".swagger-ui"),
+        ("/docs/LICENSE", "text/plain", "Apache License"),
+    ] {
+        let res = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let headers = res.headers().clone();
+        assert!(
+            headers["content-type"].to_str().unwrap().starts_with(kind),
+            "{path}"
+        );
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
+        let body = res.text().await.unwrap();
+        assert!(body.contains(holds), "{path} lacks {holds}");
+    }
+    // Every script and stylesheet the pages name is served.
+    for page in ["/", "/docs"] {
+        let html = app
+            .http
+            .get(app.url(page))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for link in html
+            .split(['"', '\''])
+            .filter(|s| s.starts_with('/') && (s.ends_with(".js") || s.ends_with(".css")))
+        {
+            let status = app.http.get(app.url(link)).send().await.unwrap().status();
+            assert_eq!(status, 200, "{page} names {link}");
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod batches;
 pub mod conversations;
 pub mod events;
 pub mod ops;
+pub mod pages;
 pub mod personas;
 pub mod requests;
 pub mod sync;
