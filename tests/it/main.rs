@@ -33,6 +33,7 @@ mod aws_pipeline;
 mod bad_input;
 mod batches;
 mod bedrock;
+mod browser;
 mod cli;
 mod cognito;
 mod conversations;

@@ -242,7 +242,9 @@ async function showMessages() {
   for (const m of page.items) {
     item(list, (li) => {
       li.className = m.role;
-      if (m.request_id) li.dataset.request = m.request_id;
+      // The reply's fragments go to the reply, not to the message it answers (both name
+      // the request).
+      if (m.request_id && m.role === "assistant") li.dataset.request = m.request_id;
       li.append(text("span", m.role === "user" ? "You" : current.persona_name, "who"));
       li.append(text("span", m.text, "body"));
       if (m.status !== "complete") li.append(text("span", ` (${m.status})`, "state"));
