@@ -123,6 +123,61 @@ fn complete(doc: &mut serde_json::Value, options: &crate::ApiOptions) {
     }
     limits(doc, options);
     links(doc);
+    examples(doc);
+}
+
+/// An example of each request body, as a client generator shows it (and the fuzzer's
+/// examples phase sends it).
+fn examples(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let examples = [
+        (
+            "Credentials",
+            json!({ "email": "ada@example.com", "password": "correct horse battery" }),
+        ),
+        ("CreatePersona", json!({ "prompt": "Sherlock Holmes" })),
+        (
+            "CreateBatch",
+            json!({ "items": [
+            { "custom_id": "row-1", "prompt": "Ada Lovelace" },
+            { "custom_id": "row-2", "prompt": "a grumpy pirate who loves cats" }] }),
+        ),
+        (
+            "PersonaEdit",
+            json!({ "greeting": "Good evening. Shall we begin?" }),
+        ),
+        (
+            "CreateConversation",
+            json!({ "persona_id": "per_01a21c9888ad709696c42842b22c4290", "greeting_index": 0 }),
+        ),
+        (
+            "RenameConversation",
+            json!({ "title": "The case of the pearl" }),
+        ),
+        ("PostMessage", json!({ "text": "Who stole the pearl?" })),
+        (
+            "EditMessage",
+            json!({ "text": "Who stole the black pearl?", "regenerate": true }),
+        ),
+        (
+            "Rewind",
+            json!({ "message_id": "msg_01a21c9888ad709696c42842b22c4290" }),
+        ),
+        (
+            "SelectVersion",
+            json!({ "variant_id": "var_01a21c9888ad709696c42842b22c4290" }),
+        ),
+        (
+            "Memory",
+            json!({ "summary": "", "pinned": ["Alice is allergic to cats"] }),
+        ),
+    ];
+    for (schema, example) in examples {
+        let at = &mut doc["components"]["schemas"][schema];
+        if at.is_object() {
+            at["examples"] = json!([example]);
+        }
+    }
 }
 
 /// OpenAPI links from the operations that create or list a record to those that take its id,

@@ -134,8 +134,11 @@ impl Client {
     }
 }
 
+/// Waits for the restarted server. Generous: on AWS it reconnects to moto and checks its
+/// queues and table first, on a CI machine busy with other tests (the fuzzer, the browser);
+/// the drill checks losses and duplicates, not start-up time (10 s was once too short there).
 async fn wait_up(http: &reqwest::Client, base: &str) {
-    for _ in 0..400 {
+    for _ in 0..2400 {
         if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
             if r.status() == StatusCode::OK {
                 return;
