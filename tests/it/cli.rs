@@ -134,7 +134,7 @@ async fn a_thousand_prompt_batch_completes_on_default_settings_and_a_rerun_creat
 }
 
 #[tokio::test]
-async fn bad_lines_are_reported_and_the_rest_still_run() {
+async fn twenty_prompts_with_one_bad_line_make_nineteen_and_report_the_twentieth() {
     let app = TestApp::start().await;
     let user = app.user("careful").await;
     let mut input: String = (0..19)
@@ -147,25 +147,54 @@ async fn bad_lines_are_reported_and_the_rest_still_run() {
         .collect();
     // Not JSON: reported by the client, never sent.
     input.insert_str(0, "{\"custom_id\": \"broken\", \n");
-    // Over the server's prompt limit (500 characters): refused by the API, the rest sent.
-    input.push_str(&format!(
-        "{}\n",
-        json!({ "custom_id": "long", "prompt": "x".repeat(600) })
-    ));
     let (status, lines) = batch(&app, &user, &input, &[]).await;
     assert!(!status.success(), "a failed prompt fails the run");
-    assert_eq!(lines.len(), 21);
+    assert_eq!(lines.len(), 20);
     let ok = lines.iter().filter(|l| l["status"] == "succeeded").count();
     assert_eq!(ok, 19);
-    assert_eq!(lines[0]["line"], 1);
-    assert_eq!(lines[0]["status"], "failed");
-    assert_eq!(lines[0]["error"]["code"], "invalid_input");
-    let long = lines.iter().find(|l| l["custom_id"] == "long").unwrap();
-    assert_eq!(long["status"], "failed");
-    assert!(
-        long["error"]["message"].as_str().unwrap().contains("500"),
-        "{long}"
+    assert_eq!(
+        (
+            &lines[0]["line"],
+            &lines[0]["status"],
+            &lines[0]["error"]["code"]
+        ),
+        (&json!(1), &json!("failed"), &json!("invalid_input"))
     );
-    assert_eq!(lines[5]["custom_id"], "id-4");
+    assert_eq!(lines[5]["custom_id"], "id-4", "in input order");
     assert_eq!(count(&app, &user, "/v1/personas").await, 19);
+}
+
+#[tokio::test]
+async fn a_prompt_the_server_refuses_is_reported_and_the_rest_of_its_batch_runs() {
+    let app = TestApp::start().await;
+    let user = app.user("long").await;
+    // Over the server's prompt limit (500 characters): refused by the API, the rest sent.
+    let input = format!(
+        "Yoda\n{}\nGandalf\n",
+        json!({ "custom_id": "long", "prompt": "x".repeat(600) })
+    );
+    let (status, lines) = batch(&app, &user, &input, &[]).await;
+    assert!(!status.success());
+    let got: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["custom_id"].as_str().unwrap(),
+                l["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [("1", "succeeded"), ("long", "failed"), ("3", "succeeded")]
+    );
+    assert!(
+        lines[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("500"),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(count(&app, &user, "/v1/personas").await, 2);
 }
