@@ -828,10 +828,9 @@ impl Batch {
     /// Sets the status from the counts; `last_update` is the latest `updated_at` of its
     /// requests (the batch's end once none is pending).
     pub fn counted(mut self, last_update: Option<String>) -> Batch {
-        // Requests missing from the store (expired) count as pending; never more than total.
-        self.pending = self
-            .total
-            .saturating_sub(self.succeeded + self.failed + self.cancelled);
+        // Requests no longer in the store (DynamoDB keeps finished ones 30 days) are not
+        // counted at all: they finished long ago, and counting them pending would show an old
+        // batch running again.
         self.status = match (self.pending, &self.cancelled_at) {
             (0, Some(_)) => BatchStatus::Cancelled,
             (0, None) => BatchStatus::Completed,

@@ -66,7 +66,7 @@ pub async fn follow(api: Api, events: mpsc::UnboundedSender<SseEvent>, up: Arc<A
         let mut request = api
             .http
             .get(api.url("/v1/events"))
-            .bearer_auth(&api.token)
+            .bearer_auth(api.token())
             .header("accept", "text/event-stream")
             // The client's 60 s deadline would cut a healthy stream.
             .timeout(Duration::from_secs(24 * 3600));
@@ -76,9 +76,17 @@ pub async fn follow(api: Api, events: mpsc::UnboundedSender<SseEvent>, up: Arc<A
         match request.send().await {
             Ok(mut res) if res.status().is_success() => {
                 up.store(true, Ordering::Relaxed);
-                let mut buffer = String::new();
+                let (mut buffer, mut bytes) = (String::new(), Vec::new());
                 while let Ok(Some(chunk)) = res.chunk().await {
-                    buffer.push_str(&String::from_utf8_lossy(&chunk));
+                    // A character may be split between chunks: decode what is whole.
+                    bytes.extend_from_slice(&chunk);
+                    let whole = match std::str::from_utf8(&bytes) {
+                        Ok(_) => bytes.len(),
+                        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                        Err(_) => bytes.len(),
+                    };
+                    buffer.push_str(&String::from_utf8_lossy(&bytes[..whole]));
+                    bytes.drain(..whole);
                     for event in take_events(&mut buffer) {
                         if event.id.is_some() {
                             last_id.clone_from(&event.id);

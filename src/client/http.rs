@@ -2,6 +2,8 @@
 //! errors and network errors (`backon`, exponential with jitter, a `Retry-After` honoured), any
 //! other refusal given back with the server's error.
 
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,7 +18,7 @@ const MAX_RETRIES: usize = 60;
 /// Why a call did not answer.
 #[derive(Debug)]
 pub enum Failed {
-    /// `429` or a server error, still so after every retry.
+    /// `429`, a server error or a key still in use, still so after every retry.
     Later {
         status: reqwest::StatusCode,
         body: Value,
@@ -78,9 +80,16 @@ async fn try_once(request: reqwest::RequestBuilder) -> Result<Value, Failed> {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     let body: Value = res.json().await.unwrap_or(Value::Null);
+    // The same call, tried before and still being handled (a reply lost to a timeout): its
+    // answer comes once it is done.
+    let in_flight = status == reqwest::StatusCode::CONFLICT
+        && body["error"]["code"] == "idempotency_key_in_use";
     if status.is_success() {
         Ok(body)
-    } else if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+    } else if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+        || in_flight
+    {
         Err(Failed::Later {
             status,
             body,
@@ -122,12 +131,16 @@ pub fn typed<T: DeserializeOwned>(body: Value) -> anyhow::Result<T> {
     serde_json::from_value(body).context("the server's answer has an unexpected shape")
 }
 
-/// One signed-in user's connection to the API.
+/// One signed-in user's connection to the API. On a session kept by `login`, an access token
+/// that expires during a long run (a chat left open, a big batch) is renewed from the session
+/// and the call made again.
 #[derive(Clone)]
 pub struct Api {
     pub http: reqwest::Client,
     pub base: String,
-    pub token: String,
+    token: Arc<RwLock<String>>,
+    /// The session file the token came from, if any.
+    session: Option<PathBuf>,
 }
 
 impl Api {
@@ -138,8 +151,35 @@ impl Api {
                 .timeout(Duration::from_secs(60))
                 .build()?,
             base: url.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
+            token: Arc::new(RwLock::new(token.to_owned())),
+            session: None,
         })
+    }
+
+    /// This connection, renewing its token from `session` when it expires.
+    pub fn renewed_from(mut self, session: PathBuf) -> Api {
+        self.session = Some(session);
+        self
+    }
+
+    /// The access token to send now.
+    pub fn token(&self) -> String {
+        self.token.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Renews the token after a `401`; false when there is no session to renew it from.
+    async fn renew(&self, failed: &Failed) -> anyhow::Result<bool> {
+        let (Some(file), Failed::Refused { status, .. }) = (&self.session, failed) else {
+            return Ok(false);
+        };
+        if *status != reqwest::StatusCode::UNAUTHORIZED {
+            return Ok(false);
+        }
+        let fresh = super::session::renew(file, &self.token()).await?;
+        if let Ok(mut token) = self.token.write() {
+            *token = fresh;
+        }
+        Ok(true)
     }
 
     /// Uses the token given, or signs in with the email and password given.
@@ -168,7 +208,12 @@ impl Api {
             }
             _ => anyhow::bail!("give --token, or --email and --password"),
         };
-        Ok(Api { http, base, token })
+        Ok(Api {
+            http,
+            base,
+            token: Arc::new(RwLock::new(token)),
+            session: None,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -177,20 +222,29 @@ impl Api {
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let url = self.url(path);
-        typed(call(|| self.http.get(&url).bearer_auth(&self.token)).await?)
+        let once = || call(|| self.http.get(&url).bearer_auth(self.token()));
+        match once().await {
+            Err(e) if self.renew(&e).await? => typed(once().await?),
+            answer => typed(answer?),
+        }
     }
 
     /// A POST made safe to repeat by its `Idempotency-Key`.
     pub async fn post(&self, path: &str, key: &str, body: &Value) -> Result<Value, Failed> {
         let url = self.url(path);
-        call(|| {
-            self.http
-                .post(&url)
-                .bearer_auth(&self.token)
-                .header("Idempotency-Key", key)
-                .json(body)
-        })
-        .await
+        let once = || {
+            call(|| {
+                self.http
+                    .post(&url)
+                    .bearer_auth(self.token())
+                    .header("Idempotency-Key", key)
+                    .json(body)
+            })
+        };
+        match once().await {
+            Err(e) if self.renew(&e).await.unwrap_or(false) => once().await,
+            answer => answer,
+        }
     }
 }
 

@@ -206,7 +206,11 @@ async fn poll(
     batches: &[Submitted],
     polled: &mut HashMap<BatchId, Batch>,
 ) -> anyhow::Result<()> {
-    let listed: shared::domain::Page<Batch> = api.get("/v1/batches?limit=100").await?;
+    // As many as this run submitted (the newest, usually ours): each listed batch is counted by
+    // the server, so the listing stays no bigger than needed.
+    let limit = batches.len().clamp(1, 100);
+    let listed: shared::domain::Page<Batch> =
+        api.get(&format!("/v1/batches?limit={limit}")).await?;
     let mut seen = HashSet::new();
     for batch in listed.items {
         seen.insert(batch.batch_id.clone());

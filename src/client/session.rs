@@ -74,32 +74,72 @@ impl Session {
             .with_context(|| format!("writing {}", file.display()))
     }
 
-    /// The stored session, refreshed if its access token is about to expire.
+    fn load(file: &Path) -> anyhow::Result<Session> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|_| anyhow::anyhow!("not signed in: run `characterbot login --email ...`"))?;
+        serde_json::from_str(&text).with_context(|| format!("reading {}", file.display()))
+    }
+
+    /// This session with new tokens, saved. Sent once, never retried: a refresh token is good
+    /// for one use, and a retry after a lost answer would present a used one (which ends the
+    /// session).
+    async fn refreshed(self, file: &Path) -> anyhow::Result<Session> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()?;
+        let res = http
+            .post(format!(
+                "{}/v1/auth/refresh",
+                self.url.trim_end_matches('/')
+            ))
+            .json(&json!({ "refresh_token": self.refresh_token }))
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!(
+                "the session has ended ({}): run `characterbot login`",
+                res.status()
+            );
+        }
+        let tokens: Tokens = res.json().await?;
+        let session = Session::from_tokens(&self.url, &self.email, tokens);
+        session.save(file)?;
+        Ok(session)
+    }
+
+    /// The stored session, refreshed if its access token is about to expire; its connection
+    /// renews the token again when it expires during a long run.
     pub async fn resume(args: &ClientArgs) -> anyhow::Result<Api> {
         let file = session_file(args)?;
-        let text = std::fs::read_to_string(&file)
-            .map_err(|_| anyhow::anyhow!("not signed in: run `characterbot login --email ...`"))?;
-        let mut session: Session =
-            serde_json::from_str(&text).with_context(|| format!("reading {}", file.display()))?;
+        let mut session = Session::load(&file)?;
+        // The session's tokens go only to the server that issued them.
         if let Some(url) = &args.url {
-            session.url.clone_from(url);
+            if url.trim_end_matches('/') != session.url.trim_end_matches('/') {
+                bail!(
+                    "signed in to {}, not {url}: run `characterbot login --url {url}` first",
+                    session.url
+                );
+            }
         }
-        let api = Api::with_token(&session.url, &session.access_token)?;
-        if session.expires_at > now() + REFRESH_AHEAD_SECS {
-            return Ok(api);
+        if session.expires_at <= now() + REFRESH_AHEAD_SECS {
+            session = session.refreshed(&file).await?;
         }
-        let refreshed = call(|| {
-            api.http
-                .post(api.url("/v1/auth/refresh"))
-                .json(&json!({ "refresh_token": session.refresh_token }))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("the session has ended ({e}): run `characterbot login`"))?;
-        let tokens: Tokens = typed(refreshed)?;
-        let session = Session::from_tokens(&session.url, &session.email, tokens);
-        session.save(&file)?;
-        Api::with_token(&session.url, &session.access_token)
+        Ok(Api::with_token(&session.url, &session.access_token)?.renewed_from(file))
     }
+}
+
+/// A new access token after `stale` was refused: the one in the session file if another call
+/// or process renewed it meanwhile, else a refresh.
+pub async fn renew(file: &Path, stale: &str) -> anyhow::Result<String> {
+    // One renewal at a time in this process: calls refused together wait for the first, and
+    // then find its token in the file.
+    static RENEWING: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    let _one = RENEWING.get_or_init(Default::default).lock().await;
+    let session = Session::load(file)?;
+    if session.access_token != stale {
+        return Ok(session.access_token);
+    }
+    Ok(session.refreshed(file).await?.access_token)
 }
 
 /// Reads the password from standard input: one line, not echoed when it is a terminal.

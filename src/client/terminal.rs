@@ -185,15 +185,25 @@ impl Chat {
         }
     }
 
+    /// Every message, oldest first (a page of 100 at a time).
     async fn messages(&self) -> anyhow::Result<Vec<Value>> {
-        let page: Value = self
-            .api
-            .get(&format!(
+        let mut items = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut path = format!(
                 "/v1/conversations/{}/messages?limit=100",
                 self.conversation_id
-            ))
-            .await?;
-        Ok(page["items"].as_array().cloned().unwrap_or_default())
+            );
+            if let Some(t) = &next {
+                path.push_str(&format!("&next_token={t}"));
+            }
+            let page: Value = self.api.get(&path).await?;
+            items.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next_token"].as_str() {
+                Some(t) => next = Some(t.to_owned()),
+                None => return Ok(items),
+            }
+        }
     }
 
     async fn history(&self) -> anyhow::Result<()> {

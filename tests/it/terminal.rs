@@ -112,6 +112,15 @@ async fn a_user_logs_in_makes_a_persona_chats_and_logs_out_from_the_terminal() {
         "rotated and saved"
     );
 
+    // An access token the server refuses mid-run (expired early, say) is renewed from the
+    // session, and the call made again.
+    let mut kept = session(&config);
+    kept["access_token"] = "not-a-token".into();
+    std::fs::write(config.join("session.json"), kept.to_string()).unwrap();
+    let out = client(&config, &["persona", "list"], "").await;
+    assert!(out.status.success(), "{out:?}");
+    assert_ne!(session(&config)["access_token"], "not-a-token");
+
     // `batch` with no credentials uses the session.
     let prompts = app.dir.path().join("few.txt");
     std::fs::write(&prompts, "Marie Curie\n").unwrap();

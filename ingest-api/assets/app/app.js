@@ -39,16 +39,26 @@ async function api(method, path, body, retried) {
   return data;
 }
 
-async function refresh() {
-  const tokens = store.get("tokens");
-  try {
-    const fresh = await api("POST", "/v1/auth/refresh", { refresh_token: tokens.refresh_token }, true);
-    store.set("tokens", fresh);
-    return true;
-  } catch {
-    signedOut();
-    return false;
+// One refresh at a time: a refresh token is used once (a second use ends the session), and
+// calls that fail together (after a reload with an expired token) all wait for the same one.
+let refreshing = null;
+function refresh() {
+  if (!refreshing) {
+    refreshing = (async () => {
+      const tokens = store.get("tokens");
+      try {
+        const fresh = await api("POST", "/v1/auth/refresh", { refresh_token: tokens.refresh_token }, true);
+        store.set("tokens", fresh);
+        return true;
+      } catch {
+        signedOut();
+        return false;
+      } finally {
+        refreshing = null;
+      }
+    })();
   }
+  return refreshing;
 }
 
 // --- Signing in and out ---------------------------------------------------------------
@@ -231,9 +241,20 @@ async function openConversation(id) {
   }
 }
 
+async function allMessages(id) {
+  const items = [];
+  let next = null;
+  do {
+    const page = await api("GET", `/v1/conversations/${id}/messages?limit=100` + (next ? "&next_token=" + encodeURIComponent(next) : ""));
+    items.push(...page.items);
+    next = page.next_token;
+  } while (next);
+  return items;
+}
+
 async function showMessages() {
   if (!current) return;
-  const page = await api("GET", `/v1/conversations/${current.conversation_id}/messages?limit=100`);
+  const page = { items: await allMessages(current.conversation_id) };
   const list = $("messages");
   list.replaceChildren();
   writing = null;
@@ -343,11 +364,16 @@ async function followEvents() {
   const abort = new AbortController();
   streamAbort = abort;
   while (!abort.signal.aborted && store.get("tokens")) {
+    // Each attempt its own: a failed one is closed before the next opens (streams per user
+    // are capped).
+    const attempt = new AbortController();
+    const stop = () => attempt.abort();
+    abort.signal.addEventListener("abort", stop);
     try {
       const headers = { accept: "text/event-stream", authorization: "Bearer " + store.get("tokens").access_token };
       const last = store.get("lastEventId");
       if (last) headers["last-event-id"] = last;
-      const res = await fetch("/v1/events", { headers, signal: abort.signal });
+      const res = await fetch("/v1/events", { headers, signal: attempt.signal });
       if (res.status === 401) await refresh();
       if (!res.ok) throw new Error("stream " + res.status);
       await catchUp();
@@ -365,8 +391,13 @@ async function followEvents() {
           if (e.data) onEvent(e.name, JSON.parse(e.data));
         }
       }
-    } catch {
-      // Lost: try again in a second (the server's retry hint), missing nothing.
+    } catch (e) {
+      // Lost: try again in a second (the server's retry hint), missing nothing. A cursor the
+      // server no longer takes is dropped: the next catch-up starts from the beginning.
+      if (e.code === "invalid_cursor") store.set("cursor", null);
+    } finally {
+      attempt.abort();
+      abort.signal.removeEventListener("abort", stop);
     }
     if (!abort.signal.aborted) await new Promise((r) => setTimeout(r, 1000));
   }

@@ -253,7 +253,7 @@ fn result_of(index: usize, r: RequestRecord) -> BatchResult {
 }
 
 #[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches", params(("id" = String, Path)),
-    responses((status = 200, body = Batch, description = "Its queued items are `cancelled` (they will not run); running ones stop within about a second; finished ones stay as they are. Cancelling again changes nothing."),
+    responses((status = 200, body = Batch, description = "Its queued items are `cancelled` (they will not run); running ones stop within about a second; finished ones stay as they are. Cancelling again, or a batch already finished, changes nothing."),
         (status = 401), (status = 404)),
     security(("bearer" = [])))]
 pub async fn cancel(
@@ -262,10 +262,14 @@ pub async fn cancel(
     AppPath(id): AppPath<BatchId>,
 ) -> Result<AppJson<Batch>, ApiError> {
     let store = &state.ports.store;
+    let batch = read_batch(&state, &caller, &id).await?;
+    // Nothing left to cancel: the batch stays as it ended (`completed` is not rewritten).
+    if batch.pending == 0 {
+        return Ok(AppJson(batch));
+    }
     if !store.mark_batch_cancelled(caller.id(), &id).await? {
         return Err(ApiError::NotFound("batch"));
     }
-    let batch = read_batch(&state, &caller, &id).await?;
     let open: Vec<RequestId> = store
         .batch_requests(caller.id(), &batch.request_ids)
         .await?
