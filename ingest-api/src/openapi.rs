@@ -362,11 +362,22 @@ const LINKS: &[Link] = &[
     ),
 ];
 
+/// A text field as `crate::handlers::check_text` takes it: not blank, at most `max` characters.
+fn text(max: usize) -> serde_json::Value {
+    serde_json::json!({ "type": "string", "minLength": 1, "maxLength": max, "pattern": crate::handlers::NOT_BLANK })
+}
+
+/// `schema`, also taking `null` (as absent).
+fn or_null(mut schema: serde_json::Value) -> serde_json::Value {
+    let kind = schema["type"].take();
+    schema["type"] = serde_json::json!([kind, "null"]);
+    schema
+}
+
 /// `PATCH /v1/personas/{id}`: each field optional (`null` as absent), at least one given.
 fn persona_edit(schema: &mut serde_json::Value) {
     use serde_json::json;
     use shared::domain::{PersonaEdit, PERSONA_FIELD_MAX_CHARS, PERSONA_NAME_MAX_CHARS};
-    let text = |max: usize| json!({ "type": ["string", "null"], "minLength": 1, "maxLength": max, "pattern": crate::handlers::NOT_BLANK });
     let fields = [
         "name",
         "description",
@@ -380,12 +391,10 @@ fn persona_edit(schema: &mut serde_json::Value) {
         } else {
             PERSONA_FIELD_MAX_CHARS
         };
-        schema["properties"][field] = text(max);
+        schema["properties"][field] = or_null(text(max));
     }
-    let mut greeting = text(PERSONA_FIELD_MAX_CHARS);
-    greeting["type"] = json!("string");
     schema["properties"]["alternate_greetings"] = json!({
-        "type": ["array", "null"], "items": greeting, "maxItems": PersonaEdit::MAX_ALTERNATES
+        "type": ["array", "null"], "items": text(PERSONA_FIELD_MAX_CHARS), "maxItems": PersonaEdit::MAX_ALTERNATES
     });
     let given: Vec<_> = fields
         .iter()
@@ -515,7 +524,6 @@ fn add_parameter(op: &mut serde_json::Value, parameter: serde_json::Value) {
 /// the annotations cannot know.
 fn limits(doc: &mut serde_json::Value, o: &crate::ApiOptions) {
     use serde_json::json;
-    let text = |max: usize| json!({ "type": "string", "minLength": 1, "maxLength": max, "pattern": crate::handlers::NOT_BLANK });
     let schemas = &mut doc["components"]["schemas"];
     {
         use shared::auth::local::{
@@ -537,9 +545,7 @@ fn limits(doc: &mut serde_json::Value, o: &crate::ApiOptions) {
     schemas["EditMessage"]["properties"]["text"] = text(o.max_message_chars);
     let title = text(shared::domain::TITLE_MAX_CHARS);
     schemas["RenameConversation"]["properties"]["title"] = title.clone();
-    let mut optional_title = title;
-    optional_title["type"] = json!(["string", "null"]);
-    schemas["CreateConversation"]["properties"]["title"] = optional_title;
+    schemas["CreateConversation"]["properties"]["title"] = or_null(title);
     let batch = &mut schemas["CreateBatch"]["properties"];
     batch["prompts"] = json!({ "type": ["array", "null"], "items": text(o.max_prompt_chars), "minItems": 1, "maxItems": o.max_batch });
     // Exactly one of the two given as a list (`invalid_batch` otherwise).

@@ -189,16 +189,14 @@ impl Api {
         email: Option<&str>,
         password: Option<&str>,
     ) -> anyhow::Result<Api> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()?;
-        let base = url.trim_end_matches('/').to_owned();
+        let api = Api::with_token(url, token.unwrap_or_default())?;
         let token = match (token, email, password) {
-            (Some(t), _, _) => t.to_owned(),
+            (Some(_), _, _) => return Ok(api),
             (None, Some(email), Some(password)) => {
                 let tokens: Tokens = typed(
                     call(|| {
-                        http.post(format!("{base}/v1/auth/signin"))
+                        api.http
+                            .post(api.url("/v1/auth/signin"))
                             .json(&json!({ "email": email, "password": password }))
                     })
                     .await
@@ -208,12 +206,7 @@ impl Api {
             }
             _ => anyhow::bail!("give --token, or --email and --password"),
         };
-        Ok(Api {
-            http,
-            base,
-            token: Arc::new(RwLock::new(token)),
-            session: None,
-        })
+        Api::with_token(url, &token)
     }
 
     pub fn url(&self, path: &str) -> String {

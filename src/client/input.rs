@@ -8,8 +8,7 @@ use std::collections::HashSet;
 
 use serde::Deserialize;
 
-/// Longest `custom_id` the API takes (`ingest_api::handlers::batches::CUSTOM_ID_MAX_CHARS`).
-const CUSTOM_ID_MAX_CHARS: usize = 64;
+use ingest_api::handlers::batches::custom_id_problem;
 
 /// A prompt to submit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,11 +79,9 @@ fn item_of(line: usize, text: &str, seen: &mut HashSet<String>) -> Result<Item, 
         (line.to_string(), text.to_owned())
     };
     let named = |error: String| (Some(custom_id.clone()), error);
-    let chars = custom_id.chars().count();
-    if chars == 0 || chars > CUSTOM_ID_MAX_CHARS || custom_id.chars().any(char::is_control) {
-        return Err(named(format!(
-            "custom_id must be 1 to {CUSTOM_ID_MAX_CHARS} characters, without control characters"
-        )));
+    // The API's own rule, so a line it would refuse is reported here.
+    if let Some(problem) = custom_id_problem(&custom_id) {
+        return Err(named(problem));
     }
     if prompt.trim().is_empty() {
         return Err(named("the prompt is empty".into()));

@@ -30,9 +30,7 @@ pub struct Session {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    u64::try_from(shared::time::now_secs()).unwrap_or_default()
 }
 
 /// The config dir: the flag, else `$XDG_CONFIG_HOME/characterbot`, else

@@ -360,13 +360,20 @@ fn checked_items(
         .collect()
 }
 
-fn check_custom_id(id: &str, seen: &mut HashSet<String>) -> Result<(), ApiError> {
+/// Why `id` cannot be a `custom_id`, if it cannot (the batch client checks its input with
+/// this too, before sending).
+pub fn custom_id_problem(id: &str) -> Option<String> {
     let chars = id.chars().count();
-    if chars == 0 || chars > CUSTOM_ID_MAX_CHARS || id.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "invalid_custom_id",
-            format!("custom_id must be 1 to {CUSTOM_ID_MAX_CHARS} characters, without control characters"),
-        ));
+    (chars == 0 || chars > CUSTOM_ID_MAX_CHARS || id.chars().any(char::is_control)).then(|| {
+        format!(
+            "custom_id must be 1 to {CUSTOM_ID_MAX_CHARS} characters, without control characters"
+        )
+    })
+}
+
+fn check_custom_id(id: &str, seen: &mut HashSet<String>) -> Result<(), ApiError> {
+    if let Some(problem) = custom_id_problem(id) {
+        return Err(ApiError::bad_request("invalid_custom_id", problem));
     }
     // 422: each item fits the schema (which cannot say "unique by one field"); together they
     // cannot be processed.
