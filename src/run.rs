@@ -56,7 +56,7 @@ pub fn consumer(kind: RequestKind, adapters: &Ports, settings: &Settings) -> Arc
                 history_messages: w.history_messages,
                 context_tokens: w.context_tokens,
                 memory_queue: queue.clone(),
-                queued_folds: Memo::new(10_000),
+                queued_folds: Arc::new(Memo::new(10_000)),
             }),
             w.chat_concurrency,
         ),

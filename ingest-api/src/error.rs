@@ -29,6 +29,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// 410: a position (a sync cursor) older than what is kept.
+    #[error("{message}")]
+    Gone { code: &'static str, message: String },
     #[error("{0}")]
     PayloadTooLarge(String),
     /// 408: the body stopped arriving.
@@ -106,6 +109,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            ApiError::Gone { code, .. } => (StatusCode::GONE, code),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::UnsupportedMediaType(_) => {
@@ -182,6 +186,10 @@ impl From<shared::Error> for ApiError {
             },
             E::Invalid(message) => ApiError::BadRequest {
                 code: "invalid_request",
+                message,
+            },
+            E::Expired(message) => ApiError::Gone {
+                code: "cursor_expired",
                 message,
             },
             E::Unauthorized(message) => ApiError::Unauthorized(message),

@@ -31,6 +31,10 @@ pub enum Error {
     Cancelled,
     #[error("invalid: {0}")]
     Invalid(String),
+    /// A position in a feed older than the feed keeps (a sync cursor past the tombstones'
+    /// retention): what changed since cannot be told whole.
+    #[error("expired: {0}")]
+    Expired(String),
     #[error("unauthorized: {0}")]
     Unauthorized(String),
     /// The account exists but is not confirmed yet.
@@ -112,6 +116,7 @@ impl Error {
             Error::PersonaDeleted => "persona_deleted".into(),
             Error::Cancelled => "cancelled".into(),
             Error::Invalid(_) => "invalid".into(),
+            Error::Expired(_) => "expired".into(),
             Error::Unauthorized(_) => "unauthorized".into(),
             Error::NotConfirmed(_) => "user_not_confirmed".into(),
             Error::PasswordResetRequired(_) => "password_reset_required".into(),

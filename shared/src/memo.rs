@@ -31,7 +31,7 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
     }
 
     /// The entry, forgotten as it is returned.
-    pub(crate) fn take<Q>(&self, key: &Q) -> Option<V>
+    pub fn take<Q>(&self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
         Q: Eq + Hash + ?Sized,

@@ -130,6 +130,33 @@ async fn a_client_that_was_away_catches_up_with_changes_and_deletions(app: TestA
         .get(Some(&alice.token), "/v1/sync?since=bm90LWEtY3Vyc29y")
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A cursor from further back than deletions are kept: on DynamoDB (tombstones live 30
+    // days) the client is told to start over; the embedded store keeps its tombstones, so
+    // its oldest cursor still holds.
+    let raw = shared::store::token::decode(&away).unwrap();
+    let (tag, _) = raw.split_once('.').unwrap();
+    let old = if aws {
+        let ms = shared::time::now_ms() - 31 * 86_400_000;
+        format!("{tag}.{ms:013}")
+    } else {
+        format!("{tag}.1")
+    };
+    let (status, body) = app
+        .get(
+            Some(&alice.token),
+            &format!("/v1/sync?since={}", shared::store::token::encode(&old)),
+        )
+        .await;
+    if aws {
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::GONE, Some("cursor_expired")),
+            "{body}"
+        );
+    } else {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(!body["changes"].as_array().unwrap().is_empty(), "{body}");
+    }
 
     // While the client is away: a rename, a rewind of the last turn, a deleted conversation
     // and its persona.

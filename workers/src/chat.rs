@@ -40,7 +40,7 @@ pub struct ChatJob {
     pub memory_queue: Arc<dyn Queue>,
     /// The folds this process queued lately, by conversation (from where, and when): the
     /// turns that follow before a fold is done find it still due, and would queue it again.
-    pub queued_folds: Memo<ConversationId, (Option<MessageId>, Instant)>,
+    pub queued_folds: Arc<Memo<ConversationId, (Option<MessageId>, Instant)>>,
 }
 
 /// How long a queued fold is taken to be on its way (after that it is queued again).
@@ -183,8 +183,7 @@ impl ChatJob {
         if chat.variation.is_none() {
             let due = fold_due(&context.history, kept_from, &chat.memory, message_id);
             if let Some(fold) = due {
-                self.queue_fold(fold, user_id, conversation_id, &chat.persona.name)
-                    .await;
+                self.queue_fold(fold, user_id, conversation_id, &chat.persona.name);
             }
         }
         Ok(chat)
@@ -206,9 +205,11 @@ impl ChatJob {
     }
 
     /// Queues a fold of the memory (never for a regeneration, which answers a turn the
-    /// summary may have passed). A send that fails is only logged: the next turn finds the
-    /// fold still due and queues it again.
-    async fn queue_fold(
+    /// summary may have passed), beside the reply rather than before it: the send is a
+    /// durable write, and waiting for its commit held up one turn in seven of a long
+    /// conversation by a whole commit. A send that fails, or is lost with the process, is only
+    /// logged: the next turn finds the fold still due and queues it again.
+    fn queue_fold(
         &self,
         fold: Fold,
         user_id: &str,
@@ -227,14 +228,19 @@ impl ChatJob {
         if pending.is_some_and(|(after, at)| after == job.after && at.elapsed() < FOLD_PENDING) {
             return;
         }
-        match self.memory_queue.send(&[job.encode()]).await {
-            Ok(()) => self
-                .queued_folds
-                .insert(job.conversation_id, (job.after, Instant::now())),
-            Err(e) => {
+        // Taken as queued now, so the turns that follow while the send is under way do not
+        // queue it again; forgotten if the send fails.
+        self.queued_folds.insert(
+            job.conversation_id.clone(),
+            (job.after.clone(), Instant::now()),
+        );
+        let (queue, queued) = (self.memory_queue.clone(), self.queued_folds.clone());
+        tokio::spawn(async move {
+            if let Err(e) = queue.send(&[job.encode()]).await {
                 tracing::warn!(error = %shared::error::Report(&e), "could not queue a memory fold");
+                queued.take(&job.conversation_id);
             }
-        }
+        });
     }
 
     /// Calls the model, pushing its fragments to the user's stream as they come. Returns the

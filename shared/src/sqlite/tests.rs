@@ -217,3 +217,28 @@ async fn a_cached_statement_is_not_prepared_again_for_each_limit() {
     );
     assert_eq!(db.read_here(reprepares).unwrap(), 0, "reader");
 }
+
+/// Whether a statement run before `others` other statements is still prepared after them.
+fn kept_among(c: &Connection, others: usize) -> Result<bool> {
+    use deadpool_sqlite::rusqlite::StatementStatus;
+    let first = "SELECT count(*) FROM queue_messages";
+    c.prepare_cached(first)?.query_row([], |_| Ok(()))?;
+    for i in 0..others {
+        c.prepare_cached(&format!("SELECT {i} FROM queue_messages LIMIT 1"))?
+            .query_map([], |_| Ok(()))?
+            .for_each(drop);
+    }
+    // A statement prepared anew has never run.
+    let stmt = c.prepare_cached(first)?;
+    Ok(stmt.get_status(StatementStatus::Run) == 1)
+}
+
+#[tokio::test]
+async fn every_statement_of_a_chat_turn_stays_prepared() {
+    // A chat turn runs more distinct statements on the writer than rusqlite's default cache
+    // (16) holds: most were dropped and parsed again between turns.
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).await.unwrap();
+    assert!(db.write(|c| kept_among(c, 100)).await.unwrap(), "writer");
+    assert!(db.read_here(|c| kept_among(c, 100)).unwrap(), "reader");
+}

@@ -140,6 +140,23 @@ fn checked_position(position: &str) -> Result<&str> {
     }
 }
 
+/// Refuses a position from before the oldest tombstone kept (a tombstone lives
+/// [`TOMBSTONE_TTL_SECS`] from its deletion): the deletions since may be gone, and a client
+/// that applied the rest would keep records that no longer exist. It syncs again from the
+/// beginning instead and replaces what it holds.
+fn refuse_expired(position: &str, now_ms: i64) -> Result<()> {
+    // `checked_position` saw thirteen digits.
+    let at: i64 = position[..13].parse().unwrap_or(0);
+    if now_ms - at > TOMBSTONE_TTL_SECS * 1000 {
+        return Err(Error::Expired(format!(
+            "this cursor is older than the {} days deletions are kept: sync again without \
+             `since` and replace the records you hold",
+            TOMBSTONE_TTL_SECS / 86_400
+        )));
+    }
+    Ok(())
+}
+
 /// The change an item stands for; `None` for an item that is none of the user's records.
 fn change_of(user: &str, item: &Item) -> Result<Option<Change>> {
     let (pk, sk) = (
@@ -421,6 +438,9 @@ impl SyncStore for DynamoStore {
         limit: usize,
     ) -> Result<ChangePage> {
         let after = position.map(checked_position).transpose()?;
+        if let Some(after) = after {
+            refuse_expired(after, now_ms())?;
+        }
         let limit = limit.clamp(1, MAX_PAGE);
         // One more than the page: whether more follow.
         let mut entries = self.changed_entries(user_id, after, limit + 1).await?;
@@ -514,5 +534,22 @@ async fn stamp_old(
         Ok(_) => Ok(()),
         Err(e) if super::is_conditional_failure(&e) => Ok(()),
         Err(e) => Err(storage("add a record to the change feed", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_older_than_the_tombstones_is_refused() {
+        let day = 86_400_000;
+        let now = 100 * day;
+        let at = |ms: i64| format!("{ms:013}#{:012x}", 7);
+        assert!(refuse_expired(&at(now - 29 * day), now).is_ok());
+        assert!(refuse_expired(&at(now - 30 * day), now).is_ok());
+        let refused = refuse_expired(&at(now - 30 * day - 1), now).unwrap_err();
+        assert!(matches!(refused, Error::Expired(_)), "{refused:?}");
+        assert!(refuse_expired(&format!("{:013}", now - 31 * day), now).is_err());
     }
 }

@@ -771,10 +771,9 @@ impl ConversationStore for SqliteStore {
         message_id: &MessageId,
         limit: usize,
     ) -> Result<Vec<Message>> {
-        let (conv, msg) = (conversation_id.to_owned(), message_id.to_owned());
+        // A few rows by key: on this thread (see `Db::read_here`).
         self.db
-            .call(move |c| history_in(c, &conv, &msg, limit))
-            .await
+            .read_here(|c| history_in(c, conversation_id, message_id, limit))
     }
 
     async fn chat_context(
