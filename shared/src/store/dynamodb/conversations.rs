@@ -94,14 +94,13 @@ fn memory_item(conversation_id: &ConversationId, memory: &Memory) -> Item {
     item
 }
 
-/// What a rewind drops: the keys of the items to delete, the tombstones of its messages, and
-/// the requests of its user messages.
+/// What a rewind drops: per message, the keys of its items and its tombstone; and the
+/// requests of its user messages.
 struct Dropped {
     pk: String,
     user_id: String,
     conversation_id: ConversationId,
-    keys: Vec<Item>,
-    gone: Vec<Item>,
+    messages: Vec<(Vec<Item>, Option<Item>)>,
     requests: Vec<RequestId>,
 }
 
@@ -111,37 +110,44 @@ impl Dropped {
             pk: format!("CONV#{conversation_id}"),
             user_id: user_id.to_owned(),
             conversation_id: conversation_id.clone(),
-            keys: Vec::new(),
-            gone: Vec::new(),
+            messages: Vec::new(),
             requests: Vec::new(),
         }
     }
 
-    /// The message item of `sk`, and its tombstone where its id is known.
-    fn message(&mut self, sk: &str, id: Option<&MessageId>) -> Result<()> {
-        self.keys.push(key(&self.pk, sk));
-        if let Some(id) = id {
-            let conversation = Some(&self.conversation_id);
-            let gone = tombstone(
-                &self.user_id,
-                ChangeKind::Message,
-                id.as_str(),
-                conversation,
-            )?;
-            self.gone.push(gone);
-        }
+    /// The message item of `sk` (and `more` items of the message), with its tombstone where
+    /// its id is known.
+    fn message(&mut self, sk: &str, id: Option<&MessageId>, more: Vec<Item>) -> Result<()> {
+        let mut keys = more;
+        keys.push(key(&self.pk, sk));
+        let conversation = Some(&self.conversation_id);
+        let gone = id
+            .map(|id| {
+                tombstone(
+                    &self.user_id,
+                    ChangeKind::Message,
+                    id.as_str(),
+                    conversation,
+                )
+            })
+            .transpose()?;
+        self.messages.push((keys, gone));
         Ok(())
     }
 
     /// A message item as read, with its index item and request if it is a user message.
     fn item(&mut self, item: &Item) -> Result<()> {
         let m: Message = body(item)?;
+        let mut index = Vec::new();
         if m.role == Role::User {
             self.requests.extend(m.request_id.clone());
-            self.keys
-                .push(key(&self.pk, format!("MID#{}", m.message_id)));
+            index.push(key(&self.pk, format!("MID#{}", m.message_id)));
         }
-        self.message(get_s(item, "sk").unwrap_or_default(), Some(&m.message_id))
+        self.message(
+            get_s(item, "sk").unwrap_or_default(),
+            Some(&m.message_id),
+            index,
+        )
     }
 }
 
@@ -1131,9 +1137,9 @@ impl ConversationStore for DynamoStore {
 
     /// The edited message first (so a retry after a failure half-way finds the edit made and
     /// drops the rest), then the later items, a batch at a time, with the index items of the
-    /// user messages dropped. The dropped messages' tombstones (for the change feed) are
-    /// written before them: a retry after a failure between the two writes them again, where
-    /// one after would find nothing left to write them for.
+    /// user messages dropped. Each dropped message goes in one transaction with its tombstone
+    /// (for the change feed): a rewind that fails half-way leaves no live message reported
+    /// deleted, and its retry finds only what is left to drop.
     async fn rewind(
         &self,
         user_id: &str,
@@ -1167,14 +1173,14 @@ impl ConversationStore for DynamoStore {
                 .and_then(|i| get_s(i, "sk"))
                 .map(str::to_owned);
             if let Some(reply) = reply.filter(|r| Some(r) != listed.as_ref()) {
-                dropped.message(&reply, reply_id.as_ref())?;
+                dropped.message(&reply, reply_id.as_ref(), Vec::new())?;
             }
         }
         for item in &items[at + 1..] {
             dropped.item(item)?;
         }
-        self.put_items(dropped.gone).await?;
-        self.delete_keys(&dropped.keys).await?;
+        self.delete_with_tombstones(dropped.messages, "rewind a conversation")
+            .await?;
         self.rewound_to(user_id, conversation_id, &kept).await?;
         Ok((kept, dropped.requests))
     }

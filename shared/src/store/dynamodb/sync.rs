@@ -25,9 +25,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::builders::UpdateBuilder;
-use aws_sdk_dynamodb::types::{
-    Delete, KeysAndAttributes, Put, PutRequest, TransactWriteItem, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{Delete, KeysAndAttributes, Put, TransactWriteItem};
 use serde::{Deserialize, Serialize};
 
 use super::conversations::conversation_of;
@@ -408,24 +406,68 @@ impl DynamoStore {
         )))
     }
 
-    /// Puts tombstones (or any items), 25 to a batch.
-    pub(crate) async fn put_items(&self, items: Vec<Item>) -> Result<()> {
-        let mut items = items.into_iter().peekable();
-        while items.peek().is_some() {
-            let puts = items
-                .by_ref()
-                .take(25)
-                .map(|item| {
-                    let put = PutRequest::builder()
-                        .set_item(Some(item))
-                        .build()
-                        .map_err(|e| storage("build a put", e))?;
-                    Ok(WriteRequest::builder().put_request(put).build())
-                })
-                .collect::<Result<Vec<_>>>()?;
-            self.batch_write(puts).await?;
+    /// Deletes records with their tombstones: each of `records` (its item keys, and the
+    /// tombstone to put, if any) in the same transaction as its tombstone, so the feed never
+    /// reports a record deleted that is still there, nor loses the deletion of one that is
+    /// gone, whatever fails between. Up to 100 writes a transaction; a record's writes are
+    /// never split.
+    pub(crate) async fn delete_with_tombstones(
+        &self,
+        records: Vec<(Vec<Item>, Option<Item>)>,
+        op: &str,
+    ) -> Result<()> {
+        const MOST: usize = 100;
+        let mut batch: Vec<TransactWriteItem> = Vec::new();
+        let mut records = records.into_iter().peekable();
+        while let Some((keys, gone)) = records.next() {
+            for k in keys {
+                let delete = Delete::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(k))
+                    .build()
+                    .map_err(|e| storage("build a transaction item", e))?;
+                batch.push(TransactWriteItem::builder().delete(delete).build());
+            }
+            if let Some(gone) = gone {
+                let put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(gone))
+                    .build()
+                    .map_err(|e| storage("build a transaction item", e))?;
+                batch.push(TransactWriteItem::builder().put(put).build());
+            }
+            let next = records
+                .peek()
+                .map_or(0, |(keys, gone)| keys.len() + usize::from(gone.is_some()));
+            if records.peek().is_none() || batch.len() + next > MOST {
+                self.transact(std::mem::take(&mut batch), op).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Sends one transaction, again while it conflicts with another (a few times).
+    async fn transact(&self, items: Vec<TransactWriteItem>, op: &str) -> Result<()> {
+        for _ in 0..5 {
+            let sent = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                .send()
+                .await;
+            let Err(e) = sent else { return Ok(()) };
+            let cancelled = Cancelled::of(e, op)?;
+            if !cancelled.conflicted() {
+                return Err(Error::storage_msg(format!(
+                    "{op}: cancelled: {:?}",
+                    cancelled.0
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Err(Error::Conflict(format!(
+            "{op}: the records kept changing; try again"
+        )))
     }
 }
 
