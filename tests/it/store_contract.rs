@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use crate::common::{self, key_claim, stored};
 use shared::domain::{
-    Batch, BatchStatus, Conversation, ErrorBody, Message, Persona, PersonaDraft, PersonaSource,
-    RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role, Usage,
+    Batch, BatchStatus, Conversation, ErrorBody, Memory, Message, Persona, PersonaDraft,
+    PersonaSource, RequestInput, RequestKind, RequestRecord, RequestResult, RequestStatus, Role,
+    Usage,
 };
 use shared::ids::{BatchId, ConversationId, MessageId, PersonaId};
 use shared::sqlite::Db;
@@ -779,6 +780,50 @@ async fn expired_idempotency_keys_are_forgotten(s: Subject) {
     );
 }
 
+async fn a_fold_replaces_the_memory_only_as_it_was_read(s: Subject) {
+    let st = s.store.as_ref();
+    let one = persona("per_1", "One");
+    st.put_persona("alice", &one).await.unwrap();
+    let id = &conversation_with(st, "alice", &one).await;
+    let read = st.get_memory("alice", id).await.unwrap();
+    let folded = |summary: &str| Memory {
+        summary: summary.into(),
+        summarized_through: Some("msg_9".into()),
+        ..read.clone()
+    };
+    // Another user's conversation is not found, and keeps its memory.
+    assert!(matches!(
+        st.replace_memory("bob", id, &read, &folded("bob's")).await,
+        Err(Error::NotFound)
+    ));
+    assert!(st
+        .replace_memory("alice", id, &read, &folded("first"))
+        .await
+        .unwrap());
+    let now = st.get_memory("alice", id).await.unwrap();
+    assert_eq!(now.summary, "first");
+    assert_eq!(
+        now.summarized_through.as_ref().map(|m| m.as_str()),
+        Some("msg_9")
+    );
+    // A second fold from the same read finds it changed: nothing written.
+    assert!(!st
+        .replace_memory("alice", id, &read, &folded("second"))
+        .await
+        .unwrap());
+    assert_eq!(st.get_memory("alice", id).await.unwrap().summary, "first");
+    // A fold that comes after its conversation was deleted writes nothing.
+    st.delete_conversation("alice", id).await.unwrap();
+    assert!(matches!(
+        st.replace_memory("alice", id, &now, &folded("late")).await,
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        st.get_memory("alice", id).await,
+        Err(Error::NotFound)
+    ));
+}
+
 contract!(
     embedded_store => embedded,
     dynamodb_store => dynamodb;
@@ -790,6 +835,7 @@ contract!(
     requests_only_move_forward_and_batches_count_them,
     idempotency_keys_claim_replay_and_release,
     expired_idempotency_keys_are_forgotten,
+    a_fold_replaces_the_memory_only_as_it_was_read,
 );
 
 /// What DynamoDB's TTL needs, read back from the raw items: TTL is enabled on `expires_at`, and

@@ -7,7 +7,8 @@
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
-    ConditionCheck, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+    ConditionCheck, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+    Update,
 };
 
 use super::{
@@ -1220,15 +1221,10 @@ impl ConversationStore for DynamoStore {
         read: &Memory,
         memory: &Memory,
     ) -> Result<bool> {
-        self.owned(user_id, conversation_id).await?;
         let memory = memory.written_now();
         let mut item = memory_item(conversation_id, &memory);
         item.insert("body".into(), s(serde_json::to_string(&memory)?));
-        let put = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item));
+        let put = Put::builder().table_name(&self.table).set_item(Some(item));
         // A memory written before its time was kept beside the body has none: it counts as
         // unchanged (only the memory job's fold relies on this, and a fold lost to such a
         // race is queued again by the next turn).
@@ -1238,11 +1234,45 @@ impl ConversationStore for DynamoStore {
                 .expression_attribute_values(":at", s(at)),
             None => put.condition_expression("attribute_not_exists(updated_at)"),
         };
-        match put.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if is_conditional_failure(&e) => Ok(false),
-            Err(e) => Err(storage("fold a conversation's memory", e)),
+        let put = put
+            .build()
+            .map_err(|e| storage("build a transaction item", e))?;
+        // In one transaction with the check that the conversation is still the user's: a
+        // fold that raced the conversation's delete would otherwise leave a memory item that
+        // no record leads to (the delete purges the partition after removing the record).
+        let conversation_lives = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                user_pk(user_id),
+                format!("CONV#{conversation_id}"),
+            )))
+            .condition_expression("attribute_exists(pk)")
+            .build()
+            .map_err(|e| storage("build a transaction item", e))?;
+        let sent = self
+            .client
+            .transact_write_items()
+            .transact_items(
+                TransactWriteItem::builder()
+                    .condition_check(conversation_lives)
+                    .build(),
+            )
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .send()
+            .await;
+        let Err(e) = sent else { return Ok(true) };
+        let cancelled = Cancelled::of(e, "fold a conversation's memory")?;
+        if cancelled.failed(Some(0)) {
+            return Err(Error::NotFound);
         }
+        if cancelled.failed(Some(1)) || cancelled.conflicted() {
+            // Changed meanwhile: the next turn queues the fold again.
+            return Ok(false);
+        }
+        Err(Error::storage_msg(format!(
+            "fold a conversation's memory: cancelled: {:?}",
+            cancelled.0
+        )))
     }
 
     async fn page_messages(
