@@ -31,12 +31,24 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
     }
 
     /// The entry, forgotten as it is returned.
-    pub fn take<Q>(&self, key: &Q) -> Option<V>
+    pub(crate) fn take<Q>(&self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
         Q: Eq + Hash + ?Sized,
     {
         self.map.lock().ok()?.remove(key)
+    }
+
+    /// Forgets the entry of `key` if it is still `value` (not replaced since).
+    pub fn forget_if(&self, key: &K, value: &V)
+    where
+        V: PartialEq,
+    {
+        if let Ok(mut map) = self.map.lock() {
+            if map.get(key) == Some(value) {
+                map.remove(key);
+            }
+        }
     }
 
     /// Remembers `value` unless `key` has an entry already.
@@ -86,5 +98,21 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
             map.entry(key.clone()).or_default().clone()
         };
         lock.lock_owned().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_forgotten_only_while_it_is_the_one_given() {
+        let memo: Memo<String, u32> = Memo::new(10);
+        memo.insert("fold".into(), 1);
+        // Replaced since (a later fold): kept.
+        memo.forget_if(&"fold".to_owned(), &2);
+        assert_eq!(memo.get("fold"), Some(1));
+        memo.forget_if(&"fold".to_owned(), &1);
+        assert_eq!(memo.get("fold"), None);
     }
 }

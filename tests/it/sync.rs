@@ -135,9 +135,12 @@ async fn a_client_that_was_away_catches_up_with_changes_and_deletions(app: TestA
     // its oldest cursor still holds.
     let raw = shared::store::token::decode(&away).unwrap();
     let (tag, _) = raw.split_once('.').unwrap();
+    let (now, month_ago) = (
+        shared::time::now_ms(),
+        shared::time::now_ms() - 31 * 86_400_000,
+    );
     let old = if aws {
-        let ms = shared::time::now_ms() - 31 * 86_400_000;
-        format!("{tag}.{ms:013}")
+        format!("{tag}.{month_ago:013}~{month_ago:013}")
     } else {
         format!("{tag}.1")
     };
@@ -153,6 +156,22 @@ async fn a_client_that_was_away_catches_up_with_changes_and_deletions(app: TestA
             (StatusCode::GONE, Some("cursor_expired")),
             "{body}"
         );
+        // A quiet account: nothing changed for a month, but the client synced yesterday (its
+        // cursor's horizon): not expired, and the cursor it gets back is as fresh.
+        let day_ago = now - 86_400_000;
+        let quiet = shared::store::token::encode(&format!("{tag}.{month_ago:013}~{day_ago:013}"));
+        let (status, body) = app
+            .get(Some(&alice.token), &format!("/v1/sync?since={quiet}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let again = body["cursor"].as_str().unwrap();
+        let raw = shared::store::token::decode(again).unwrap();
+        let horizon: i64 = raw.rsplit_once('~').unwrap().1.parse().unwrap();
+        assert!(now - horizon < 60_000, "{raw}");
+        let (status, body) = app
+            .get(Some(&alice.token), &format!("/v1/sync?since={again}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
     } else {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(!body["changes"].as_array().unwrap().is_empty(), "{body}");

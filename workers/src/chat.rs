@@ -229,16 +229,15 @@ impl ChatJob {
             return;
         }
         // Taken as queued now, so the turns that follow while the send is under way do not
-        // queue it again; forgotten if the send fails.
-        self.queued_folds.insert(
-            job.conversation_id.clone(),
-            (job.after.clone(), Instant::now()),
-        );
+        // queue it again; forgotten if the send fails (unless a later fold took its place).
+        let pending = (job.after.clone(), Instant::now());
+        self.queued_folds
+            .insert(job.conversation_id.clone(), pending.clone());
         let (queue, queued) = (self.memory_queue.clone(), self.queued_folds.clone());
         tokio::spawn(async move {
             if let Err(e) = queue.send(&[job.encode()]).await {
                 tracing::warn!(error = %shared::error::Report(&e), "could not queue a memory fold");
-                queued.take(&job.conversation_id);
+                queued.forget_if(&job.conversation_id, &pending);
             }
         });
     }

@@ -70,7 +70,7 @@ fn cursor_of(position: Option<&str>, user_id: &str) -> String {
 #[utoipa::path(get, path = "/v1/sync", tag = "sync", params(SyncQuery),
     responses((status = 200, body = SyncPage, description = "The records changed since the cursor"),
         (status = 400, description = "`invalid_cursor`, `invalid_limit`"),
-        (status = 410, description = "`cursor_expired`: on AWS, a cursor older than the 30 days \
+        (status = 410, description = "`cursor_expired`: on AWS, a cursor given out more than the 30 days \
             deletions are kept; sync again without `since` and replace what you hold")),
     security(("bearer" = [])))]
 pub async fn sync(

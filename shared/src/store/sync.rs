@@ -9,7 +9,8 @@
 //!   change, keyed by the user and a per-user sequence; a page reads a bounded run of rows);
 //! - DynamoDB: the records carry `sync_user`/`sync_at` attributes, indexed by the sparse
 //!   global index `by_change`, and a deletion writes a tombstone item (kept 30 days: a
-//!   position older than that is refused with `Error::Expired`, and the client starts over).
+//!   position given out longer ago than that is refused with `Error::Expired`, and the client
+//!   starts over).
 //!
 //! A position is the backend's own (a sequence number, a time); the API binds it to its user
 //! and makes it opaque ([`crate::store::token`]). A conversation's derived fields (`title`

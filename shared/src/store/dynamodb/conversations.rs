@@ -603,15 +603,30 @@ impl DynamoStore {
             preview: snippet(&kept.text, PREVIEW_MAX_CHARS),
             title: None,
         };
-        let moved = self
-            .client
-            .transact_write_items()
-            .transact_items(self.activity_item(user_id, conversation_id, &activity, false)?)
-            .send()
-            .await;
-        if let Err(e) = moved {
-            Cancelled::of(e, "move a conversation's activity")?;
+        self.move_activity(self.activity_item(user_id, conversation_id, &activity, false)?)
+            .await
+    }
+
+    /// Writes a conversation's activity (`activity_item`); a conversation deleted meanwhile
+    /// has nothing to move. Sent again while it conflicts with another transaction on the
+    /// conversation's item (a memory fold's check, another activity move), a few times.
+    async fn move_activity(&self, activity: TransactWriteItem) -> Result<()> {
+        for _ in 0..5 {
+            let moved = self
+                .client
+                .transact_write_items()
+                .transact_items(activity.clone())
+                .send()
+                .await;
+            let Err(e) = moved else { return Ok(()) };
+            let cancelled = Cancelled::of(e, "move a conversation's activity")?;
+            if !cancelled.conflicted() {
+                tracing::debug!(reasons = ?cancelled.0, "a conversation is gone, or has newer activity");
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        tracing::warn!("a conversation's activity kept conflicting; left as it was");
         Ok(())
     }
 
@@ -988,16 +1003,7 @@ impl ConversationStore for DynamoStore {
             let activity =
                 self.activity_item(user_id, conversation_id, &Activity::of(reply), true)?;
             // Gone meanwhile: the reply is stored all the same, and nothing to move.
-            let moved = self
-                .client
-                .transact_write_items()
-                .transact_items(activity)
-                .send()
-                .await;
-            if let Err(e) = moved {
-                let cancelled = Cancelled::of(e, "move a conversation's activity")?;
-                tracing::debug!(reasons = ?cancelled.0, "a reply's conversation is gone");
-            }
+            self.move_activity(activity).await?;
             return Ok(reply.clone());
         }
         // A twin delivery wrote first: its reply stands.

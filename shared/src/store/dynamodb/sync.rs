@@ -124,35 +124,75 @@ struct Entry {
     at: String,
 }
 
-/// A position this store made: a `sync_at` (or its 13 digits of time alone).
-fn checked_position(position: &str) -> Result<&str> {
-    let (ms, tail) = match position.split_once('#') {
-        Some((ms, tail)) => (ms, Some(tail)),
-        None => (position, None),
-    };
-    let hex = |t: &str| !t.is_empty() && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if ms.len() == 13 && ms.bytes().all(|b| b.is_ascii_digit()) && tail.is_none_or(hex) {
-        Ok(position)
-    } else {
-        Err(Error::Invalid("the sync position is not valid".into()))
-    }
+/// A position this store made: where in the feed (a `sync_at`, or its 13 digits of time
+/// alone), and, after a `~`, the cursor's horizon: the time after which every deletion the
+/// client has not seen happened (see [`Position::next`]). Positions made before horizons
+/// existed have none.
+#[derive(Debug, PartialEq)]
+struct Position<'a> {
+    at: &'a str,
+    horizon: Option<i64>,
 }
 
-/// Refuses a position from before the oldest tombstone kept (a tombstone lives
-/// [`TOMBSTONE_TTL_SECS`] from its deletion): the deletions since may be gone, and a client
-/// that applied the rest would keep records that no longer exist. It syncs again from the
-/// beginning instead and replaces what it holds.
-fn refuse_expired(position: &str, now_ms: i64) -> Result<()> {
-    // `checked_position` saw thirteen digits.
-    let at: i64 = position[..13].parse().unwrap_or(0);
-    if now_ms - at > TOMBSTONE_TTL_SECS * 1000 {
-        return Err(Error::Expired(format!(
-            "this cursor is older than the {} days deletions are kept: sync again without \
-             `since` and replace the records you hold",
-            TOMBSTONE_TTL_SECS / 86_400
-        )));
+impl<'a> Position<'a> {
+    fn parse(position: &'a str) -> Result<Position<'a>> {
+        let invalid = || Error::Invalid("the sync position is not valid".into());
+        let digits = |t: &str| t.len() == 13 && t.bytes().all(|b| b.is_ascii_digit());
+        let hex =
+            |t: &str| !t.is_empty() && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let (at, horizon) = match position.split_once('~') {
+            Some((at, h)) if digits(h) => (at, Some(h.parse().map_err(|_| invalid())?)),
+            Some(_) => return Err(invalid()),
+            None => (position, None),
+        };
+        let (ms, tail) = match at.split_once('#') {
+            Some((ms, tail)) => (ms, Some(tail)),
+            None => (at, None),
+        };
+        if digits(ms) && tail.is_none_or(hex) {
+            Ok(Position { at, horizon })
+        } else {
+            Err(invalid())
+        }
     }
-    Ok(())
+
+    /// Refuses a cursor whose horizon is older than the oldest tombstone kept (a tombstone
+    /// lives [`TOMBSTONE_TTL_SECS`] from its deletion): a deletion the client has not seen may
+    /// be gone, and a client that applied the rest would keep records that no longer exist.
+    /// It syncs again from the beginning instead and replaces what it holds.
+    fn refuse_expired(&self, now_ms: i64) -> Result<()> {
+        match self.horizon {
+            Some(h) if now_ms - h > TOMBSTONE_TTL_SECS * 1000 => Err(Error::Expired(format!(
+                "this cursor is older than the {} days deletions are kept: sync again without \
+                 `since` and replace the records you hold",
+                TOMBSTONE_TTL_SECS / 86_400
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The position a page hands out: after `at` (the page's, else the cursor's own: a quiet
+    /// feed keeps its place), with a horizon. At the end of the feed every change up to
+    /// [`SETTLE_MS`] ago was listed, so the client has seen every deletion before that; mid-feed
+    /// (`has_more`) it has not seen the rest of the page run yet, so the horizon stays the
+    /// cursor's (a first sync's is its start: a client that holds nothing misses nothing).
+    fn next(
+        from: Option<&Position>,
+        at: Option<String>,
+        has_more: bool,
+        now_ms: i64,
+    ) -> Option<String> {
+        let at = at.or_else(|| from.map(|p| p.at.to_owned()))?;
+        let horizon = match from {
+            _ if !has_more => now_ms - SETTLE_MS,
+            Some(Position {
+                horizon: Some(h), ..
+            }) => *h,
+            // A first sync, or a cursor from before horizons: from now on.
+            _ => now_ms,
+        };
+        Some(format!("{at}~{horizon:013}"))
+    }
 }
 
 /// The change an item stands for; `None` for an item that is none of the user's records.
@@ -479,19 +519,25 @@ impl SyncStore for DynamoStore {
         position: Option<&str>,
         limit: usize,
     ) -> Result<ChangePage> {
-        let after = position.map(checked_position).transpose()?;
-        if let Some(after) = after {
-            refuse_expired(after, now_ms())?;
+        let from = position.map(Position::parse).transpose()?;
+        if let Some(from) = &from {
+            from.refuse_expired(now_ms())?;
         }
         let limit = limit.clamp(1, MAX_PAGE);
         // One more than the page: whether more follow.
+        let after = from.as_ref().map(|p| p.at);
         let mut entries = self.changed_entries(user_id, after, limit + 1).await?;
         let has_more = entries.len() > limit;
         entries.truncate(limit);
         let found = self.read_entries(&entries).await?;
         Ok(ChangePage {
             changes: feed(user_id, &entries, &found),
-            position: next_position(&entries, has_more),
+            position: Position::next(
+                from.as_ref(),
+                next_position(&entries, has_more),
+                has_more,
+                now_ms(),
+            ),
             has_more,
         })
     }
@@ -584,14 +630,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_position_older_than_the_tombstones_is_refused() {
+    fn a_cursor_expires_by_its_horizon_not_by_its_last_change() {
         let day = 86_400_000;
         let now = 100 * day;
-        let at = |ms: i64| format!("{ms:013}#{:012x}", 7);
-        assert!(refuse_expired(&at(now - 29 * day), now).is_ok());
-        assert!(refuse_expired(&at(now - 30 * day), now).is_ok());
-        let refused = refuse_expired(&at(now - 30 * day - 1), now).unwrap_err();
-        assert!(matches!(refused, Error::Expired(_)), "{refused:?}");
-        assert!(refuse_expired(&format!("{:013}", now - 31 * day), now).is_err());
+        let cursor = |at: i64, horizon: i64| format!("{at:013}#{:012x}~{horizon:013}", 7);
+        let refused = |c: &str| Position::parse(c).unwrap().refuse_expired(now).is_err();
+        assert!(!refused(&cursor(now - 29 * day, now - 29 * day)));
+        assert!(!refused(&cursor(now - 30 * day, now - 30 * day)));
+        assert!(refused(&cursor(now - 30 * day - 1, now - 30 * day - 1)));
+        // A quiet account: its last change is old, its cursor recent.
+        assert!(!refused(&cursor(now - 90 * day, now - day)));
+        // Positions from before horizons are taken as they were.
+        assert!(!refused(&format!("{:013}", now - 90 * day)));
+        let err = Position::parse(&cursor(0, 0))
+            .unwrap()
+            .refuse_expired(now)
+            .unwrap_err();
+        assert!(matches!(err, Error::Expired(_)), "{err:?}");
+        for bad in [
+            "",
+            "123",
+            "0000000000001~",
+            "0000000000001~12",
+            "0000000000001#~0000000000001",
+            "x000000000001",
+        ] {
+            assert!(Position::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_page_hands_out_a_horizon_that_moves_only_at_the_end_of_the_feed() {
+        let now = 1_000_000_000_000;
+        let old = Position::parse("0000000000005~0000000000009").unwrap();
+        // End of the feed: the horizon is now, less the settling time, even when no entry
+        // settled (the cursor keeps its place).
+        let quiet = Position::next(Some(&old), None, false, now).unwrap();
+        assert_eq!(quiet, format!("0000000000005~{:013}", now - SETTLE_MS));
+        // Mid-feed: the cursor's horizon is kept.
+        let mid = Position::next(Some(&old), Some("0000000000007".into()), true, now);
+        assert_eq!(mid.as_deref(), Some("0000000000007~0000000000009"));
+        // A first sync's pages carry its start.
+        let first = Position::next(None, Some("0000000000007".into()), true, now);
+        assert_eq!(first, Some(format!("0000000000007~{now:013}")));
+        // Nothing at all yet: the beginning (which never expires).
+        assert_eq!(Position::next(None, None, false, now), None);
+        // Every position made parses.
+        for p in [quiet, mid.unwrap(), first.unwrap()] {
+            assert!(Position::parse(&p).is_ok(), "{p}");
+        }
     }
 }
