@@ -611,23 +611,21 @@ impl DynamoStore {
     /// has nothing to move. Sent again while it conflicts with another transaction on the
     /// conversation's item (a memory fold's check, another activity move), a few times.
     async fn move_activity(&self, activity: TransactWriteItem) -> Result<()> {
-        for _ in 0..5 {
-            let moved = self
-                .client
-                .transact_write_items()
-                .transact_items(activity.clone())
-                .send()
-                .await;
-            let Err(e) = moved else { return Ok(()) };
-            let cancelled = Cancelled::of(e, "move a conversation's activity")?;
-            if !cancelled.conflicted() {
+        match self
+            .transact(vec![activity], "move a conversation's activity")
+            .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(cancelled)) => {
                 tracing::debug!(reasons = ?cancelled.0, "a conversation is gone, or has newer activity");
-                return Ok(());
+                Ok(())
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            Err(Error::Conflict(_)) => {
+                tracing::warn!("a conversation's activity kept conflicting; left as it was");
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        tracing::warn!("a conversation's activity kept conflicting; left as it was");
-        Ok(())
     }
 
     /// Writes `edit` over the user message of `item`; returns the message as edited.

@@ -638,6 +638,11 @@ impl Cancelled {
             .any(|code| code.as_deref() == Some("TransactionConflict"))
     }
 
+    /// A cancellation no caller expected, as an error.
+    pub(crate) fn into_error(self, op: &str) -> Error {
+        Error::storage_msg(format!("{op}: cancelled: {:?}", self.0))
+    }
+
     /// Whether the item at `at` failed its condition.
     pub(crate) fn failed(&self, at: Option<usize>) -> bool {
         at.and_then(|i| self.0.get(i).cloned().flatten())

@@ -420,30 +420,15 @@ impl DynamoStore {
             .set_item(Some(gone))
             .build()
             .map_err(|e| storage("build a transaction item", e))?;
-        for _ in 0..5 {
-            let sent = self
-                .client
-                .transact_write_items()
-                .transact_items(TransactWriteItem::builder().delete(delete.clone()).build())
-                .transact_items(TransactWriteItem::builder().put(put.clone()).build())
-                .send()
-                .await;
-            let Err(e) = sent else { return Ok(true) };
-            let cancelled = Cancelled::of(e, op)?;
-            if cancelled.failed(Some(0)) {
-                return Ok(false);
-            }
-            if !cancelled.conflicted() {
-                return Err(Error::storage_msg(format!(
-                    "{op}: cancelled: {:?}",
-                    cancelled.0
-                )));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let items = vec![
+            TransactWriteItem::builder().delete(delete).build(),
+            TransactWriteItem::builder().put(put).build(),
+        ];
+        match self.transact(items, op).await? {
+            Ok(()) => Ok(true),
+            Err(cancelled) if cancelled.failed(Some(0)) => Ok(false),
+            Err(cancelled) => Err(cancelled.into_error(op)),
         }
-        Err(Error::Conflict(format!(
-            "{op}: the record kept changing; try again"
-        )))
     }
 
     /// Deletes records with their tombstones: each of `records` (its item keys, and the
@@ -480,14 +465,21 @@ impl DynamoStore {
                 .peek()
                 .map_or(0, |(keys, gone)| keys.len() + usize::from(gone.is_some()));
             if records.peek().is_none() || batch.len() + next > MOST {
-                self.transact(std::mem::take(&mut batch), op).await?;
+                self.transact(std::mem::take(&mut batch), op)
+                    .await?
+                    .map_err(|cancelled| cancelled.into_error(op))?;
             }
         }
         Ok(())
     }
 
-    /// Sends one transaction, again while it conflicts with another (a few times).
-    async fn transact(&self, items: Vec<TransactWriteItem>, op: &str) -> Result<()> {
+    /// Sends one transaction, again while it conflicts with another (a few times): its
+    /// cancellation when a condition failed, `Conflict` when it kept conflicting.
+    pub(crate) async fn transact(
+        &self,
+        items: Vec<TransactWriteItem>,
+        op: &str,
+    ) -> Result<std::result::Result<(), Cancelled>> {
         for _ in 0..5 {
             let sent = self
                 .client
@@ -495,13 +487,10 @@ impl DynamoStore {
                 .set_transact_items(Some(items.clone()))
                 .send()
                 .await;
-            let Err(e) = sent else { return Ok(()) };
+            let Err(e) = sent else { return Ok(Ok(())) };
             let cancelled = Cancelled::of(e, op)?;
             if !cancelled.conflicted() {
-                return Err(Error::storage_msg(format!(
-                    "{op}: cancelled: {:?}",
-                    cancelled.0
-                )));
+                return Ok(Err(cancelled));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
